@@ -1,0 +1,168 @@
+import { spawnSync } from 'node:child_process'
+import { defineCommand } from 'citty'
+import { LabError, UsageError } from '../errors.ts'
+import { MEMBER_ALIVE } from '../consul/client.ts'
+import { labDown, labUp, openLab, readLabStates, type Lab } from '../lab/lab.ts'
+import { listNamespaces } from '../lab/netns.ts'
+import { provision } from '../lab/provision.ts'
+import { CONSUL_VERSION } from '../lab/pins.ts'
+import { NS_PREFIX } from '../lab/topology.ts'
+import { run } from '../util/exec.ts'
+import { described, envDefault, envFlag } from './env.ts'
+import { parseIntFlag } from './parse.ts'
+
+const step = (msg: string) => console.error(`▸ ${msg}`)
+
+const idArg = { id: { type: 'string', description: described('Lab id (default: the only lab that is up)', 'lab-id'), default: process.env.TINC_CONSUL_LAB_ID } } as const
+
+const provisionCmd = defineCommand({
+  meta: { name: 'provision', description: `Make sure tincd, ip, nft, ping, dig, dnsperf and Consul v${CONSUL_VERSION} are on this machine (installs or builds what is missing)` },
+  args: {
+    check: { type: 'boolean', description: 'Only check; install and build nothing', default: false },
+  },
+  async run({ args }) {
+    const report = await provision({ install: !args.check, progress: step })
+    for (const [tool, path] of Object.entries(report.tools)) console.log(`ok  ${tool.padEnd(8)} ${path}`)
+    console.log(`ok  ${'consul'.padEnd(8)} ${report.consul} (v${CONSUL_VERSION}, from ${report.consulSource})`)
+  },
+})
+
+const upArgs = {
+  nodes: { type: 'string', description: described('Number of tinc nodes', 'lab-nodes'), default: envDefault('lab-nodes', '3') },
+  nat: { type: 'string', description: described('How many of them sit behind their own NAT router', 'lab-nat'), default: envDefault('lab-nat', '1') },
+  'consul-servers': { type: 'string', description: described('Consul servers: 1 or 3', 'lab-consul-servers'), default: envDefault('lab-consul-servers', '1') },
+  acl: { type: 'boolean', description: described('Enable Consul ACLs (default deny); the lab keeps the management token', 'lab-acl'), default: envFlag('lab-acl') },
+  tinc: { type: 'boolean', description: described('Start tincd with hand-written host files (--no-tinc for bare nodes)', 'lab-tinc'), default: envFlag('lab-tinc', true) },
+} as const
+
+function labOptionsFrom(args: { nodes: string; nat: string; 'consul-servers': string; acl: boolean; tinc: boolean }) {
+  const nodes = parseIntFlag('nodes', args.nodes, 1, 20)
+  const nat = parseIntFlag('nat', args.nat, 0, 19)
+  const servers = parseIntFlag('consul-servers', args['consul-servers'], 1, 3)
+  if (servers !== 1 && servers !== 3) throw new UsageError('BAD_FLAG', `--consul-servers must be 1 or 3, got ${servers}`)
+  return { nodes, nat, consulServers: servers as 1 | 3, acl: args.acl, tinc: args.tinc }
+}
+
+function describeLab(lab: Lab): void {
+  const { plan, managementToken } = lab.state
+  console.log(`lab ${plan.id}  (namespaces ${plan.prefix}-*, state in ${lab.state.runDir})`)
+  for (const n of plan.nodes) {
+    const where = n.behindNat ? `behind NAT (${n.underlayIp} → ${n.publicIp})` : `public ${n.publicIp}`
+    console.log(`  ${n.name.padEnd(8)} vpn ${n.vpnIp.padEnd(12)} ${where.padEnd(38)} consul http://${n.controlIp}:8500`)
+  }
+  for (const s of plan.servers) console.log(`  ${s.name.padEnd(8)} Consul server                                         http://${s.controlIp}:8500`)
+  if (managementToken) console.log(`  management token: ${managementToken}`)
+}
+
+const upCmd = defineCommand({
+  meta: { name: 'up', description: 'Create a lab: namespaces, NAT routers, tincd on every node, and a Consul cluster. It stays up until `lab down`.' },
+  args: upArgs,
+  async run({ args }) {
+    const lab = await labUp({ ...labOptionsFrom(args), keep: true, step })
+    describeLab(lab)
+  },
+})
+
+const downCmd = defineCommand({
+  meta: { name: 'down', description: 'Stop every process of the lab and delete its namespaces, links and files (all labs unless --id)' },
+  args: idArg,
+  run({ args }) {
+    const { removed, problems } = labDown({ id: args.id })
+    console.log(removed.length ? `removed lab ${removed.join(', ')}` : 'no lab was up')
+    if (problems.length) throw new LabError('LAB_TEARDOWN', `teardown problems:\n${problems.join('\n')}`)
+    const left = listNamespaces().filter((ns) => ns.startsWith(NS_PREFIX))
+    if (!args.id && left.length) throw new LabError('LAB_TEARDOWN', `namespaces still present: ${left.join(', ')}`)
+  },
+})
+
+const statusCmd = defineCommand({
+  meta: { name: 'status', description: 'Show the labs that are up' },
+  run() {
+    const states = readLabStates()
+    if (states.length === 0) console.log('no lab is up')
+    for (const s of states) describeLab(openLab(s.plan.id))
+  },
+})
+
+const execCmd = defineCommand({
+  meta: { name: 'exec', description: 'Run a command inside a node\'s namespace: lab exec NODE -- CMD…  (NODE: node1…, nat1…, consul1…, hub)' },
+  args: { ...idArg, node: { type: 'positional', description: 'Node name', required: true } },
+  run({ args, rawArgs }) {
+    const dash = rawArgs.indexOf('--')
+    const argv = dash >= 0 ? rawArgs.slice(dash + 1) : []
+    if (argv.length === 0) throw new UsageError('BAD_ARGS', 'usage: tinc-consul lab exec NODE -- CMD [ARGS…]')
+    const lab = openLab(args.id)
+    const r = spawnSync('ip', ['netns', 'exec', lab.nsOf(args.node), ...argv], { stdio: 'inherit' })
+    if (r.error) throw new LabError('LAB_EXEC', `cannot run ${argv[0]}: ${r.error.message}`)
+    process.exitCode = r.status ?? 1
+  },
+})
+
+const pairArgs = { ...idArg, a: { type: 'positional', description: 'First node', required: true }, b: { type: 'positional', description: 'Second node', required: true } } as const
+
+const cutCmd = defineCommand({
+  meta: { name: 'cut', description: 'Drop underlay traffic between nodes A and B (both directions)' },
+  args: pairArgs,
+  async run({ args }) {
+    await openLab(args.id).cut(args.a, args.b)
+    console.log(`cut ${args.a} ⇹ ${args.b}`)
+  },
+})
+
+const healCmd = defineCommand({
+  meta: { name: 'heal', description: 'Restore underlay traffic between nodes A and B' },
+  args: pairArgs,
+  async run({ args }) {
+    await openLab(args.id).heal(args.a, args.b)
+    console.log(`healed ${args.a} ⇄ ${args.b}`)
+  },
+})
+
+async function pingRtt(lab: Lab, from: string, toIp: string): Promise<string> {
+  const r = await lab.exec(from, ['ping', '-c3', '-i0.2', '-W1', toIp], { allowFailure: true })
+  const avg = /= [\d.]+\/([\d.]+)\//.exec(r.stdout)?.[1]
+  return r.code === 0 && avg ? `${avg} ms` : 'FAIL'
+}
+
+const demoCmd = defineCommand({
+  meta: { name: 'demo', description: 'Bring a lab up, show tinc pings and Consul working across it, and tear it down' },
+  args: upArgs,
+  async run({ args }) {
+    const lab = await labUp({ ...labOptionsFrom(args), step })
+    try {
+      const { plan } = lab.state
+      describeLab(lab)
+      step('waiting for every node to reach every other node over tinc')
+      await lab.waitForMesh()
+      console.log('\nping over the VPN (rows ping columns; average of 3):')
+      console.log(`  ${''.padEnd(8)}${plan.nodes.map((n) => n.name.padEnd(12)).join('')}`)
+      let failures = 0
+      for (const a of plan.nodes) {
+        const cells = await Promise.all(plan.nodes.map((b) => (a === b ? Promise.resolve('-') : pingRtt(lab, a.name, b.vpnIp))))
+        failures += cells.filter((c) => c === 'FAIL').length
+        console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(12)).join('')}`)
+      }
+      const first = plan.nodes[0]
+      const last = plan.nodes[plan.nodes.length - 1]
+      if (!first || !last) throw new LabError('LAB_EMPTY', 'the lab has no nodes')
+      const members = await lab.consul(first.name).members()
+      console.log(`\nconsul members (seen from ${first.name}'s agent):`)
+      for (const m of members) console.log(`  ${m.name.padEnd(10)} ${m.addr.padEnd(14)} ${m.role.padEnd(7)} ${m.status === MEMBER_ALIVE ? 'alive' : `status ${m.status}`}`)
+      const key = `tinc-consul/demo/${plan.id}`
+      const value = `written through ${last.name} at ${new Date().toISOString()}`
+      await lab.consul(last.name).kvPut(key, value)
+      const read = await lab.consul(first.name).kvGet(key)
+      console.log(`\nKV: wrote "${key}" through ${last.name}'s agent, read it back through ${first.name}'s: ${read?.value === value ? 'same value ✓' : `MISMATCH (${read?.value ?? 'missing'})`}`)
+      if (failures > 0 || read?.value !== value) throw new LabError('DEMO_FAILED', 'the demo saw a failure (see above)')
+    } finally {
+      lab.down()
+      const left = (await run(['ip', 'netns', 'list'])).stdout.split('\n').filter((l) => l.startsWith(NS_PREFIX))
+      console.log(left.length ? `\nleft behind: ${left.join(', ')}` : '\nlab torn down: no namespaces, processes or files left behind')
+    }
+  },
+})
+
+export const labCommand = defineCommand({
+  meta: { name: 'lab', description: 'A network-namespace lab with real tincd and Consul: the demo and the integration-test harness (needs root)' },
+  subCommands: { provision: provisionCmd, up: upCmd, down: downCmd, status: statusCmd, exec: execCmd, cut: cutCmd, heal: healCmd, demo: demoCmd },
+})

@@ -1,0 +1,74 @@
+import { defineCommand, runCommand, showUsage, type CommandDef } from 'citty'
+import { TincConsulError } from '../errors.ts'
+import { VERSION } from '../version.ts'
+import { labCommand } from './lab.ts'
+
+export const main = defineCommand({
+  meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
+  args: {
+    debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
+  },
+  subCommands: { lab: labCommand },
+})
+
+/** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */
+async function resolveCommand(cmd: CommandDef, argv: string[]): Promise<{ cmd: CommandDef; parent?: CommandDef }> {
+  let current: CommandDef = cmd
+  let parent: CommandDef | undefined
+  for (const arg of argv) {
+    if (arg === '--') break
+    const subs = (typeof current.subCommands === 'function' ? await current.subCommands() : await current.subCommands) as Record<string, CommandDef | (() => Promise<CommandDef>)> | undefined
+    const next = subs?.[arg]
+    if (!next) continue
+    parent = current
+    current = typeof next === 'function' ? await next() : next
+  }
+  return { cmd: current, parent }
+}
+
+function describeError(err: unknown, debug: boolean): string {
+  if (debug) {
+    const parts: string[] = []
+    for (let e: unknown = err; e; e = (e as { cause?: unknown }).cause) parts.push(e instanceof Error ? (e.stack ?? e.message) : String(e))
+    return parts.join('\ncaused by: ')
+  }
+  if (err instanceof TincConsulError) return err.message
+  if (err instanceof Error && 'code' in err && String((err as { code: unknown }).code).startsWith('E_')) return err.message // citty's usage errors
+  return `unexpected error: ${err instanceof Error ? err.message : String(err)} (run with --debug for details)`
+}
+
+export async function cli(argv: string[]): Promise<void> {
+  const before = argv.includes('--') ? argv.slice(0, argv.indexOf('--')) : argv
+  const debug = before.includes('--debug')
+  if (debug) process.env.TINC_CONSUL_LOG_LEVEL ??= 'debug'
+  try {
+    if (before.includes('--help') || before.includes('-h')) {
+      const { cmd, parent } = await resolveCommand(main as CommandDef, before)
+      await showUsage(cmd, parent)
+      return
+    }
+    if (before.length === 1 && (before[0] === '--version' || before[0] === '-v')) {
+      console.log(VERSION)
+      return
+    }
+    if (before.filter((a) => !a.startsWith('-')).length === 0) {
+      await showUsage(main)
+      process.exitCode = 2
+      return
+    }
+    await runCommand(main, { rawArgs: argv })
+  } catch (err) {
+    if (err instanceof Error && (err as { code?: unknown }).code === 'E_NO_COMMAND') {
+      // `tinc-consul lab` alone: show what `lab` can do rather than a bare error.
+      const { cmd, parent } = await resolveCommand(main as CommandDef, before)
+      await showUsage(cmd, parent)
+      process.exitCode = 2
+      return
+    }
+    console.error(`tinc-consul: ${describeError(err, debug)}`)
+    const usage = err instanceof Error && 'code' in err && String((err as { code: unknown }).code).startsWith('E_')
+    process.exitCode = usage || (err instanceof TincConsulError && err.name === 'UsageError') ? 2 : 1
+  }
+}
+
+await cli(process.argv.slice(2))

@@ -1,0 +1,253 @@
+import { randomBytes } from 'node:crypto'
+import { existsSync, readdirSync, readFileSync, rmSync } from 'node:fs'
+import { mkdir, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { LabError } from '../errors.ts'
+import { createLogger, type Logger } from '../log.ts'
+import { createConsulClient, type ConsulClient } from '../consul/client.ts'
+import { run, type RunOptions, type RunResult } from '../util/exec.ts'
+import { processAlive as alive } from '../util/proc.ts'
+import { consulUrl, startConsulCluster } from './consul-cluster.ts'
+import { startDaemon, waitFor, type Daemon } from './daemon.ts'
+import { buildNetwork, deleteHostLinksSync, listNamespaces, setCut, teardownNamespacesSync } from './netns.ts'
+import { requireConsul } from './provision.ts'
+import { tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
+import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
+
+export const LAB_NETNAME = 'lab'
+
+/** What `lab up` leaves on disk so later `lab exec/cut/heal/down` commands (other processes) can find the lab. */
+export interface LabState {
+  plan: LabPlan
+  runDir: string
+  /** The process that tears the lab down when it exits; 0 for a lab kept by `lab up`. */
+  ownerPid: number
+  managementToken: string | undefined
+  agentToken: string | undefined
+  pids: number[]
+  createdAt: string
+}
+
+export interface Lab {
+  readonly state: LabState
+  /** A Consul client for a node's or server's agent, through the host link; management token by default. */
+  consul(name: string, opts?: { token?: string | null }): ConsulClient
+  exec(node: string, argv: string[], opts?: Omit<RunOptions, 'netns'>): Promise<RunResult>
+  /** The namespace for a node, NAT router ("nat1"), Consul server ("consul1") or "hub". */
+  nsOf(name: string): string
+  cut(a: string, b: string): Promise<void>
+  heal(a: string, b: string): Promise<void>
+  /** Waits until every node pings every other node over tinc. */
+  waitForMesh(timeoutMs?: number): Promise<void>
+  down(): void
+}
+
+export function labRoot(env: NodeJS.ProcessEnv = process.env): string {
+  return env.TINC_CONSUL_LAB_DIR ?? '/run/tinc-consul-lab'
+}
+
+const LAB_NS_RE = new RegExp(`^${NS_PREFIX}[0-9a-f]{4,8}-`)
+const HOST_LINK_RE = new RegExp(`^${NS_PREFIX}[0-9a-f]{4,8}-h$`)
+
+
+export function readLabStates(root = labRoot()): LabState[] {
+  if (!existsSync(root)) return []
+  const states: LabState[] = []
+  for (const entry of readdirSync(root)) {
+    const file = join(root, entry, 'state.json')
+    try {
+      states.push(JSON.parse(readFileSync(file, 'utf8')) as LabState)
+    } catch {
+      // A lab that died before writing its state is found again by namespace prefix.
+    }
+  }
+  return states
+}
+
+function teardownState(state: LabState): string[] {
+  const prefix = `${state.plan.prefix}-`
+  const namespaces = listNamespaces().filter((ns) => ns.startsWith(prefix))
+  const problems = teardownNamespacesSync(namespaces, state.pids)
+  deleteHostLinksSync(new RegExp(`^${state.plan.hostIf}$`))
+  rmSync(state.runDir, { recursive: true, force: true })
+  return problems
+}
+
+/**
+ * Tears down labs: the given one, or every lab on the machine (kept ones,
+ * stale ones, and namespaces with our prefix that no state file accounts for).
+ */
+export function labDown(opts: { id?: string; root?: string } = {}): { removed: string[]; problems: string[] } {
+  const root = opts.root ?? labRoot()
+  const removed: string[] = []
+  const problems: string[] = []
+  for (const state of readLabStates(root)) {
+    if (opts.id && state.plan.id !== opts.id) continue
+    problems.push(...teardownState(state))
+    removed.push(state.plan.id)
+  }
+  if (!opts.id) {
+    const orphans = listNamespaces().filter((ns) => LAB_NS_RE.test(ns))
+    if (orphans.length) {
+      problems.push(...teardownNamespacesSync(orphans))
+      deleteHostLinksSync(HOST_LINK_RE)
+      removed.push(...new Set(orphans.map((ns) => ns.slice(NS_PREFIX.length).split('-')[0] ?? '')))
+    }
+    // Run dirs without a state file come from a lab that failed before writing it.
+    if (existsSync(root)) for (const entry of readdirSync(root)) if (entry.startsWith(NS_PREFIX)) rmSync(join(root, entry), { recursive: true, force: true })
+  }
+  return { removed: [...new Set(removed)], problems }
+}
+
+/** Removes labs whose owning process is gone (a test run killed before its teardown). */
+export function pruneStaleLabs(root = labRoot()): string[] {
+  const pruned: string[] = []
+  for (const state of readLabStates(root)) {
+    if (state.ownerPid !== 0 && !alive(state.ownerPid)) {
+      teardownState(state)
+      pruned.push(state.plan.id)
+    }
+  }
+  const known = new Set(readLabStates(root).map((s) => `${s.plan.prefix}-`))
+  const orphans = listNamespaces().filter((ns) => LAB_NS_RE.test(ns) && ![...known].some((p) => ns.startsWith(p)))
+  if (orphans.length) {
+    teardownNamespacesSync(orphans)
+    const prefixes = new Set(orphans.map((ns) => ns.slice(0, ns.indexOf('-'))))
+    deleteHostLinksSync(new RegExp(`^(${[...prefixes].join('|')})-h$`))
+  }
+  return pruned
+}
+
+export interface LabUpOptions extends Partial<LabOptions> {
+  /** Leave the lab running when this process exits (the `lab up` command). */
+  keep?: boolean
+  step?: (msg: string) => void
+  root?: string
+  consulBin?: string
+  log?: Logger
+}
+
+function makeLab(state: LabState): Lab {
+  const { plan } = state
+  let isDown = false
+  const nsOf = (name: string): string => {
+    if (name === 'hub') return plan.hubNs
+    const server = plan.servers.find((s) => s.name === name)
+    if (server) return server.ns
+    const router = plan.nodes.find((n) => n.router && n.router.ns === `${plan.prefix}-${name}`)
+    if (router?.router) return router.router.ns
+    return findNode(plan, name).ns
+  }
+  const lab: Lab = {
+    state,
+    nsOf,
+    consul(name, opts = {}) {
+      const ip = plan.servers.find((s) => s.name === name)?.controlIp ?? findNode(plan, name).controlIp
+      const token = opts.token === null ? undefined : (opts.token ?? state.managementToken)
+      return createConsulClient({ url: consulUrl(ip), token, timeoutMs: 10_000 })
+    },
+    exec: (node, argv, opts = {}) => run(argv, { ...opts, netns: nsOf(node) }),
+    cut: (a, b) => setCut(findNode(plan, a), findNode(plan, b), true),
+    heal: (a, b) => setCut(findNode(plan, a), findNode(plan, b), false),
+    async waitForMesh(timeoutMs = 60_000) {
+      const pairs = plan.nodes.flatMap((a) => plan.nodes.filter((b) => b !== a).map((b) => [a, b] as const))
+      await Promise.all(
+        pairs.map(([a, b]) =>
+          waitFor(`${a.name} to ping ${b.name} (${b.vpnIp}) over tinc`, async () => ((await run(['ping', '-c1', '-W1', b.vpnIp], { netns: a.ns, allowFailure: true })).code === 0 ? true : undefined), { timeoutMs }),
+        ),
+      )
+    },
+    down() {
+      if (isDown) return
+      isDown = true
+      const problems = teardownState(state)
+      if (problems.length) throw new LabError('LAB_TEARDOWN', `lab ${plan.id} teardown left problems:\n${problems.join('\n')}`)
+    },
+  }
+  return lab
+}
+
+/** Opens a running lab by id, or the only one on the machine. */
+export function openLab(id?: string, root = labRoot()): Lab {
+  const states = readLabStates(root).filter((s) => !id || s.plan.id === id)
+  if (states.length === 0) throw new LabError('LAB_NONE', id ? `no lab with id ${id}; see \`tinc-consul lab status\`` : 'no lab is up; start one with `tinc-consul lab up`')
+  if (states.length > 1) throw new LabError('LAB_AMBIGUOUS', `several labs are up (${states.map((s) => s.plan.id).join(', ')}); pass --id`)
+  return makeLab(states[0] as LabState)
+}
+
+function requireRoot(): void {
+  if (process.getuid?.() !== 0) throw new LabError('LAB_NOT_ROOT', 'the lab creates network namespaces and needs root; run it with sudo')
+  if (!existsSync('/dev/net/tun')) throw new LabError('LAB_NO_TUN', '/dev/net/tun is missing; tincd needs the tun driver (modprobe tun)')
+}
+
+/**
+ * Builds a lab: namespaces and links, hand-written tinc configs and tincd on
+ * every node (unless tinc is off), and a Consul cluster. Any failure or signal
+ * during start-up tears down everything built so far. Unless `keep` is set, the
+ * lab is also torn down when this process exits.
+ */
+export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
+  requireRoot()
+  const root = opts.root ?? labRoot()
+  const step = opts.step ?? (() => {})
+  const consulBin = opts.consulBin ?? (await requireConsul())
+  pruneStaleLabs(root)
+  const running = readLabStates(root)
+  if (running.length > 0) {
+    throw new LabError('LAB_BUSY', `lab ${running.map((s) => s.plan.id).join(', ')} is already up and labs share the host link address; run \`tinc-consul lab down\` first`)
+  }
+  const options: LabOptions = { ...DEFAULT_LAB_OPTIONS, ...Object.fromEntries(Object.entries(opts).filter(([k, v]) => v !== undefined && k in DEFAULT_LAB_OPTIONS)) }
+  const plan = planLab(randomBytes(2).toString('hex'), options)
+  const log = (opts.log ?? createLogger()).child({ component: 'lab', lab: plan.id })
+  const runDir = join(root, plan.prefix)
+  const state: LabState = { plan, runDir, ownerPid: process.pid, managementToken: undefined, agentToken: undefined, pids: [], createdAt: new Date().toISOString() }
+  const lab = makeLab(state)
+  const daemons: Daemon[] = []
+  const save = async () => {
+    state.pids = daemons.map((d) => d.pid)
+    log.debug({ pids: state.pids, runDir }, 'lab state saved')
+    await writeFile(join(runDir, 'state.json'), JSON.stringify(state, null, 2), { mode: 0o600 })
+  }
+  const onSignal = (sig: NodeJS.Signals) => {
+    lab.down()
+    process.exit(sig === 'SIGINT' ? 130 : 143)
+  }
+  const onExit = () => lab.down()
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  process.on('exit', onExit)
+  try {
+    await mkdir(runDir, { recursive: true, mode: 0o700 })
+    await save()
+    step(`lab ${plan.id}: ${plan.nodes.length} nodes (${options.nat} behind NAT), ${plan.servers.length} Consul server(s)${options.acl ? ', ACLs on' : ''}`)
+    await buildNetwork(plan)
+    step('namespaces, bridges and NAT routers are up')
+    if (options.tinc) {
+      await writeManualTincConfigs(plan, runDir)
+      for (const node of plan.nodes) {
+        daemons.push(startDaemon(`tincd ${node.name}`, node.ns, tincdArgv(tincPaths(runDir, node), LAB_NETNAME), join(runDir, node.name, 'tincd.out')))
+      }
+      await save()
+      step('tincd started on every node with hand-written host files')
+    }
+    const info = await startConsulCluster(plan, runDir, consulBin, daemons, step)
+    state.managementToken = info.managementToken
+    state.agentToken = info.agentToken
+    if (opts.keep) state.ownerPid = 0
+    await save()
+    return lab
+  } catch (err) {
+    log.warn({ err }, 'lab start-up failed; tearing down what was built')
+    lab.down()
+    throw err
+  } finally {
+    process.off('SIGINT', onSignal)
+    process.off('SIGTERM', onSignal)
+    if (opts.keep) process.off('exit', onExit)
+    else {
+      // Still owned by this process: tear down on signals too, not just on a clean exit.
+      process.once('SIGINT', onSignal)
+      process.once('SIGTERM', onSignal)
+    }
+  }
+}

@@ -1,0 +1,53 @@
+import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { run } from '../util/exec.ts'
+import type { LabNodePlan, LabPlan } from './topology.ts'
+
+/**
+ * Hand-written tinc configs for the lab's smoke test and demo: the state a
+ * person reaches today by copying host files around. Later features replace
+ * this with `tinc-consul init`/`join` on the same lab.
+ */
+export interface TincNodeFiles {
+  dir: string
+  pidFile: string
+  logFile: string
+}
+
+export function tincPaths(runDir: string, node: LabNodePlan): TincNodeFiles {
+  const base = join(runDir, node.name)
+  return { dir: join(base, 'tinc'), pidFile: join(base, 'tinc.pid'), logFile: join(base, 'tinc.log') }
+}
+
+export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyBits = 2048): Promise<void> {
+  const publics = plan.nodes.filter((n) => !n.behindNat)
+  const prefixLen = plan.options.vpnCidr.split('/')[1]
+  const hostFiles = new Map<string, string>()
+  for (const node of plan.nodes) {
+    const { dir } = tincPaths(runDir, node)
+    await mkdir(join(dir, 'hosts'), { recursive: true })
+    const connectTo = publics.filter((p) => p.name !== node.name).map((p) => `ConnectTo = ${p.name}`)
+    await writeFile(join(dir, 'tinc.conf'), [`Name = ${node.name}`, 'AddressFamily = ipv4', 'Interface = tinc0', ...connectTo, ''].join('\n'))
+    const header = [...(node.behindNat ? [] : [`Address = ${node.publicIp}`]), 'Port = 655', `Subnet = ${node.vpnIp}/32`, '']
+    await writeFile(join(dir, 'hosts', node.name), header.join('\n'))
+    // tincd -K appends the public key to hosts/<Name> and never prompts when stdin is not a terminal.
+    await run(['tincd', '-c', dir, '-K', String(keyBits)], { timeoutMs: 60_000 })
+    hostFiles.set(node.name, await readFile(join(dir, 'hosts', node.name), 'utf8'))
+    const up = `#!/bin/sh\nip addr add ${node.vpnIp}/${prefixLen} dev "$INTERFACE"\nip link set "$INTERFACE" up\n`
+    const down = `#!/bin/sh\nip link set "$INTERFACE" down\n`
+    await writeFile(join(dir, 'tinc-up'), up)
+    await writeFile(join(dir, 'tinc-down'), down)
+    await chmod(join(dir, 'tinc-up'), 0o755)
+    await chmod(join(dir, 'tinc-down'), 0o755)
+  }
+  // The manual step tinc-consul exists to remove: every node gets every host file.
+  for (const node of plan.nodes) {
+    const { dir } = tincPaths(runDir, node)
+    for (const [peer, text] of hostFiles) if (peer !== node.name) await writeFile(join(dir, 'hosts', peer), text)
+  }
+}
+
+export function tincdArgv(files: TincNodeFiles, netname: string): string[] {
+  // -D keeps tincd in the foreground so the lab owns the process; -n only names the net for scripts.
+  return ['tincd', '-n', netname, '-c', files.dir, '-D', '-d1', `--pidfile=${files.pidFile}`, `--logfile=${files.logFile}`]
+}

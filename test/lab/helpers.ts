@@ -1,0 +1,60 @@
+import { existsSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { after, before, test, type TestContext } from 'node:test'
+import { labUp, type Lab, type LabUpOptions } from '../../src/lab/lab.ts'
+import { listNamespaces } from '../../src/lab/netns.ts'
+
+/** Why the lab can't run here, or undefined when it can. */
+function unavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'not running as root'
+  if (!existsSync('/dev/net/tun')) return '/dev/net/tun is missing'
+  if (spawnSync('ip', ['netns', 'list']).status !== 0) return '`ip netns` does not work here'
+  return undefined
+}
+
+const reason = unavailable()
+let warned = false
+
+/**
+ * Declares a test that needs the namespace lab. Where the lab can't run it
+ * skips loudly, unless REQUIRE_NETNS=1 (CI), where it fails: lab tests must
+ * never skip silently.
+ */
+export function labTest(name: string, fn: (t: TestContext) => Promise<void> | void, timeoutMs = 180_000): void {
+  if (!reason) {
+    test(name, { timeout: timeoutMs }, fn)
+    return
+  }
+  if (process.env.REQUIRE_NETNS === '1') {
+    test(name, () => {
+      throw new Error(`REQUIRE_NETNS=1 but the lab cannot run: ${reason}`)
+    })
+    return
+  }
+  if (!warned) {
+    warned = true
+    process.stderr.write(`\n${'!'.repeat(72)}\n!! SKIPPING network-namespace lab tests: ${reason}.\n!! Run as root (sudo npm test) to run them; CI sets REQUIRE_NETNS=1 so they can't skip there.\n${'!'.repeat(72)}\n\n`)
+  }
+  test(name, { skip: `lab unavailable: ${reason}` }, () => {})
+}
+
+export const labAvailable = reason === undefined
+
+export function namespacesWithPrefix(prefix: string): string[] {
+  return listNamespaces().filter((ns) => ns.startsWith(`${prefix}-`))
+}
+
+export { processAlive as pidAlive } from '../../src/util/proc.ts'
+
+/** Brings a lab up before the tests of the enclosing suite and tears it down after them. */
+export function useLab(opts: LabUpOptions): () => Lab {
+  let lab: Lab | undefined
+  before(async () => {
+    if (labAvailable) lab = await labUp(opts)
+  })
+  after(() => lab?.down())
+  return () => {
+    if (!lab) throw new Error('the lab did not come up')
+    return lab
+  }
+}
