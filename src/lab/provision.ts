@@ -164,39 +164,42 @@ async function buildConsul(opts: ProvisionOptions): Promise<string> {
     const goLine = /^go (\S+)/m.exec(upstreamMod)?.[1] ?? '1.25'
     await writeFile(join(work, 'go.mod'), buildGoMod(goLine, upstreamMod))
     await writeFile(join(work, 'tools.go'), `//go:build tools\n\npackage tools\n\nimport _ "${CONSUL_MODULE}"\n`)
-    say('resolving Consul dependencies (go mod tidy)')
-    const tidy = await run([go, 'mod', 'tidy'], { env, cwd: work, timeoutMs: 1_800_000, allowFailure: true })
-    if (tidy.code !== 0) throw new ProvisionError('CONSUL_BUILD', `go mod tidy failed: ${tidy.stderr.trim().split('\n').slice(-5).join(' | ')}`)
-    await goBuildWithProgress(go, ['build', '-v', '-trimpath', '-ldflags', '-s -w', '-o', `${target}.tmp`, CONSUL_MODULE], work, env, say)
-    if ((await consulVersionOf(`${target}.tmp`)) !== CONSUL_VERSION) {
+    await runGoWithProgress(go, ['mod', 'tidy'], work, env, say, 'resolving dependencies (go mod tidy)', 'modules downloaded')
+    await runGoWithProgress(go, ['build', '-v', '-trimpath', '-ldflags', '-s -w', '-o', `${target}.${process.pid}.tmp`, CONSUL_MODULE], work, env, say, 'compiling Consul', 'packages compiled')
+    if ((await consulVersionOf(`${target}.${process.pid}.tmp`)) !== CONSUL_VERSION) {
       throw new ProvisionError('CONSUL_BUILD', `the built binary does not report Consul v${CONSUL_VERSION}`)
     }
-    await rename(`${target}.tmp`, target)
+    await rename(`${target}.${process.pid}.tmp`, target)
     return target
   } finally {
     await rm(work, { recursive: true, force: true })
-    await rm(`${target}.tmp`, { force: true })
+    await rm(`${target}.${process.pid}.tmp`, { force: true })
   }
 }
 
-function goBuildWithProgress(go: string, args: string[], cwd: string, env: NodeJS.ProcessEnv, say: (line: string) => void): Promise<void> {
+/**
+ * Runs a long go command and reports progress every 15 seconds. `go mod tidy`
+ * names each module it downloads and `go build -v` each package it compiles;
+ * counting those lines is the closest thing to a progress bar go offers.
+ */
+function runGoWithProgress(go: string, args: string[], cwd: string, env: NodeJS.ProcessEnv, say: (line: string) => void, label: string, unit: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const started = Date.now()
     const child = spawn(go, args, { cwd, env, stdio: ['ignore', 'ignore', 'pipe'] })
-    let packages = 0
+    let count = 0
     let tail: string[] = []
     child.stderr.setEncoding('utf8').on('data', (chunk: string) => {
       for (const line of chunk.split('\n')) {
         if (!line) continue
-        // `go build -v` names each package as it compiles it: that is our progress.
-        if (/^[\w.-]+(\/[\w.@~+-]+)+$/.test(line) || /^[\w-]+$/.test(line)) packages++
+        if (line.startsWith('go: downloading ') || /^[\w.-]+(\/[\w.@~+-]+)*$/.test(line)) count++
         else tail = [...tail, line].slice(-20)
       }
     })
-    const ticker = setInterval(() => {
+    const elapsed = () => {
       const secs = Math.round((Date.now() - started) / 1000)
-      say(`  compiling Consul: ${packages} packages done, ${Math.floor(secs / 60)}m${String(secs % 60).padStart(2, '0')}s elapsed`)
-    }, 15_000)
+      return `${Math.floor(secs / 60)}m${String(secs % 60).padStart(2, '0')}s`
+    }
+    const ticker = setInterval(() => say(`  ${label}: ${count} ${unit} so far, ${elapsed()} elapsed`), 15_000)
     child.on('error', (err) => {
       clearInterval(ticker)
       reject(new ProvisionError('CONSUL_BUILD', `cannot run go: ${err.message}`, { cause: err }))
@@ -204,9 +207,9 @@ function goBuildWithProgress(go: string, args: string[], cwd: string, env: NodeJ
     child.on('close', (code) => {
       clearInterval(ticker)
       if (code === 0) {
-        say(`  compiled ${packages} packages in ${Math.round((Date.now() - started) / 1000)}s`)
+        say(`  ${label}: done, ${count} ${unit} in ${elapsed()}`)
         resolve()
-      } else reject(new ProvisionError('CONSUL_BUILD', `go build failed (exit ${code}): ${tail.slice(-5).join(' | ')}`))
+      } else reject(new ProvisionError('CONSUL_BUILD', `go ${args[0]} failed (exit ${code}): ${tail.slice(-5).join(' | ')}`))
     })
   })
 }
