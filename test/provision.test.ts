@@ -3,7 +3,7 @@ import assert from 'node:assert/strict'
 import { chmod, mkdir, mkdtemp, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { cachedConsulPath, excludeBlock, findConsul, parseConsulVersion, parseTincVersion } from '../src/lab/provision.ts'
+import { cachedConsulPath, excludeBlock, findConsul, parseConsulVersion, parseTincVersion, proxyOnly } from '../src/lab/provision.ts'
 import { CONSUL_VERSION } from '../src/lab/pins.ts'
 
 test('parses the versions that consul and tincd print', () => {
@@ -55,4 +55,11 @@ test('the throwaway build module requires Consul and its nested-module pins, and
   for (const [m, v] of Object.entries(CONSUL_NESTED_MODULES)) assert.ok(mod.includes(`\t${m} ${v}\n`), `${m} ${v} missing`)
   assert.match(mod, /exclude \(\n\tgithub\.com\/hashicorp\/go-msgpack v1\.1\.5\n\)/)
   assert.doesNotMatch(mod, /replace/)
+})
+
+test('the Consul build uses the module proxy only, never the direct VCS fallback', () => {
+  assert.equal(proxyOnly('https://proxy.example,direct'), 'https://proxy.example')
+  assert.equal(proxyOnly('https://a.example|https://b.example,direct'), 'https://a.example,https://b.example')
+  assert.equal(proxyOnly('direct'), '')
+  assert.equal(proxyOnly('off'), '')
 })

@@ -124,6 +124,25 @@ async function findGo(): Promise<string> {
   return go
 }
 
+/**
+ * The machine's GOPROXY without its `direct` fallback: modules come from the
+ * configured module proxy or not at all, never straight from a VCS host.
+ */
+export function proxyOnly(goproxy: string): string {
+  return goproxy
+    .split(/[,|]/)
+    .map((p) => p.trim())
+    .filter((p) => p && p !== 'direct' && p !== 'off')
+    .join(',')
+}
+
+async function moduleProxyOnly(go: string): Promise<string> {
+  const configured = (await run([go, 'env', 'GOPROXY'])).stdout.trim()
+  const proxies = proxyOnly(configured)
+  if (!proxies) throw new ProvisionError('GO_NO_PROXY', `GOPROXY is "${configured}", which names no module proxy; set GOPROXY to your module proxy and run provisioning again`)
+  return proxies
+}
+
 /** The `exclude` block of Consul's own go.mod; a requiring module must repeat it. */
 export function excludeBlock(goMod: string): string {
   const block = /^exclude\s*\(([\s\S]*?)^\)/m.exec(goMod)
@@ -152,7 +171,7 @@ async function buildConsul(opts: ProvisionOptions): Promise<string> {
   await mkdir(join(target, '..'), { recursive: true })
   const work = await mkdtemp(join(cacheDir(opts.env), 'build-'))
   // GOTOOLCHAIN=local: a too-old Go should fail with our message, not fetch a toolchain.
-  const env = { ...process.env, GOTOOLCHAIN: 'local', CGO_ENABLED: '0', GOFLAGS: '-mod=mod' }
+  const env = { ...process.env, GOTOOLCHAIN: 'local', CGO_ENABLED: '0', GOFLAGS: `${process.env.GOFLAGS ?? ''} -mod=mod`.trim(), GOPROXY: await moduleProxyOnly(go) }
   try {
     say(`building Consul v${CONSUL_VERSION} from its Go module (first time only; takes several minutes)`)
     const dl = await run([go, 'mod', 'download', '-json', `${CONSUL_MODULE}@v${CONSUL_VERSION}`], { env, cwd: work, timeoutMs: 900_000, allowFailure: true })
