@@ -1,0 +1,130 @@
+import ipaddr from 'ipaddr.js'
+import { z } from 'zod'
+import { isTincName } from '../tinc/names.ts'
+import { ALLOWED_OPTIONS, isPlausibleRsaKey, keyFingerprint, parseHostFile, type HostFileEntry } from '../tinc/hostfile.ts'
+
+/** A node's record in KV. `v` lets later versions change the shape without guessing. */
+export const RECORD_VERSION = 1
+/** A 8192-bit key's host file is under 2 KiB; anything near this is not a host record. */
+export const MAX_RECORD_BYTES = 8192
+
+const hostname = z.string().regex(/^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*$/)
+const address = z.union([z.ipv4(), z.ipv6(), hostname])
+
+export const nodeRecordSchema = z
+  .object({
+    v: z.literal(RECORD_VERSION),
+    name: z.string().refine(isTincName, 'not a tinc node name'),
+    vpnAddress: z.ipv4(),
+    subnets: z.array(z.string().max(43)).min(1).max(8),
+    addresses: z.array(address).max(8),
+    port: z.number().int().min(1).max(65535),
+    hostFile: z.string().max(6000),
+    fingerprint: z.string().regex(/^sha256:[0-9a-f]{64}$/),
+    updatedAt: z.iso.datetime(),
+  })
+  .strict()
+
+export type NodeRecord = z.infer<typeof nodeRecordSchema>
+
+export const networkRecordSchema = z
+  .object({
+    v: z.literal(RECORD_VERSION),
+    cidr: z.string().refine(isIpv4Cidr, 'not an IPv4 CIDR'),
+    domain: z.string().regex(/^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*$/),
+    createdAt: z.iso.datetime(),
+  })
+  .strict()
+
+export type NetworkRecord = z.infer<typeof networkRecordSchema>
+
+function isIpv4Cidr(s: string): boolean {
+  try {
+    const [addr] = ipaddr.parseCIDR(s)
+    return addr.kind() === 'ipv4'
+  } catch {
+    return false
+  }
+}
+
+export type Decoded<T> = { ok: true; value: T } | { ok: false; reason: string }
+
+/** Bytes from Consul → a value of the schema, or the reason it was refused. Never throws. */
+export function decodeJson<T>(raw: Uint8Array | string, schema: z.ZodType<T>, maxBytes = MAX_RECORD_BYTES): Decoded<T> {
+  const bytes = typeof raw === 'string' ? Buffer.from(raw, 'utf8') : raw
+  if (bytes.length > maxBytes) return { ok: false, reason: `value is ${bytes.length} bytes, over the ${maxBytes}-byte limit` }
+  let text: string
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes)
+  } catch {
+    return { ok: false, reason: 'value is not UTF-8' }
+  }
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {
+    return { ok: false, reason: 'value is not JSON' }
+  }
+  const parsed = schema.safeParse(json)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    return { ok: false, reason: `invalid record: ${issue ? `${issue.path.join('.') || '(root)'}: ${issue.message}` : 'schema mismatch'}` }
+  }
+  return { ok: true, value: parsed.data }
+}
+
+/** What the host-file renderer may use from a record that passed every check. */
+export interface AcceptedPeer {
+  record: NodeRecord
+  publicKey: string
+  options: HostFileEntry[]
+  /** Host-file variables we dropped because they are not on the allow-list. */
+  dropped: string[]
+}
+
+export interface PeerContext {
+  network: NetworkRecord
+  /** The KV key's last segment: the record must describe the node it is stored under. */
+  keyName: string
+}
+
+/**
+ * The semantic checks that schema validation can't do: the record names the
+ * node it's stored under, its key matches its fingerprint, and it claims only
+ * its own VPN address. Pinning and revocation are the caller's (they need state).
+ */
+export function checkPeer(record: NodeRecord, ctx: PeerContext): Decoded<AcceptedPeer> {
+  if (record.name !== ctx.keyName) return { ok: false, reason: `record stored under "${ctx.keyName}" names "${record.name}"` }
+  const net = ipaddr.parseCIDR(ctx.network.cidr)
+  const vpn = ipaddr.parse(record.vpnAddress)
+  if (!vpn.match(net)) return { ok: false, reason: `VPN address ${record.vpnAddress} is outside the network ${ctx.network.cidr}` }
+  const [netAddr, bits] = net
+  const networkAddr = ipaddr.IPv4.networkAddressFromCIDR(`${netAddr.toString()}/${bits}`).toString()
+  const broadcast = ipaddr.IPv4.broadcastAddressFromCIDR(`${netAddr.toString()}/${bits}`).toString()
+  if (bits < 31 && (record.vpnAddress === networkAddr || record.vpnAddress === broadcast)) {
+    return { ok: false, reason: `VPN address ${record.vpnAddress} is the network's ${record.vpnAddress === networkAddr ? 'network' : 'broadcast'} address` }
+  }
+  // A node may route only its own address: no wider range, no other node's address, no default route.
+  const own = `${record.vpnAddress}/32`
+  for (const s of record.subnets) if (s !== own && s !== record.vpnAddress) return { ok: false, reason: `subnet ${s} is not the node's own address ${own}` }
+
+  const parsed = parseHostFile(record.hostFile)
+  if (parsed.errors.length) return { ok: false, reason: `host file: ${parsed.errors[0]}` }
+  if (!parsed.publicKey || !isPlausibleRsaKey(parsed.publicKey)) return { ok: false, reason: 'host file has no usable RSA public key' }
+  if (keyFingerprint(parsed.publicKey) !== record.fingerprint) return { ok: false, reason: 'fingerprint does not match the public key in the host file' }
+  const options: HostFileEntry[] = []
+  const dropped: string[] = []
+  for (const e of parsed.entries) {
+    const canonical = Object.keys(ALLOWED_OPTIONS).find((k) => k.toLowerCase() === e.key.toLowerCase())
+    const lower = e.key.toLowerCase()
+    if (lower === 'subnet') {
+      const v = e.value.split('#')[0]?.trim()
+      if (v !== own && v !== record.vpnAddress) return { ok: false, reason: `host file claims subnet ${e.value}, not the node's own ${own}` }
+    } else if (lower === 'address' || lower === 'port') {
+      // Rendered from the record's validated fields instead.
+    } else if (canonical && ALLOWED_OPTIONS[canonical]?.test(e.value)) {
+      options.push({ key: canonical, value: e.value })
+    } else dropped.push(e.key)
+  }
+  return { ok: true, value: { record, publicKey: parsed.publicKey, options, dropped } }
+}
