@@ -1,0 +1,111 @@
+import type { Logger } from '../log.ts'
+import { kvList, type KvListResult } from './kv.ts'
+
+/**
+ * A blocking-query loop over one KV prefix, following Consul's rules for the
+ * index (https://developer.hashicorp.com/consul/api-docs/features/blocking):
+ * - an index that goes backwards resets to 0, so the next read is a full,
+ *   non-blocking one;
+ * - an index of 0 is never blocked on (it is treated as 1);
+ * - a return with the same index is a wait timeout, not a change;
+ * - successive requests are spaced by a minimum interval;
+ * - errors back off exponentially up to a cap, and the loop keeps going.
+ * `onChange` sees every read whose index moved, including the first.
+ */
+export interface WatchOptions {
+  url: string
+  token?: string
+  prefix: string
+  waitSeconds?: number
+  minIntervalMs?: number
+  backoffMinMs?: number
+  backoffMaxMs?: number
+  log: Logger
+  onChange(result: KvListResult): void | Promise<void>
+  onError?(err: unknown, attempt: number): void
+}
+
+export interface Watch {
+  stop(): Promise<void>
+  /** The index of the last read handed to onChange. */
+  readonly index: number
+}
+
+/** The next index to block on, given the previous one and what Consul returned. */
+export function nextIndex(previous: number, returned: number): number {
+  if (!Number.isFinite(returned) || returned < previous) return 0
+  return returned < 1 ? 1 : returned
+}
+
+export function backoffMs(attempt: number, min: number, max: number, random = Math.random): number {
+  const base = Math.min(max, min * 2 ** Math.max(0, attempt - 1))
+  // Full jitter in the upper half, so many daemons don't retry in lock-step.
+  return Math.round(base / 2 + (random() * base) / 2)
+}
+
+export function watchPrefix(opts: WatchOptions): Watch {
+  const controller = new AbortController()
+  const minInterval = opts.minIntervalMs ?? 50
+  let index = 0
+  let delivered = 0
+  let failures = 0
+  let lastStart = 0
+  let stopped = false
+
+  const pause = (ms: number) =>
+    new Promise<void>((resolve) => {
+      if (ms <= 0 || stopped) return resolve()
+      const t = setTimeout(resolve, ms)
+      controller.signal.addEventListener('abort', () => {
+        clearTimeout(t)
+        resolve()
+      }, { once: true })
+    })
+
+  const loop = async () => {
+    while (!stopped) {
+      await pause(lastStart + minInterval - Date.now())
+      if (stopped) break
+      lastStart = Date.now()
+      let result: KvListResult
+      try {
+        result = await kvList({ url: opts.url, token: opts.token, prefix: opts.prefix, index, waitSeconds: opts.waitSeconds, signal: controller.signal })
+      } catch (err) {
+        if (stopped) break
+        failures++
+        opts.onError?.(err, failures)
+        opts.log.warn({ err, prefix: opts.prefix, attempt: failures }, 'consul read failed; keeping current state and retrying')
+        await pause(backoffMs(failures, opts.backoffMinMs ?? 250, opts.backoffMaxMs ?? 30_000))
+        continue
+      }
+      if (failures > 0) opts.log.info({ prefix: opts.prefix, after: failures }, 'consul reachable again')
+      failures = 0
+      const next = nextIndex(index, result.index)
+      if (next === 0) {
+        opts.log.info({ prefix: opts.prefix, was: index, now: result.index }, 'consul index went backwards; re-reading from scratch')
+        index = 0
+        continue
+      }
+      const moved = next !== index
+      index = next
+      if (!moved) continue
+      delivered = index
+      try {
+        await opts.onChange(result)
+      } catch (err) {
+        opts.log.error({ err, prefix: opts.prefix }, 'applying a consul change failed')
+      }
+    }
+  }
+  const running = loop()
+  return {
+    get index() {
+      return delivered
+    },
+    async stop() {
+      stopped = true
+      controller.abort()
+      await running
+    },
+  }
+}
