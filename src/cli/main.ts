@@ -2,13 +2,14 @@ import { defineCommand, runCommand, showUsage, type CommandDef } from 'citty'
 import { TincConsulError } from '../errors.ts'
 import { VERSION } from '../version.ts'
 import { labCommand } from './lab.ts'
+import { runCommand as runDaemon } from './run.ts'
 
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
-  subCommands: { lab: labCommand },
+  subCommands: { run: runDaemon, lab: labCommand },
 })
 
 /** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */

@@ -1,0 +1,35 @@
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { z } from 'zod'
+import { writeFileAtomic } from '../util/atomic.ts'
+import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+
+/**
+ * The last good view on disk, so a restarted daemon can render before Consul
+ * answers (and keeps serving while it doesn't). Only accepted records are
+ * cached, and they are checked again on load like anything else.
+ */
+const cacheSchema = z.object({ network: networkRecordSchema, records: z.array(nodeRecordSchema) })
+
+export interface CachedView {
+  network: NetworkRecord
+  records: NodeRecord[]
+}
+
+export function cachePath(stateDir: string): string {
+  return join(stateDir, 'cache.json')
+}
+
+export async function loadCache(stateDir: string): Promise<CachedView | undefined> {
+  try {
+    const parsed = cacheSchema.safeParse(JSON.parse(await readFile(cachePath(stateDir), 'utf8')))
+    return parsed.success ? parsed.data : undefined
+  } catch {
+    return undefined
+  }
+}
+
+export async function saveCache(stateDir: string, view: CachedView): Promise<boolean> {
+  const records = [...view.records].sort((a, b) => a.name.localeCompare(b.name))
+  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records })}\n`, 0o600)
+}

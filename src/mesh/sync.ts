@@ -1,0 +1,234 @@
+import { mkdir } from 'node:fs/promises'
+import { join } from 'node:path'
+import { watch as chokidarWatch } from 'chokidar'
+import { createConsulClient } from '../consul/client.ts'
+import type { KvItem, KvListResult } from '../consul/kv.ts'
+import { kvLayout, type KvLayout } from '../consul/kv-layout.ts'
+import { watchPrefix, type Watch } from '../consul/watch.ts'
+import type { Logger } from '../log.ts'
+import { renderTinc, type RenderResult } from '../tinc/render.ts'
+import { signalTincd } from '../tinc/signal.ts'
+import { loadCache, saveCache } from './cache.ts'
+import { loadPins, pinsPath, savePins } from './pins.ts'
+import { buildOwnRecord, publishRecord, readTincName } from './publish.ts'
+import { decodeJson, networkRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+import { buildView, viewRecords, type MeshView, type Refusal } from './view.ts'
+
+export interface SyncOptions {
+  net: string
+  tincDir: string
+  stateDir: string
+  pidFile: string
+  consulUrl: string
+  token?: string
+  prefix?: string
+  waitSeconds?: number
+  log: Logger
+  /** Called after every apply; the benchmark and tests hook in here. */
+  onApplied?(event: AppliedEvent): void
+  /** Called when a read from Consul was deliberately not applied (an empty nodes/ read). */
+  onIgnored?(reason: string): void
+}
+
+export interface AppliedEvent {
+  source: 'cache' | 'consul'
+  render: RenderResult
+  refusals: Refusal[]
+  bytesRead: number
+}
+
+export interface SyncStats {
+  refusedTotal: number
+  emptyReadsIgnored: number
+  bytesRead: number
+  applies: number
+  hups: number
+}
+
+export interface SyncDaemon {
+  readonly self: string
+  readonly stats: SyncStats
+  view(): MeshView | undefined
+  stop(): Promise<void>
+}
+
+/**
+ * The daemon's core: Consul and the node's own files feed one MeshView, and the
+ * view feeds the tinc renderer. Everything is driven by watch events; applies
+ * run one at a time, each from the latest inputs.
+ */
+export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
+  const log = opts.log.child({ component: 'sync', net: opts.net })
+  const layout: KvLayout = kvLayout(opts.net, opts.prefix)
+  await mkdir(opts.stateDir, { recursive: true, mode: 0o700 })
+  const self = await readTincName(opts.tincDir)
+  const pins = await loadPins(opts.stateDir)
+  const client = createConsulClient({ url: opts.consulUrl, token: opts.token })
+  const stats: SyncStats = { refusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 0, hups: 0 }
+
+  let view: MeshView | undefined
+  let network: NetworkRecord | undefined
+  let nodeItems: KvItem[] | undefined
+  let revoked = new Set<string>()
+  let lastRefusals = new Map<string, string>()
+  let pendingBytes = 0
+
+  const apply = async (source: 'cache' | 'consul', items: Array<{ key: string; value: KvItem['value'] | NodeRecord }>, net: NetworkRecord): Promise<void> => {
+    const base = { previous: view, network: net, items, layout, pins, revoked }
+    let built = buildView({ ...base, removalsConfirmed: false })
+    if (built.keptUnconfirmed.length > 0 && source === 'consul' && items.length > 0) {
+      // Records vanished. Believe it only if the network record is still there right now:
+      // a blank read during a leader election must not delete anyone's host file.
+      const fresh = await client.kvGet(layout.network).catch(() => undefined)
+      if (fresh && decodeJson(fresh.value, networkRecordSchema).ok) built = buildView({ ...base, removalsConfirmed: true })
+      else log.warn({ missing: built.keptUnconfirmed }, 'records vanished but the network record could not be confirmed; keeping their host files')
+    }
+    const refusals = new Map(built.refusals.map((r) => [r.key, r.reason]))
+    for (const r of built.refusals) {
+      if (lastRefusals.get(r.key) !== r.reason) {
+        stats.refusedTotal++
+        log.warn({ key: r.key, peer: r.name, reason: r.reason }, 'refused a record from consul')
+      }
+    }
+    lastRefusals = refusals
+    for (const [name, fp] of built.newPins) pins.set(name, fp)
+    if (built.newPins.length) await savePins(opts.stateDir, pins)
+    for (const peer of built.view.peers.values()) if (peer.dropped.length) log.warn({ peer: peer.record.name, dropped: peer.dropped }, 'dropped host-file lines that are not on the allow-list')
+    const render = await renderTinc(built.view, { tincDir: opts.tincDir, self, removed: built.removed })
+    view = built.view
+    stats.applies++
+    if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
+    if (render.hupNeeded) {
+      log.info({ reasons: render.reasons }, 'asking tincd to reload')
+      if (await signalTincd(opts.pidFile, 'SIGHUP', log)) stats.hups++
+    }
+    if (source === 'consul') await saveCache(opts.stateDir, { network: net, records: viewRecords(built.view) })
+    const bytesRead = pendingBytes
+    pendingBytes = 0
+    opts.onApplied?.({ source, render, refusals: built.refusals, bytesRead })
+  }
+
+  // Serialise applies; each one reads the latest inputs when it starts.
+  let chain = Promise.resolve()
+  const schedule = () => {
+    chain = chain
+      .then(async () => {
+        if (network && nodeItems) await apply('consul', nodeItems, network)
+      })
+      .catch((err: unknown) => log.error({ err }, 'applying the mesh view failed; keeping the files as they are'))
+    return chain
+  }
+
+  const cached = await loadCache(opts.stateDir)
+  if (cached) {
+    log.info({ peers: cached.records.length }, 'rendering from the on-disk cache until consul answers')
+    network = cached.network
+    await apply('cache', cached.records.map((r) => ({ key: layout.node(r.name), value: r })), cached.network).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
+  }
+
+  const publishOwn = async () => {
+    if (!network) return
+    try {
+      const record = await buildOwnRecord(opts.tincDir, self)
+      // Ask Consul, not our copy of revoked/: that watch may not have caught up with a revocation yet.
+      if (revoked.has(record.fingerprint) || (await client.kvGet(layout.revoked(record.fingerprint)))) {
+        log.error({ fingerprint: record.fingerprint }, 'our key is revoked; not publishing (re-join with a new key)')
+        return
+      }
+      await publishRecord(client, layout, network, record, log)
+    } catch (err) {
+      log.error({ err }, 'could not publish our record; will retry when our host file or the network changes')
+    }
+  }
+
+  const count = (r: KvListResult) => {
+    stats.bytesRead += r.bytes
+    pendingBytes += r.bytes
+  }
+  const common = { url: opts.consulUrl, token: opts.token, waitSeconds: opts.waitSeconds, log }
+  const watches: Watch[] = [
+    watchPrefix({
+      ...common,
+      prefix: layout.network,
+      onChange: async (r) => {
+        count(r)
+        const item = r.items.find((i) => i.key === layout.network)
+        if (!item) {
+          log.warn({ key: layout.network }, 'no network record in consul yet; waiting for `tinc-consul init`')
+          return
+        }
+        const d = decodeJson(item.value, networkRecordSchema)
+        if (!d.ok) {
+          log.error({ key: layout.network, reason: d.reason }, 'refused the network record; keeping the last good one')
+          return
+        }
+        const first = !network || JSON.stringify(network) !== JSON.stringify(d.value)
+        network = d.value
+        if (first) await publishOwn()
+        await schedule()
+      },
+    }),
+    watchPrefix({
+      ...common,
+      prefix: layout.nodesPrefix,
+      onChange: async (r) => {
+        count(r)
+        if (r.filtered) log.warn('consul filtered some node records from this token; give it read on the whole prefix')
+        if (r.items.length === 0 && nodeItems && nodeItems.length > 0) {
+          // consul-template blanked files on exactly this; an empty read never means "everyone left".
+          log.warn('consul returned no node records at all; ignoring this read')
+          stats.emptyReadsIgnored++
+          opts.onIgnored?.('empty nodes/ read')
+          return
+        }
+        nodeItems = r.items
+        await schedule()
+        // Our record is gone (deleted by hand, or lost with a store): put it back, unless we were revoked.
+        if (r.items.length > 0 && !r.items.some((i) => i.key === layout.node(self))) await publishOwn()
+      },
+    }),
+    watchPrefix({
+      ...common,
+      prefix: layout.revokedPrefix,
+      onChange: async (r) => {
+        count(r)
+        revoked = new Set(r.items.map((i) => `sha256:${i.key.slice(layout.revokedPrefix.length)}`).filter((fp) => /^sha256:[0-9a-f]{64}$/.test(fp)))
+        await schedule()
+      },
+    }),
+  ]
+
+  // `tinc-consul pin reset` edits the pin file; pick that up without a restart.
+  const pinWatcher = chokidarWatch(pinsPath(opts.stateDir), { ignoreInitial: true })
+  pinWatcher.on('all', () => {
+    void loadPins(opts.stateDir)
+      .then((fresh) => {
+        const changed = fresh.size !== pins.size || [...pins].some(([n, fp]) => fresh.get(n) !== fp)
+        if (!changed) return
+        pins.clear()
+        for (const [n, fp] of fresh) pins.set(n, fp)
+        log.info({ pins: pins.size }, 'pins changed on disk; re-checking records')
+        return schedule()
+      })
+      .catch((err: unknown) => log.error({ err }, 'could not reload pins'))
+  })
+
+  const ownHostFile = join(opts.tincDir, 'hosts', self)
+  const fileWatcher = chokidarWatch(ownHostFile, { ignoreInitial: true })
+  fileWatcher.on('all', () => {
+    log.info({ file: ownHostFile }, 'our host file changed; publishing again')
+    void publishOwn()
+  })
+
+  return {
+    self,
+    stats,
+    view: () => view,
+    async stop() {
+      await fileWatcher.close()
+      await pinWatcher.close()
+      await Promise.all(watches.map((w) => w.stop()))
+      await chain
+    },
+  }
+}

@@ -1,0 +1,71 @@
+import { readFile, rm, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { MeshView } from '../mesh/view.ts'
+import { writeFileAtomic } from '../util/atomic.ts'
+import { replaceManagedBlock } from './conf-block.ts'
+import { parseHostFile, renderHostFile } from './hostfile.ts'
+import { isTincName } from './names.ts'
+
+export interface RenderResult {
+  written: string[]
+  deleted: string[]
+  connectTo: string[]
+  confChanged: boolean
+  /** tincd must re-read its config: ConnectTo changed, or a known peer's key or address changed, or a peer went away. */
+  hupNeeded: boolean
+  reasons: string[]
+}
+
+/** What tincd cares about in a host file: if this changes for a known peer, tinc needs a HUP. */
+function identity(text: string): string {
+  const h = parseHostFile(text)
+  const pick = (k: string) => h.entries.filter((e) => e.key.toLowerCase() === k).map((e) => e.value)
+  return JSON.stringify([h.publicKey, pick('address'), pick('port'), pick('subnet')])
+}
+
+/**
+ * Renders the view into the tinc directory: `hosts/<peer>` for every peer but
+ * ourselves, and the ConnectTo block in tinc.conf. Only ever touches
+ * `hosts/<valid name>` and tinc.conf; never our own host file.
+ */
+export async function renderTinc(view: MeshView, opts: { tincDir: string; self: string; removed: string[] }): Promise<RenderResult> {
+  const result: RenderResult = { written: [], deleted: [], connectTo: [], confChanged: false, hupNeeded: false, reasons: [] }
+  for (const [name, peer] of view.peers) {
+    if (name === opts.self || !isTincName(name)) continue
+    const path = join(opts.tincDir, 'hosts', name)
+    const text = renderHostFile({ addresses: peer.record.addresses, port: peer.record.port, subnets: peer.record.subnets, options: peer.options, publicKey: peer.publicKey })
+    const old = await readFile(path, 'utf8').catch(() => undefined)
+    if (await writeFileAtomic(path, text, 0o644)) {
+      result.written.push(name)
+      // A brand-new peer needs no HUP: tincd reads its host file when it connects.
+      if (old !== undefined && identity(old) !== identity(text)) {
+        result.hupNeeded = true
+        result.reasons.push(`${name}'s key or address changed`)
+      }
+    }
+  }
+  for (const name of opts.removed) {
+    if (name === opts.self || !isTincName(name)) continue
+    try {
+      await rm(join(opts.tincDir, 'hosts', name))
+      result.deleted.push(name)
+      result.hupNeeded = true
+      result.reasons.push(`${name} was removed`)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+    }
+  }
+  result.connectTo = [...view.peers.values()]
+    .filter((p) => p.record.name !== opts.self && p.record.addresses.length > 0)
+    .map((p) => p.record.name)
+    .sort()
+  const confPath = join(opts.tincDir, 'tinc.conf')
+  const conf = await readFile(confPath, 'utf8')
+  const next = replaceManagedBlock(conf, result.connectTo.map((n) => `ConnectTo = ${n}`))
+  if (await writeFileAtomic(confPath, next, (await stat(confPath)).mode & 0o7777)) {
+    result.confChanged = true
+    result.hupNeeded = true
+    result.reasons.push('the ConnectTo set changed')
+  }
+  return result
+}
