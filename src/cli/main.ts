@@ -3,13 +3,14 @@ import { TincConsulError } from '../errors.ts'
 import { VERSION } from '../version.ts'
 import { labCommand } from './lab.ts'
 import { runCommand as runDaemon } from './run.ts'
+import { pinCommand, revokeCommand } from './admin.ts'
 
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
-  subCommands: { run: runDaemon, lab: labCommand },
+  subCommands: { run: runDaemon, revoke: revokeCommand, pin: pinCommand, lab: labCommand },
 })
 
 /** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */
@@ -27,6 +28,11 @@ async function resolveCommand(cmd: CommandDef, argv: string[]): Promise<{ cmd: C
   return { cmd: current, parent }
 }
 
+/** citty reports bad argv as CLIError with codes like EARG or E_UNKNOWN_COMMAND. */
+function isCittyUsageError(err: unknown): boolean {
+  return err instanceof Error && err.name === 'CLIError'
+}
+
 function describeError(err: unknown, debug: boolean): string {
   if (debug) {
     const parts: string[] = []
@@ -34,7 +40,7 @@ function describeError(err: unknown, debug: boolean): string {
     return parts.join('\ncaused by: ')
   }
   if (err instanceof TincConsulError) return err.message
-  if (err instanceof Error && 'code' in err && String((err as { code: unknown }).code).startsWith('E_')) return err.message // citty's usage errors
+  if (isCittyUsageError(err)) return `${(err as Error).message} (see --help)`
   return `unexpected error: ${err instanceof Error ? err.message : String(err)} (run with --debug for details)`
 }
 
@@ -67,8 +73,7 @@ export async function cli(argv: string[]): Promise<void> {
       return
     }
     console.error(`tinc-consul: ${describeError(err, debug)}`)
-    const usage = err instanceof Error && 'code' in err && String((err as { code: unknown }).code).startsWith('E_')
-    process.exitCode = usage || (err instanceof TincConsulError && err.name === 'UsageError') ? 2 : 1
+    process.exitCode = isCittyUsageError(err) || (err instanceof TincConsulError && err.name === 'UsageError') ? 2 : 1
   }
 }
 

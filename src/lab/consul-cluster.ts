@@ -47,9 +47,14 @@ function agentConfig(plan: LabPlan, runDir: string, name: string, ip: string, se
 async function startAgent(plan: LabPlan, runDir: string, consulBin: string, name: string, ns: string, ip: string, server: boolean, tokens: { initial?: string; agent?: string }): Promise<Daemon> {
   const dir = join(runDir, name)
   await mkdir(join(dir, 'consul-data'), { recursive: true })
-  const file = join(dir, 'consul.json')
-  await writeFile(file, JSON.stringify(agentConfig(plan, runDir, name, ip, server, tokens), null, 2), { mode: 0o600 })
-  return startDaemon(`consul agent ${name}`, ns, [consulBin, 'agent', `-config-file=${file}`], join(dir, 'consul.log'))
+  await writeFile(join(dir, 'consul.json'), JSON.stringify(agentConfig(plan, runDir, name, ip, server, tokens), null, 2), { mode: 0o600 })
+  return startConsulAgent(consulBin, runDir, name, ns)
+}
+
+/** Starts (or restarts, keeping its data dir) an agent whose config file the lab already wrote. */
+export function startConsulAgent(consulBin: string, runDir: string, name: string, ns: string): Daemon {
+  const dir = join(runDir, name)
+  return startDaemon(`consul agent ${name}`, ns, [consulBin, 'agent', `-config-file=${join(dir, 'consul.json')}`], join(dir, 'consul.log'))
 }
 
 export function consulUrl(ip: string): string {

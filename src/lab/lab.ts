@@ -7,11 +7,14 @@ import { createLogger, type Logger } from '../log.ts'
 import { createConsulClient, type ConsulClient } from '../consul/client.ts'
 import { run, type RunOptions, type RunResult } from '../util/exec.ts'
 import { processAlive as alive } from '../util/proc.ts'
-import { consulUrl, startConsulCluster } from './consul-cluster.ts'
+import { consulUrl, startConsulAgent, startConsulCluster } from './consul-cluster.ts'
+import { createNodeToken } from '../consul/acl.ts'
+import { kvLayout } from '../consul/kv-layout.ts'
+import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
-import { buildNetwork, deleteHostLinksSync, listNamespaces, setCut, teardownNamespacesSync } from './netns.ts'
+import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
 import { requireConsul } from './provision.ts'
-import { tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
+import { sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
 import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
 
 export const LAB_NETNAME = 'lab'
@@ -24,6 +27,9 @@ export interface LabState {
   ownerPid: number
   managementToken: string | undefined
   agentToken: string | undefined
+  /** Per-node sidecar tokens (ACL mode): each may write only its own record. */
+  nodeTokens: Record<string, string>
+  consulBin: string
   pids: number[]
   createdAt: string
 }
@@ -39,6 +45,17 @@ export interface Lab {
   heal(a: string, b: string): Promise<void>
   /** Waits until every node pings every other node over tinc. */
   waitForMesh(timeoutMs?: number): Promise<void>
+  /** Writes the network record the sidecars wait for (what `tinc-consul init` does on a real network). */
+  writeNetwork(): Promise<void>
+  /** Starts `tinc-consul run` in a node's namespace, with that node's own token in ACL mode. */
+  startSidecar(node: string): Promise<Daemon>
+  /** Kills every process in a node's namespace: tincd, its Consul agent, its sidecar. */
+  stopNode(node: string): void
+  restartTincd(node: string): Promise<void>
+  stopConsulServer(name: string): void
+  startConsulServer(name: string): Promise<void>
+  /** Paths of a node's tinc files. */
+  tincFiles(node: string): { dir: string; pidFile: string; logFile: string }
   down(): void
 }
 
@@ -127,9 +144,18 @@ export interface LabUpOptions extends Partial<LabOptions> {
   log?: Logger
 }
 
+async function saveState(state: LabState): Promise<void> {
+  await writeFile(join(state.runDir, 'state.json'), JSON.stringify(state, null, 2), { mode: 0o600 })
+}
+
 function makeLab(state: LabState): Lab {
   const { plan } = state
   let isDown = false
+  const track = async (d: Daemon) => {
+    state.pids.push(d.pid)
+    await saveState(state)
+    return d
+  }
   const nsOf = (name: string): string => {
     if (name === 'hub') return plan.hubNs
     const server = plan.servers.find((s) => s.name === name)
@@ -157,6 +183,40 @@ function makeLab(state: LabState): Lab {
         ),
       )
     },
+    async writeNetwork() {
+      const record = { v: 1, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString() }
+      await lab.consul(plan.nodes[0]?.name ?? 'node1').kvPut(kvLayout(LAB_NETNAME).network, JSON.stringify(record))
+    },
+    async startSidecar(name) {
+      const node = findNode(plan, name)
+      const files = tincPaths(state.runDir, node)
+      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.dir, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500']
+      // The token goes through the environment, not argv, where any user could read it.
+      const env = { ...process.env, TINC_CONSUL_TOKEN: state.nodeTokens[name] ?? '', TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info' }
+      return track(startDaemon(`sidecar ${name}`, node.ns, argv, join(state.runDir, name, 'sidecar.log'), env))
+    },
+    stopNode(name) {
+      killNamespaceProcessesSync([findNode(plan, name).ns])
+    },
+    async restartTincd(name) {
+      const node = findNode(plan, name)
+      const files = tincPaths(state.runDir, node)
+      const pids = pidsIn(node.ns).filter((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'tincd')
+      killNamespaceProcessesSync([], pids)
+      await track(startDaemon(`tincd ${name}`, node.ns, tincdArgv(files, LAB_NETNAME), join(state.runDir, name, 'tincd.out')))
+    },
+    stopConsulServer(name) {
+      const server = plan.servers.find((s) => s.name === name)
+      if (!server) throw new LabError('LAB_NO_SERVER', `no Consul server "${name}"`)
+      killNamespaceProcessesSync([server.ns])
+    },
+    async startConsulServer(name) {
+      const server = plan.servers.find((s) => s.name === name)
+      if (!server) throw new LabError('LAB_NO_SERVER', `no Consul server "${name}"`)
+      const d = await track(startConsulAgent(state.consulBin, state.runDir, name, server.ns))
+      await waitFor(`${name} to rejoin a cluster with a leader`, async () => (await lab.consul(name).leader()) || undefined, { timeoutMs: 60_000, daemons: [d] })
+    },
+    tincFiles: (name) => tincPaths(state.runDir, findNode(plan, name)),
     down() {
       if (isDown) return
       isDown = true
@@ -200,13 +260,13 @@ export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
   const plan = planLab(randomBytes(2).toString('hex'), options)
   const log = (opts.log ?? createLogger()).child({ component: 'lab', lab: plan.id })
   const runDir = join(root, plan.prefix)
-  const state: LabState = { plan, runDir, ownerPid: process.pid, managementToken: undefined, agentToken: undefined, pids: [], createdAt: new Date().toISOString() }
+  const state: LabState = { plan, runDir, ownerPid: process.pid, managementToken: undefined, agentToken: undefined, nodeTokens: {}, consulBin, pids: [], createdAt: new Date().toISOString() }
   const lab = makeLab(state)
   const daemons: Daemon[] = []
   const save = async () => {
     state.pids = daemons.map((d) => d.pid)
     log.debug({ pids: state.pids, runDir }, 'lab state saved')
-    await writeFile(join(runDir, 'state.json'), JSON.stringify(state, null, 2), { mode: 0o600 })
+    await saveState(state)
   }
   const onSignal = (sig: NodeJS.Signals) => {
     lab.down()
@@ -233,6 +293,11 @@ export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
     const info = await startConsulCluster(plan, runDir, consulBin, daemons, step)
     state.managementToken = info.managementToken
     state.agentToken = info.agentToken
+    if (options.acl) {
+      const admin = lab.consul(plan.servers[0]?.name ?? 'consul1')
+      for (const node of plan.nodes) state.nodeTokens[node.name] = await createNodeToken(admin, kvLayout(LAB_NETNAME), node.name)
+      step('one ACL token per node: each may write only its own record')
+    }
     if (opts.keep) state.ownerPid = 0
     await save()
     return lab

@@ -104,7 +104,7 @@ export function listNamespaces(): string[] {
     .filter(Boolean)
 }
 
-function pidsIn(ns: string): number[] {
+export function pidsIn(ns: string): number[] {
   const r = spawnSync('ip', ['netns', 'pids', ns], { encoding: 'utf8' })
   return r.stdout
     .split('\n')
@@ -123,8 +123,11 @@ function sleepSync(ms: number): void {
  * may not run again. Extra pids (recorded at spawn) are killed too, in case one
  * left its namespace.
  */
-export function teardownNamespacesSync(namespaces: string[], extraPids: number[] = [], graceMs = 5000): string[] {
-  const problems: string[] = []
+/**
+ * Stops every process in the given namespaces (plus extra pids): SIGTERM, a
+ * grace period, then SIGKILL. Synchronous so it also works from exit handlers.
+ */
+export function killNamespaceProcessesSync(namespaces: string[], extraPids: number[] = [], graceMs = 5000): void {
   const signal = (sig: NodeJS.Signals) => {
     const pids = new Set([...namespaces.flatMap(pidsIn), ...extraPids.filter(alive)])
     for (const pid of pids) {
@@ -145,6 +148,17 @@ export function teardownNamespacesSync(namespaces: string[], extraPids: number[]
     const hard = Date.now() + 2000
     while ([...pids].some(alive) && Date.now() < hard) sleepSync(20)
   }
+}
+
+/**
+ * Stops every process in the given namespaces and deletes them. Synchronous on
+ * purpose: it must also work from a signal or exit handler, where the event loop
+ * may not run again. Extra pids (recorded at spawn) are killed too, in case one
+ * left its namespace.
+ */
+export function teardownNamespacesSync(namespaces: string[], extraPids: number[] = [], graceMs = 5000): string[] {
+  const problems: string[] = []
+  killNamespaceProcessesSync(namespaces, extraPids, graceMs)
   for (const ns of namespaces) {
     const r = spawnSync('ip', ['netns', 'del', ns], { encoding: 'utf8' })
     if (r.status !== 0 && listNamespaces().includes(ns)) problems.push(`ip netns del ${ns}: ${r.stderr.trim()}`)

@@ -1,6 +1,7 @@
 import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from '../util/exec.ts'
+import { replaceManagedBlock } from '../tinc/conf-block.ts'
 import type { LabNodePlan, LabPlan } from './topology.ts'
 
 /**
@@ -19,6 +20,10 @@ export function tincPaths(runDir: string, node: LabNodePlan): TincNodeFiles {
   return { dir: join(base, 'tinc'), pidFile: join(base, 'tinc.pid'), logFile: join(base, 'tinc.log') }
 }
 
+export function sidecarStateDir(runDir: string, node: LabNodePlan): string {
+  return join(runDir, node.name, 'sidecar-state')
+}
+
 export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyBits = 2048): Promise<void> {
   const publics = plan.nodes.filter((n) => !n.behindNat)
   const prefixLen = plan.options.vpnCidr.split('/')[1]
@@ -26,8 +31,12 @@ export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyB
   for (const node of plan.nodes) {
     const { dir } = tincPaths(runDir, node)
     await mkdir(join(dir, 'hosts'), { recursive: true })
-    const connectTo = publics.filter((p) => p.name !== node.name).map((p) => `ConnectTo = ${p.name}`)
-    await writeFile(join(dir, 'tinc.conf'), [`Name = ${node.name}`, 'AddressFamily = ipv4', 'Interface = tinc0', ...connectTo, ''].join('\n'))
+    const targets = plan.options.hostFiles === 'seed' ? publics.slice(0, 1) : publics
+    const connectTo = targets.filter((p) => p.name !== node.name).map((p) => `ConnectTo = ${p.name}`)
+    // StrictSubnets: tinc accepts only the subnets written in local host files. ConnectTo goes in
+    // the managed block, where the sidecar takes over once it runs.
+    const conf = [`Name = ${node.name}`, 'AddressFamily = ipv4', 'Interface = tinc0', 'StrictSubnets = yes', ''].join('\n')
+    await writeFile(join(dir, 'tinc.conf'), replaceManagedBlock(conf, connectTo))
     const header = [...(node.behindNat ? [] : [`Address = ${node.publicIp}`]), 'Port = 655', `Subnet = ${node.vpnIp}/32`, '']
     await writeFile(join(dir, 'hosts', node.name), header.join('\n'))
     // tincd -K appends the public key to hosts/<Name> and never prompts when stdin is not a terminal.
@@ -40,10 +49,14 @@ export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyB
     await chmod(join(dir, 'tinc-up'), 0o755)
     await chmod(join(dir, 'tinc-down'), 0o755)
   }
-  // The manual step tinc-consul exists to remove: every node gets every host file.
+  // The manual step tinc-consul exists to remove: copying host files around ("seed": just node1's).
+  const seed = plan.nodes[0]?.name
   for (const node of plan.nodes) {
     const { dir } = tincPaths(runDir, node)
-    for (const [peer, text] of hostFiles) if (peer !== node.name) await writeFile(join(dir, 'hosts', peer), text)
+    for (const [peer, text] of hostFiles) {
+      if (peer === node.name || (plan.options.hostFiles === 'seed' && peer !== seed)) continue
+      await writeFile(join(dir, 'hosts', peer), text)
+    }
   }
 }
 

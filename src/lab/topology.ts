@@ -22,10 +22,12 @@ export interface LabOptions {
   acl: boolean
   /** Write hand-made tinc configs and start tincd on every node. */
   tinc: boolean
+  /** Which host files each node starts with: every node's (as if copied by hand), or only its own plus node1's (the seed). */
+  hostFiles: 'all' | 'seed'
   vpnCidr: string
 }
 
-export const DEFAULT_LAB_OPTIONS: LabOptions = { nodes: 3, nat: 1, consulServers: 1, acl: false, tinc: true, vpnCidr: '10.99.0.0/24' }
+export const DEFAULT_LAB_OPTIONS: LabOptions = { nodes: 3, nat: 1, consulServers: 1, acl: false, tinc: true, hostFiles: 'all', vpnCidr: '10.99.0.0/24' }
 
 export interface LabNodePlan {
   name: string

@@ -1,4 +1,4 @@
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { watch as chokidarWatch } from 'chokidar'
 import { createConsulClient } from '../consul/client.ts'
@@ -6,12 +6,12 @@ import type { KvItem, KvListResult } from '../consul/kv.ts'
 import { kvLayout, type KvLayout } from '../consul/kv-layout.ts'
 import { watchPrefix, type Watch } from '../consul/watch.ts'
 import type { Logger } from '../log.ts'
-import { renderTinc, type RenderResult } from '../tinc/render.ts'
+import { hasStrictSubnets, renderTinc, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
 import { buildOwnRecord, publishRecord, readTincName } from './publish.ts'
-import { decodeJson, networkRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 import { buildView, viewRecords, type MeshView, type Refusal } from './view.ts'
 
 export interface SyncOptions {
@@ -75,13 +75,26 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
 
   const apply = async (source: 'cache' | 'consul', items: Array<{ key: string; value: KvItem['value'] | NodeRecord }>, net: NetworkRecord): Promise<void> => {
     const base = { previous: view, network: net, items, layout, pins, revoked }
-    let built = buildView({ ...base, removalsConfirmed: false })
+    let confirmed = false
+    let built = buildView({ ...base, removalsConfirmed: confirmed })
     if (built.keptUnconfirmed.length > 0 && source === 'consul' && items.length > 0) {
       // Records vanished. Believe it only if the network record is still there right now:
       // a blank read during a leader election must not delete anyone's host file.
       const fresh = await client.kvGet(layout.network).catch(() => undefined)
-      if (fresh && decodeJson(fresh.value, networkRecordSchema).ok) built = buildView({ ...base, removalsConfirmed: true })
+      confirmed = fresh !== undefined && decodeJson(fresh.value, networkRecordSchema).ok
+      if (confirmed) built = buildView({ ...base, removalsConfirmed: confirmed })
       else log.warn({ missing: built.keptUnconfirmed }, 'records vanished but the network record could not be confirmed; keeping their host files')
+    }
+    if (source === 'consul' && built.newPins.length > 0) {
+      // The revoked/ watch can lag the nodes/ watch by a few ms: before trusting a key for the
+      // first time, ask Consul directly whether it is revoked, so a revoked key can't slip in
+      // under a new name in that gap.
+      const found = await Promise.all(built.newPins.map(([, fp]) => client.kvGet(layout.revoked(fp)).then((e) => (e ? fp : undefined)).catch(() => undefined)))
+      const late = found.filter((fp): fp is string => fp !== undefined)
+      if (late.length) {
+        revoked = new Set([...revoked, ...late])
+        built = buildView({ ...base, revoked, removalsConfirmed: confirmed })
+      }
     }
     const refusals = new Map(built.refusals.map((r) => [r.key, r.reason]))
     for (const r of built.refusals) {
@@ -94,7 +107,8 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     for (const [name, fp] of built.newPins) pins.set(name, fp)
     if (built.newPins.length) await savePins(opts.stateDir, pins)
     for (const peer of built.view.peers.values()) if (peer.dropped.length) log.warn({ peer: peer.record.name, dropped: peer.dropped }, 'dropped host-file lines that are not on the allow-list')
-    const render = await renderTinc(built.view, { tincDir: opts.tincDir, self, removed: built.removed })
+    const strictSubnets = hasStrictSubnets(await readFile(join(opts.tincDir, 'tinc.conf'), 'utf8'))
+    const render = await renderTinc(built.view, { tincDir: opts.tincDir, self, removed: built.removed, strictSubnets })
     view = built.view
     stats.applies++
     if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
@@ -141,6 +155,14 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     }
   }
 
+  const ownRecordDiffers = async (item: KvItem | undefined): Promise<boolean> => {
+    if (!item) return true
+    const d = decodeJson(item.value, nodeRecordSchema)
+    if (!d.ok) return true
+    const mine = await buildOwnRecord(opts.tincDir, self).catch(() => undefined)
+    return mine !== undefined && JSON.stringify({ ...mine, updatedAt: '' }) !== JSON.stringify({ ...d.value, updatedAt: '' })
+  }
+
   const count = (r: KvListResult) => {
     stats.bytesRead += r.bytes
     pendingBytes += r.bytes
@@ -183,8 +205,9 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
         }
         nodeItems = r.items
         await schedule()
-        // Our record is gone (deleted by hand, or lost with a store): put it back, unless we were revoked.
-        if (r.items.length > 0 && !r.items.some((i) => i.key === layout.node(self))) await publishOwn()
+        // Our record is gone (deleted by hand, lost with a store) or was overwritten by someone
+        // else: put ours back, unless we were revoked.
+        if (r.items.length > 0 && (await ownRecordDiffers(r.items.find((i) => i.key === layout.node(self))))) await publishOwn()
       },
     }),
     watchPrefix({

@@ -23,12 +23,17 @@ function identity(text: string): string {
   return JSON.stringify([h.publicKey, pick('address'), pick('port'), pick('subnet')])
 }
 
+/** Whether tinc.conf turns on StrictSubnets (tinc's boolean syntax: yes/no, case-insensitive). */
+export function hasStrictSubnets(conf: string): boolean {
+  return parseHostFile(conf).entries.some((e) => e.key.toLowerCase() === 'strictsubnets' && /^yes$/i.test(e.value))
+}
+
 /**
  * Renders the view into the tinc directory: `hosts/<peer>` for every peer but
  * ourselves, and the ConnectTo block in tinc.conf. Only ever touches
  * `hosts/<valid name>` and tinc.conf; never our own host file.
  */
-export async function renderTinc(view: MeshView, opts: { tincDir: string; self: string; removed: string[] }): Promise<RenderResult> {
+export async function renderTinc(view: MeshView, opts: { tincDir: string; self: string; removed: string[]; strictSubnets: boolean }): Promise<RenderResult> {
   const result: RenderResult = { written: [], deleted: [], connectTo: [], confChanged: false, hupNeeded: false, reasons: [] }
   for (const [name, peer] of view.peers) {
     if (name === opts.self || !isTincName(name)) continue
@@ -37,10 +42,15 @@ export async function renderTinc(view: MeshView, opts: { tincDir: string; self: 
     const old = await readFile(path, 'utf8').catch(() => undefined)
     if (await writeFileAtomic(path, text, 0o644)) {
       result.written.push(name)
-      // A brand-new peer needs no HUP: tincd reads its host file when it connects.
       if (old !== undefined && identity(old) !== identity(text)) {
         result.hupNeeded = true
         result.reasons.push(`${name}'s key or address changed`)
+      } else if (old === undefined && opts.strictSubnets) {
+        // tincd reads a new peer's key when it connects, but with StrictSubnets it only
+        // routes subnets it loaded from host files at start or HUP: without a HUP the
+        // new peer connects and its traffic is dropped as an unauthorized subnet.
+        result.hupNeeded = true
+        result.reasons.push(`new peer ${name} (StrictSubnets)`)
       }
     }
   }
