@@ -72,7 +72,7 @@ test('a watch delivers changes only when the index moves, and follows the index 
     async (url, requests, done) => {
       const seen: KvListResult[] = []
       const errors: number[] = []
-      const w = watchPrefix({ url, prefix: 'p/nodes/', waitSeconds: 30, minIntervalMs: 1, backoffMinMs: 1, backoffMaxMs: 5, log, onChange: (r) => void seen.push(r), onError: (_e, n) => void errors.push(n) })
+      const w = watchPrefix({ url, prefix: 'p/nodes/', waitSeconds: 30, ratePerSecond: 1000, burst: 100, backoffMinMs: 1, backoffMaxMs: 5, log, onChange: (r) => void seen.push(r), onError: (_e, n) => void errors.push(n) })
       await done
       await w.stop()
       assert.deepEqual(
@@ -99,4 +99,18 @@ test('a watch delivers changes only when the index moves, and follows the index 
       assert.ok(requests.every((u) => u.searchParams.get('recurse') === 'true'))
     },
   )
+})
+
+test('a storm of changes is rate-limited, while the first few go straight through', async () => {
+  const replies: Reply[] = Array.from({ length: 12 }, (_, i) => ({ status: 200, index: i + 1, body: [] }))
+  await scripted(replies, async (url, requests, done) => {
+    const times: number[] = []
+    const w = watchPrefix({ url, prefix: 'p/', ratePerSecond: 10, burst: 3, log, onChange: () => void times.push(Date.now()) })
+    await done
+    await w.stop()
+    assert.equal(times.length, 12)
+    // 3 immediate requests, then 10 per second: the 12th change can't arrive before ~0.8 s after the 3rd.
+    assert.ok((times[11] ?? 0) - (times[2] ?? 0) >= 800, `12 changes in ${(times[11] ?? 0) - (times[0] ?? 0)} ms`)
+    assert.equal(requests.length, 13)
+  })
 })

@@ -44,9 +44,15 @@ export async function kvList(opts: KvListOptions): Promise<KvListResult> {
     u.searchParams.set('index', String(opts.index))
     u.searchParams.set('wait', `${opts.waitSeconds ?? 300}s`)
   }
-  const timeout = AbortSignal.timeout(blocking ? blockingTimeoutMs(opts.waitSeconds ?? 300) : 15_000)
-  const signal = opts.signal ? AbortSignal.any([opts.signal, timeout]) : timeout
-  const headers: Record<string, string> = {}
+  // One controller per request, linked to the caller's signal and unlinked afterwards:
+  // AbortSignal.any() on a long-lived signal piles up listeners in a daemon that reads forever.
+  const request = new AbortController()
+  const onAbort = () => request.abort(opts.signal?.reason)
+  opts.signal?.addEventListener('abort', onAbort, { once: true })
+  const timer = setTimeout(() => request.abort(new Error('timed out')), blocking ? blockingTimeoutMs(opts.waitSeconds ?? 300) : 15_000)
+  const signal = request.signal
+  // The agent is local: gzip would only spend CPU on both ends of a loopback socket.
+  const headers: Record<string, string> = { 'accept-encoding': 'identity' }
   if (opts.token) headers['x-consul-token'] = opts.token
   let res: Response
   let body: Buffer
@@ -55,6 +61,9 @@ export async function kvList(opts: KvListOptions): Promise<KvListResult> {
     body = Buffer.from(await res.arrayBuffer())
   } catch (err) {
     throw new ConsulError('CONSUL_UNREACHABLE', `GET ${opts.prefix}: cannot reach Consul at ${opts.url} (${(err as Error).message})`, undefined, { cause: err })
+  } finally {
+    clearTimeout(timer)
+    opts.signal?.removeEventListener('abort', onAbort)
   }
   const index = Number(res.headers.get('x-consul-index') ?? NaN)
   const filtered = res.headers.get('x-consul-results-filtered-by-acls') === 'true'

@@ -8,7 +8,8 @@ import { kvList, type KvListResult } from './kv.ts'
  *   non-blocking one;
  * - an index of 0 is never blocked on (it is treated as 1);
  * - a return with the same index is a wait timeout, not a change;
- * - successive requests are spaced by a minimum interval;
+ * - requests are rate-limited by a token bucket: isolated changes go through
+ *   at once, a storm of changes is capped at `ratePerSecond`;
  * - errors back off exponentially up to a cap, and the loop keeps going.
  * `onChange` sees every read whose index moved, including the first.
  */
@@ -17,7 +18,10 @@ export interface WatchOptions {
   token?: string
   prefix: string
   waitSeconds?: number
-  minIntervalMs?: number
+  /** Sustained request rate once the burst is spent (default 20/s). */
+  ratePerSecond?: number
+  /** Requests allowed back to back before the rate applies (default 5). */
+  burst?: number
   backoffMinMs?: number
   backoffMaxMs?: number
   log: Logger
@@ -45,28 +49,40 @@ export function backoffMs(attempt: number, min: number, max: number, random = Ma
 
 export function watchPrefix(opts: WatchOptions): Watch {
   const controller = new AbortController()
-  const minInterval = opts.minIntervalMs ?? 50
+  const rate = opts.ratePerSecond ?? 20
+  const burst = opts.burst ?? 5
+  let tokens = burst
+  let refilledAt = Date.now()
   let index = 0
   let delivered = 0
   let failures = 0
-  let lastStart = 0
   let stopped = false
 
   const pause = (ms: number) =>
     new Promise<void>((resolve) => {
       if (ms <= 0 || stopped) return resolve()
-      const t = setTimeout(resolve, ms)
-      controller.signal.addEventListener('abort', () => {
+      // The listener must go when the timer fires: a daemon pauses for years, one abort listener per pause would leak.
+      const done = () => {
         clearTimeout(t)
+        controller.signal.removeEventListener('abort', done)
         resolve()
-      }, { once: true })
+      }
+      const t = setTimeout(done, ms)
+      controller.signal.addEventListener('abort', done, { once: true })
     })
 
   const loop = async () => {
     while (!stopped) {
-      await pause(lastStart + minInterval - Date.now())
-      if (stopped) break
-      lastStart = Date.now()
+      const now = Date.now()
+      tokens = Math.min(burst, tokens + ((now - refilledAt) / 1000) * rate)
+      refilledAt = now
+      if (tokens < 1) {
+        await pause(((1 - tokens) / rate) * 1000)
+        if (stopped) break
+        tokens = 1
+        refilledAt = Date.now()
+      }
+      tokens -= 1
       let result: KvListResult
       try {
         result = await kvList({ url: opts.url, token: opts.token, prefix: opts.prefix, index, waitSeconds: opts.waitSeconds, signal: controller.signal })

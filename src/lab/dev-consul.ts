@@ -28,11 +28,14 @@ async function freePort(): Promise<number> {
   })
 }
 
-export async function startDevConsul(opts: { managementToken?: string } = {}): Promise<DevConsul> {
+export async function startDevConsul(opts: { managementToken?: string; maxConnsPerClient?: number } = {}): Promise<DevConsul> {
   const bin = await requireConsul()
   const dir = await mkdtemp(join(tmpdir(), 'tinc-consul-dev-'))
   const [http, dns, serfLan, serfWan, server] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()]
   const args = ['agent', '-dev', '-bind=127.0.0.1', '-client=127.0.0.1', `-http-port=${http}`, `-dns-port=${dns}`, `-serf-lan-port=${serfLan}`, `-serf-wan-port=${serfWan}`, `-server-port=${server}`, '-grpc-port=-1', '-grpc-tls-port=-1', '-log-level=warn', `-hcl=disable_update_check = true`]
+  // Consul allows 200 connections per client IP; a benchmark running many daemons on one
+  // agent (each holding three blocking queries) needs more than a real node ever would.
+  if (opts.maxConnsPerClient) args.push(`-hcl=limits { http_max_conns_per_client = ${opts.maxConnsPerClient} }`)
   if (opts.managementToken) args.push(`-hcl=acl { enabled = true, default_policy = "deny", tokens { initial_management = "${opts.managementToken}" } }`)
   const logFile = join(dir, 'consul.log')
   const { openSync, closeSync } = await import('node:fs')

@@ -31,5 +31,5 @@ export async function loadCache(stateDir: string): Promise<CachedView | undefine
 
 export async function saveCache(stateDir: string, view: CachedView): Promise<boolean> {
   const records = [...view.records].sort((a, b) => a.name.localeCompare(b.name))
-  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records })}\n`, 0o600)
+  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records })}\n`, 0o600, { durable: false })
 }

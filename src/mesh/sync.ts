@@ -1,18 +1,19 @@
-import { mkdir, readFile } from 'node:fs/promises'
-import { join } from 'node:path'
+import { watch as fsWatch } from 'node:fs'
+import { mkdir } from 'node:fs/promises'
+import { basename, join } from 'node:path'
 import { watch as chokidarWatch } from 'chokidar'
 import { createConsulClient } from '../consul/client.ts'
-import type { KvItem, KvListResult } from '../consul/kv.ts'
+import { kvList, type KvItem, type KvListResult } from '../consul/kv.ts'
 import { kvLayout, type KvLayout } from '../consul/kv-layout.ts'
-import { watchPrefix, type Watch } from '../consul/watch.ts'
+import { backoffMs, watchPrefix, type Watch } from '../consul/watch.ts'
 import type { Logger } from '../log.ts'
-import { hasStrictSubnets, renderTinc, type RenderResult } from '../tinc/render.ts'
+import { renderTinc, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
 import { buildOwnRecord, publishRecord, readTincName } from './publish.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
-import { buildView, viewRecords, type MeshView, type Refusal } from './view.ts'
+import { buildView, viewRecords, type MeshView, type Refusal, type ViewInput } from './view.ts'
 
 export interface SyncOptions {
   net: string
@@ -60,6 +61,7 @@ export interface SyncDaemon {
 export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const log = opts.log.child({ component: 'sync', net: opts.net })
   const layout: KvLayout = kvLayout(opts.net, opts.prefix)
+  const revokedFrom = (items: KvItem[]) => items.map((i) => `sha256:${i.key.slice(layout.revokedPrefix.length)}`).filter((fp) => /^sha256:[0-9a-f]{64}$/.test(fp))
   await mkdir(opts.stateDir, { recursive: true, mode: 0o700 })
   const self = await readTincName(opts.tincDir)
   const pins = await loadPins(opts.stateDir)
@@ -72,9 +74,33 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   let revoked = new Set<string>()
   let lastRefusals = new Map<string, string>()
   let pendingBytes = 0
+  // The cache is a fallback for restarts: written after the apply that changed it, at most
+  // one write in flight, always the newest view. Never on the path to a host file.
+  let cacheDirty: Parameters<typeof saveCache>[1] | undefined
+  let cacheSaving: Promise<void> | undefined
+  const flushCache = (): Promise<void> => {
+    if (cacheSaving || !cacheDirty) return cacheSaving ?? Promise.resolve()
+    const next = cacheDirty
+    cacheDirty = undefined
+    cacheSaving = saveCache(opts.stateDir, next)
+      .then(() => undefined)
+      .catch((err: unknown) => log.warn({ err }, 'could not write the view cache'))
+      .finally(() => {
+        cacheSaving = undefined
+        if (cacheDirty) void flushCache()
+      })
+    return cacheSaving
+  }
+  const memo: NonNullable<ViewInput['memo']> = new Map()
+  let memoNetwork = ''
+  const writtenHostFiles = new Map<string, string>()
 
   const apply = async (source: 'cache' | 'consul', items: Array<{ key: string; value: KvItem['value'] | NodeRecord }>, net: NetworkRecord): Promise<void> => {
-    const base = { previous: view, network: net, items, layout, pins, revoked }
+    if (JSON.stringify(net) !== memoNetwork) {
+      memo.clear()
+      memoNetwork = JSON.stringify(net)
+    }
+    const base = { previous: view, network: net, items, layout, pins, revoked, memo }
     let confirmed = false
     let built = buildView({ ...base, removalsConfirmed: confirmed })
     if (built.keptUnconfirmed.length > 0 && source === 'consul' && items.length > 0) {
@@ -89,8 +115,9 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       // The revoked/ watch can lag the nodes/ watch by a few ms: before trusting a key for the
       // first time, ask Consul directly whether it is revoked, so a revoked key can't slip in
       // under a new name in that gap.
-      const found = await Promise.all(built.newPins.map(([, fp]) => client.kvGet(layout.revoked(fp)).then((e) => (e ? fp : undefined)).catch(() => undefined)))
-      const late = found.filter((fp): fp is string => fp !== undefined)
+      // One read of the whole (small) list, not one request per new peer.
+      const fresh = await kvList({ url: opts.consulUrl, token: opts.token, prefix: layout.revokedPrefix }).catch(() => undefined)
+      const late = fresh ? revokedFrom(fresh.items).filter((fp) => !revoked.has(fp)) : []
       if (late.length) {
         revoked = new Set([...revoked, ...late])
         built = buildView({ ...base, revoked, removalsConfirmed: confirmed })
@@ -107,8 +134,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     for (const [name, fp] of built.newPins) pins.set(name, fp)
     if (built.newPins.length) await savePins(opts.stateDir, pins)
     for (const peer of built.view.peers.values()) if (peer.dropped.length) log.warn({ peer: peer.record.name, dropped: peer.dropped }, 'dropped host-file lines that are not on the allow-list')
-    const strictSubnets = hasStrictSubnets(await readFile(join(opts.tincDir, 'tinc.conf'), 'utf8'))
-    const render = await renderTinc(built.view, { tincDir: opts.tincDir, self, removed: built.removed, strictSubnets })
+    const render = await renderTinc(built.view, { tincDir: opts.tincDir, self, removed: built.removed, written: writtenHostFiles })
     view = built.view
     stats.applies++
     if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
@@ -116,10 +142,10 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       log.info({ reasons: render.reasons }, 'asking tincd to reload')
       if (await signalTincd(opts.pidFile, 'SIGHUP', log)) stats.hups++
     }
-    if (source === 'consul') await saveCache(opts.stateDir, { network: net, records: viewRecords(built.view) })
     const bytesRead = pendingBytes
     pendingBytes = 0
     opts.onApplied?.({ source, render, refusals: built.refusals, bytesRead })
+    if (source === 'consul') cacheDirty = { network: net, records: viewRecords(built.view) }
   }
 
   // Serialise applies; each one reads the latest inputs when it starts.
@@ -128,6 +154,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     chain = chain
       .then(async () => {
         if (network && nodeItems) await apply('consul', nodeItems, network)
+        void flushCache()
       })
       .catch((err: unknown) => log.error({ err }, 'applying the mesh view failed; keeping the files as they are'))
     return chain
@@ -140,8 +167,12 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     await apply('cache', cached.records.map((r) => ({ key: layout.node(r.name), value: r })), cached.network).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
   }
 
-  const publishOwn = async () => {
-    if (!network) return
+  let publishFailures = 0
+  let publishRetry: NodeJS.Timeout | undefined
+  let stopping = false
+  const publishOwn = async (): Promise<void> => {
+    if (!network || stopping) return
+    clearTimeout(publishRetry)
     try {
       const record = await buildOwnRecord(opts.tincDir, self)
       // Ask Consul, not our copy of revoked/: that watch may not have caught up with a revocation yet.
@@ -150,16 +181,22 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
         return
       }
       await publishRecord(client, layout, network, record, log)
+      publishFailures = 0
     } catch (err) {
-      log.error({ err }, 'could not publish our record; will retry when our host file or the network changes')
+      publishFailures++
+      const delay = backoffMs(publishFailures, 500, 30_000)
+      log.error({ err, retryInMs: delay }, 'could not publish our record; retrying')
+      publishRetry = setTimeout(() => void publishOwn(), delay)
     }
   }
 
+  // Our own record as built from disk; rebuilt only when our host file changes.
+  let ownRecord: NodeRecord | undefined
   const ownRecordDiffers = async (item: KvItem | undefined): Promise<boolean> => {
     if (!item) return true
     const d = decodeJson(item.value, nodeRecordSchema)
     if (!d.ok) return true
-    const mine = await buildOwnRecord(opts.tincDir, self).catch(() => undefined)
+    const mine = (ownRecord ??= await buildOwnRecord(opts.tincDir, self).catch(() => undefined))
     return mine !== undefined && JSON.stringify({ ...mine, updatedAt: '' }) !== JSON.stringify({ ...d.value, updatedAt: '' })
   }
 
@@ -215,15 +252,17 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       prefix: layout.revokedPrefix,
       onChange: async (r) => {
         count(r)
-        revoked = new Set(r.items.map((i) => `sha256:${i.key.slice(layout.revokedPrefix.length)}`).filter((fp) => /^sha256:[0-9a-f]{64}$/.test(fp)))
+        revoked = new Set(revokedFrom(r.items))
         await schedule()
       },
     }),
   ]
 
   // `tinc-consul pin reset` edits the pin file; pick that up without a restart.
-  const pinWatcher = chokidarWatch(pinsPath(opts.stateDir), { ignoreInitial: true })
-  pinWatcher.on('all', () => {
+  // A plain directory watch filtered by name: the cache is rewritten in the same directory
+  // on every change, and a file watcher that rescans the directory would pay for each one.
+  const pinWatcher = fsWatch(opts.stateDir, (_event, file) => {
+    if (file !== basename(pinsPath(opts.stateDir))) return
     void loadPins(opts.stateDir)
       .then((fresh) => {
         const changed = fresh.size !== pins.size || [...pins].some(([n, fp]) => fresh.get(n) !== fp)
@@ -239,6 +278,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const ownHostFile = join(opts.tincDir, 'hosts', self)
   const fileWatcher = chokidarWatch(ownHostFile, { ignoreInitial: true })
   fileWatcher.on('all', () => {
+    ownRecord = undefined
     log.info({ file: ownHostFile }, 'our host file changed; publishing again')
     void publishOwn()
   })
@@ -248,10 +288,14 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     stats,
     view: () => view,
     async stop() {
+      stopping = true
+      clearTimeout(publishRetry)
       await fileWatcher.close()
-      await pinWatcher.close()
+      pinWatcher.close()
       await Promise.all(watches.map((w) => w.stop()))
       await chain
+      await cacheSaving
+      await flushCache()
     },
   }
 }

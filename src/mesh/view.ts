@@ -1,6 +1,6 @@
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { isTincName } from '../tinc/names.ts'
-import { checkPeer, decodeJson, nodeRecordSchema, type AcceptedPeer, type NetworkRecord, type NodeRecord } from './record.ts'
+import { checkPeer, decodeJson, nodeRecordSchema, type AcceptedPeer, type Decoded, type NetworkRecord, type NodeRecord } from './record.ts'
 import type { Pins } from './pins.ts'
 
 /**
@@ -29,6 +29,12 @@ export interface ViewInput {
   revoked: ReadonlySet<string>
   /** True when absent records may be taken as removed (a non-empty read with the network record present). */
   removalsConfirmed: boolean
+  /**
+   * Results of decoding and checking raw values, keyed by key and exact bytes, reused
+   * across builds so one change costs one check instead of N. Only valid for one network
+   * record: clear it when the network changes.
+   */
+  memo?: Map<string, { raw: Uint8Array; result: Decoded<AcceptedPeer> }>
 }
 
 export interface ViewResult {
@@ -61,12 +67,7 @@ export function buildView(input: ViewInput): ViewResult {
       const kept = previous?.peers.get(name)
       if (kept && !revoked.has(kept.record.fingerprint)) peers.set(name, kept)
     }
-    const decoded = item.value instanceof Uint8Array ? decodeJson(item.value, nodeRecordSchema) : { ok: true as const, value: item.value }
-    if (!decoded.ok) {
-      refuse(decoded.reason)
-      continue
-    }
-    const checked = checkPeer(decoded.value, { network, keyName: name })
+    const checked = checkItem(item, name, network, input.memo)
     if (!checked.ok) {
       refuse(checked.reason)
       continue
@@ -96,6 +97,16 @@ export function buildView(input: ViewInput): ViewResult {
     }
   }
   return { view: { network, peers }, refusals, newPins, removed, keptUnconfirmed }
+}
+
+function checkItem(item: { key: string; value: Uint8Array | NodeRecord }, name: string, network: NetworkRecord, memo: ViewInput['memo']): Decoded<AcceptedPeer> {
+  const raw = item.value instanceof Uint8Array ? item.value : undefined
+  const hit = raw && memo?.get(item.key)
+  if (hit && Buffer.compare(hit.raw, raw) === 0) return hit.result
+  const decoded = raw ? decodeJson(raw, nodeRecordSchema) : { ok: true as const, value: item.value as NodeRecord }
+  const result = decoded.ok ? checkPeer(decoded.value, { network, keyName: name }) : decoded
+  if (raw && memo) memo.set(item.key, { raw, result })
+  return result
 }
 
 /** The records a view accepted, for the on-disk cache. */

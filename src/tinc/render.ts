@@ -33,19 +33,37 @@ export function hasStrictSubnets(conf: string): boolean {
  * ourselves, and the ConnectTo block in tinc.conf. Only ever touches
  * `hosts/<valid name>` and tinc.conf; never our own host file.
  */
-export async function renderTinc(view: MeshView, opts: { tincDir: string; self: string; removed: string[]; strictSubnets: boolean }): Promise<RenderResult> {
+export interface RenderOptions {
+  tincDir: string
+  self: string
+  removed: string[]
+  /**
+   * What this process last wrote to each host file. Peers whose rendered text is
+   * unchanged are skipped without touching the disk, so an apply costs O(changes),
+   * not O(peers). Empty on start, so the first render checks every file on disk.
+   */
+  written: Map<string, string>
+}
+
+export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<RenderResult> {
   const result: RenderResult = { written: [], deleted: [], connectTo: [], confChanged: false, hupNeeded: false, reasons: [] }
+  const confPath = join(opts.tincDir, 'tinc.conf')
+  const conf = await readFile(confPath, 'utf8')
+  const strictSubnets = hasStrictSubnets(conf)
   for (const [name, peer] of view.peers) {
     if (name === opts.self || !isTincName(name)) continue
     const path = join(opts.tincDir, 'hosts', name)
     const text = renderHostFile({ addresses: peer.record.addresses, port: peer.record.port, subnets: peer.record.subnets, options: peer.options, publicKey: peer.publicKey })
+    if (opts.written.get(name) === text) continue
     const old = await readFile(path, 'utf8').catch(() => undefined)
-    if (await writeFileAtomic(path, text, 0o644)) {
+    const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
+    opts.written.set(name, text)
+    if (changed) {
       result.written.push(name)
       if (old !== undefined && identity(old) !== identity(text)) {
         result.hupNeeded = true
         result.reasons.push(`${name}'s key or address changed`)
-      } else if (old === undefined && opts.strictSubnets) {
+      } else if (old === undefined && strictSubnets) {
         // tincd reads a new peer's key when it connects, but with StrictSubnets it only
         // routes subnets it loaded from host files at start or HUP: without a HUP the
         // new peer connects and its traffic is dropped as an unauthorized subnet.
@@ -56,6 +74,7 @@ export async function renderTinc(view: MeshView, opts: { tincDir: string; self: 
   }
   for (const name of opts.removed) {
     if (name === opts.self || !isTincName(name)) continue
+    opts.written.delete(name)
     try {
       await rm(join(opts.tincDir, 'hosts', name))
       result.deleted.push(name)
@@ -69,10 +88,8 @@ export async function renderTinc(view: MeshView, opts: { tincDir: string; self: 
     .filter((p) => p.record.name !== opts.self && p.record.addresses.length > 0)
     .map((p) => p.record.name)
     .sort()
-  const confPath = join(opts.tincDir, 'tinc.conf')
-  const conf = await readFile(confPath, 'utf8')
   const next = replaceManagedBlock(conf, result.connectTo.map((n) => `ConnectTo = ${n}`))
-  if (await writeFileAtomic(confPath, next, (await stat(confPath)).mode & 0o7777)) {
+  if (next !== conf && (await writeFileAtomic(confPath, next, (await stat(confPath)).mode & 0o7777))) {
     result.confChanged = true
     result.hupNeeded = true
     result.reasons.push('the ConnectTo set changed')

@@ -8,7 +8,16 @@ import { basename, dirname, join } from 'node:path'
  * bytes (and mode) are already right, so tincd sees no new mtime for nothing.
  * Returns whether anything changed.
  */
-export async function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o644): Promise<boolean> {
+export interface AtomicWriteOptions {
+  /**
+   * fsync before the rename (default). Files we can always rebuild (host files, the view
+   * cache) skip it: on ext4 a rename over an existing file is ordered after its data anyway,
+   * and a file left short by a crash is rewritten on the next render because its bytes differ.
+   */
+  durable?: boolean
+}
+
+export async function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o644, opts: AtomicWriteOptions = {}): Promise<boolean> {
   const bytes = typeof data === 'string' ? Buffer.from(data, 'utf8') : Buffer.from(data)
   const current = await readFile(path).catch(() => undefined)
   if (current && current.equals(bytes)) {
@@ -23,7 +32,7 @@ export async function writeFileAtomic(path: string, data: string | Uint8Array, m
     try {
       await fh.writeFile(bytes)
       await fh.chmod(mode) // the umask may have narrowed the mode open() asked for
-      await fh.sync()
+      if (opts.durable !== false) await fh.sync()
     } finally {
       await fh.close()
     }
