@@ -5,7 +5,6 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { readManagedBlock, replaceManagedBlock } from '../src/tinc/conf-block.ts'
 import { writeFileAtomic } from '../src/util/atomic.ts'
-import { sanitizeTincName } from '../src/tinc/names.ts'
 
 test('the managed block is appended once and replaced in place, leaving other lines alone', () => {
   const mine = 'Name = a\n# my own comment\nConnectTo = handpicked\n'
@@ -38,9 +37,4 @@ test('atomic writes report whether the bytes changed and never leave temp files'
   await writeFile(join(dir, 'other'), 'x')
   const { readdir } = await import('node:fs/promises')
   assert.deepEqual((await readdir(dir)).sort(), ['hosts_a', 'other'])
-})
-
-test('hostnames become valid tinc names', () => {
-  assert.equal(sanitizeTincName('my-laptop.example.org'), 'my_laptop')
-  assert.equal(sanitizeTincName(''), 'node')
 })

@@ -46,7 +46,8 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
   return { v: RECORD_VERSION, name, vpnAddress: vpn, subnets: [`${vpn}/32`], addresses, port, hostFile, fingerprint: keyFingerprint(h.publicKey), updatedAt: now.toISOString() }
 }
 
-const sameContent = (a: NodeRecord, b: NodeRecord) => JSON.stringify({ ...a, updatedAt: '' }) === JSON.stringify({ ...b, updatedAt: '' })
+/** Two records say the same thing, whatever their timestamps. */
+export const sameRecordContent = (a: NodeRecord, b: NodeRecord): boolean => JSON.stringify({ ...a, updatedAt: '' }) === JSON.stringify({ ...b, updatedAt: '' })
 
 /**
  * Writes our record with check-and-set: create-only when absent, otherwise only
@@ -62,7 +63,7 @@ export async function publishRecord(client: ConsulClient, layout: KvLayout, netw
     const current = await client.kvGet(key)
     if (current) {
       try {
-        if (sameContent(JSON.parse(current.value) as NodeRecord, record)) return 'unchanged'
+        if (sameRecordContent(JSON.parse(current.value) as NodeRecord, record)) return 'unchanged'
       } catch {
         // Whatever is there is not ours to keep; overwrite it (with CAS).
       }

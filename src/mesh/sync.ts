@@ -11,7 +11,7 @@ import { renderTinc, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
-import { buildOwnRecord, publishRecord, readTincName } from './publish.ts'
+import { buildOwnRecord, publishRecord, readTincName, sameRecordContent } from './publish.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 import { buildView, viewRecords, type MeshView, type Refusal, type ViewInput } from './view.ts'
 
@@ -197,7 +197,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     const d = decodeJson(item.value, nodeRecordSchema)
     if (!d.ok) return true
     const mine = (ownRecord ??= await buildOwnRecord(opts.tincDir, self).catch(() => undefined))
-    return mine !== undefined && JSON.stringify({ ...mine, updatedAt: '' }) !== JSON.stringify({ ...d.value, updatedAt: '' })
+    return mine !== undefined && !sameRecordContent(mine, d.value)
   }
 
   const count = (r: KvListResult) => {
