@@ -2,6 +2,7 @@ import { describe } from 'node:test'
 import assert from 'node:assert/strict'
 import { existsSync } from 'node:fs'
 import { MEMBER_ALIVE } from '../../src/consul/client.ts'
+import { waitFor } from '../../src/lab/daemon.ts'
 import { labTest, useLab, namespacesWithPrefix, pidAlive } from './helpers.ts'
 
 describe('lab: three nodes (one behind NAT) with hand-written tinc host files and one Consul server', () => {
@@ -16,10 +17,15 @@ describe('lab: three nodes (one behind NAT) with hand-written tinc host files an
   labTest('the NAT node connects out from its router address, and nobody can connect in', async () => {
     const lab = get()
     await lab.waitForMesh(60_000)
-    // node3's tinc connection reaches node1 masqueraded as the router's uplink address.
-    const ss = await lab.exec('node1', ['ss', '-Htn', 'state', 'established', '( sport = :655 )'])
-    assert.match(ss.stdout, /198\.18\.0\.101:\d+/)
-    assert.doesNotMatch(ss.stdout, /198\.18\.1\.2:/)
+    // node3's tinc connection reaches node1 masqueraded as the router's uplink address. The mesh
+    // can already ping through node2 while node3's own attempt to node1 waits out tincd's retry
+    // backoff (its first try can race node1's start), so wait for the connection itself.
+    const established = () => lab.exec('node1', ['ss', '-Htn', 'state', 'established', '( sport = :655 )'])
+    const ss = await waitFor('node3 to hold a meta connection to node1', async () => {
+      const out = (await established()).stdout
+      return /198\.18\.0\.101:\d+/.test(out) ? out : undefined
+    }, { timeoutMs: 60_000, intervalMs: 500 })
+    assert.doesNotMatch(ss, /198\.18\.1\.2:/)
     // Even a node that knows the inside network can't reach it: the router forwards replies only.
     await lab.exec('node1', ['ip', 'route', 'add', '198.18.1.0/24', 'via', '198.18.0.101'])
     const inbound = await lab.exec('node1', ['ping', '-c1', '-W1', '198.18.1.2'], { allowFailure: true })
