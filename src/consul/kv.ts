@@ -1,3 +1,5 @@
+import http, { type IncomingHttpHeaders } from 'node:http'
+import https from 'node:https'
 import { ConsulError } from '../errors.ts'
 
 /**
@@ -36,9 +38,49 @@ export function blockingTimeoutMs(waitSeconds: number): number {
   return Math.ceil((waitSeconds + waitSeconds / 16) * 1000) + 5000
 }
 
-export async function kvList(opts: KvListOptions): Promise<KvListResult> {
-  const u = new URL(`/v1/kv/${opts.prefix.split('/').map(encodeURIComponent).join('/')}`, opts.url)
-  u.searchParams.set('recurse', 'true')
+interface HttpReply {
+  status: number
+  headers: IncomingHttpHeaders
+  body: Buffer
+}
+
+// Keep-alive agents shared by every watch: a daemon holds one long poll per peer record,
+// and each should reuse its socket rather than open a new one per read.
+const agents = { http: new http.Agent({ keepAlive: true }), https: new https.Agent({ keepAlive: true }) }
+
+/**
+ * node:http rather than fetch: these reads are the daemon's hot path (every daemon reads on
+ * every change in the mesh), and fetch's web streams cost several times more CPU per request.
+ */
+function httpGet(u: URL, headers: Record<string, string>, signal: AbortSignal): Promise<HttpReply> {
+  return new Promise((resolve, reject) => {
+    const tls = u.protocol === 'https:'
+    const req = (tls ? https : http).get(u, { headers, signal, agent: tls ? agents.https : agents.http }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }))
+      res.on('error', reject)
+    })
+    req.on('error', reject)
+  })
+}
+
+function header(res: HttpReply, name: string): string | undefined {
+  const v = res.headers[name]
+  return Array.isArray(v) ? v[0] : v
+}
+
+interface RawRead {
+  status: number
+  body: Buffer
+  index: number
+  filtered: boolean
+}
+
+/** One GET on the KV endpoint, blocking when an index is given. */
+async function kvGetRaw(path: string, params: Record<string, string>, opts: Omit<KvListOptions, 'prefix'>): Promise<RawRead> {
+  const u = new URL(`/v1/kv/${path.split('/').map(encodeURIComponent).join('/')}`, opts.url)
+  for (const [k, v] of Object.entries(params)) u.searchParams.set(k, v)
   const blocking = opts.index !== undefined && opts.index > 0
   if (blocking) {
     u.searchParams.set('index', String(opts.index))
@@ -50,37 +92,79 @@ export async function kvList(opts: KvListOptions): Promise<KvListResult> {
   const onAbort = () => request.abort(opts.signal?.reason)
   opts.signal?.addEventListener('abort', onAbort, { once: true })
   const timer = setTimeout(() => request.abort(new Error('timed out')), blocking ? blockingTimeoutMs(opts.waitSeconds ?? 300) : 15_000)
-  const signal = request.signal
   // The agent is local: gzip would only spend CPU on both ends of a loopback socket.
   const headers: Record<string, string> = { 'accept-encoding': 'identity' }
   if (opts.token) headers['x-consul-token'] = opts.token
-  let res: Response
-  let body: Buffer
+  let res: HttpReply
   try {
-    res = await fetch(u, { headers, signal })
-    body = Buffer.from(await res.arrayBuffer())
+    res = await httpGet(u, headers, request.signal)
   } catch (err) {
-    throw new ConsulError('CONSUL_UNREACHABLE', `GET ${opts.prefix}: cannot reach Consul at ${opts.url} (${(err as Error).message})`, undefined, { cause: err })
+    throw new ConsulError('CONSUL_UNREACHABLE', `GET ${path}: cannot reach Consul at ${opts.url} (${(err as Error).message})`, undefined, { cause: err })
   } finally {
     clearTimeout(timer)
     opts.signal?.removeEventListener('abort', onAbort)
   }
-  const index = Number(res.headers.get('x-consul-index') ?? NaN)
-  const filtered = res.headers.get('x-consul-results-filtered-by-acls') === 'true'
-  if (res.status === 404) return { items: [], index: Number.isFinite(index) ? index : 0, bytes: body.length, filtered }
-  if (!res.ok) throw new ConsulError(res.status === 403 ? 'CONSUL_FORBIDDEN' : 'CONSUL_HTTP', `GET ${opts.prefix}: HTTP ${res.status} ${body.toString('utf8').slice(0, 200)}`, res.status)
-  if (!Number.isFinite(index)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${opts.prefix}: response has no X-Consul-Index`, res.status)
-  let raw: unknown
+  const body = res.body
+  const index = Number(header(res, 'x-consul-index') ?? NaN)
+  const filtered = header(res, 'x-consul-results-filtered-by-acls') === 'true'
+  if (res.status === 404) return { status: 404, body, index: Number.isFinite(index) ? index : 0, filtered }
+  if (res.status < 200 || res.status > 299) throw new ConsulError(res.status === 403 ? 'CONSUL_FORBIDDEN' : 'CONSUL_HTTP', `GET ${path}: HTTP ${res.status} ${body.toString('utf8').slice(0, 200)}`, res.status)
+  if (!Number.isFinite(index)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path}: response has no X-Consul-Index`, res.status)
+  return { status: res.status, body, index, filtered }
+}
+
+function parseList(path: string, raw: RawRead): unknown[] {
+  if (raw.status === 404) return []
+  let parsed: unknown
   try {
-    raw = JSON.parse(body.toString('utf8'))
+    parsed = JSON.parse(raw.body.toString('utf8'))
   } catch (err) {
-    throw new ConsulError('CONSUL_BAD_BODY', `GET ${opts.prefix}: response is not JSON`, res.status, { cause: err })
+    throw new ConsulError('CONSUL_BAD_BODY', `GET ${path}: response is not JSON`, raw.status, { cause: err })
   }
-  if (!Array.isArray(raw)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${opts.prefix}: expected a list`, res.status)
+  if (!Array.isArray(parsed)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path}: expected a list`, raw.status)
+  return parsed as unknown[]
+}
+
+function toItems(entries: unknown[]): KvItem[] {
   const items: KvItem[] = []
-  for (const e of raw as Array<{ Key?: unknown; Value?: unknown; ModifyIndex?: unknown }>) {
-    if (typeof e.Key !== 'string' || typeof e.ModifyIndex !== 'number') continue
+  for (const e of entries as Array<{ Key?: unknown; Value?: unknown; ModifyIndex?: unknown }>) {
+    if (typeof e?.Key !== 'string' || typeof e.ModifyIndex !== 'number') continue
     items.push({ key: e.Key, value: typeof e.Value === 'string' ? new Uint8Array(Buffer.from(e.Value, 'base64')) : new Uint8Array(), modifyIndex: e.ModifyIndex })
   }
-  return { items, index, bytes: body.length, filtered }
+  return items
+}
+
+/** Every key and value under a prefix (`?recurse`). */
+export async function kvList(opts: KvListOptions): Promise<KvListResult> {
+  const raw = await kvGetRaw(opts.prefix, { recurse: 'true' }, opts)
+  return { items: toItems(parseList(opts.prefix, raw)), index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
+}
+
+export interface KvKeysResult {
+  keys: string[]
+  index: number
+  bytes: number
+  filtered: boolean
+}
+
+/** The key names under a prefix (`?keys`), without values: a few bytes per key. */
+export async function kvKeys(opts: KvListOptions): Promise<KvKeysResult> {
+  const raw = await kvGetRaw(opts.prefix, { keys: 'true' }, opts)
+  const keys = parseList(opts.prefix, raw).filter((k): k is string => typeof k === 'string')
+  return { keys, index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
+}
+
+export interface KvOneResult {
+  /** Undefined when the key does not exist (404). */
+  item: KvItem | undefined
+  /** For an existing key, its ModifyIndex: a blocking read on it wakes only when that key changes. */
+  index: number
+  bytes: number
+}
+
+/** One key, raw. `prefix` is the exact key here. */
+export async function kvGetOne(opts: KvListOptions): Promise<KvOneResult> {
+  const raw = await kvGetRaw(opts.prefix, {}, opts)
+  const item = toItems(parseList(opts.prefix, raw)).find((i) => i.key === opts.prefix)
+  return { item, index: raw.index, bytes: raw.body.length }
 }

@@ -13,11 +13,7 @@ import { kvList, type KvListResult } from './kv.ts'
  * - errors back off exponentially up to a cap, and the loop keeps going.
  * `onChange` sees every read whose index moved, including the first.
  */
-export interface WatchOptions {
-  url: string
-  token?: string
-  prefix: string
-  waitSeconds?: number
+interface WatchTuning {
   /** Sustained request rate once the burst is spent (default 20/s). */
   ratePerSecond?: number
   /** Requests allowed back to back before the rate applies (default 5). */
@@ -25,8 +21,23 @@ export interface WatchOptions {
   backoffMinMs?: number
   backoffMaxMs?: number
   log: Logger
-  onChange(result: KvListResult): void | Promise<void>
   onError?(err: unknown, attempt: number): void
+}
+
+export interface BlockingWatchOptions<R extends { index: number }> extends WatchTuning {
+  /** What the logs call this watch (a key or prefix). */
+  label: string
+  /** One read; `index` 0 means "don't block". */
+  read(index: number, signal: AbortSignal): Promise<R>
+  onChange(result: R): void | Promise<void>
+}
+
+export interface WatchOptions extends WatchTuning {
+  url: string
+  token?: string
+  prefix: string
+  waitSeconds?: number
+  onChange(result: KvListResult): void | Promise<void>
 }
 
 export interface Watch {
@@ -47,7 +58,12 @@ export function backoffMs(attempt: number, min: number, max: number, random = Ma
   return Math.round(base / 2 + (random() * base) / 2)
 }
 
+/** A blocking `?recurse` watch on one prefix. */
 export function watchPrefix(opts: WatchOptions): Watch {
+  return watchBlocking({ ...opts, label: opts.prefix, read: (index, signal) => kvList({ url: opts.url, token: opts.token, prefix: opts.prefix, index, waitSeconds: opts.waitSeconds, signal }) })
+}
+
+export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOptions<R>): Watch {
   const controller = new AbortController()
   const rate = opts.ratePerSecond ?? 20
   const burst = opts.burst ?? 5
@@ -83,22 +99,22 @@ export function watchPrefix(opts: WatchOptions): Watch {
         refilledAt = Date.now()
       }
       tokens -= 1
-      let result: KvListResult
+      let result: R
       try {
-        result = await kvList({ url: opts.url, token: opts.token, prefix: opts.prefix, index, waitSeconds: opts.waitSeconds, signal: controller.signal })
+        result = await opts.read(index, controller.signal)
       } catch (err) {
         if (stopped) break
         failures++
         opts.onError?.(err, failures)
-        opts.log.warn({ err, prefix: opts.prefix, attempt: failures }, 'consul read failed; keeping current state and retrying')
+        opts.log.warn({ err, key: opts.label, attempt: failures }, 'consul read failed; keeping current state and retrying')
         await pause(backoffMs(failures, opts.backoffMinMs ?? 250, opts.backoffMaxMs ?? 30_000))
         continue
       }
-      if (failures > 0) opts.log.info({ prefix: opts.prefix, after: failures }, 'consul reachable again')
+      if (failures > 0) opts.log.info({ key: opts.label, after: failures }, 'consul reachable again')
       failures = 0
       const next = nextIndex(index, result.index)
       if (next === 0) {
-        opts.log.info({ prefix: opts.prefix, was: index, now: result.index }, 'consul index went backwards; re-reading from scratch')
+        opts.log.info({ key: opts.label, was: index, now: result.index }, 'consul index went backwards; re-reading from scratch')
         index = 0
         continue
       }
@@ -109,7 +125,7 @@ export function watchPrefix(opts: WatchOptions): Watch {
       try {
         await opts.onChange(result)
       } catch (err) {
-        opts.log.error({ err, prefix: opts.prefix }, 'applying a consul change failed')
+        opts.log.error({ err, key: opts.label }, 'applying a consul change failed')
       }
     }
   }

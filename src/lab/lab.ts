@@ -9,6 +9,7 @@ import { run, type RunOptions, type RunResult } from '../util/exec.ts'
 import { processAlive as alive } from '../util/proc.ts'
 import { consulUrl, startConsulAgent, startConsulCluster } from './consul-cluster.ts'
 import { createNodeToken } from '../consul/acl.ts'
+import { writeNetworkRecord } from '../mesh/network.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
 import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
@@ -184,8 +185,8 @@ function makeLab(state: LabState): Lab {
       )
     },
     async writeNetwork() {
-      const record = { v: 1, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString() }
-      await lab.consul(plan.nodes[0]?.name ?? 'node1').kvPut(kvLayout(LAB_NETNAME).network, JSON.stringify(record))
+      const record = { v: 1 as const, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString() }
+      await writeNetworkRecord(lab.consul(plan.nodes[0]?.name ?? 'node1'), kvLayout(LAB_NETNAME), record)
     },
     async startSidecar(name) {
       const node = findNode(plan, name)

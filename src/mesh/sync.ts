@@ -3,17 +3,28 @@ import { mkdir } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { watch as chokidarWatch } from 'chokidar'
 import { createConsulClient } from '../consul/client.ts'
-import { kvList, type KvItem, type KvListResult } from '../consul/kv.ts'
+import { kvList, type KvItem } from '../consul/kv.ts'
 import { kvLayout, type KvLayout } from '../consul/kv-layout.ts'
+import { watchTree } from '../consul/tree-watch.ts'
 import { backoffMs, watchPrefix, type Watch } from '../consul/watch.ts'
 import type { Logger } from '../log.ts'
-import { renderTinc, type RenderResult } from '../tinc/render.ts'
+import { isTincName } from '../tinc/names.ts'
+import { renderTinc, type RenderOptions, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
 import { buildOwnRecord, publishRecord, readTincName, sameRecordContent } from './publish.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 import { buildView, viewRecords, type MeshView, type Refusal, type ViewInput } from './view.ts'
+
+/**
+ * Consul refuses a client address more than 200 concurrent HTTP connections by default
+ * (limits.http_max_conns_per_client); leave room for our other watches and the operator's tools.
+ */
+export const DEFAULT_RECORD_WATCH_LIMIT = 150
+
+/** How long the view cache waits for more changes before it is written. */
+const CACHE_DELAY_MS = 1000
 
 export interface SyncOptions {
   net: string
@@ -24,6 +35,12 @@ export interface SyncOptions {
   token?: string
   prefix?: string
   waitSeconds?: number
+  /**
+   * Most peer records watched one by one (one connection each to the agent); above this,
+   * each change re-reads all of nodes/. 0 means always re-read everything (the naive way,
+   * kept as the benchmark's reference).
+   */
+  recordWatchLimit?: number
   log: Logger
   /** Called after every apply; the benchmark and tests hook in here. */
   onApplied?(event: AppliedEvent): void
@@ -74,8 +91,9 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   let revoked = new Set<string>()
   let lastRefusals = new Map<string, string>()
   let pendingBytes = 0
-  // The cache is a fallback for restarts: written after the apply that changed it, at most
-  // one write in flight, always the newest view. Never on the path to a host file.
+  // The cache is a fallback for restarts: written a moment after the applies that changed it
+  // (a burst of changes costs one write), at most one write in flight, always the newest
+  // view, and on stop. Never on the path to a host file.
   let cacheDirty: Parameters<typeof saveCache>[1] | undefined
   let cacheSaving: Promise<void> | undefined
   const flushCache = (): Promise<void> => {
@@ -91,9 +109,18 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       })
     return cacheSaving
   }
+  let cacheTimer: NodeJS.Timeout | undefined
+  const flushCacheSoon = () => {
+    if (cacheTimer || !cacheDirty) return
+    cacheTimer = setTimeout(() => {
+      cacheTimer = undefined
+      void flushCache()
+    }, CACHE_DELAY_MS)
+    cacheTimer.unref()
+  }
   const memo: NonNullable<ViewInput['memo']> = new Map()
   let memoNetwork = ''
-  const writtenHostFiles = new Map<string, string>()
+  const writtenHostFiles: RenderOptions['written'] = new Map()
 
   const apply = async (source: 'cache' | 'consul', items: Array<{ key: string; value: KvItem['value'] | NodeRecord }>, net: NetworkRecord): Promise<void> => {
     if (JSON.stringify(net) !== memoNetwork) {
@@ -154,7 +181,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     chain = chain
       .then(async () => {
         if (network && nodeItems) await apply('consul', nodeItems, network)
-        void flushCache()
+        flushCacheSoon()
       })
       .catch((err: unknown) => log.error({ err }, 'applying the mesh view failed; keeping the files as they are'))
     return chain
@@ -200,7 +227,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     return mine !== undefined && !sameRecordContent(mine, d.value)
   }
 
-  const count = (r: KvListResult) => {
+  const count = (r: { bytes: number }) => {
     stats.bytesRead += r.bytes
     pendingBytes += r.bytes
   }
@@ -227,9 +254,11 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
         await schedule()
       },
     }),
-    watchPrefix({
+    watchTree({
       ...common,
       prefix: layout.nodesPrefix,
+      perKeyLimit: opts.recordWatchLimit ?? DEFAULT_RECORD_WATCH_LIMIT,
+      nameOnly: (key) => !isTincName(key.slice(layout.nodesPrefix.length)),
       onChange: async (r) => {
         count(r)
         if (r.filtered) log.warn('consul filtered some node records from this token; give it read on the whole prefix')
@@ -252,7 +281,11 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       prefix: layout.revokedPrefix,
       onChange: async (r) => {
         count(r)
-        revoked = new Set(revokedFrom(r.items))
+        const next = new Set(revokedFrom(r.items))
+        // An empty revoked/ has no node of its own in Consul's tree, so its blocking query wakes on
+        // every write anywhere near it, including each node record change. Only a real change matters.
+        if (next.size === revoked.size && [...next].every((fp) => revoked.has(fp))) return
+        revoked = next
         await schedule()
       },
     }),
@@ -290,6 +323,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     async stop() {
       stopping = true
       clearTimeout(publishRetry)
+      clearTimeout(cacheTimer)
       await fileWatcher.close()
       pinWatcher.close()
       await Promise.all(watches.map((w) => w.stop()))

@@ -38,11 +38,12 @@ export interface RenderOptions {
   self: string
   removed: string[]
   /**
-   * What this process last wrote to each host file. Peers whose rendered text is
-   * unchanged are skipped without touching the disk, so an apply costs O(changes),
-   * not O(peers). Empty on start, so the first render checks every file on disk.
+   * What this process last wrote to each host file, and the peer object it came from.
+   * A peer whose object is the same as last time (the view reuses unchanged ones) is
+   * skipped without rendering or touching the disk, so an apply costs O(changes), not
+   * O(peers). Empty on start, so the first render checks every file on disk.
    */
-  written: Map<string, string>
+  written: Map<string, { text: string; from: object }>
 }
 
 export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<RenderResult> {
@@ -52,12 +53,17 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
   const strictSubnets = hasStrictSubnets(conf)
   for (const [name, peer] of view.peers) {
     if (name === opts.self || !isTincName(name)) continue
+    const last = opts.written.get(name)
+    if (last?.from === peer) continue
     const path = join(opts.tincDir, 'hosts', name)
     const text = renderHostFile({ addresses: peer.record.addresses, port: peer.record.port, subnets: peer.record.subnets, options: peer.options, publicKey: peer.publicKey })
-    if (opts.written.get(name) === text) continue
+    if (last?.text === text) {
+      last.from = peer
+      continue
+    }
     const old = await readFile(path, 'utf8').catch(() => undefined)
     const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
-    opts.written.set(name, text)
+    opts.written.set(name, { text, from: peer })
     if (changed) {
       result.written.push(name)
       if (old !== undefined && identity(old) !== identity(text)) {
