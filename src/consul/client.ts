@@ -34,7 +34,15 @@ export interface ConsulClient {
   leader(): Promise<string>
   members(): Promise<Member[]>
   request<T>(method: string, path: string, body?: unknown): Promise<T>
+  /** A transaction (up to 64 ops). A rollback (409) is an answer, not an error: it says which op failed. */
+  txn(ops: TxnOp[]): Promise<TxnResult>
 }
+
+export type TxnOp = { KV: { Verb: string; Key: string; Value?: string; Index?: number } }
+export type TxnResult = { ok: true; results: Array<{ KV?: { Key: string; ModifyIndex: number } }> } | { ok: false; errors: Array<{ OpIndex: number; What: string }> }
+
+/** Base64 for a transaction's Value field. */
+export const b64 = (s: string): string => Buffer.from(s).toString('base64')
 
 /** Serf's member status: 1 means alive. */
 export const MEMBER_ALIVE = 1
@@ -74,23 +82,39 @@ export function createConsulClient(opts: ConsulClientOptions): ConsulClient {
         const raw = (await api.agent.members({ timeout: timeoutMs } as object)) as Array<{ Name: string; Addr: string; Status: number; Tags?: Record<string, string> }>
         return raw.map((m) => ({ name: m.Name, addr: m.Addr, status: m.Status, role: m.Tags?.role === 'consul' ? 'server' : 'client' }))
       }),
-    request: async <T>(method: string, path: string, body?: unknown): Promise<T> => {
-      const headers: Record<string, string> = { 'content-type': 'application/json' }
-      if (opts.token) headers['x-consul-token'] = opts.token
-      let res: Response
-      try {
-        res = await fetch(new URL(path, base), { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs) })
-      } catch (err) {
-        throw toConsulError(`${method} ${path}`, opts.url, err)
+    txn: async (ops) => {
+      const res = await send('PUT', '/v1/txn', ops)
+      if (res.status === 409) {
+        const body = parseJson(res, 'PUT /v1/txn') as { Errors?: Array<{ OpIndex: number; What: string }> } | undefined
+        return { ok: false, errors: body?.Errors ?? [] }
       }
-      const text = await res.text()
-      if (!res.ok) throw new ConsulError(res.status === 403 ? 'CONSUL_FORBIDDEN' : 'CONSUL_HTTP', `${method} ${path} on ${opts.url}: ${res.status} ${text.trim().slice(0, 200)}`, res.status)
-      try {
-        return (text ? JSON.parse(text) : undefined) as T
-      } catch (err) {
-        throw new ConsulError('CONSUL_BAD_BODY', `${method} ${path} on ${opts.url}: response is not JSON`, res.status, { cause: err })
-      }
+      const body = checked(res, 'PUT /v1/txn') as { Results?: Array<{ KV?: { Key: string; ModifyIndex: number } }> } | undefined
+      return { ok: true, results: body?.Results ?? [] }
     },
+    request: async <T>(method: string, path: string, body?: unknown): Promise<T> => checked(await send(method, path, body), `${method} ${path}`) as T,
+  }
+
+  async function send(method: string, path: string, body?: unknown): Promise<{ status: number; text: string }> {
+    const headers: Record<string, string> = { 'content-type': 'application/json' }
+    if (opts.token) headers['x-consul-token'] = opts.token
+    let res: Response
+    try {
+      res = await fetch(new URL(path, base), { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs) })
+    } catch (err) {
+      throw toConsulError(`${method} ${path}`, opts.url, err)
+    }
+    return { status: res.status, text: await res.text() }
+  }
+  function parseJson(res: { status: number; text: string }, what: string): unknown {
+    try {
+      return res.text ? JSON.parse(res.text) : undefined
+    } catch (err) {
+      throw new ConsulError('CONSUL_BAD_BODY', `${what} on ${opts.url}: response is not JSON`, res.status, { cause: err })
+    }
+  }
+  function checked(res: { status: number; text: string }, what: string): unknown {
+    if (res.status < 200 || res.status > 299) throw new ConsulError(res.status === 403 ? 'CONSUL_FORBIDDEN' : 'CONSUL_HTTP', `${what} on ${opts.url}: ${res.status} ${res.text.trim().slice(0, 200)}`, res.status)
+    return parseJson(res, what)
   }
 }
 

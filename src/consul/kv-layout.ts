@@ -6,7 +6,10 @@ import { isTincName } from '../tinc/names.ts'
  *
  *   <prefix>network              {"v":1,"cidr":"10.99.0.0/24","domain":"mesh","createdAt":"…"}
  *   <prefix>nodes/<name>         one NodeRecord per node
+ *   <prefix>revoked/             empty; gives the prefix its own node in Consul's tree
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
+ *   <prefix>ipam/<address>       who holds a VPN address: {"name":"…","at":"…"[,"releasedAt":"…"]}
+ *   <prefix>invites/<id hex>     an open invite (never the token): see src/mesh/invite.ts
  *
  * The prefix defaults to `tinc-consul/<net>/`.
  */
@@ -17,6 +20,10 @@ export interface KvLayout {
   node(name: string): string
   revokedPrefix: string
   revoked(fingerprint: string): string
+  ipamPrefix: string
+  ipam(address: string): string
+  invitesPrefix: string
+  invite(id: string): string
 }
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
@@ -34,5 +41,12 @@ export function kvLayout(net: string, prefix = `tinc-consul/${net}/`): KvLayout 
     },
     revokedPrefix: `${p}revoked/`,
     revoked: (fp) => `${p}revoked/${fp.replace(/^sha256:/, '')}`,
+    ipamPrefix: `${p}ipam/`,
+    ipam: (address) => `${p}ipam/${address}`,
+    invitesPrefix: `${p}invites/`,
+    invite: (id) => {
+      if (!/^[0-9a-f]{32}$/.test(id)) throw new UsageError('BAD_INVITE_ID', `not an invite id: ${JSON.stringify(id)}`)
+      return `${p}invites/${id}`
+    },
   }
 }

@@ -1,14 +1,16 @@
-import type { ConsulClient } from '../consul/client.ts'
+import type { ConsulClient, TxnOp } from '../consul/client.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
+import { ipamEntrySchema, releaseOp } from './ipam.ts'
 import { decodeJson, nodeRecordSchema } from './record.ts'
 
 /**
  * Revokes a node in one transaction: its key's fingerprint goes into
  * revoked/ and its record is deleted. Every daemon then drops the node's host
  * file and ConnectTo and reloads tincd, and refuses that key under any name.
+ * The node's address is released in the same transaction.
  */
-export async function revokeNode(client: ConsulClient, layout: KvLayout, name: string, now = new Date()): Promise<{ fingerprint: string }> {
+export async function revokeNode(client: ConsulClient, layout: KvLayout, name: string, now = new Date()): Promise<{ fingerprint: string; releasedAddress: string | undefined }> {
   const key = layout.node(name)
   const current = await client.kvGet(key)
   if (!current) throw new TincConsulError('NO_SUCH_NODE', `no record for "${name}" at ${key}`)
@@ -16,10 +18,16 @@ export async function revokeNode(client: ConsulClient, layout: KvLayout, name: s
   if (!d.ok) throw new TincConsulError('RECORD_UNREADABLE', `the record for "${name}" is unreadable (${d.reason}); delete ${key} by hand`)
   const fingerprint = d.value.fingerprint
   const value = Buffer.from(JSON.stringify({ name, revokedAt: now.toISOString() })).toString('base64')
-  await client.request('PUT', '/v1/txn', [
+  const ops: TxnOp[] = [
     { KV: { Verb: 'set', Key: layout.revoked(fingerprint), Value: value } },
     // delete-cas: if the record changed since we read it, the whole revocation rolls back.
     { KV: { Verb: 'delete-cas', Key: key, Index: current.modifyIndex } },
-  ])
-  return { fingerprint }
+  ]
+  // Free the node's address, keeping the name on it so a re-join under that name gets it back.
+  const held = await client.kvGet(layout.ipam(d.value.vpnAddress))
+  const entry = held && decodeJson(held.value, ipamEntrySchema, 1024)
+  if (held && entry?.ok && entry.value.name === name) ops.push(releaseOp(layout, d.value.vpnAddress, name, held.modifyIndex, now))
+  const res = await client.txn(ops)
+  if (!res.ok) throw new TincConsulError('REVOKE_RACED', `"${name}" changed while it was being revoked (${res.errors.map((e) => e.What).join('; ')}); run revoke again`)
+  return { fingerprint, releasedAddress: ops.length > 2 ? d.value.vpnAddress : undefined }
 }

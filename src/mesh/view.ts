@@ -77,7 +77,8 @@ export function buildView(input: ViewInput): ViewResult {
       refusals.push({ key: item.key, name, reason: `key ${fp} is revoked` })
       continue
     }
-    const pinned = pins.get(name)
+    // A pin on a revoked key is spent: revoking and re-joining is how a name gets a new key.
+    const pinned = pins.get(name) !== undefined && !revoked.has(pins.get(name) ?? '') ? pins.get(name) : undefined
     if (pinned && pinned !== fp) {
       refuse(`key ${fp} differs from the pinned ${pinned}; run \`tinc-consul pin reset ${name}\` if the key really changed`)
       continue
