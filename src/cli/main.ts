@@ -1,16 +1,29 @@
 import { defineCommand, runCommand, showUsage, type CommandDef } from 'citty'
 import { TincConsulError } from '../errors.ts'
 import { VERSION } from '../version.ts'
-import { labCommand } from './lab.ts'
-import { runCommand as runDaemon } from './run.ts'
-import { pinCommand, revokeCommand } from './admin.ts'
+import { preloadConfig } from '../config-file.ts'
+
+// Flag defaults read the environment when the command modules load, so the network's
+// config file must be in the environment first: hence the dynamic imports below.
+try {
+  preloadConfig(process.argv.slice(2))
+} catch (err) {
+  console.error(`tinc-consul: ${(err as Error).message}`)
+  process.exit(2)
+}
+const { labCommand } = await import('./lab.ts')
+const { runCommand: runDaemon } = await import('./run.ts')
+const { pinCommand, revokeCommand } = await import('./admin.ts')
+const { initCommand } = await import('./init.ts')
+const { joinCommand } = await import('./join.ts')
+const { inviteCommand } = await import('./invite.ts')
 
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
-  subCommands: { run: runDaemon, revoke: revokeCommand, pin: pinCommand, lab: labCommand },
+  subCommands: { init: initCommand, invite: inviteCommand, join: joinCommand, run: runDaemon, revoke: revokeCommand, pin: pinCommand, lab: labCommand },
 })
 
 /** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */

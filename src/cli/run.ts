@@ -1,7 +1,14 @@
 import { defineCommand } from 'citty'
 import { UsageError } from '../errors.ts'
 import { createLogger } from '../log.ts'
+import { aclsEnabled } from '../consul/acl.ts'
+import { createConsulClient } from '../consul/client.ts'
+import { kvLayout } from '../consul/kv-layout.ts'
+import { DEFAULT_JOIN_PORT, startJoinServer, type JoinServer } from '../mesh/join-server.ts'
+import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
+import { tincDirFor } from '../tinc/setup.ts'
+import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
@@ -15,7 +22,8 @@ export const runCommand = defineCommand({
   meta: { name: 'run', description: 'Run the sidecar: publish this node\'s record, keep every peer\'s host file and the ConnectTo block in sync, reload tincd when needed' },
   args: {
     ...consulArgs,
-    dir: { type: 'string', description: described('tinc config directory (default /etc/tinc/<net>)', 'dir'), default: process.env.TINC_CONSUL_DIR },
+    dir: { type: 'string', description: described('tinc\'s config root; the network lives in <dir>/<net>', 'dir'), default: envDefault('dir', '/etc/tinc') },
+    'config-dir': { type: 'string', description: described('Where init/join wrote <net>.env, loaded before flags', 'config-dir'), default: envDefault('config-dir', DEFAULT_CONFIG_DIR) },
     'state-dir': { type: 'string', description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
     pidfile: { type: 'string', description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'), default: process.env.TINC_CONSUL_PIDFILE },
     wait: { type: 'string', description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'), default: envDefault('wait', '300') },
@@ -24,13 +32,24 @@ export const runCommand = defineCommand({
       description: described('Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads', 'record-watch-limit'),
       default: envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT)),
     },
+    'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
+    'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), default: envDefault('join-listen', '0.0.0.0') },
+    'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
   },
   async run({ args }) {
     const net = requireNet(args.net)
     const log = createLogger()
+    const tincDir = tincDirFor(args.dir, net)
+    const joinPort = parseIntFlag('join-port', args['join-port'], 0, 65535)
+    const layout = kvLayout(net, args.prefix || undefined)
+    // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
+    const self = await readTincName(tincDir)
+    const isPublic = (await buildOwnRecord(tincDir, self)).addresses.length > 0
+    const serveJoins = joinPort > 0 && isPublic
     const daemon = await startSync({
       net,
-      tincDir: args.dir ?? `/etc/tinc/${net}`,
+      tincDir,
+      joinPort: serveJoins ? joinPort : undefined,
       stateDir: args['state-dir'] ?? `/var/lib/tinc-consul/${net}`,
       pidFile: args.pidfile ?? `/var/run/tinc.${net}.pid`,
       consulUrl: args.consul,
@@ -40,13 +59,25 @@ export const runCommand = defineCommand({
       recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
       log,
     })
-    log.info({ node: daemon.self }, 'tinc-consul running')
+    let joins: JoinServer | undefined
+    if (serveJoins) {
+      const joinToken = args['join-token'] || args.token || undefined
+      const client = createConsulClient({ url: args.consul, token: joinToken })
+      try {
+        joins = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
+      } catch (err) {
+        await daemon.stop()
+        throw err
+      }
+    }
+    log.info({ node: daemon.self, joinPort: joins?.port }, 'tinc-consul running')
     await new Promise<void>((resolve) => {
       const stop = () => resolve()
       process.once('SIGINT', stop)
       process.once('SIGTERM', stop)
     })
     log.info('stopping')
+    await joins?.close()
     await daemon.stop()
   },
 })

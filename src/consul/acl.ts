@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { fileURLToPath } from 'node:url'
+import { ConsulError } from '../errors.ts'
 import type { ConsulClient } from './client.ts'
 import type { KvLayout } from './kv-layout.ts'
 
@@ -12,13 +13,50 @@ export async function nodePolicyRules(layout: KvLayout, name: string): Promise<s
   return tmpl.replaceAll('{{prefix}}', layout.prefix).replaceAll('{{name}}', name)
 }
 
-/** Creates (or reuses) the node's policy and returns a new token's SecretID. */
-export async function createNodeToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<string> {
-  const policyName = `tinc-consul-${layout.prefix.replace(/[^A-Za-z0-9_-]/g, '-')}${name}`.slice(0, 128)
+export const JOIN_POLICY_TEMPLATE = fileURLToPath(new URL('../../consul/join-server-policy.hcl.tmpl', import.meta.url))
+
+export interface CreatedToken {
+  secretId: string
+  accessorId: string
+}
+
+async function tokenFor(admin: ConsulClient, policyName: string, description: string, rules: string): Promise<CreatedToken> {
   const existing = await admin.request<Array<{ Name: string }>>('GET', '/v1/acl/policies')
-  if (!existing.some((p) => p.Name === policyName)) {
-    await admin.request('PUT', '/v1/acl/policy', { Name: policyName, Description: `tinc-consul node ${name}`, Rules: await nodePolicyRules(layout, name) })
+  if (!existing.some((p) => p.Name === policyName)) await admin.request('PUT', '/v1/acl/policy', { Name: policyName, Description: description, Rules: rules })
+  const token = await admin.request<{ SecretID: string; AccessorID: string }>('PUT', '/v1/acl/token', { Description: description, Policies: [{ Name: policyName }] })
+  return { secretId: token.SecretID, accessorId: token.AccessorID }
+}
+
+const policyBase = (layout: KvLayout) => `tinc-consul-${layout.prefix.replace(/[^A-Za-z0-9_-]/g, '-')}`
+
+/** Creates (or reuses) the node's policy and returns a new token for it. */
+export async function createNodeToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
+  return tokenFor(admin, `${policyBase(layout)}${name}`.slice(0, 128), `tinc-consul node ${name}`, await nodePolicyRules(layout, name))
+}
+
+/**
+ * The token a public node's join endpoint uses. It must create other nodes'
+ * records, addresses and tokens, so it holds `acl = "write"`: in Consul that is
+ * as strong as a management token. Only nodes the operator trusts serve joins.
+ */
+export async function createJoinServerToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
+  layout.node(name)
+  const rules = (await readFile(JOIN_POLICY_TEMPLATE, 'utf8')).replaceAll('{{prefix}}', layout.prefix)
+  return tokenFor(admin, `${policyBase(layout)}join-server`.slice(0, 128), `tinc-consul join server (${name})`, rules)
+}
+
+export async function deleteToken(admin: ConsulClient, accessorId: string): Promise<void> {
+  await admin.request('DELETE', `/v1/acl/token/${encodeURIComponent(accessorId)}`)
+}
+
+/** Whether the agent enforces ACLs. Consul answers 401 "ACL support disabled" when it doesn't. */
+export async function aclsEnabled(client: ConsulClient): Promise<boolean> {
+  try {
+    await client.request('GET', '/v1/acl/token/self')
+    return true
+  } catch (err) {
+    if (err instanceof ConsulError && /ACL support disabled/i.test(err.message)) return false
+    if (err instanceof ConsulError && (err.status === 403 || err.status === 401)) return true
+    throw err
   }
-  const token = await admin.request<{ SecretID: string }>('PUT', '/v1/acl/token', { Description: `tinc-consul node ${name}`, Policies: [{ Name: policyName }] })
-  return token.SecretID
 }

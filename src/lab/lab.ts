@@ -15,10 +15,10 @@ import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
 import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
 import { requireConsul } from './provision.ts'
-import { sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
+import { LAB_NETNAME, labConfigDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
 import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
 
-export const LAB_NETNAME = 'lab'
+export { LAB_NETNAME }
 
 /** What `lab up` leaves on disk so later `lab exec/cut/heal/down` commands (other processes) can find the lab. */
 export interface LabState {
@@ -191,7 +191,7 @@ function makeLab(state: LabState): Lab {
     async startSidecar(name) {
       const node = findNode(plan, name)
       const files = tincPaths(state.runDir, node)
-      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.dir, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500']
+      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.root, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500', '--config-dir', labConfigDir(state.runDir, node.name)]
       // The token goes through the environment, not argv, where any user could read it.
       const env = { ...process.env, TINC_CONSUL_TOKEN: state.nodeTokens[name] ?? '', TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info' }
       return track(startDaemon(`sidecar ${name}`, node.ns, argv, join(state.runDir, name, 'sidecar.log'), env))
@@ -296,7 +296,7 @@ export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
     state.agentToken = info.agentToken
     if (options.acl) {
       const admin = lab.consul(plan.servers[0]?.name ?? 'consul1')
-      for (const node of plan.nodes) state.nodeTokens[node.name] = await createNodeToken(admin, kvLayout(LAB_NETNAME), node.name)
+      for (const node of plan.nodes) state.nodeTokens[node.name] = (await createNodeToken(admin, kvLayout(LAB_NETNAME), node.name)).secretId
       step('one ACL token per node: each may write only its own record')
     }
     if (opts.keep) state.ownerPid = 0

@@ -9,7 +9,12 @@ import type { LabNodePlan, LabPlan } from './topology.ts'
  * person reaches today by copying host files around. Later features replace
  * this with `tinc-consul init`/`join` on the same lab.
  */
+/** The lab's one tinc network. */
+export const LAB_NETNAME = 'lab'
+
 export interface TincNodeFiles {
+  /** Like /etc/tinc: the net's directory is `<root>/lab`. */
+  root: string
   dir: string
   pidFile: string
   logFile: string
@@ -17,7 +22,7 @@ export interface TincNodeFiles {
 
 export function tincPaths(runDir: string, node: LabNodePlan): TincNodeFiles {
   const base = join(runDir, node.name)
-  return { dir: join(base, 'tinc'), pidFile: join(base, 'tinc.pid'), logFile: join(base, 'tinc.log') }
+  return { root: join(base, 'etc-tinc'), dir: join(base, 'etc-tinc', LAB_NETNAME), pidFile: join(base, 'tinc.pid'), logFile: join(base, 'tinc.log') }
 }
 
 export function sidecarStateDir(runDir: string, node: LabNodePlan): string {
@@ -64,3 +69,7 @@ export function tincdArgv(files: TincNodeFiles, netname: string): string[] {
   // -D keeps tincd in the foreground so the lab owns the process; -n only names the net for scripts.
   return ['tincd', '-n', netname, '-c', files.dir, '-D', '-d1', `--pidfile=${files.pidFile}`, `--logfile=${files.logFile}`]
 }
+
+/** Per-node stand-ins for /etc/tinc-consul and /run/tinc-consul. */
+export const labConfigDir = (runDir: string, node: string): string => join(runDir, node, 'etc-tinc-consul')
+export const labEventsDir = (runDir: string, node: string): string => join(runDir, node, 'run-tinc-consul')

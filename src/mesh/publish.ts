@@ -23,7 +23,7 @@ export async function readTincName(tincDir: string): Promise<string> {
  * text is re-rendered from the allow-list, so peers receive exactly what they
  * would keep.
  */
-export async function buildOwnRecord(tincDir: string, name: string, now = new Date()): Promise<NodeRecord> {
+export async function buildOwnRecord(tincDir: string, name: string, now = new Date(), joinPort?: number): Promise<NodeRecord> {
   const path = join(tincDir, 'hosts', name)
   const text = await readFile(path, 'utf8').catch((err: unknown) => {
     throw new TincConsulError('HOST_FILE_MISSING', `cannot read our own host file ${path}: ${(err as Error).message}`, { cause: err })
@@ -42,8 +42,14 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
     const k = Object.keys(ALLOWED_OPTIONS).find((o) => o.toLowerCase() === e.key.toLowerCase())
     return k && ALLOWED_OPTIONS[k]?.test(e.value) ? [{ key: k, value: e.value }] : []
   })
-  const hostFile = renderHostFile({ addresses, port, subnets: [`${vpn}/32`], options, publicKey: h.publicKey })
-  return { v: RECORD_VERSION, name, vpnAddress: vpn, subnets: [`${vpn}/32`], addresses, port, hostFile, fingerprint: keyFingerprint(h.publicKey), updatedAt: now.toISOString() }
+  return makeRecord({ name, vpnAddress: vpn, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, now })
+}
+
+/** A record from its parts, with the host file rendered from the allow-list. */
+export function makeRecord(p: { name: string; vpnAddress: string; addresses: string[]; port: number; options?: Array<{ key: string; value: string }>; publicKey: string; joinPort?: number; now?: Date }): NodeRecord {
+  const subnets = [`${p.vpnAddress}/32`]
+  const hostFile = renderHostFile({ addresses: p.addresses, port: p.port, subnets, options: p.options ?? [], publicKey: p.publicKey })
+  return { v: RECORD_VERSION, name: p.name, vpnAddress: p.vpnAddress, subnets, addresses: p.addresses, port: p.port, hostFile, fingerprint: keyFingerprint(p.publicKey), ...(p.joinPort ? { joinPort: p.joinPort } : {}), updatedAt: (p.now ?? new Date()).toISOString() }
 }
 
 /** Two records say the same thing, whatever their timestamps. */

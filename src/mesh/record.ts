@@ -21,6 +21,8 @@ export const nodeRecordSchema = z
     port: z.number().int().min(1).max(65535),
     hostFile: z.string().max(6000),
     fingerprint: z.string().regex(/^sha256:[0-9a-f]{64}$/),
+    /** Set on public nodes that serve joins: invites point at addresses[]:joinPort. */
+    joinPort: z.number().int().min(1).max(65535).optional(),
     updatedAt: z.iso.datetime(),
   })
   .strict()

@@ -41,6 +41,8 @@ export interface SyncOptions {
    * kept as the benchmark's reference).
    */
   recordWatchLimit?: number
+  /** Published in our record when we serve joins, so invites can point at us. */
+  joinPort?: number
   log: Logger
   /** Called after every apply; the benchmark and tests hook in here. */
   onApplied?(event: AppliedEvent): void
@@ -201,7 +203,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     if (!network || stopping) return
     clearTimeout(publishRetry)
     try {
-      const record = await buildOwnRecord(opts.tincDir, self)
+      const record = await buildOwnRecord(opts.tincDir, self, undefined, opts.joinPort)
       // Ask Consul, not our copy of revoked/: that watch may not have caught up with a revocation yet.
       if (revoked.has(record.fingerprint) || (await client.kvGet(layout.revoked(record.fingerprint)))) {
         log.error({ fingerprint: record.fingerprint }, 'our key is revoked; not publishing (re-join with a new key)')
@@ -223,7 +225,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     if (!item) return true
     const d = decodeJson(item.value, nodeRecordSchema)
     if (!d.ok) return true
-    const mine = (ownRecord ??= await buildOwnRecord(opts.tincDir, self).catch(() => undefined))
+    const mine = (ownRecord ??= await buildOwnRecord(opts.tincDir, self, undefined, opts.joinPort).catch(() => undefined))
     return mine !== undefined && !sameRecordContent(mine, d.value)
   }
 

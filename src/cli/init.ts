@@ -1,0 +1,52 @@
+import { hostname } from 'node:os'
+import { defineCommand } from 'citty'
+import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
+import { eventsFileFor, initNode } from '../mesh/init.ts'
+import { sanitizeTincName } from '../tinc/names.ts'
+import { consulArgs } from './common.ts'
+import { described, envDefault } from './env.ts'
+import { parseAddressFlags, parseIntFlag } from './parse.ts'
+import { requireNet } from './run.ts'
+import { setupArgs } from './setup-args.ts'
+
+export const initCommand = defineCommand({
+  meta: { name: 'init', description: 'Create a network in Consul (or add a public node to it): key, address, tinc config, scripts, tokens, and this node\'s record. Safe to run again.' },
+  args: {
+    ...consulArgs,
+    name: { type: 'string', description: described('This node\'s tinc name (default: the hostname, with anything but letters, digits and _ as _)', 'name'), default: process.env.TINC_CONSUL_NAME },
+    cidr: { type: 'string', description: described('VPN range, needed to create the network (e.g. 10.99.0.0/24)', 'cidr'), default: process.env.TINC_CONSUL_CIDR },
+    domain: { type: 'string', description: described('DNS domain for node names', 'domain'), default: envDefault('domain', 'mesh') },
+    'join-port': { type: 'string', description: described('Port this node serves joins on; 0: it doesn\'t', 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
+    ...setupArgs,
+  },
+  async run({ args }) {
+    const net = requireNet(args.net)
+    const addr = parseAddressFlags(args.address as string | string[] | undefined)
+    const started = Date.now()
+    const step = (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`)
+    const res = await initNode({
+      net,
+      name: args.name || sanitizeTincName(hostname()),
+      cidr: args.cidr || undefined,
+      domain: args.domain,
+      addresses: addr.hosts,
+      port: addr.port ?? parseIntFlag('port', args.port, 1, 65535),
+      keyBits: parseIntFlag('key-size', args['key-size'], 1024, 8192),
+      consulUrl: args.consul,
+      token: args.token || undefined,
+      prefix: args.prefix || undefined,
+      root: args.dir,
+      configDir: args['config-dir'],
+      eventsFile: eventsFileFor(args['run-dir'], net),
+      joinPort: parseIntFlag('join-port', args['join-port'], 0, 65535),
+      interface: args.interface || undefined,
+      force: args.force,
+      progress: step,
+    })
+    console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}.`)
+    console.log('Next:')
+    console.log(`  tincd -n ${net} -c ${res.dir}          # start tinc`)
+    console.log(`  tinc-consul run --net ${net}          # start the sidecar (reads ${res.configPath})`)
+    console.log(`  tinc-consul invite --net ${net}       # one line to give each new machine`)
+  },
+})

@@ -1,0 +1,69 @@
+import { hostname } from 'node:os'
+import { defineCommand } from 'citty'
+import { createConsulClient } from '../consul/client.ts'
+import { kvList } from '../consul/kv.ts'
+import { kvLayout } from '../consul/kv-layout.ts'
+import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
+import { decodeJson, nodeRecordSchema } from '../mesh/record.ts'
+import { consulArgs } from './common.ts'
+import { described, envDefault } from './env.ts'
+import { parseDurationFlag } from './parse.ts'
+import { requireNet } from './run.ts'
+
+const createArgs = {
+  ...consulArgs,
+  name: { type: 'string', description: described('Only a node of this name may use the invite (default: any name the joiner picks)', 'invite-name'), default: process.env.TINC_CONSUL_INVITE_NAME },
+  ttl: { type: 'string', description: described('How long the invite stays valid', 'ttl'), default: envDefault('ttl', '1h') },
+} as const
+
+const create = defineCommand({
+  meta: { name: 'create', description: 'Print a one-time invite for a new machine (the default when no subcommand is given)' },
+  args: createArgs,
+  async run({ args }) {
+    const net = requireNet(args.net)
+    const layout = kvLayout(net, args.prefix || undefined)
+    const token = args.token || undefined
+    const client = createConsulClient({ url: args.consul, token })
+    // Every public node that serves joins, so the joiner can try the next when one is down.
+    const nodes = await kvList({ url: args.consul, token, prefix: layout.nodesPrefix })
+    const endpoints = nodes.items.flatMap((i) => {
+      const d = decodeJson(i.value, nodeRecordSchema)
+      if (!d.ok || !d.value.joinPort) return []
+      return d.value.addresses.map((a) => `${a.includes(':') ? `[${a}]` : a}:${d.value.joinPort}`)
+    })
+    const res = await createInvite({ client, layout, net, endpoints: endpoints.slice(0, 16), name: args.name || undefined, ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000), createdBy: hostname().slice(0, 64) })
+    console.log(res.invite)
+    console.error(`invite ${res.id.slice(0, 8)} for ${args.name || 'any name'}, valid until ${res.expiresAt.toISOString()}, single use. On the new machine: tinc-consul join <invite>`)
+  },
+})
+
+const list = defineCommand({
+  meta: { name: 'list', description: 'Show open invites (ids, names, expiry); never the tokens, which Consul does not have' },
+  args: { ...consulArgs },
+  async run({ args }) {
+    const net = requireNet(args.net)
+    const all = await listInvites(args.consul, args.token || undefined, kvLayout(net, args.prefix || undefined))
+    if (all.length === 0) return console.log('no open invites')
+    console.log(['ID'.padEnd(10), 'NAME'.padEnd(20), 'EXPIRES'.padEnd(26), 'STATE'].join(' '))
+    for (const i of all) console.log([i.id.slice(0, 8).padEnd(10), (i.invite?.name ?? '(any)').padEnd(20), (i.invite?.expiresAt ?? '?').padEnd(26), i.invite ? (i.expired ? 'expired' : 'open') : 'unreadable'].join(' '))
+  },
+})
+
+const revoke = defineCommand({
+  meta: { name: 'revoke', description: 'Cancel an open invite by its id (the first 6 or more hex digits `invite list` shows)' },
+  args: { ...consulArgs, id: { type: 'positional', description: 'Invite id', required: true } },
+  async run({ args }) {
+    const net = requireNet(args.net)
+    const token = args.token || undefined
+    const id = await revokeInvite(createConsulClient({ url: args.consul, token }), args.consul, token, kvLayout(net, args.prefix || undefined), args.id)
+    console.log(`invite ${id.slice(0, 8)} cancelled`)
+  },
+})
+
+export const inviteCommand = defineCommand({
+  meta: { name: 'invite', description: 'Make, list and cancel one-time invites. `invite --net NET` alone makes one.' },
+  // The same flags as `create`, so `invite --net NET` parses (`NET` is not a subcommand).
+  args: createArgs,
+  subCommands: { create, list, revoke },
+  default: 'create',
+})

@@ -1,0 +1,14 @@
+import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
+import { described, envDefault } from './env.ts'
+
+/** Flags `init` and `join` share: where files go and how the node is reached. */
+export const setupArgs = {
+  address: { type: 'string', description: described('Public HOST[:PORT] peers reach this node at; repeat or comma-separate. None: the node is behind NAT and connects out', 'address'), default: process.env.TINC_CONSUL_ADDRESS },
+  port: { type: 'string', description: described('tinc port', 'port'), default: envDefault('port', '655') },
+  'key-size': { type: 'string', description: described('RSA key size; 2048 suits small CPUs', 'key-size'), default: envDefault('key-size', '4096') },
+  dir: { type: 'string', description: described('tinc\'s config root; the network goes in <dir>/<net>', 'dir'), default: envDefault('dir', '/etc/tinc') },
+  'config-dir': { type: 'string', description: described('Where the daemon\'s settings (<net>.env, with tokens) go', 'config-dir'), default: envDefault('config-dir', DEFAULT_CONFIG_DIR) },
+  'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report events to <run-dir>/<net>/', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
+  interface: { type: 'string', description: described('VPN interface name (default tinc-<net>, cut to 15 characters)', 'interface'), default: process.env.TINC_CONSUL_INTERFACE },
+  force: { type: 'boolean', description: 'Replace an existing node in <dir>/<net> (kept beside it), with a new key', default: false },
+} as const

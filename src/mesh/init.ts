@@ -1,0 +1,189 @@
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
+import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
+import { kvList } from '../consul/kv.ts'
+import { kvLayout } from '../consul/kv-layout.ts'
+import { configPath, parseConfig, writeConfig } from '../config-file.ts'
+import { TincConsulError, UsageError } from '../errors.ts'
+import { renderHostFile } from '../tinc/hostfile.ts'
+import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
+import { isTincName } from '../tinc/names.ts'
+import { allocateAddress, hostRange } from './ipam.ts'
+import { makeRecord } from './publish.ts'
+import { checkPeer, decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
+
+export interface InitOptions {
+  net: string
+  name: string
+  /** Required to create the network; checked against it otherwise. */
+  cidr?: string
+  domain: string
+  addresses: string[]
+  port: number
+  keyBits: number
+  consulUrl: string
+  /** An operator token: init creates the network and the node's tokens. */
+  token?: string
+  prefix?: string
+  root: string
+  configDir: string
+  eventsFile: string
+  /** Serve joins from this node (0: don't). */
+  joinPort: number
+  interface?: string
+  force: boolean
+  progress(step: string): void
+}
+
+export interface InitResult {
+  address: string
+  createdNetwork: boolean
+  newKey: boolean
+  dir: string
+  configPath: string
+  acl: boolean
+}
+
+/**
+ * Creates the network if needed and sets this machine up as a public node of
+ * it. Safe to run again: it reuses the key, the address and the tokens it
+ * made the first time, and never makes a new key without `force`.
+ */
+export async function initNode(o: InitOptions): Promise<InitResult> {
+  if (!isTincName(o.name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(o.name)} (letters, digits and _ only)`)
+  if (o.addresses.length === 0) throw new UsageError('BAD_FLAG', 'init sets up a public node: give --address with the host name or IP address peers reach it at')
+  const layout = kvLayout(o.net, o.prefix)
+  const client = createConsulClient({ url: o.consulUrl, token: o.token })
+
+  const { network, created } = await ensureNetwork(o, layout, client)
+  if (created) o.progress(`created network ${o.net} (${network.cidr}, names under .${network.domain})`)
+  else o.progress(`network ${o.net} exists (${network.cidr})`)
+  hostRange(network.cidr)
+
+  const dir = tincDirFor(o.root, o.net)
+  const existing = await existingNode(dir)
+  if (existing && existing.name !== o.name && !o.force) throw new TincConsulError('DIR_IN_USE', `${dir} already belongs to node "${existing.name}"; use --name ${existing.name}, or --force to replace it (the old directory is kept beside it)`)
+  const reuse = existing?.name === o.name && !o.force
+  const staging = reuse ? undefined : await stagingDir(dir)
+  try {
+    let publicKey: string
+    if (reuse && existing) {
+      publicKey = existing.publicKey
+      o.progress(`reusing the key in ${dir}`)
+    } else {
+      o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
+      publicKey = await generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
+    }
+
+    const nodeKey = layout.node(o.name)
+    const current = await client.kvGet(nodeKey)
+    const currentRecord = current && decodeJson(current.value, nodeRecordSchema)
+    const fingerprint = makeRecord({ name: o.name, vpnAddress: '10.0.0.1', addresses: [], port: o.port, publicKey }).fingerprint
+    if (current && currentRecord?.ok && currentRecord.value.fingerprint !== fingerprint) {
+      throw new TincConsulError('NAME_TAKEN', `"${o.name}" is already in the network with another key; pick another --name, or \`tinc-consul revoke ${o.name}\` first`)
+    }
+    const joinPort = o.joinPort > 0 ? o.joinPort : undefined
+    let record = undefined as ReturnType<typeof makeRecord> | undefined
+    const res = await allocateAddress({
+      client,
+      url: o.consulUrl,
+      token: o.token,
+      layout,
+      cidr: network.cidr,
+      name: o.name,
+      with: (address): TxnOp[] => {
+        record = makeRecord({ name: o.name, vpnAddress: address, addresses: o.addresses, port: o.port, publicKey, joinPort })
+        return [{ KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(record)), Index: current?.modifyIndex ?? 0 } }]
+      },
+    })
+    if (!res.ok) throw new TincConsulError('NAME_RACE', `"${o.name}" was written by someone else meanwhile; run init again`)
+    const checked = record && checkPeer(record, { network, keyName: o.name })
+    if (checked && !checked.ok) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${checked.reason}`)
+    o.progress(`address ${res.address} reserved and record published`)
+
+    const acl = await aclsEnabled(client)
+    const previous = existsSync(configPath(o.configDir, o.net)) ? parseConfig(readFileSync(configPath(o.configDir, o.net), 'utf8'), configPath(o.configDir, o.net)) : {}
+    let nodeToken = reuse ? previous.TINC_CONSUL_TOKEN : undefined
+    let joinToken = reuse ? previous.TINC_CONSUL_JOIN_TOKEN : undefined
+    if (acl) {
+      nodeToken ??= (await createNodeToken(client, layout, o.name)).secretId
+      if (joinPort) joinToken ??= (await createJoinServerToken(client, layout, o.name)).secretId
+      o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${joinPort ? '; the join endpoint has its own token' : ''}`)
+    }
+
+    const peers = await publicPeers(o.consulUrl, o.token, layout, network, o.name)
+    const setup = {
+      net: o.net,
+      name: o.name,
+      address: res.address,
+      prefixLength: hostRange(network.cidr).prefixLength,
+      port: o.port,
+      publicAddresses: o.addresses,
+      publicKey,
+      connectTo: Object.keys(peers).sort(),
+      peerHostFiles: peers,
+      interface: o.interface ?? defaultInterface(o.net),
+      eventsFile: o.eventsFile,
+    }
+    if (staging) {
+      await writeSetup(staging.dir, setup)
+      await staging.commit()
+    } else await writeSetup(dir, setup)
+    o.progress(`tinc config written to ${dir}`)
+    const cfg = await writeConfig(o.configDir, o.net, {
+      TINC_CONSUL_DIR: o.root,
+      TINC_CONSUL_CONSUL: o.consulUrl,
+      TINC_CONSUL_PREFIX: o.prefix,
+      TINC_CONSUL_TOKEN: nodeToken,
+      TINC_CONSUL_JOIN_TOKEN: joinToken,
+      TINC_CONSUL_JOIN_PORT: String(o.joinPort),
+    })
+    o.progress(`daemon settings written to ${cfg}`)
+    return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }
+  } catch (err) {
+    await staging?.discard()
+    throw err
+  }
+}
+
+async function ensureNetwork(o: InitOptions, layout: ReturnType<typeof kvLayout>, client: ReturnType<typeof createConsulClient>): Promise<{ network: NetworkRecord; created: boolean }> {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const entry = await client.kvGet(layout.network)
+    if (entry) {
+      const d = decodeJson(entry.value, networkRecordSchema)
+      if (!d.ok) throw new TincConsulError('NETWORK_UNREADABLE', `the network record at ${layout.network} is unreadable (${d.reason}); fix or delete it by hand`)
+      if (o.cidr && d.value.cidr !== o.cidr) throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${d.value.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
+      return { network: d.value, created: false }
+    }
+    if (!o.cidr) throw new UsageError('BAD_FLAG', `network ${o.net} does not exist yet: give --cidr (for example 10.99.0.0/24) to create it`)
+    const network: NetworkRecord = { v: RECORD_VERSION, cidr: o.cidr, domain: o.domain, createdAt: new Date().toISOString() }
+    const check = networkRecordSchema.safeParse(network)
+    if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
+    hostRange(o.cidr)
+    // cas=0 on both: two inits racing create one network, and the loser reads the winner's.
+    const res = await client.txn([
+      { KV: { Verb: 'cas', Key: layout.network, Value: b64(JSON.stringify(network)), Index: 0 } },
+      { KV: { Verb: 'set', Key: layout.revokedPrefix, Value: '' } },
+    ])
+    if (res.ok) return { network, created: true }
+  }
+  throw new TincConsulError('NETWORK_RACE', 'the network record kept changing; run init again')
+}
+
+/** Host files of the network's public nodes other than `self`, rebuilt from checked records. */
+export async function publicPeers(url: string, token: string | undefined, layout: ReturnType<typeof kvLayout>, network: NetworkRecord, self: string): Promise<Record<string, string>> {
+  const list = await kvList({ url, token, prefix: layout.nodesPrefix })
+  const out: Record<string, string> = {}
+  for (const item of list.items) {
+    const name = item.key.slice(layout.nodesPrefix.length)
+    if (name === self) continue
+    const d = decodeJson(item.value, nodeRecordSchema)
+    if (!d.ok || d.value.addresses.length === 0) continue
+    const p = checkPeer(d.value, { network, keyName: name })
+    if (p.ok) out[name] = renderHostFile({ addresses: p.value.record.addresses, port: p.value.record.port, subnets: p.value.record.subnets, options: p.value.options, publicKey: p.value.publicKey })
+  }
+  return out
+}
+
+export const eventsFileFor = (runDir: string, net: string): string => join(runDir, net, 'tinc-events')

@@ -1,0 +1,207 @@
+import { createServer, type Server, type Socket } from 'node:net'
+import { b64, type ConsulClient } from '../consul/client.ts'
+import { createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
+import type { KvLayout } from '../consul/kv-layout.ts'
+import { TincConsulError } from '../errors.ts'
+import type { Logger } from '../log.ts'
+import { isPlausibleRsaKey } from '../tinc/hostfile.ts'
+import { publicPeers } from './init.ts'
+import { allocateAddress } from './ipam.ts'
+import { deriveInvite, open, seal, storedInviteSchema, tokenMatches } from './invite.ts'
+import {
+  GENERIC_REFUSAL,
+  MAX_FRAME,
+  STATUS_ERROR,
+  STATUS_OK,
+  decodeRequest,
+  frame,
+  joinHeaderSchema,
+  joinRequestSchema,
+  readFrame,
+  replyAad,
+  requestAad,
+  type JoinReply,
+} from './join-wire.ts'
+import { makeRecord } from './publish.ts'
+import { checkPeer, decodeJson, networkRecordSchema } from './record.ts'
+
+export const DEFAULT_JOIN_PORT = 8655
+
+export interface JoinServerOptions {
+  net: string
+  layout: KvLayout
+  /** Client with the join-server token (or none, with ACLs off). */
+  client: ConsulClient
+  url: string
+  token?: string
+  /** Create a Consul token for each new node (ACLs on). */
+  acl: boolean
+  host?: string
+  port: number
+  log: Logger
+  /** Requests allowed from one source address in a burst, then one per `refillMs`. */
+  burst?: number
+  refillMs?: number
+}
+
+export interface JoinServer {
+  readonly port: number
+  readonly stats: { served: number; refused: number; rateLimited: number }
+  close(): Promise<void>
+}
+
+/** A refusal whose message may go back to the client as it is. */
+class Refusal extends Error {
+  override name = 'Refusal'
+}
+
+/**
+ * The join endpoint public nodes serve. One request per connection: find the
+ * invite by id, open the sealed request with the key stored for it, check the
+ * token inside, then in one Consul transaction use up the invite, reserve an
+ * address and create the node's record. Anything wrong before the seal opens
+ * gets the same generic refusal.
+ */
+export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServer> {
+  const log = opts.log.child({ component: 'join' })
+  const stats = { served: 0, refused: 0, rateLimited: 0 }
+  const burst = opts.burst ?? 5
+  const refillMs = opts.refillMs ?? 2000
+  const buckets = new Map<string, { tokens: number; at: number }>()
+  const allow = (ip: string): boolean => {
+    const now = Date.now()
+    const b = buckets.get(ip) ?? { tokens: burst, at: now }
+    b.tokens = Math.min(burst, b.tokens + (now - b.at) / refillMs)
+    b.at = now
+    buckets.set(ip, b)
+    // Forget full buckets so a scan from many addresses can't grow the map forever.
+    if (buckets.size > 10_000) for (const [k, v] of buckets) if (v.tokens >= burst) buckets.delete(k)
+    if (b.tokens < 1) return false
+    b.tokens -= 1
+    return true
+  }
+
+  const handle = async (socket: Socket) => {
+    const peer = socket.remoteAddress ?? '?'
+    socket.setNoDelay(true)
+    const reply = (status: number, body: Uint8Array) => new Promise<void>((resolve) => socket.end(frame(Buffer.concat([Buffer.from([status]), body])), () => resolve()))
+    if (!allow(peer)) {
+      stats.rateLimited++
+      log.warn({ peer }, 'join request rate-limited')
+      await reply(STATUS_ERROR, Buffer.from('too many requests from your address; wait a few seconds'))
+      return
+    }
+    try {
+      const payload = await readFrame(socket, MAX_FRAME)
+      const { header, sealed } = decodeRequest(payload)
+      const h = decodeJson(header, joinHeaderSchema, 1024)
+      if (!h.ok) throw new Refusal(`bad request header: ${h.reason}`)
+      if (h.value.net !== opts.net) throw new Refusal(`this endpoint serves network "${opts.net}", not "${h.value.net}"`)
+      const result = await redeem(h.value, header, sealed)
+      stats.served++
+      await reply(STATUS_OK, result)
+    } catch (err) {
+      stats.refused++
+      const msg = err instanceof Refusal || (err instanceof TincConsulError && err.code.startsWith('JOIN_')) ? err.message : 'the join server failed; try again or another endpoint'
+      log.warn({ peer, reason: err instanceof Error ? err.message : String(err) }, 'join refused')
+      if (!(err instanceof Refusal) && !(err instanceof TincConsulError && err.code.startsWith('JOIN_'))) log.error({ err, peer }, 'join failed')
+      if (!socket.destroyed) await reply(STATUS_ERROR, Buffer.from(msg))
+    }
+  }
+
+  const redeem = async (h: { net: string; name: string; id: string }, header: Buffer, sealed: Buffer): Promise<Uint8Array> => {
+    const key = opts.layout.invite(h.id)
+    const stored = await opts.client.kvGet(key)
+    if (!stored) throw new Refusal(GENERIC_REFUSAL)
+    const inv = decodeJson(stored.value, storedInviteSchema, 2048)
+    if (!inv.ok) throw new Refusal(GENERIC_REFUSAL)
+    if (new Date(inv.value.expiresAt) <= new Date()) {
+      await opts.client.request('DELETE', `/v1/kv/${key}?cas=${stored.modifyIndex}`).catch(() => undefined)
+      throw new Refusal(GENERIC_REFUSAL)
+    }
+    const sealKey = Buffer.from(inv.value.key, 'base64')
+    let plain: Uint8Array
+    try {
+      plain = open(sealKey, requestAad(header), sealed)
+    } catch {
+      throw new Refusal(GENERIC_REFUSAL)
+    }
+    const req = decodeJson(plain, joinRequestSchema, MAX_FRAME)
+    if (!req.ok) throw new Refusal(`bad join request: ${req.reason}`)
+    const token = Buffer.from(req.value.token, 'base64url')
+    // The stored key alone opens the box; only the invite string holds the token.
+    if (!tokenMatches(token, h.id) || Buffer.compare(Buffer.from(deriveInvite(token).key), sealKey) !== 0) throw new Refusal(GENERIC_REFUSAL)
+    // From here the caller has proved they hold the invite: specific errors are fine.
+    if (inv.value.name && inv.value.name !== h.name) throw new Refusal(`this invite is for "${inv.value.name}", not "${h.name}"; join with --name ${inv.value.name}`)
+    if (!isPlausibleRsaKey(req.value.publicKey)) throw new Refusal('the request has no usable RSA public key')
+
+    const netEntry = await opts.client.kvGet(opts.layout.network)
+    const network = netEntry && decodeJson(netEntry.value, networkRecordSchema)
+    if (!network?.ok) throw new TincConsulError('NO_NETWORK', 'the network record is missing or unreadable')
+
+    let created: CreatedToken | undefined
+    if (opts.acl) created = await createNodeToken(opts.client, opts.layout, h.name)
+    try {
+      let recordError: string | undefined
+      const res = await allocateAddress({
+        client: opts.client,
+        url: opts.url,
+        token: opts.token,
+        layout: opts.layout,
+        cidr: network.value.cidr,
+        name: h.name,
+        with: (address) => {
+          const record = makeRecord({ name: h.name, vpnAddress: address, addresses: req.value.addresses, port: req.value.port, publicKey: req.value.publicKey })
+          const checked = checkPeer(record, { network: network.value, keyName: h.name })
+          recordError = checked.ok ? undefined : checked.reason
+          return [
+            // Single use: if another redemption got here first, this whole transaction rolls back.
+            { KV: { Verb: 'delete-cas', Key: key, Index: stored.modifyIndex } },
+            { KV: { Verb: 'cas', Key: opts.layout.node(h.name), Value: b64(JSON.stringify(record)), Index: 0 } },
+          ]
+        },
+      })
+      if (recordError) throw new Refusal(`the new node's record would be refused by peers: ${recordError}`)
+      if (!res.ok) throw new Refusal(res.op === 0 ? GENERIC_REFUSAL : `the name "${h.name}" is taken; join with another --name, or revoke the old node first`)
+      log.info({ name: h.name, address: res.address }, 'a new node joined')
+      const body: JoinReply = {
+        v: 1,
+        name: h.name,
+        address: res.address,
+        network: network.value,
+        prefix: opts.layout.prefix,
+        hostFiles: await publicPeers(opts.url, opts.token, opts.layout, network.value, h.name),
+        consul: { ...(created ? { token: created.secretId } : {}), servers: await consulServers() },
+      }
+      return seal(sealKey, replyAad(header), Buffer.from(JSON.stringify(body)))
+    } catch (err) {
+      if (created) await deleteToken(opts.client, created.accessorId).catch((e: unknown) => log.error({ err: e }, 'could not delete the token of a failed join'))
+      throw err
+    }
+  }
+
+  const consulServers = async (): Promise<string[]> => {
+    const peers = await opts.client.request<string[]>('GET', '/v1/status/peers').catch(() => [])
+    return peers.map((p) => p.replace(/:\d+$/, '').replace(/^\[|\]$/g, ''))
+  }
+
+  const server: Server = createServer((socket) => {
+    socket.on('error', () => undefined)
+    void handle(socket)
+  })
+  server.maxConnections = 64
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err) => reject(new TincConsulError('JOIN_LISTEN', `cannot serve joins on ${opts.host ?? '0.0.0.0'}:${opts.port}: ${err.message}`, { cause: err })))
+    server.listen(opts.port, opts.host ?? '0.0.0.0', () => resolve())
+  })
+  const address = server.address()
+  log.info({ port: typeof address === 'object' && address ? address.port : opts.port }, 'serving joins')
+  return {
+    port: typeof address === 'object' && address ? address.port : opts.port,
+    stats,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve())
+      }),
+  }
+}

@@ -1,0 +1,99 @@
+import { writeConfig } from '../config-file.ts'
+import { TincConsulError, UsageError } from '../errors.ts'
+import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
+import { isTincName } from '../tinc/names.ts'
+import { hostRange } from './ipam.ts'
+import { decodeInvite } from './invite.ts'
+import { redeemInvite, sanitizeHostFile } from './join-client.ts'
+
+export interface JoinOptions {
+  invite: string
+  /** Defaults to the name the invite was made for. */
+  name?: string
+  addresses: string[]
+  port: number
+  keyBits: number
+  root: string
+  configDir: string
+  eventsFile: string
+  /** The local Consul agent the daemon will use. */
+  consulUrl: string
+  interface?: string
+  force: boolean
+  progress(step: string): void
+  now?: Date
+}
+
+export interface JoinResult {
+  net: string
+  name: string
+  address: string
+  endpoint: string
+  dir: string
+  configPath: string
+  consulServers: string[]
+  publicPeers: string[]
+}
+
+/**
+ * Joins a network with an invite. Everything is written into a staging
+ * directory and moved into place only after the join server said yes, so a
+ * failed join leaves nothing behind and can simply be run again.
+ */
+export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
+  const inv = decodeInvite(o.invite)
+  const now = o.now ?? new Date()
+  if (inv.expiresAt <= now) throw new TincConsulError('INVITE_EXPIRED', `this invite expired at ${inv.expiresAt.toISOString()}; ask for a new one (tinc-consul invite --net ${inv.net})`)
+  const name = o.name ?? inv.name
+  if (!name) throw new UsageError('BAD_FLAG', 'give this node a --name (letters, digits and _)')
+  if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)} (letters, digits and _ only)`)
+  if (inv.name && inv.name !== name) throw new UsageError('BAD_NAME', `this invite is for "${inv.name}"; drop --name or use --name ${inv.name}`)
+
+  const dir = tincDirFor(o.root, inv.net)
+  const existing = await existingNode(dir)
+  if (existing && !o.force) throw new TincConsulError('ALREADY_JOINED', `${dir} is already set up as node "${existing.name}"; use --force to replace it (the old directory is kept beside it)`)
+
+  const staging = await stagingDir(dir)
+  try {
+    o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
+    const publicKey = await generateKey(staging.dir, name, o.keyBits)
+    const reply = await redeemInvite(inv, { name, publicKey, addresses: o.addresses, port: o.port }, { onTry: (ep, err) => o.progress(err ? `${ep} did not answer (${err.message})` : `redeeming the invite at ${ep}`) })
+    o.progress(`joined as ${name} with address ${reply.address}`)
+    const peers: Record<string, string> = {}
+    for (const [peer, text] of Object.entries(reply.hostFiles)) {
+      if (peer === name) continue
+      const clean = sanitizeHostFile(peer, text, reply.network)
+      if (clean) peers[peer] = clean
+    }
+    const range = hostRange(reply.network.cidr)
+    await writeSetup(staging.dir, {
+      net: inv.net,
+      name,
+      address: reply.address,
+      prefixLength: range.prefixLength,
+      port: o.port,
+      publicAddresses: o.addresses,
+      publicKey,
+      connectTo: Object.keys(peers).sort(),
+      peerHostFiles: peers,
+      interface: o.interface ?? defaultInterface(inv.net),
+      eventsFile: o.eventsFile,
+    })
+    await staging.commit()
+    o.progress(`tinc config written to ${dir} (ConnectTo ${Object.keys(peers).sort().join(', ') || 'nobody yet'})`)
+    const defaultPrefix = `tinc-consul/${inv.net}/`
+    const configPath = await writeConfig(o.configDir, inv.net, {
+      TINC_CONSUL_DIR: o.root,
+      TINC_CONSUL_CONSUL: o.consulUrl,
+      TINC_CONSUL_PREFIX: reply.prefix === defaultPrefix ? undefined : reply.prefix,
+      TINC_CONSUL_TOKEN: reply.consul.token,
+      TINC_CONSUL_JOIN_PORT: o.addresses.length ? undefined : '0',
+      TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
+    })
+    o.progress(`daemon settings written to ${configPath}`)
+    return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: Object.keys(peers).sort() }
+  } catch (err) {
+    await staging.discard()
+    throw err
+  }
+}

@@ -1,0 +1,159 @@
+import { randomBytes } from 'node:crypto'
+import { existsSync } from 'node:fs'
+import { chmod, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { dirname, join } from 'node:path'
+import { TincConsulError } from '../errors.ts'
+import { run } from '../util/exec.ts'
+import { writeFileAtomic } from '../util/atomic.ts'
+import { replaceManagedBlock } from './conf-block.ts'
+import { parseHostFile, renderHostFile } from './hostfile.ts'
+import { isTincName } from './names.ts'
+
+/**
+ * Everything `init` and `join` write into a tinc directory. Peers' host files
+ * come from validated records; our own host file is written only here, from
+ * local data, never from anything received.
+ */
+export interface NodeSetup {
+  net: string
+  name: string
+  /** VPN address and the network's prefix length. */
+  address: string
+  prefixLength: number
+  port: number
+  /** Where peers reach us; empty behind NAT. */
+  publicAddresses: string[]
+  publicKey: string
+  connectTo: string[]
+  peerHostFiles: Record<string, string>
+  interface: string
+  /** The file the hook scripts append tinc's events to, for the local daemon. */
+  eventsFile: string
+}
+
+export const tincDirFor = (root: string, net: string): string => join(root, net)
+
+/** Linux caps interface names at 15 bytes. */
+export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 15)
+
+export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo'>, previous?: string): string {
+  if (previous !== undefined) {
+    // Re-running keeps everything the operator added; only our block changes.
+    return replaceManagedBlock(previous, s.connectTo.map((n) => `ConnectTo = ${n}`))
+  }
+  const head = [
+    '# Written by tinc-consul. Lines outside the managed block are yours: the daemon only rewrites the block.',
+    `Name = ${s.name}`,
+    'Mode = router',
+    `Interface = ${s.interface}`,
+    // tinc accepts only subnets written in local host files, and those come from the address table.
+    'StrictSubnets = yes',
+    '',
+  ].join('\n')
+  return replaceManagedBlock(head, s.connectTo.map((n) => `ConnectTo = ${n}`))
+}
+
+const sh = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`
+
+export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'eventsFile'>): Record<string, string> {
+  const cidr = `${s.address}/${s.prefixLength}`
+  const hook = (event: string) =>
+    [
+      '#!/bin/sh',
+      '# Written by tinc-consul. tincd waits for this script, so it only appends one line',
+      '# for the local daemon and returns: no daemon, a missing directory or a full file',
+      '# costs nothing.',
+      `f=${sh(s.eventsFile)}`,
+      '[ -d "${f%/*}" ] || exit 0',
+      '[ "$(wc -c < "$f" 2>/dev/null || echo 0)" -lt 1048576 ] || exit 0',
+      `printf '%s ${event} %s %s %s\\n' "$(date +%s)" "\${NODE:--}" "\${SUBNET:--}" "\${REMOTEADDRESS:--}" >> "$f" 2>/dev/null`,
+      'exit 0',
+      '',
+    ].join('\n')
+  return {
+    'tinc-up': ['#!/bin/sh', '# Written by tinc-consul: gives the VPN interface this node\'s address.', `ip addr add ${cidr} dev "$INTERFACE"`, 'ip link set "$INTERFACE" up', ''].join('\n'),
+    'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
+    'host-up': hook('host-up'),
+    'host-down': hook('host-down'),
+    'subnet-up': hook('subnet-up'),
+    'subnet-down': hook('subnet-down'),
+  }
+}
+
+export function renderOwnHostFile(s: Pick<NodeSetup, 'publicAddresses' | 'port' | 'address' | 'publicKey'>): string {
+  return renderHostFile({ addresses: s.publicAddresses, port: s.port, subnets: [`${s.address}/32`], options: [], publicKey: s.publicKey }).replace(/^# Written by tinc-consul from this node's record in Consul\. Local edits are overwritten\.\n/, '# This node\'s own host file, written by tinc-consul init/join. The daemon publishes it; edits are published too.\n')
+}
+
+/** Writes every file of the setup into `dir` (which exists). Returns the paths that changed. */
+export async function writeSetup(dir: string, s: NodeSetup): Promise<string[]> {
+  if (!isTincName(s.name)) throw new TincConsulError('BAD_NAME', `not a tinc node name: ${s.name}`)
+  const changed: string[] = []
+  const put = async (rel: string, text: string, mode: number) => {
+    if (await writeFileAtomic(join(dir, rel), text, mode)) changed.push(rel)
+  }
+  await mkdir(join(dir, 'hosts'), { recursive: true })
+  const confPath = join(dir, 'tinc.conf')
+  const previous = existsSync(confPath) ? await readFile(confPath, 'utf8') : undefined
+  const ownName = previous === undefined ? undefined : parseHostFile(previous).entries.find((e) => e.key.toLowerCase() === 'name')?.value
+  await put('tinc.conf', renderTincConf(s, ownName === s.name ? previous : undefined), 0o644)
+  await put(join('hosts', s.name), renderOwnHostFile(s), 0o644)
+  for (const [peer, text] of Object.entries(s.peerHostFiles)) {
+    if (peer === s.name || !isTincName(peer)) continue
+    await put(join('hosts', peer), text, 0o644)
+  }
+  for (const [file, text] of Object.entries(renderScripts(s))) await put(file, text, 0o755)
+  return changed
+}
+
+/**
+ * Generates an RSA key pair with `tincd -K` in `dir` (private key in
+ * rsa_key.priv, mode 0600) and returns the public key PEM.
+ */
+export async function generateKey(dir: string, name: string, bits: number): Promise<string> {
+  await mkdir(join(dir, 'hosts'), { recursive: true, mode: 0o755 })
+  await writeFile(join(dir, 'tinc.conf'), `Name = ${name}\n`)
+  await writeFile(join(dir, 'hosts', name), '')
+  // tincd -K never prompts when stdin is not a terminal: it takes the default file names.
+  await run(['tincd', '-c', dir, '-K', String(bits)], { timeoutMs: 120_000 })
+  await chmod(join(dir, 'rsa_key.priv'), 0o600)
+  return readPublicKey(dir, name)
+}
+
+export async function readPublicKey(dir: string, name: string): Promise<string> {
+  const h = parseHostFile(await readFile(join(dir, 'hosts', name), 'utf8').catch(() => ''))
+  if (!h.publicKey) throw new TincConsulError('NO_PUBLIC_KEY', `${join(dir, 'hosts', name)} has no RSA public key`)
+  return h.publicKey
+}
+
+/** An existing node's identity in `dir`, if there is one with a private key. */
+export async function existingNode(dir: string): Promise<{ name: string; publicKey: string; address?: string } | undefined> {
+  const conf = await readFile(join(dir, 'tinc.conf'), 'utf8').catch(() => undefined)
+  if (conf === undefined || !existsSync(join(dir, 'rsa_key.priv'))) return undefined
+  const name = parseHostFile(conf).entries.find((e) => e.key.toLowerCase() === 'name')?.value
+  if (!name || !isTincName(name)) return undefined
+  const publicKey = await readPublicKey(dir, name).catch(() => undefined)
+  if (!publicKey) return undefined
+  const own = parseHostFile(await readFile(join(dir, 'hosts', name), 'utf8'))
+  const subnet = own.entries.find((e) => e.key.toLowerCase() === 'subnet')?.value.split('#')[0]?.trim()
+  return { name, publicKey, address: subnet?.replace(/\/32$/, '') }
+}
+
+/**
+ * A staging directory next to `finalDir`, so a half-done setup never sits
+ * where tincd looks: `commit` moves it into place, `discard` removes it.
+ */
+export async function stagingDir(finalDir: string): Promise<{ dir: string; commit(): Promise<void>; discard(): Promise<void> }> {
+  const dir = join(dirname(finalDir), `.${finalDir.split('/').pop() ?? 'net'}.staging-${randomBytes(4).toString('hex')}`)
+  await mkdir(dir, { recursive: true, mode: 0o755 })
+  return {
+    dir,
+    async commit() {
+      if (existsSync(finalDir)) {
+        // Only with --force: keep the old directory beside it rather than delete someone's keys.
+        await rename(finalDir, `${finalDir}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`)
+      }
+      await rename(dir, finalDir)
+    },
+    discard: () => rm(dir, { recursive: true, force: true }),
+  }
+}
