@@ -1,4 +1,5 @@
 import { existsSync, readFileSync } from 'node:fs'
+import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { UsageError } from './errors.ts'
 import { writeFileAtomic } from './util/atomic.ts'
@@ -40,6 +41,7 @@ export function renderConfig(values: Record<string, string | undefined>): string
 
 export async function writeConfig(dir: string, net: string, values: Record<string, string | undefined>): Promise<string> {
   const path = configPath(dir, net)
+  await mkdir(dir, { recursive: true, mode: 0o755 })
   await writeFileAtomic(path, renderConfig(values), 0o600, { durable: true })
   return path
 }

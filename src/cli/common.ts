@@ -1,3 +1,4 @@
+import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
 import { described, envDefault } from './env.ts'
 
 /** Flags shared by every command that talks to a network in Consul. */
@@ -6,6 +7,8 @@ export const consulArgs = {
   consul: { type: 'string', description: described('Consul agent HTTP address (also CONSUL_HTTP_ADDR)', 'consul'), default: envDefault('consul', process.env.CONSUL_HTTP_ADDR ? httpUrl(process.env.CONSUL_HTTP_ADDR) : 'http://127.0.0.1:8500') },
   token: { type: 'string', description: described('Consul ACL token (also CONSUL_HTTP_TOKEN)', 'token'), default: process.env.TINC_CONSUL_TOKEN ?? process.env.CONSUL_HTTP_TOKEN },
   prefix: { type: 'string', description: described('KV prefix (default tinc-consul/<net>/)', 'prefix'), default: process.env.TINC_CONSUL_PREFIX },
+  // Read before any flag (src/config-file.ts); listed so every network command accepts it.
+  'config-dir': { type: 'string', description: described('Where init/join wrote <net>.env (tokens, paths), loaded before flags', 'config-dir'), default: envDefault('config-dir', DEFAULT_CONFIG_DIR) },
 } as const
 
 /** CONSUL_HTTP_ADDR is often given without a scheme ("127.0.0.1:8500"). */

@@ -10,8 +10,15 @@ import { described, envDefault } from './env.ts'
 import { parseDurationFlag } from './parse.ts'
 import { requireNet } from './run.ts'
 
-const createArgs = {
+// Invites live where node tokens can't reach: use the join-server token init wrote, if any.
+const inviteConsulArgs = {
   ...consulArgs,
+  token: { ...consulArgs.token, description: described('Consul token that may write invites/ (default: the join-server token init wrote, else TINC_CONSUL_TOKEN / CONSUL_HTTP_TOKEN)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN ?? consulArgs.token.default },
+} as const
+
+const createArgs = {
+  ...inviteConsulArgs,
+  'serve-joins': { type: 'boolean', description: 'The new node is public and may serve joins itself (gets a join-server token: trust it like this one)', default: false },
   name: { type: 'string', description: described('Only a node of this name may use the invite (default: any name the joiner picks)', 'invite-name'), default: process.env.TINC_CONSUL_INVITE_NAME },
   ttl: { type: 'string', description: described('How long the invite stays valid', 'ttl'), default: envDefault('ttl', '1h') },
 } as const
@@ -31,7 +38,7 @@ const create = defineCommand({
       if (!d.ok || !d.value.joinPort) return []
       return d.value.addresses.map((a) => `${a.includes(':') ? `[${a}]` : a}:${d.value.joinPort}`)
     })
-    const res = await createInvite({ client, layout, net, endpoints: endpoints.slice(0, 16), name: args.name || undefined, ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000), createdBy: hostname().slice(0, 64) })
+    const res = await createInvite({ client, layout, net, endpoints: endpoints.slice(0, 16), name: args.name || undefined, ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000), createdBy: hostname().slice(0, 64), serveJoins: args['serve-joins'] })
     console.log(res.invite)
     console.error(`invite ${res.id.slice(0, 8)} for ${args.name || 'any name'}, valid until ${res.expiresAt.toISOString()}, single use. On the new machine: tinc-consul join <invite>`)
   },
@@ -39,7 +46,7 @@ const create = defineCommand({
 
 const list = defineCommand({
   meta: { name: 'list', description: 'Show open invites (ids, names, expiry); never the tokens, which Consul does not have' },
-  args: { ...consulArgs },
+  args: { ...inviteConsulArgs },
   async run({ args }) {
     const net = requireNet(args.net)
     const all = await listInvites(args.consul, args.token || undefined, kvLayout(net, args.prefix || undefined))
@@ -51,7 +58,7 @@ const list = defineCommand({
 
 const revoke = defineCommand({
   meta: { name: 'revoke', description: 'Cancel an open invite by its id (the first 6 or more hex digits `invite list` shows)' },
-  args: { ...consulArgs, id: { type: 'positional', description: 'Invite id', required: true } },
+  args: { ...inviteConsulArgs, id: { type: 'positional', description: 'Invite id', required: true } },
   async run({ args }) {
     const net = requireNet(args.net)
     const token = args.token || undefined

@@ -8,7 +8,6 @@ import { DEFAULT_JOIN_PORT, startJoinServer, type JoinServer } from '../mesh/joi
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
 import { tincDirFor } from '../tinc/setup.ts'
-import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
@@ -23,7 +22,6 @@ export const runCommand = defineCommand({
   args: {
     ...consulArgs,
     dir: { type: 'string', description: described('tinc\'s config root; the network lives in <dir>/<net>', 'dir'), default: envDefault('dir', '/etc/tinc') },
-    'config-dir': { type: 'string', description: described('Where init/join wrote <net>.env, loaded before flags', 'config-dir'), default: envDefault('config-dir', DEFAULT_CONFIG_DIR) },
     'state-dir': { type: 'string', description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
     pidfile: { type: 'string', description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'), default: process.env.TINC_CONSUL_PIDFILE },
     wait: { type: 'string', description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'), default: envDefault('wait', '300') },

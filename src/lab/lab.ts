@@ -15,7 +15,7 @@ import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
 import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
 import { requireConsul } from './provision.ts'
-import { LAB_NETNAME, labConfigDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
+import { LAB_NETNAME, labConfigDir, labEventsDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
 import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
 
 export { LAB_NETNAME }
@@ -56,7 +56,11 @@ export interface Lab {
   stopConsulServer(name: string): void
   startConsulServer(name: string): Promise<void>
   /** Paths of a node's tinc files. */
-  tincFiles(node: string): { dir: string; pidFile: string; logFile: string }
+  tincFiles(node: string): { root: string; dir: string; pidFile: string; logFile: string }
+  /** The node's stand-ins for /etc/tinc, /etc/tinc-consul and /run/tinc-consul, as init/join flags. */
+  setupFlags(node: string): string[]
+  /** Runs `tinc-consul ARGS` inside a node's namespace. */
+  cli(node: string, args: string[], opts?: { env?: NodeJS.ProcessEnv; allowFailure?: boolean; timeoutMs?: number }): Promise<RunResult>
   down(): void
 }
 
@@ -193,7 +197,9 @@ function makeLab(state: LabState): Lab {
       const files = tincPaths(state.runDir, node)
       const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.root, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500', '--config-dir', labConfigDir(state.runDir, node.name)]
       // The token goes through the environment, not argv, where any user could read it.
-      const env = { ...process.env, TINC_CONSUL_TOKEN: state.nodeTokens[name] ?? '', TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info' }
+      // Nodes set up by init/join have their token in their own config file instead.
+      const token = state.nodeTokens[name]
+      const env = { ...process.env, ...(token ? { TINC_CONSUL_TOKEN: token } : {}), TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info' }
       return track(startDaemon(`sidecar ${name}`, node.ns, argv, join(state.runDir, name, 'sidecar.log'), env))
     },
     stopNode(name) {
@@ -218,6 +224,8 @@ function makeLab(state: LabState): Lab {
       await waitFor(`${name} to rejoin a cluster with a leader`, async () => (await lab.consul(name).leader()) || undefined, { timeoutMs: 60_000, daemons: [d] })
     },
     tincFiles: (name) => tincPaths(state.runDir, findNode(plan, name)),
+    setupFlags: (name) => ['--dir', tincPaths(state.runDir, findNode(plan, name)).root, '--config-dir', labConfigDir(state.runDir, name), '--run-dir', labEventsDir(state.runDir, name)],
+    cli: (name, args, opts = {}) => run([...cliArgv(), ...args], { netns: nsOf(name), env: opts.env, allowFailure: opts.allowFailure, timeoutMs: opts.timeoutMs ?? 120_000 }),
     down() {
       if (isDown) return
       isDown = true

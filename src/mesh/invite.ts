@@ -107,6 +107,8 @@ export const storedInviteSchema = z
     createdAt: z.iso.datetime(),
     expiresAt: z.iso.datetime(),
     createdBy: z.string().max(64),
+    /** The operator chose to let this node serve joins: it gets a join-server token too. */
+    serveJoins: z.boolean().optional(),
     key: z.string().regex(/^[A-Za-z0-9+/]{43}=$/),
   })
   .strict()
@@ -120,6 +122,7 @@ export interface CreateInviteOptions {
   name?: string
   ttlMs: number
   createdBy: string
+  serveJoins?: boolean
   now?: Date
 }
 
@@ -130,7 +133,7 @@ export async function createInvite(opts: CreateInviteOptions): Promise<{ invite:
   const token = randomBytes(TOKEN_BYTES)
   const { id, key } = deriveInvite(token)
   const expiresAt = new Date(now.getTime() + opts.ttlMs)
-  const stored: StoredInvite = { v: 1, ...(opts.name ? { name: opts.name } : {}), createdAt: now.toISOString(), expiresAt: expiresAt.toISOString(), createdBy: opts.createdBy, key: Buffer.from(key).toString('base64') }
+  const stored: StoredInvite = { v: 1, ...(opts.name ? { name: opts.name } : {}), createdAt: now.toISOString(), expiresAt: expiresAt.toISOString(), createdBy: opts.createdBy, ...(opts.serveJoins ? { serveJoins: true } : {}), key: Buffer.from(key).toString('base64') }
   const res = await opts.client.txn([{ KV: { Verb: 'cas', Key: opts.layout.invite(id), Value: b64(JSON.stringify(stored)), Index: 0 } }])
   if (!res.ok) throw new TincConsulError('INVITE_COLLISION', 'could not store the invite; try again')
   const prefix = opts.layout.prefix === `tinc-consul/${opts.net}/` ? undefined : opts.layout.prefix

@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import { b64, type ConsulClient } from '../consul/client.ts'
-import { createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
+import { createJoinServerToken, createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
@@ -139,8 +139,10 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     const network = netEntry && decodeJson(netEntry.value, networkRecordSchema)
     if (!network?.ok) throw new TincConsulError('NO_NETWORK', 'the network record is missing or unreadable')
 
-    let created: CreatedToken | undefined
-    if (opts.acl) created = await createNodeToken(opts.client, opts.layout, h.name)
+    if (inv.value.serveJoins && req.value.addresses.length === 0) throw new Refusal('this invite is for a public node that serves joins: give --address')
+    const created: CreatedToken[] = []
+    if (opts.acl) created.push(await createNodeToken(opts.client, opts.layout, h.name))
+    if (opts.acl && inv.value.serveJoins) created.push(await createJoinServerToken(opts.client, opts.layout, h.name))
     try {
       let recordError: string | undefined
       const res = await allocateAddress({
@@ -171,11 +173,11 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
         network: network.value,
         prefix: opts.layout.prefix,
         hostFiles: await publicPeers(opts.url, opts.token, opts.layout, network.value, h.name),
-        consul: { ...(created ? { token: created.secretId } : {}), servers: await consulServers() },
+        consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers: await consulServers() },
       }
       return seal(sealKey, replyAad(header), Buffer.from(JSON.stringify(body)))
     } catch (err) {
-      if (created) await deleteToken(opts.client, created.accessorId).catch((e: unknown) => log.error({ err: e }, 'could not delete the token of a failed join'))
+      for (const t of created) await deleteToken(opts.client, t.accessorId).catch((e: unknown) => log.error({ err: e }, 'could not delete the token of a failed join'))
       throw err
     }
   }

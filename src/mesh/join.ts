@@ -87,7 +87,9 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       TINC_CONSUL_CONSUL: o.consulUrl,
       TINC_CONSUL_PREFIX: reply.prefix === defaultPrefix ? undefined : reply.prefix,
       TINC_CONSUL_TOKEN: reply.consul.token,
-      TINC_CONSUL_JOIN_PORT: o.addresses.length ? undefined : '0',
+      TINC_CONSUL_JOIN_TOKEN: reply.consul.joinToken,
+      // Serve joins only when the invite said so; without ACLs there is no token to say it with.
+      TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
     })
     o.progress(`daemon settings written to ${configPath}`)
