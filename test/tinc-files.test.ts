@@ -1,9 +1,11 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdtemp, readFile, stat, writeFile } from 'node:fs/promises'
+import { execFileSync } from 'node:child_process'
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { readManagedBlock, replaceManagedBlock } from '../src/tinc/conf-block.ts'
+import { generateKey, writeSetup } from '../src/tinc/setup.ts'
 import { writeFileAtomic } from '../src/util/atomic.ts'
 
 test('the managed block is appended once and replaced in place, leaving other lines alone', () => {
@@ -37,4 +39,30 @@ test('atomic writes report whether the bytes changed and never leave temp files'
   await writeFile(join(dir, 'other'), 'x')
   const { readdir } = await import('node:fs/promises')
   assert.deepEqual((await readdir(dir)).sort(), ['hosts_a', 'other'])
+})
+
+test('a fresh node setup: full tinc.conf, scripts that never block, idempotent rewrite that keeps the operator\'s lines', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'tc-setup-'))
+  try {
+    const publicKey = await generateKey(dir, 'alpha', 1024)
+    assert.equal((await stat(join(dir, 'rsa_key.priv'))).mode & 0o777, 0o600)
+    const setup = { net: 'home', name: 'alpha', address: '10.99.0.5', prefixLength: 24, port: 655, publicAddresses: ['198.18.0.5'], publicKey, connectTo: ['hub'], peerHostFiles: {}, interface: 'tinc-home', eventsFile: join(dir, 'events', 'tinc-events') }
+    await writeSetup(dir, setup)
+    const conf = await readFile(join(dir, 'tinc.conf'), 'utf8')
+    for (const line of ['Name = alpha', 'Mode = router', 'Interface = tinc-home', 'StrictSubnets = yes', 'KeyExpire = 10', 'ConnectTo = hub']) assert.ok(conf.includes(line), `tinc.conf lacks "${line}":\n${conf}`)
+    assert.match(await readFile(join(dir, 'hosts', 'alpha'), 'utf8'), /Subnet = 10\.99\.0\.5\/32[\s\S]*BEGIN RSA PUBLIC KEY/)
+    assert.match(await readFile(join(dir, 'tinc-up'), 'utf8'), /ip addr add 10\.99\.0\.5\/24 dev "\$INTERFACE"/)
+    // A hook with no daemon (no events directory) exits 0 at once; with one, it appends a line.
+    const env = { ...process.env, NODE: 'hub', SUBNET: '10.99.0.1/32', REMOTEADDRESS: '198.18.0.1' }
+    execFileSync(join(dir, 'subnet-up'), { env })
+    await mkdir(join(dir, 'events'))
+    execFileSync(join(dir, 'subnet-up'), { env })
+    assert.match(await readFile(join(dir, 'events', 'tinc-events'), 'utf8'), /^\d+ subnet-up hub 10\.99\.0\.1\/32 198\.18\.0\.1\n$/)
+    // The operator adds a line; a re-run changes nothing of theirs.
+    await writeFile(join(dir, 'tinc.conf'), `${conf}Compression = 9\n`)
+    assert.deepEqual(await writeSetup(dir, setup), [])
+    assert.match(await readFile(join(dir, 'tinc.conf'), 'utf8'), /Compression = 9/)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
 })

@@ -67,7 +67,7 @@ export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyB
 
 export function tincdArgv(files: TincNodeFiles, netname: string): string[] {
   // -D keeps tincd in the foreground so the lab owns the process; -n only names the net for scripts.
-  return ['tincd', '-n', netname, '-c', files.dir, '-D', '-d1', `--pidfile=${files.pidFile}`, `--logfile=${files.logFile}`]
+  return ['tincd', '-n', netname, '-c', files.dir, '-D', `-d${process.env.TINC_CONSUL_LAB_TINC_DEBUG ?? '1'}`, `--pidfile=${files.pidFile}`, `--logfile=${files.logFile}`]
 }
 
 /** Per-node stand-ins for /etc/tinc-consul and /run/tinc-consul. */

@@ -6,7 +6,7 @@ import { kvList } from '../consul/kv.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { renderHostFile } from '../tinc/hostfile.ts'
+import { parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, hostRange } from './ipam.ts'
@@ -112,7 +112,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${joinPort ? '; the join endpoint has its own token' : ''}`)
     }
 
-    const peers = await publicPeers(o.consulUrl, o.token, layout, network, o.name)
+    const peers = await peerHostFiles(o.consulUrl, o.token, layout, network, o.name)
     const setup = {
       net: o.net,
       name: o.name,
@@ -121,7 +121,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       port: o.port,
       publicAddresses: o.addresses,
       publicKey,
-      connectTo: Object.keys(peers).sort(),
+      connectTo: publicNames(peers),
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(o.net),
       eventsFile: o.eventsFile,
@@ -171,15 +171,19 @@ async function ensureNetwork(o: InitOptions, layout: ReturnType<typeof kvLayout>
   throw new TincConsulError('NETWORK_RACE', 'the network record kept changing; run init again')
 }
 
-/** Host files of the network's public nodes other than `self`, rebuilt from checked records. */
-export async function publicPeers(url: string, token: string | undefined, layout: ReturnType<typeof kvLayout>, network: NetworkRecord, self: string): Promise<Record<string, string>> {
+/**
+ * Host files of the network's nodes other than `self`, rebuilt from checked
+ * records. Public ones become ConnectTo entries; the rest let a new node route
+ * to nodes behind NAT (StrictSubnets) before its own daemon has synced.
+ */
+export async function peerHostFiles(url: string, token: string | undefined, layout: ReturnType<typeof kvLayout>, network: NetworkRecord, self: string): Promise<Record<string, string>> {
   const list = await kvList({ url, token, prefix: layout.nodesPrefix })
   const out: Record<string, string> = {}
   for (const item of list.items) {
     const name = item.key.slice(layout.nodesPrefix.length)
     if (name === self) continue
     const d = decodeJson(item.value, nodeRecordSchema)
-    if (!d.ok || d.value.addresses.length === 0) continue
+    if (!d.ok) continue
     const p = checkPeer(d.value, { network, keyName: name })
     if (p.ok) out[name] = renderHostFile({ addresses: p.value.record.addresses, port: p.value.record.port, subnets: p.value.record.subnets, options: p.value.options, publicKey: p.value.publicKey })
   }
@@ -187,3 +191,11 @@ export async function publicPeers(url: string, token: string | undefined, layout
 }
 
 export const eventsFileFor = (runDir: string, net: string): string => join(runDir, net, 'tinc-events')
+
+/** Names whose host file has an Address: the ones to ConnectTo. */
+export function publicNames(hostFiles: Record<string, string>): string[] {
+  return Object.entries(hostFiles)
+    .filter(([, text]) => parseHostFile(text).entries.some((e) => e.key.toLowerCase() === 'address'))
+    .map(([name]) => name)
+    .sort()
+}

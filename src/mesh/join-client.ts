@@ -78,7 +78,7 @@ function exchange(endpoint: string, message: Buffer, timeoutMs: number): Promise
 }
 
 /**
- * Rebuilds a public node's host file from a join reply with the same
+ * Rebuilds a node's host file from a join reply with the same
  * allow-list peers' records get: the reply is sealed, but the joiner still
  * writes nothing it wouldn't accept from Consul.
  */
@@ -96,6 +96,6 @@ export function sanitizeHostFile(name: string, text: string, network: NetworkRec
   })
   const addresses = values('address').map((a) => a.split(/\s+/)[0] ?? '').filter((a) => /^[A-Za-z0-9.:-]{1,253}$/.test(a))
   const port = Number(values('port')[0] ?? 655)
-  if (!(port >= 1 && port <= 65535) || addresses.length === 0) return undefined
+  if (!(port >= 1 && port <= 65535)) return undefined
   return renderHostFile({ addresses, port, subnets: subnets as string[], options, publicKey: h.publicKey })
 }

@@ -5,7 +5,7 @@ import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { isPlausibleRsaKey } from '../tinc/hostfile.ts'
-import { publicPeers } from './init.ts'
+import { peerHostFiles } from './init.ts'
 import { allocateAddress } from './ipam.ts'
 import { deriveInvite, open, seal, storedInviteSchema, tokenMatches } from './invite.ts'
 import {
@@ -172,7 +172,7 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
         address: res.address,
         network: network.value,
         prefix: opts.layout.prefix,
-        hostFiles: await publicPeers(opts.url, opts.token, opts.layout, network.value, h.name),
+        hostFiles: await peerHostFiles(opts.url, opts.token, opts.layout, network.value, h.name),
         consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers: await consulServers() },
       }
       return seal(sealKey, replyAad(header), Buffer.from(JSON.stringify(body)))

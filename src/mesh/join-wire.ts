@@ -54,7 +54,7 @@ export const joinReplySchema = z
     address: z.ipv4(),
     network: networkRecordSchema,
     prefix: z.string().max(200),
-    /** Host-file text of every public node, by name; checked again by the joiner before writing. */
+    /** Host-file text of every other node, by name; checked again by the joiner before writing. */
     hostFiles: z.record(z.string(), z.string().max(6000)),
     consul: z.object({ token: z.string().max(128).optional(), joinToken: z.string().max(128).optional(), servers: z.array(z.string().max(300)).max(16) }).strict(),
   })

@@ -2,6 +2,7 @@ import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
+import { publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
@@ -74,13 +75,13 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       port: o.port,
       publicAddresses: o.addresses,
       publicKey,
-      connectTo: Object.keys(peers).sort(),
+      connectTo: publicNames(peers),
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: o.eventsFile,
     })
     await staging.commit()
-    o.progress(`tinc config written to ${dir} (ConnectTo ${Object.keys(peers).sort().join(', ') || 'nobody yet'})`)
+    o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
     const defaultPrefix = `tinc-consul/${inv.net}/`
     const configPath = await writeConfig(o.configDir, inv.net, {
       TINC_CONSUL_DIR: o.root,
@@ -93,7 +94,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
     })
     o.progress(`daemon settings written to ${configPath}`)
-    return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: Object.keys(peers).sort() }
+    return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }
   } catch (err) {
     await staging.discard()
     throw err

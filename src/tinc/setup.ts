@@ -31,6 +31,9 @@ export interface NodeSetup {
   eventsFile: string
 }
 
+/** Seconds between session-key renewals in generated configs (tinc's default is 3600). */
+export const KEY_EXPIRE_SECONDS = Number(process.env.TINC_CONSUL_KEY_EXPIRE ?? 10)
+
 export const tincDirFor = (root: string, net: string): string => join(root, net)
 
 /** Linux caps interface names at 15 bytes. */
@@ -48,6 +51,10 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
     `Interface = ${s.interface}`,
     // tinc accepts only subnets written in local host files, and those come from the address table.
     'StrictSubnets = yes',
+    // tinc 1.0 can end a burst of reachability changes (a node joining) holding a peer's old
+    // session key, and then drops that peer's packets until the key expires (an hour by
+    // default). Short-lived keys bound that outage; rekeying costs two small messages per peer.
+    `KeyExpire = ${KEY_EXPIRE_SECONDS}`,
     '',
   ].join('\n')
   return replaceManagedBlock(head, s.connectTo.map((n) => `ConnectTo = ${n}`))
@@ -116,6 +123,8 @@ export async function generateKey(dir: string, name: string, bits: number): Prom
   // tincd -K never prompts when stdin is not a terminal: it takes the default file names.
   await run(['tincd', '-c', dir, '-K', String(bits)], { timeoutMs: 120_000 })
   await chmod(join(dir, 'rsa_key.priv'), 0o600)
+  // That tinc.conf only named the key's owner; writeSetup must start from scratch, not keep it.
+  await rm(join(dir, 'tinc.conf'))
   return readPublicKey(dir, name)
 }
 

@@ -10,7 +10,7 @@ import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir } from '../../src/lab/tinc-manual.ts'
 import { decodeInvite, encodeInvite } from '../../src/mesh/invite.ts'
 import { frame, readFrame } from '../../src/mesh/join-wire.ts'
-import { labTest, useLab } from './helpers.ts'
+import { labTest, useLab, withLogs } from './helpers.ts'
 
 const layout = kvLayout(LAB_NETNAME)
 const KEY = ['--key-size', '2048']
@@ -75,12 +75,14 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const addresses = records.map((r) => r.vpnAddress)
     assert.equal(new Set(addresses).size, members.length, `addresses are not unique: ${addresses.join(' ')}`)
     await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
-    for (const from of members) {
-      for (const r of records) {
-        if (r.name === from) continue
-        await waitFor(`${from} to ping ${r.name} (${r.vpnAddress})`, async () => ((await ping(lab, from, r.vpnAddress)) ? true : undefined), { timeoutMs: 30_000 })
+    await withLogs(lab, members, async () => {
+      for (const from of members) {
+        for (const r of records) {
+          if (r.name === from) continue
+          await waitFor(`${from} to ping ${r.name} (${r.vpnAddress})`, async () => ((await ping(lab, from, r.vpnAddress)) ? true : undefined), { timeoutMs: 45_000 })
+        }
       }
-    }
+    })
   })
 
   labTest('a used, expired, wrong, tampered or 10 MiB join is refused; nothing crashes and nothing is left behind', async () => {
@@ -139,7 +141,7 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     await start(lab, 'node6')
     for (const peer of ['node2', 'node3', 'node4', 'node5']) {
       const ip = `10.99.0.${peer.slice(4)}`
-      await waitFor(`node6 to ping ${peer}`, async () => ((await ping(lab, 'node6', ip)) ? true : undefined), { timeoutMs: 30_000 })
+      await waitFor(`node6 to ping ${peer}`, async () => ((await ping(lab, 'node6', ip)) ? true : undefined), { timeoutMs: 45_000 })
     }
   })
 })
