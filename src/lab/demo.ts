@@ -44,7 +44,7 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
   const init = await lab.cli(first.name, [...initArgs, ...lab.setupFlags(first.name)], { env: operator })
   indent(init.stdout)
   await startNode(first.name)
-  const joined: Joined[] = [{ name: first.name, address: /This node has address (\S+)\./.exec(init.stdout)?.[1] ?? '?', behindNat: false, via: 'init' }]
+  const joined: Joined[] = [{ name: first.name, address: /This node has address (\S+)\.$/m.exec(init.stdout)?.[1] ?? '?', behindNat: false, via: 'init' }]
 
   for (const n of [second, ...rest]) {
     // The second public node may serve joins itself, so losing the first doesn't stop anyone joining.
@@ -63,7 +63,7 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
     const afterKeygen = stamp(lines.find((l) => /redeeming the invite/.test(l)))
     const lastStep = stamp(lines.filter((l) => /^\[/.test(l)).at(-1))
     const keygenDone = exited - (lastStep - afterKeygen) * 1000
-    const address = /with address (\S+)\./.exec(res.stdout)?.[1] ?? '?'
+    const address = /^Joined \S+ as \S+ with address (\S+)\.$/m.exec(res.stdout)?.[1] ?? '?'
     await startNode(n.name)
     const peers = joined.map((j) => j.address)
     await Promise.all(peers.map((ip) => waitFor(`${n.name} to ping ${ip}`, async () => ((await lab.exec(n.name, ['ping', '-c1', '-W1', ip], { allowFailure: true })).code === 0 ? true : undefined), { timeoutMs: 60_000, intervalMs: 50 })))
