@@ -7,7 +7,9 @@ import { kvLayout } from '../consul/kv-layout.ts'
 import { DEFAULT_JOIN_PORT, startJoinServer, type JoinServer } from '../mesh/join-server.ts'
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
+import { applyEvent, watchEvents, type PeerLink } from '../tinc/events.ts'
 import { tincDirFor } from '../tinc/setup.ts'
+import { eventsFileFor } from '../mesh/init.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
@@ -32,6 +34,7 @@ export const runCommand = defineCommand({
     },
     'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
     'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), default: envDefault('join-listen', '0.0.0.0') },
+    'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
     'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
   },
   async run({ args }) {
@@ -68,6 +71,12 @@ export const runCommand = defineCommand({
         throw err
       }
     }
+    // What tincd reports through its hooks: who is reachable right now (status reads this later).
+    const links = new Map<string, PeerLink>()
+    const tincLog = log.child({ component: 'tinc' })
+    const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
+      if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
+    }, tincLog)
     log.info({ node: daemon.self, joinPort: joins?.port }, 'tinc-consul running')
     await new Promise<void>((resolve) => {
       const stop = () => resolve()
@@ -75,6 +84,7 @@ export const runCommand = defineCommand({
       process.once('SIGTERM', stop)
     })
     log.info('stopping')
+    events.stop()
     await joins?.close()
     await daemon.stop()
   },

@@ -1,5 +1,5 @@
 import { existsSync, readFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
 import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
 import { kvList } from '../consul/kv.ts'
@@ -138,6 +138,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       TINC_CONSUL_TOKEN: nodeToken,
       TINC_CONSUL_JOIN_TOKEN: joinToken,
       TINC_CONSUL_JOIN_PORT: String(o.joinPort),
+      TINC_CONSUL_RUN_DIR: dirname(dirname(o.eventsFile)),
     })
     o.progress(`daemon settings written to ${cfg}`)
     return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }

@@ -1,3 +1,4 @@
+import { dirname } from 'node:path'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
@@ -92,6 +93,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       // Serve joins only when the invite said so; without ACLs there is no token to say it with.
       TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
+      TINC_CONSUL_RUN_DIR: dirname(dirname(o.eventsFile)),
     })
     o.progress(`daemon settings written to ${configPath}`)
     return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }

@@ -1,13 +1,13 @@
 import { describe } from 'node:test'
 import assert from 'node:assert/strict'
-import { existsSync, readdirSync } from 'node:fs'
+import { existsSync, readFileSync, readdirSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
 import { kvList } from '../../src/consul/kv.ts'
 import { kvLayout } from '../../src/consul/kv-layout.ts'
 import { waitFor } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
-import { labConfigDir } from '../../src/lab/tinc-manual.ts'
+import { labConfigDir, labEventsDir } from '../../src/lab/tinc-manual.ts'
 import { decodeInvite, encodeInvite } from '../../src/mesh/invite.ts'
 import { frame, readFrame } from '../../src/mesh/join-wire.ts'
 import { labTest, useLab, withLogs } from './helpers.ts'
@@ -75,6 +75,9 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const addresses = records.map((r) => r.vpnAddress)
     assert.equal(new Set(addresses).size, members.length, `addresses are not unique: ${addresses.join(' ')}`)
     await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    // tincd's hooks told node1's daemon about the nodes that came up after it started.
+    const events = () => readFileSync(join(labEventsDir(lab.state.runDir, 'node1'), LAB_NETNAME, 'tinc-events'), 'utf8')
+    await waitFor('node1\'s hooks to report node3 reachable', async () => (/ host-up node3 /.test(events()) ? true : undefined), { timeoutMs: 30_000 })
     await withLogs(lab, members, async () => {
       for (const from of members) {
         for (const r of records) {
