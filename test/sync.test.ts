@@ -110,6 +110,21 @@ describe('sync against a real Consul agent', () => {
     }
   })
 
+  test('once addresses are allocated, a record may only use its own allocation', async () => {
+    const [, beta] = nodes as [TestNode, TestNode]
+    const at = '2026-11-21T00:00:00.000Z'
+    for (const [ip, name] of [['10.99.0.1', 'alpha'], ['10.99.0.2', 'beta'], ['10.99.0.3', 'laptop']] as const) await admin.kvPut(layout.ipam(ip), JSON.stringify({ name, at }))
+    await beta.until(async () => beta.daemon.allocations().size === 3, 'beta read the allocations')
+    // A node that can write its own record still can't move onto alpha's address.
+    await admin.kvPut(layout.node('squatter'), JSON.stringify(nodeRecord('squatter', 1)))
+    await admin.kvPut(layout.ipam('10.99.0.44'), JSON.stringify({ name: 'newbie', at }))
+    await admin.kvPut(layout.node('newbie'), JSON.stringify(nodeRecord('newbie', 44)))
+    await beta.until(async () => (await file(beta, 'newbie')) !== undefined, 'newbie, whose address is allocated to it, accepted')
+    await beta.until(async () => beta.events.some((e) => e.refusals.some((r) => r.name === 'squatter' && /allocated to alpha/.test(r.reason))), 'squatter refused')
+    assert.equal(await file(beta, 'squatter'), undefined)
+    assert.ok(beta.daemon.view()?.peers.has('alpha'))
+  })
+
   test('a restarted daemon renders from its cache while Consul is unreachable', async () => {
     const [alpha] = nodes as [TestNode]
     await alpha.daemon.stop()

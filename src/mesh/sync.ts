@@ -12,6 +12,7 @@ import { isTincName } from '../tinc/names.ts'
 import { renderTinc, type RenderOptions, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
+import { ipamEntrySchema, readIpam } from './ipam.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
 import { buildOwnRecord, publishRecord, readTincName, sameRecordContent } from './publish.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
@@ -69,6 +70,8 @@ export interface SyncDaemon {
   readonly self: string
   readonly stats: SyncStats
   view(): MeshView | undefined
+  /** Who holds each VPN address, as last read from ipam/. */
+  allocations(): ReadonlyMap<string, string>
   stop(): Promise<void>
 }
 
@@ -91,6 +94,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   let network: NetworkRecord | undefined
   let nodeItems: KvItem[] | undefined
   let revoked = new Set<string>()
+  let allocations = new Map<string, string>()
   let lastRefusals = new Map<string, string>()
   let pendingBytes = 0
   // The cache is a fallback for restarts: written a moment after the applies that changed it
@@ -129,7 +133,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       memo.clear()
       memoNetwork = JSON.stringify(net)
     }
-    const base = { previous: view, network: net, items, layout, pins, revoked, memo }
+    const base = { previous: view, network: net, items, layout, pins, revoked, memo, allocations }
     let confirmed = false
     let built = buildView({ ...base, removalsConfirmed: confirmed })
     if (built.keptUnconfirmed.length > 0 && source === 'consul' && items.length > 0) {
@@ -140,6 +144,15 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       if (confirmed) built = buildView({ ...base, removalsConfirmed: confirmed })
       else log.warn({ missing: built.keptUnconfirmed }, 'records vanished but the network record could not be confirmed; keeping their host files')
     }
+    if (source === 'consul' && built.refusals.some((r) => r.reason.startsWith('address '))) {
+      // A join writes the record and its ipam/ entry together, but the two watches deliver
+      // them separately: ask Consul before calling a new node's address unallocated.
+      const fresh = await readIpam(opts.consulUrl, opts.token, layout).catch(() => undefined)
+      if (fresh && fresh.size > 0) {
+        allocations = new Map([...fresh.values()].flatMap((h) => (h.entry && !h.entry.releasedAt ? [[h.address, h.entry.name] as [string, string]] : [])))
+        built = buildView({ ...base, allocations, removalsConfirmed: confirmed })
+      }
+    }
     if (source === 'consul' && built.newPins.length > 0) {
       // The revoked/ watch can lag the nodes/ watch by a few ms: before trusting a key for the
       // first time, ask Consul directly whether it is revoked, so a revoked key can't slip in
@@ -149,7 +162,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       const late = fresh ? revokedFrom(fresh.items).filter((fp) => !revoked.has(fp)) : []
       if (late.length) {
         revoked = new Set([...revoked, ...late])
-        built = buildView({ ...base, revoked, removalsConfirmed: confirmed })
+        built = buildView({ ...base, allocations, revoked, removalsConfirmed: confirmed })
       }
     }
     const refusals = new Map(built.refusals.map((r) => [r.key, r.reason]))
@@ -280,6 +293,26 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     }),
     watchPrefix({
       ...common,
+      prefix: layout.ipamPrefix,
+      onChange: async (r) => {
+        count(r)
+        // Changes only when a node joins or is revoked: a whole-prefix read is fine here.
+        const next = new Map<string, string>()
+        for (const item of r.items) {
+          const d = decodeJson(item.value, ipamEntrySchema, 1024)
+          if (d.ok && !d.value.releasedAt) next.set(item.key.slice(layout.ipamPrefix.length), d.value.name)
+        }
+        if (next.size === 0 && allocations.size > 0) {
+          log.warn('consul returned no address allocations at all; ignoring this read')
+          return
+        }
+        if (next.size === allocations.size && [...next].every(([a, n]) => allocations.get(a) === n)) return
+        allocations = next
+        await schedule()
+      },
+    }),
+    watchPrefix({
+      ...common,
       prefix: layout.revokedPrefix,
       onChange: async (r) => {
         count(r)
@@ -322,6 +355,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     self,
     stats,
     view: () => view,
+    allocations: () => allocations,
     async stop() {
       stopping = true
       clearTimeout(publishRetry)

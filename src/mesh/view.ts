@@ -27,6 +27,13 @@ export interface ViewInput {
   layout: KvLayout
   pins: Pins
   revoked: ReadonlySet<string>
+  /**
+   * Who holds each VPN address (ipam/, released entries left out). When there is
+   * any entry at all, a record's address must be allocated to that record's
+   * node: a node can write its own record, but not take a neighbour's address.
+   * Empty for networks made before allocation existed (and in hand-made labs).
+   */
+  allocations?: ReadonlyMap<string, string>
   /** True when absent records may be taken as removed (a non-empty read with the network record present). */
   removalsConfirmed: boolean
   /**
@@ -70,6 +77,12 @@ export function buildView(input: ViewInput): ViewResult {
     const checked = checkItem(item, name, network, input.memo)
     if (!checked.ok) {
       refuse(checked.reason)
+      continue
+    }
+    const vpn = checked.value.record.vpnAddress
+    const holder = input.allocations?.get(vpn)
+    if (input.allocations && input.allocations.size > 0 && holder !== name) {
+      refuse(holder ? `address ${vpn} is allocated to ${holder}` : `address ${vpn} was never allocated (ipam/${vpn} is missing)`)
       continue
     }
     const fp = checked.value.record.fingerprint
