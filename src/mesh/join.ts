@@ -2,6 +2,7 @@ import { dirname } from 'node:path'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
+import { parseHostFile } from '../tinc/hostfile.ts'
 import { isTincName } from '../tinc/names.ts'
 import { publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
@@ -76,7 +77,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       port: o.port,
       publicAddresses: o.addresses,
       publicKey,
-      connectTo: publicNames(peers),
+      connectTo: firstConnect(peers, reply.endpoint),
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: o.eventsFile,
@@ -101,4 +102,16 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     await staging.discard()
     throw err
   }
+}
+
+/**
+ * The new node starts with one ConnectTo, the node whose endpoint answered: connecting to
+ * every public node at once is a burst of topology changes, and tinc 1.0 can come out of
+ * one holding a stale session key. The daemon adds the other public nodes moments later.
+ */
+function firstConnect(peers: Record<string, string>, endpoint: string): string[] {
+  const host = endpoint.replace(/:\d+$/, '').replace(/^\[|\]$/g, '')
+  const names = publicNames(peers)
+  const answered = names.find((n) => parseHostFile(peers[n] ?? '').entries.some((e) => e.key.toLowerCase() === 'address' && e.value.split(/\s+/)[0] === host))
+  return answered ? [answered] : names
 }

@@ -10,6 +10,7 @@ import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir, labEventsDir } from '../../src/lab/tinc-manual.ts'
 import { decodeInvite, encodeInvite } from '../../src/mesh/invite.ts'
 import { frame, readFrame } from '../../src/mesh/join-wire.ts'
+import { readManagedBlock } from '../../src/tinc/conf-block.ts'
 import { labTest, useLab, withLogs } from './helpers.ts'
 
 const layout = kvLayout(LAB_NETNAME)
@@ -75,6 +76,9 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const addresses = records.map((r) => r.vpnAddress)
     assert.equal(new Set(addresses).size, members.length, `addresses are not unique: ${addresses.join(' ')}`)
     await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    // Joiners start with one ConnectTo (the node that let them in); their daemon adds the other public node.
+    const connectTo = (n: string) => readManagedBlock(readFileSync(join(lab.tincFiles(n).dir, 'tinc.conf'), 'utf8'))
+    await waitFor('every node to ConnectTo every other public node', async () => (members.every((m) => JSON.stringify(connectTo(m)) === JSON.stringify(['node1', 'node2'].filter((p) => p !== m).map((p) => `ConnectTo = ${p}`))) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
     // tincd's hooks told node1's daemon about the nodes that came up after it started.
     const events = () => readFileSync(join(labEventsDir(lab.state.runDir, 'node1'), LAB_NETNAME, 'tinc-events'), 'utf8')
     await waitFor('node1\'s hooks to report node3 reachable', async () => (/ host-up node3 /.test(events()) ? true : undefined), { timeoutMs: 30_000 })
