@@ -82,6 +82,9 @@ describe('the join endpoint against a real Consul agent', () => {
     // Not our protocol at all.
     assert.match(await rawExchange(server.port, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')), /not a tinc-consul join message/)
 
+    // A request peers would refuse (an address that is no host name) is refused before anything is written.
+    await assert.rejects(redeemInvite(good, { name: 'badaddr', publicKey: key, addresses: ['not a host!'], port: 655 }), { message: /would be refused by peers/ })
+
     assert.deepEqual({ nodes: await keys(layout.nodesPrefix), ipam: await keys(layout.ipamPrefix) }, before, 'a refused join left state behind')
     // The invite survived all of that and still works for its holder.
     const reply = await redeemInvite(good, { name: 'honest', publicKey: rsaPublicPem(), addresses: ['198.18.0.9'], port: 655 })

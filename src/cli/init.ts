@@ -1,13 +1,13 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
 import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
-import { eventsFileFor, initNode } from '../mesh/init.ts'
+import { initNode } from '../mesh/init.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
-import { parseAddressFlags, parseIntFlag } from './parse.ts'
+import { parseIntFlag } from './parse.ts'
 import { requireNet } from './run.ts'
-import { setupArgs } from './setup-args.ts'
+import { setupArgs, setupFrom } from './setup-args.ts'
 
 export const initCommand = defineCommand({
   meta: { name: 'init', description: 'Create a network in Consul (or add a public node to it): key, address, tinc config, scripts, tokens, and this node\'s record. Safe to run again.' },
@@ -21,27 +21,16 @@ export const initCommand = defineCommand({
   },
   async run({ args }) {
     const net = requireNet(args.net)
-    const addr = parseAddressFlags(args.address as string | string[] | undefined)
-    const started = Date.now()
-    const step = (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`)
     const res = await initNode({
+      ...setupFrom(args),
       net,
       name: args.name || sanitizeTincName(hostname()),
       cidr: args.cidr || undefined,
       domain: args.domain,
-      addresses: addr.hosts,
-      port: addr.port ?? parseIntFlag('port', args.port, 1, 65535),
-      keyBits: parseIntFlag('key-size', args['key-size'], 1024, 8192),
       consulUrl: args.consul,
       token: args.token || undefined,
       prefix: args.prefix || undefined,
-      root: args.dir,
-      configDir: args['config-dir'],
-      eventsFile: eventsFileFor(args['run-dir'], net),
       joinPort: parseIntFlag('join-port', args['join-port'], 0, 65535),
-      interface: args.interface || undefined,
-      force: args.force,
-      progress: step,
     })
     console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}.`)
     console.log('Next:')

@@ -1,12 +1,10 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
-import { eventsFileFor } from '../mesh/init.ts'
 import { decodeInvite } from '../mesh/invite.ts'
 import { joinNetwork } from '../mesh/join.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { described, envDefault } from './env.ts'
-import { parseAddressFlags, parseIntFlag } from './parse.ts'
-import { setupArgs } from './setup-args.ts'
+import { setupArgs, setupFrom } from './setup-args.ts'
 
 export const joinCommand = defineCommand({
   meta: { name: 'join', description: 'Join a network with a one-time invite: makes a key, redeems the invite at a public node, and writes the tinc config and the daemon\'s settings' },
@@ -18,22 +16,11 @@ export const joinCommand = defineCommand({
   },
   async run({ args }) {
     const inv = decodeInvite(args.invite)
-    const addr = parseAddressFlags(args.address as string | string[] | undefined)
-    const started = Date.now()
-    const step = (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`)
     const res = await joinNetwork({
+      ...setupFrom(args),
       invite: args.invite,
       name: args.name || inv.name || sanitizeTincName(hostname()),
-      addresses: addr.hosts,
-      port: addr.port ?? parseIntFlag('port', args.port, 1, 65535),
-      keyBits: parseIntFlag('key-size', args['key-size'], 1024, 8192),
-      root: args.dir,
-      configDir: args['config-dir'],
-      eventsFile: eventsFileFor(args['run-dir'], inv.net),
       consulUrl: args.consul,
-      interface: args.interface || undefined,
-      force: args.force,
-      progress: step,
     })
     console.log(`\nJoined ${res.net} as ${res.name} with address ${res.address}.`)
     console.log('Next:')

@@ -1,4 +1,5 @@
 import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
+import { parseAddressFlags, parseIntFlag } from './parse.ts'
 import { described, envDefault } from './env.ts'
 
 /** Flags `init` and `join` share: where files go and how the node is reached. */
@@ -12,3 +13,32 @@ export const setupArgs = {
   interface: { type: 'string', description: described('VPN interface name (default tinc-<net>, cut to 15 characters)', 'interface'), default: process.env.TINC_CONSUL_INTERFACE },
   force: { type: 'boolean', description: 'Replace an existing node in <dir>/<net> (kept beside it), with a new key', default: false },
 } as const
+
+interface SetupArgValues {
+  address?: string | string[]
+  port: string
+  'key-size': string
+  dir: string
+  'config-dir': string
+  'run-dir': string
+  interface?: string
+  force: boolean
+}
+
+/** The shared part of init's and join's options, from their flags. */
+export function setupFrom(args: SetupArgValues) {
+  const addr = parseAddressFlags(args.address)
+  const started = Date.now()
+  return {
+    addresses: addr.hosts,
+    port: addr.port ?? parseIntFlag('port', args.port, 1, 65535),
+    keyBits: parseIntFlag('key-size', args['key-size'], 1024, 8192),
+    root: args.dir,
+    configDir: args['config-dir'],
+    runDir: args['run-dir'],
+    interface: args.interface || undefined,
+    force: args.force,
+    // Timestamped steps: people see where a slow join spends its time.
+    progress: (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`),
+  }
+}

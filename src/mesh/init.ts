@@ -1,16 +1,16 @@
 import { existsSync, readFileSync } from 'node:fs'
-import { dirname, join } from 'node:path'
+import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
 import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
 import { kvList } from '../consul/kv.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
+import { keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
-import { allocateAddress, hostRange } from './ipam.ts'
-import { makeRecord } from './publish.ts'
+import { allocateAddress, hostRange, intToIp } from './ipam.ts'
+import { makeRecord, validateRecord } from './publish.ts'
 import { checkPeer, decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
 
 export interface InitOptions {
@@ -28,7 +28,8 @@ export interface InitOptions {
   prefix?: string
   root: string
   configDir: string
-  eventsFile: string
+  /** Runtime directory; the hooks report to <runDir>/<net>/tinc-events. */
+  runDir: string
   /** Serve joins from this node (0: don't). */
   joinPort: number
   interface?: string
@@ -79,12 +80,14 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
     const nodeKey = layout.node(o.name)
     const current = await client.kvGet(nodeKey)
     const currentRecord = current && decodeJson(current.value, nodeRecordSchema)
-    const fingerprint = makeRecord({ name: o.name, vpnAddress: '10.0.0.1', addresses: [], port: o.port, publicKey }).fingerprint
-    if (current && currentRecord?.ok && currentRecord.value.fingerprint !== fingerprint) {
+    if (current && currentRecord?.ok && currentRecord.value.fingerprint !== keyFingerprint(publicKey)) {
       throw new TincConsulError('NAME_TAKEN', `"${o.name}" is already in the network with another key; pick another --name, or \`tinc-consul revoke ${o.name}\` first`)
     }
     const joinPort = o.joinPort > 0 ? o.joinPort : undefined
-    let record = undefined as ReturnType<typeof makeRecord> | undefined
+    const recordFor = (address: string) => makeRecord({ name: o.name, vpnAddress: address, addresses: o.addresses, port: o.port, publicKey, joinPort })
+    // Checked before anything is written; any address the allocation hands out passes the same checks.
+    const refused = validateRecord(recordFor(intToIp(hostRange(network.cidr).first)), network)
+    if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${refused}`)
     const res = await allocateAddress({
       client,
       url: o.consulUrl,
@@ -92,14 +95,9 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       layout,
       cidr: network.cidr,
       name: o.name,
-      with: (address): TxnOp[] => {
-        record = makeRecord({ name: o.name, vpnAddress: address, addresses: o.addresses, port: o.port, publicKey, joinPort })
-        return [{ KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(record)), Index: current?.modifyIndex ?? 0 } }]
-      },
+      with: (address): TxnOp[] => [{ KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address))), Index: current?.modifyIndex ?? 0 } }],
     })
     if (!res.ok) throw new TincConsulError('NAME_RACE', `"${o.name}" was written by someone else meanwhile; run init again`)
-    const checked = record && checkPeer(record, { network, keyName: o.name })
-    if (checked && !checked.ok) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${checked.reason}`)
     o.progress(`address ${res.address} reserved and record published`)
 
     const acl = await aclsEnabled(client)
@@ -124,7 +122,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       connectTo: publicNames(peers),
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(o.net),
-      eventsFile: o.eventsFile,
+      eventsFile: eventsFileFor(o.runDir, o.net),
     }
     if (staging) {
       await writeSetup(staging.dir, setup)
@@ -138,7 +136,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       TINC_CONSUL_TOKEN: nodeToken,
       TINC_CONSUL_JOIN_TOKEN: joinToken,
       TINC_CONSUL_JOIN_PORT: String(o.joinPort),
-      TINC_CONSUL_RUN_DIR: dirname(dirname(o.eventsFile)),
+      TINC_CONSUL_RUN_DIR: o.runDir,
     })
     o.progress(`daemon settings written to ${cfg}`)
     return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }

@@ -1,4 +1,4 @@
-import { randomBytes, timingSafeEqual } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { xchacha20poly1305 } from '@noble/ciphers/chacha.js'
 import { hkdf } from '@noble/hashes/hkdf.js'
 import { sha256 } from '@noble/hashes/sha2.js'
@@ -37,13 +37,6 @@ export interface InviteSecrets {
 export function deriveInvite(token: Uint8Array): InviteSecrets {
   const id = Buffer.from(hkdf(sha256, token, SALT, INFO_ID, 16)).toString('hex')
   return { id, key: hkdf(sha256, token, SALT, INFO_SEAL, 32) }
-}
-
-/** Whether `token` is the one behind `id`, without leaking where a guess went wrong. */
-export function tokenMatches(token: Uint8Array, id: string): boolean {
-  const want = Buffer.from(id, 'hex')
-  const got = Buffer.from(deriveInvite(token).id, 'hex')
-  return want.length === got.length && timingSafeEqual(want, got)
 }
 
 /** Seals with a fresh random nonce from the system RNG, returned in front of the ciphertext. */

@@ -1,7 +1,7 @@
 import ipaddr from 'ipaddr.js'
 import { z } from 'zod'
 import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
-import { kvList } from '../consul/kv.ts'
+import { kvList, type KvItem } from '../consul/kv.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
@@ -83,15 +83,24 @@ export function* candidates(range: IpRange, name: string, held: Map<string, Held
 }
 
 export async function readIpam(url: string, token: string | undefined, layout: KvLayout): Promise<Map<string, HeldAddress>> {
-  const list = await kvList({ url, token, prefix: layout.ipamPrefix })
+  return parseIpam((await kvList({ url, token, prefix: layout.ipamPrefix })).items, layout)
+}
+
+/** ipam/ entries as read from Consul; an unreadable value still marks its address as taken. */
+export function parseIpam(items: KvItem[], layout: KvLayout): Map<string, HeldAddress> {
   const held = new Map<string, HeldAddress>()
-  for (const item of list.items) {
+  for (const item of items) {
     const address = item.key.slice(layout.ipamPrefix.length)
     if (!ipaddr.IPv4.isValidFourPartDecimal(address)) continue
     const d = decodeJson(item.value, ipamEntrySchema, 1024)
     held.set(address, { address, index: item.modifyIndex, entry: d.ok ? d.value : undefined })
   }
   return held
+}
+
+/** Address → the node holding it now (released entries left out). */
+export function activeHolders(held: Map<string, HeldAddress>): Map<string, string> {
+  return new Map([...held.values()].flatMap((h) => (h.entry && !h.entry.releasedAt ? [[h.address, h.entry.name] as [string, string]] : [])))
 }
 
 export type AllocateResult = { ok: true; address: string } | { ok: false; op: number; what: string }

@@ -1,7 +1,7 @@
 import { connect } from 'node:net'
-import ipaddr from 'ipaddr.js'
 import { TincConsulError } from '../errors.ts'
-import { ALLOWED_OPTIONS, isPlausibleRsaKey, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
+import { hostFileFields, parseHostFile } from '../tinc/hostfile.ts'
+import { makeRecord, validateRecord } from './publish.ts'
 import { isTincName } from '../tinc/names.ts'
 import { deriveInvite, open, seal, type Invite } from './invite.ts'
 import { STATUS_OK, encodeRequest, joinReplySchema, readFrame, replyAad, requestAad, type JoinReply } from './join-wire.ts'
@@ -78,24 +78,18 @@ function exchange(endpoint: string, message: Buffer, timeoutMs: number): Promise
 }
 
 /**
- * Rebuilds a node's host file from a join reply with the same
- * allow-list peers' records get: the reply is sealed, but the joiner still
- * writes nothing it wouldn't accept from Consul.
+ * Rebuilds a node's host file from a join reply through the checks a record
+ * from Consul gets: the reply is sealed, but the joiner still writes nothing
+ * it wouldn't accept from Consul.
  */
 export function sanitizeHostFile(name: string, text: string, network: NetworkRecord): string | undefined {
   if (!isTincName(name)) return undefined
   const h = parseHostFile(text)
-  if (h.errors.length || !h.publicKey || !isPlausibleRsaKey(h.publicKey)) return undefined
-  const values = (k: string) => h.entries.filter((e) => e.key.toLowerCase() === k).map((e) => e.value)
-  const subnets = values('subnet').map((s) => s.split('#')[0]?.trim() ?? '')
-  const own = subnets[0]?.replace(/\/32$/, '') ?? ''
-  if (subnets.length !== 1 || !subnets[0]?.endsWith('/32') || !ipaddr.IPv4.isValidFourPartDecimal(own) || !ipaddr.IPv4.parse(own).match(ipaddr.IPv4.parseCIDR(network.cidr))) return undefined
-  const options = h.entries.flatMap((e) => {
-    const k = Object.keys(ALLOWED_OPTIONS).find((o) => o.toLowerCase() === e.key.toLowerCase())
-    return k && ALLOWED_OPTIONS[k]?.test(e.value) ? [{ key: k, value: e.value }] : []
-  })
-  const addresses = values('address').map((a) => a.split(/\s+/)[0] ?? '').filter((a) => /^[A-Za-z0-9.:-]{1,253}$/.test(a))
-  const port = Number(values('port')[0] ?? 655)
-  if (!(port >= 1 && port <= 65535)) return undefined
-  return renderHostFile({ addresses, port, subnets: subnets as string[], options, publicKey: h.publicKey })
+  if (h.errors.length || !h.publicKey) return undefined
+  const f = hostFileFields(h)
+  const vpn = f.subnets.length === 1 && f.subnets[0]?.endsWith('/32') ? f.subnets[0].slice(0, -3) : undefined
+  if (!vpn) return undefined
+  const record = makeRecord({ name, vpnAddress: vpn, addresses: f.addresses, port: f.port, options: f.options, publicKey: h.publicKey })
+  if (validateRecord(record, network)) return undefined
+  return record.hostFile
 }

@@ -1,13 +1,13 @@
+import { timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import { b64, type ConsulClient } from '../consul/client.ts'
 import { createJoinServerToken, createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
-import { isPlausibleRsaKey } from '../tinc/hostfile.ts'
 import { peerHostFiles } from './init.ts'
-import { allocateAddress } from './ipam.ts'
-import { deriveInvite, open, seal, storedInviteSchema, tokenMatches } from './invite.ts'
+import { allocateAddress, hostRange, intToIp } from './ipam.ts'
+import { deriveInvite, open, seal, storedInviteSchema } from './invite.ts'
 import {
   GENERIC_REFUSAL,
   MAX_FRAME,
@@ -22,8 +22,8 @@ import {
   requestAad,
   type JoinReply,
 } from './join-wire.ts'
-import { makeRecord } from './publish.ts'
-import { checkPeer, decodeJson, networkRecordSchema } from './record.ts'
+import { makeRecord, validateRecord } from './publish.ts'
+import { decodeJson, networkRecordSchema } from './record.ts'
 
 export const DEFAULT_JOIN_PORT = 8655
 
@@ -130,21 +130,24 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     if (!req.ok) throw new Refusal(`bad join request: ${req.reason}`)
     const token = Buffer.from(req.value.token, 'base64url')
     // The stored key alone opens the box; only the invite string holds the token.
-    if (!tokenMatches(token, h.id) || Buffer.compare(Buffer.from(deriveInvite(token).key), sealKey) !== 0) throw new Refusal(GENERIC_REFUSAL)
+    const derived = deriveInvite(token)
+    if (derived.id !== h.id || !timingSafeEqual(Buffer.from(derived.key), sealKey)) throw new Refusal(GENERIC_REFUSAL)
     // From here the caller has proved they hold the invite: specific errors are fine.
     if (inv.value.name && inv.value.name !== h.name) throw new Refusal(`this invite is for "${inv.value.name}", not "${h.name}"; join with --name ${inv.value.name}`)
-    if (!isPlausibleRsaKey(req.value.publicKey)) throw new Refusal('the request has no usable RSA public key')
-
     const netEntry = await opts.client.kvGet(opts.layout.network)
     const network = netEntry && decodeJson(netEntry.value, networkRecordSchema)
     if (!network?.ok) throw new TincConsulError('NO_NETWORK', 'the network record is missing or unreadable')
 
     if (inv.value.serveJoins && req.value.addresses.length === 0) throw new Refusal('this invite is for a public node that serves joins: give --address')
+    // Judge the record as peers will before anything is written: only its address is still
+    // open, and any address the allocation can hand out passes the same checks.
+    const recordFor = (address: string) => makeRecord({ name: h.name, vpnAddress: address, addresses: req.value.addresses, port: req.value.port, publicKey: req.value.publicKey })
+    const refused = validateRecord(recordFor(intToIp(hostRange(network.value.cidr).first)), network.value)
+    if (refused) throw new Refusal(`the new node's record would be refused by peers: ${refused}`)
     const created: CreatedToken[] = []
     if (opts.acl) created.push(await createNodeToken(opts.client, opts.layout, h.name))
     if (opts.acl && inv.value.serveJoins) created.push(await createJoinServerToken(opts.client, opts.layout, h.name))
     try {
-      let recordError: string | undefined
       const res = await allocateAddress({
         client: opts.client,
         url: opts.url,
@@ -152,18 +155,12 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
         layout: opts.layout,
         cidr: network.value.cidr,
         name: h.name,
-        with: (address) => {
-          const record = makeRecord({ name: h.name, vpnAddress: address, addresses: req.value.addresses, port: req.value.port, publicKey: req.value.publicKey })
-          const checked = checkPeer(record, { network: network.value, keyName: h.name })
-          recordError = checked.ok ? undefined : checked.reason
-          return [
-            // Single use: if another redemption got here first, this whole transaction rolls back.
-            { KV: { Verb: 'delete-cas', Key: key, Index: stored.modifyIndex } },
-            { KV: { Verb: 'cas', Key: opts.layout.node(h.name), Value: b64(JSON.stringify(record)), Index: 0 } },
-          ]
-        },
+        with: (address) => [
+          // Single use: if another redemption got here first, this whole transaction rolls back.
+          { KV: { Verb: 'delete-cas', Key: key, Index: stored.modifyIndex } },
+          { KV: { Verb: 'cas', Key: opts.layout.node(h.name), Value: b64(JSON.stringify(recordFor(address))), Index: 0 } },
+        ],
       })
-      if (recordError) throw new Refusal(`the new node's record would be refused by peers: ${recordError}`)
       if (!res.ok) throw new Refusal(res.op === 0 ? GENERIC_REFUSAL : `the name "${h.name}" is taken; join with another --name, or revoke the old node first`)
       log.info({ name: h.name, address: res.address }, 'a new node joined')
       const body: JoinReply = {

@@ -1,10 +1,9 @@
-import { dirname } from 'node:path'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
 import { isTincName } from '../tinc/names.ts'
-import { publicNames } from './init.ts'
+import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
@@ -18,7 +17,8 @@ export interface JoinOptions {
   keyBits: number
   root: string
   configDir: string
-  eventsFile: string
+  /** Runtime directory; the hooks report to <runDir>/<net>/tinc-events. */
+  runDir: string
   /** The local Consul agent the daemon will use. */
   consulUrl: string
   interface?: string
@@ -80,7 +80,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       connectTo: firstConnect(peers, reply.endpoint),
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
-      eventsFile: o.eventsFile,
+      eventsFile: eventsFileFor(o.runDir, inv.net),
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
@@ -94,7 +94,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       // Serve joins only when the invite said so; without ACLs there is no token to say it with.
       TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
-      TINC_CONSUL_RUN_DIR: dirname(dirname(o.eventsFile)),
+      TINC_CONSUL_RUN_DIR: o.runDir,
     })
     o.progress(`daemon settings written to ${configPath}`)
     return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }

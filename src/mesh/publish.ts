@@ -4,9 +4,9 @@ import type { ConsulClient } from '../consul/client.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
-import { ALLOWED_OPTIONS, keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
+import { hostFileFields, keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
 import { isTincName } from '../tinc/names.ts'
-import { RECORD_VERSION, checkPeer, type NetworkRecord, type NodeRecord } from './record.ts'
+import { RECORD_VERSION, checkPeer, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 
 /** Reads `Name = …` from tinc.conf. */
 export async function readTincName(tincDir: string): Promise<string> {
@@ -31,17 +31,9 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
   const h = parseHostFile(text)
   if (h.errors.length) throw new TincConsulError('HOST_FILE_BAD', `${path}: ${h.errors[0]}`)
   if (!h.publicKey) throw new TincConsulError('HOST_FILE_BAD', `${path} has no RSA public key; generate one with tincd -K`)
-  const values = (k: string) => h.entries.filter((e) => e.key.toLowerCase() === k).map((e) => e.value)
-  // "Address = host [port]": the optional port is tinc's; we publish Port separately.
-  const addresses = values('address').map((a) => a.split(/\s+/)[0] ?? '').filter(Boolean)
-  const port = Number(values('port')[0] ?? 655)
-  const subnets = values('subnet').map((s) => s.split('#')[0]?.trim() ?? '')
+  const { addresses, port, subnets, options } = hostFileFields(h)
   const vpn = subnets[0]?.replace(/\/32$/, '')
   if (!vpn) throw new TincConsulError('HOST_FILE_BAD', `${path} has no "Subnet = <vpn address>/32" line`)
-  const options = h.entries.flatMap((e) => {
-    const k = Object.keys(ALLOWED_OPTIONS).find((o) => o.toLowerCase() === e.key.toLowerCase())
-    return k && ALLOWED_OPTIONS[k]?.test(e.value) ? [{ key: k, value: e.value }] : []
-  })
   return makeRecord({ name, vpnAddress: vpn, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, now })
 }
 
@@ -50,6 +42,17 @@ export function makeRecord(p: { name: string; vpnAddress: string; addresses: str
   const subnets = [`${p.vpnAddress}/32`]
   const hostFile = renderHostFile({ addresses: p.addresses, port: p.port, subnets, options: p.options ?? [], publicKey: p.publicKey })
   return { v: RECORD_VERSION, name: p.name, vpnAddress: p.vpnAddress, subnets, addresses: p.addresses, port: p.port, hostFile, fingerprint: keyFingerprint(p.publicKey), ...(p.joinPort ? { joinPort: p.joinPort } : {}), updatedAt: (p.now ?? new Date()).toISOString() }
+}
+
+/**
+ * What a peer would say about a record we are about to write: the same schema
+ * and checks it gets when read back from Consul. Undefined when it would be accepted.
+ */
+export function validateRecord(record: NodeRecord, network: NetworkRecord): string | undefined {
+  const parsed = nodeRecordSchema.safeParse(record)
+  if (!parsed.success) return parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')
+  const checked = checkPeer(parsed.data, { network, keyName: record.name })
+  return checked.ok ? undefined : checked.reason
 }
 
 /** Two records say the same thing, whatever their timestamps. */
@@ -62,8 +65,8 @@ export const sameRecordContent = (a: NodeRecord, b: NodeRecord): boolean => JSON
  * but the timestamp would change.
  */
 export async function publishRecord(client: ConsulClient, layout: KvLayout, network: NetworkRecord, record: NodeRecord, log: Logger): Promise<'unchanged' | 'written'> {
-  const check = checkPeer(record, { network, keyName: record.name })
-  if (!check.ok) throw new TincConsulError('OWN_RECORD_INVALID', `our own record would be refused by peers: ${check.reason}`)
+  const refused = validateRecord(record, network)
+  if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our own record would be refused by peers: ${refused}`)
   const key = layout.node(record.name)
   for (let attempt = 1; attempt <= 5; attempt++) {
     const current = await client.kvGet(key)

@@ -12,7 +12,7 @@ import { isTincName } from '../tinc/names.ts'
 import { renderTinc, type RenderOptions, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
 import { loadCache, saveCache } from './cache.ts'
-import { ipamEntrySchema, readIpam } from './ipam.ts'
+import { activeHolders, parseIpam, readIpam } from './ipam.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
 import { buildOwnRecord, publishRecord, readTincName, sameRecordContent } from './publish.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
@@ -149,7 +149,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       // them separately: ask Consul before calling a new node's address unallocated.
       const fresh = await readIpam(opts.consulUrl, opts.token, layout).catch(() => undefined)
       if (fresh && fresh.size > 0) {
-        allocations = new Map([...fresh.values()].flatMap((h) => (h.entry && !h.entry.releasedAt ? [[h.address, h.entry.name] as [string, string]] : [])))
+        allocations = activeHolders(fresh)
         built = buildView({ ...base, allocations, removalsConfirmed: confirmed })
       }
     }
@@ -297,11 +297,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       onChange: async (r) => {
         count(r)
         // Changes only when a node joins or is revoked: a whole-prefix read is fine here.
-        const next = new Map<string, string>()
-        for (const item of r.items) {
-          const d = decodeJson(item.value, ipamEntrySchema, 1024)
-          if (d.ok && !d.value.releasedAt) next.set(item.key.slice(layout.ipamPrefix.length), d.value.name)
-        }
+        const next = activeHolders(parseIpam(r.items, layout))
         if (next.size === 0 && allocations.size > 0) {
           log.warn('consul returned no address allocations at all; ignoring this read')
           return

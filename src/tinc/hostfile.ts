@@ -113,3 +113,28 @@ export function renderHostFile(h: RenderHostFile): string {
   ]
   return lines.join('\n')
 }
+
+export interface HostFileFields {
+  /** From "Address = host [port]": tinc's optional port is dropped, Port is separate. */
+  addresses: string[]
+  port: number
+  /** Subnet values without their "#weight". */
+  subnets: string[]
+  /** Lines on the allow-list, with canonical key spelling. */
+  options: HostFileEntry[]
+}
+
+/** The fields a node record is made of, read from a parsed host file. */
+export function hostFileFields(h: ParsedHostFile): HostFileFields {
+  const values = (k: string) => h.entries.filter((e) => e.key.toLowerCase() === k).map((e) => e.value)
+  const options = h.entries.flatMap((e) => {
+    const k = Object.keys(ALLOWED_OPTIONS).find((o) => o.toLowerCase() === e.key.toLowerCase())
+    return k && ALLOWED_OPTIONS[k]?.test(e.value) ? [{ key: k, value: e.value }] : []
+  })
+  return {
+    addresses: values('address').map((a) => a.split(/\s+/)[0] ?? '').filter(Boolean),
+    port: Number(values('port')[0] ?? 655),
+    subnets: values('subnet').map((v) => v.split('#')[0]?.trim() ?? ''),
+    options,
+  }
+}
