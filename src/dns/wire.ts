@@ -1,0 +1,184 @@
+/**
+ * The DNS wire format, as much as an authoritative server for one small zone
+ * needs. The hot path never decodes a whole message: it reads the header, the
+ * one question and an optional EDNS OPT record, looks the question up in a
+ * table of pre-encoded answers, and copies bytes.
+ */
+export const TYPE = { A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, HINFO: 13, TXT: 16, AAAA: 28, SRV: 33, OPT: 41, ANY: 255 } as const
+export const RCODE = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5 } as const
+export const CLASS_IN = 1
+
+export interface Question {
+  /** The question name as sent, lower-cased, dotted, without the trailing dot ("" for the root). */
+  name: string
+  type: number
+  class: number
+  /** Offset just past the question section. */
+  end: number
+  opcode: number
+  rd: boolean
+  /** The client's EDNS UDP size, or undefined without EDNS. */
+  ednsSize?: number
+}
+
+export class FormError extends Error {
+  override name = 'FormError'
+}
+
+/** Reads the header, the single question and an OPT record. Throws FormError on anything malformed. */
+export function parseQuery(msg: Uint8Array): Question {
+  if (msg.length < 12) throw new FormError('short header')
+  const flags = (msg[2] ?? 0) * 256 + (msg[3] ?? 0)
+  if (flags & 0x8000) throw new FormError('not a query')
+  const qd = (msg[4] ?? 0) * 256 + (msg[5] ?? 0)
+  const an = (msg[6] ?? 0) * 256 + (msg[7] ?? 0)
+  const ns = (msg[8] ?? 0) * 256 + (msg[9] ?? 0)
+  const ar = (msg[10] ?? 0) * 256 + (msg[11] ?? 0)
+  if (qd !== 1 || an !== 0 || ns !== 0 || ar > 1) throw new FormError('expected one question')
+  let p = 12
+  const labels: string[] = []
+  let total = 0
+  for (;;) {
+    const len = msg[p]
+    if (len === undefined) throw new FormError('name runs past the end')
+    p++
+    if (len === 0) break
+    // No compression in a question: it has nothing earlier to point at, and pointers invite loops.
+    if (len > 63) throw new FormError('bad label length')
+    if (p + len > msg.length) throw new FormError('label runs past the end')
+    total += len + 1
+    if (total > 255) throw new FormError('name too long')
+    let label = ''
+    for (let i = p; i < p + len; i++) {
+      const c = msg[i] as number
+      label += String.fromCharCode(c >= 65 && c <= 90 ? c + 32 : c)
+    }
+    labels.push(label)
+    p += len
+  }
+  if (p + 4 > msg.length) throw new FormError('question runs past the end')
+  const type = (msg[p] as number) * 256 + (msg[p + 1] as number)
+  const klass = (msg[p + 2] as number) * 256 + (msg[p + 3] as number)
+  const end = p + 4
+  let ednsSize: number | undefined
+  if (ar === 1) {
+    // Only an OPT record may follow: root name, type 41, class = UDP size.
+    if (end + 11 > msg.length || msg[end] !== 0) throw new FormError('bad additional record')
+    const rtype = (msg[end + 1] as number) * 256 + (msg[end + 2] as number)
+    if (rtype !== TYPE.OPT) throw new FormError('additional record is not OPT')
+    ednsSize = Math.max(512, (msg[end + 3] as number) * 256 + (msg[end + 4] as number))
+    const rdlen = (msg[end + 9] as number) * 256 + (msg[end + 10] as number)
+    if (end + 11 + rdlen > msg.length) throw new FormError('OPT runs past the end')
+  }
+  return { name: labels.join('.'), type, class: klass, end, opcode: (flags >> 11) & 0xf, rd: (flags & 0x0100) !== 0, ednsSize }
+}
+
+/** Encodes a dotted name as labels (no compression). */
+export function encodeName(name: string): Buffer {
+  const parts = name === '' ? [] : name.split('.')
+  const out: number[] = []
+  for (const p of parts) {
+    const b = Buffer.from(p, 'latin1')
+    if (b.length === 0 || b.length > 63) throw new Error(`bad label in ${name}`)
+    out.push(b.length, ...b)
+  }
+  out.push(0)
+  return Buffer.from(out)
+}
+
+export interface RR {
+  /** Owner name; `null` means "the question name" (a 2-byte pointer to offset 12). */
+  name: string | null
+  type: number
+  ttl: number
+  data: Buffer
+}
+
+export function encodeRR(rr: RR): Buffer {
+  const owner = rr.name === null ? Buffer.from([0xc0, 0x0c]) : encodeName(rr.name)
+  const head = Buffer.alloc(10)
+  head.writeUInt16BE(rr.type, 0)
+  head.writeUInt16BE(CLASS_IN, 2)
+  head.writeUInt32BE(rr.ttl, 4)
+  head.writeUInt16BE(rr.data.length, 8)
+  return Buffer.concat([owner, head, rr.data])
+}
+
+export const rdata = {
+  a: (ip: string) => Buffer.from(ip.split('.').map(Number)),
+  name: (n: string) => encodeName(n),
+  txt: (strings: string[]) => Buffer.concat(strings.map((s) => Buffer.concat([Buffer.from([Math.min(255, Buffer.byteLength(s))]), Buffer.from(s).subarray(0, 255)]))),
+  srv: (priority: number, weight: number, port: number, target: string) => {
+    const b = Buffer.alloc(6)
+    b.writeUInt16BE(priority, 0)
+    b.writeUInt16BE(weight, 2)
+    b.writeUInt16BE(port, 4)
+    return Buffer.concat([b, encodeName(target)])
+  },
+  soa: (mname: string, rname: string, serial: number, refresh: number, retry: number, expire: number, minimum: number) => {
+    const nums = Buffer.alloc(20)
+    ;[serial, refresh, retry, expire, minimum].forEach((v, i) => nums.writeUInt32BE(v >>> 0, i * 4))
+    return Buffer.concat([encodeName(mname), encodeName(rname), nums])
+  },
+  hinfo: (cpu: string, os: string) => rdata.txt([cpu, os]),
+}
+
+/** A pre-encoded answer: everything after the question, plus the counts and rcode for the header. */
+export interface Prepared {
+  rcode: number
+  an: number
+  ns: number
+  ar: number
+  body: Buffer
+}
+
+export function prepare(rcode: number, answer: RR[], authority: RR[] = [], additional: RR[] = []): Prepared {
+  return { rcode, an: answer.length, ns: authority.length, ar: additional.length, body: Buffer.concat([...answer, ...authority, ...additional].map(encodeRR)) }
+}
+
+/** The OPT record we send back to EDNS clients: our UDP size, no options. */
+export const OPT_RR = Buffer.from([0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0])
+export const OUR_EDNS_SIZE = 1232
+
+/**
+ * Builds the reply: the query's ID, opcode, RD bit and question bytes, AA set,
+ * then the prepared sections. Over UDP, an answer longer than the client can
+ * take is cut to the question with TC set, so the client retries over TCP.
+ */
+export function reply(query: Uint8Array, q: Question, p: Prepared, limit: number): Buffer {
+  const withOpt = q.ednsSize !== undefined
+  const full = 12 + (q.end - 12) + p.body.length + (withOpt ? OPT_RR.length : 0)
+  const truncated = full > limit
+  const size = truncated ? q.end + (withOpt ? OPT_RR.length : 0) : full
+  const out = Buffer.allocUnsafe(size)
+  out[0] = query[0] as number
+  out[1] = query[1] as number
+  out[2] = 0x80 | (q.opcode << 3) | 0x04 | (truncated ? 0x02 : 0) | (q.rd ? 1 : 0)
+  out[3] = p.rcode
+  out.writeUInt16BE(1, 4)
+  out.writeUInt16BE(truncated ? 0 : p.an, 6)
+  out.writeUInt16BE(truncated ? 0 : p.ns, 8)
+  out.writeUInt16BE((truncated ? 0 : p.ar) + (withOpt ? 1 : 0), 10)
+  out.set(query.subarray(12, q.end), 12)
+  let o = q.end
+  if (!truncated) {
+    p.body.copy(out, o)
+    o += p.body.length
+  }
+  if (withOpt) OPT_RR.copy(out, o)
+  return out
+}
+
+/** An error reply (FORMERR, REFUSED, NOTIMP) that echoes whatever of the question could be read. */
+export function errorReply(query: Uint8Array, rcode: number, q?: Question): Buffer {
+  if (query.length < 12) return Buffer.alloc(0)
+  const end = q ? q.end : 12
+  const out = Buffer.alloc(end)
+  out[0] = query[0] as number
+  out[1] = query[1] as number
+  out[2] = 0x80 | ((query[2] ?? 0) & 0x79)
+  out[3] = rcode
+  out.writeUInt16BE(q ? 1 : 0, 4)
+  if (q) out.set(query.subarray(12, q.end), 12)
+  return out
+}
