@@ -2,11 +2,19 @@ import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
 import { createSocket } from 'node:dgram'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { pino } from 'pino'
+import { kvLayout } from '../src/consul/kv-layout.ts'
+import { hostsLines, writeHostsBlock } from '../src/dns/hosts-file.ts'
 import { answer, startDnsServer, type DnsServer } from '../src/dns/server.ts'
-import { RCODE, TYPE, encodeName, prepare, rdata } from '../src/dns/wire.ts'
+import { RCODE, TYPE, buildQuery, decodeMessage, encodeName, prepare, rdata } from '../src/dns/wire.ts'
 import { buildZone, reverseZone } from '../src/dns/zone.ts'
+import { waitFor } from '../src/lab/daemon.ts'
+import { parseAliases } from '../src/mesh/aliases.ts'
+import { renderScripts } from '../src/tinc/setup.ts'
 
 const exec = promisify(execFile)
 const nodes = [
@@ -18,10 +26,12 @@ const nodes = [
 
 describe('the DNS server, asked by dig', () => {
   let server: DnsServer
-  const zone = buildZone({ domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, negative: 5 }, serial: 7 })
+  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 7 }
+  const zone = buildZone(input)
   const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server.port), '+time=2', '+tries=1', ...args])).stdout
   before(async () => {
-    server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, zone: () => zone, log: pino({ level: 'silent' }) })
+    server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 0, log: pino({ level: 'silent' }) })
+    server.update(input)
   })
   after(async () => {
     await server?.close()
@@ -38,7 +48,7 @@ describe('the DNS server, asked by dig', () => {
   })
 
   test('names that collide after case folding are left out of DNS', async () => {
-    assert.deepEqual([...zone.collisions].sort(), ['Twin', 'twin'])
+    assert.deepEqual(zone.skipped.map((x) => x.name).sort(), ['Twin', 'twin'])
     assert.match(await dig('twin.mesh'), /status: NXDOMAIN/)
   })
 
@@ -87,7 +97,7 @@ describe('the DNS server, asked by dig', () => {
 })
 
 test('an answer too big for the client over UDP is cut to the question with TC; TCP gets it whole', () => {
-  const zone = buildZone({ domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: nodes.slice(0, 2), ttl: { node: 30, negative: 5 }, serial: 1 })
+  const zone = buildZone({ domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: nodes.slice(0, 2), ttl: { node: 30, service: 5, negative: 5 }, serial: 1 })
   const big = prepare(RCODE.NOERROR, Array.from({ length: 40 }, (_, i) => ({ name: null, type: TYPE.A, ttl: 5, data: rdata.a(`10.99.0.${i + 1}`) })))
   const query = (edns?: number) => {
     const name = encodeName('hub.mesh')
@@ -106,4 +116,178 @@ test('an answer too big for the client over UDP is cut to the question with TC; 
   const tcp = answer(query(), stub, 'tcp', stats) as Buffer
   assert.equal(tcp.readUInt16BE(6), 40)
   assert.equal(tcp.readUInt16BE(0), 0xabcd)
+})
+
+describe('services and aliases, through a server with a helper process', () => {
+  let server: DnsServer
+  const web = Array.from({ length: 60 }, (_, i) => ({ node: `n${i}`, address: `10.99.1.${i + 1}`, port: 8000 + i, tags: i % 2 ? ['blue'] : ['green'] }))
+  const input = {
+    domain: 'mesh',
+    cidr: '10.99.0.0/16',
+    self: 'hub',
+    nodes: [{ name: 'hub', address: '10.99.0.1', public: true, fingerprint: `sha256:${'a'.repeat(64)}` }, ...web.map((w) => ({ name: w.node, address: w.address, public: false, fingerprint: `sha256:${'b'.repeat(64)}` }))],
+    services: [
+      { name: 'nfs', protocol: 'tcp' as const, instances: [{ node: 'hub', address: '10.99.0.1', port: 2049, tags: ['primary'] }] },
+      { name: 'web', protocol: 'tcp' as const, instances: web },
+      { name: 'ghost', protocol: 'udp' as const, instances: [{ node: 'not_a_node', address: '10.99.9.9', port: 1, tags: [] }] },
+    ],
+    aliases: [
+      { name: 'files', target: 'nfs.service' },
+      { name: 'gateway', target: 'hub.mesh' },
+      { name: 'dangling', target: 'nobody' },
+      { name: 'hub', target: 'n1' },
+    ],
+    ttl: { node: 30, service: 5, negative: 5 },
+    serial: 9,
+  }
+  const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server.port), '+time=2', '+tries=1', ...args])).stdout
+  before(async () => {
+    server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 1, log: pino({ level: 'silent' }) })
+    server.update(input)
+  })
+  after(async () => {
+    await server?.close()
+  })
+
+  test('SVC.service.mesh gives A records, SRV gives port and NODE.mesh with the A records as additional data', async () => {
+    assert.match(await dig('+short', 'nfs.service.mesh'), /^10\.99\.0\.1$/m)
+    const srv = await dig('nfs.service.mesh', 'SRV')
+    assert.match(srv, /SRV\s+1 1 2049 hub\.mesh\./)
+    assert.match(srv, /ADDITIONAL SECTION:[\s\S]*hub\.mesh\.\s+30\s+IN\s+A\s+10\.99\.0\.1/)
+    assert.match(await dig('+short', '_nfs._tcp.service.mesh', 'SRV'), /^1 1 2049 hub\.mesh\.$/m)
+    assert.match(await dig('+short', 'primary.nfs.service.mesh'), /^10\.99\.0\.1$/m)
+    assert.equal((await dig('+short', 'blue.web.service.mesh')).trim().split('\n').length, 30)
+    // Instances on nodes we don't know are left out; a service with none doesn't exist.
+    assert.match(await dig('ghost.service.mesh'), /status: NXDOMAIN/)
+    assert.match(await dig('service.mesh'), /status: NOERROR[\s\S]*ANSWER: 0, AUTHORITY: 1/)
+  })
+
+  test('a 60-instance SRV answer is truncated over UDP and whole over TCP', async () => {
+    const udp = await dig('+ignore', '+bufsize=1232', 'web.service.mesh', 'SRV')
+    assert.match(udp, /flags: qr aa tc rd;/)
+    assert.match(udp, /ANSWER: 0,/)
+    const tcp = await dig('+tcp', 'web.service.mesh', 'SRV')
+    assert.match(tcp, /ANSWER: 60,/)
+    assert.match(tcp, /ADDITIONAL: 61/)
+    const plain = await dig('+ignore', '+noedns', 'web.service.mesh', 'A')
+    assert.match(plain, /flags: qr aa tc rd;/, 'sixty A records are over 512 bytes')
+  })
+
+  test('aliases are CNAMEs with the target\'s records; a dangling one is NXDOMAIN and one that shadows a node is left out', async () => {
+    const files = await dig('files.mesh')
+    assert.match(files, /files\.mesh\.\s+30\s+IN\s+CNAME\s+nfs\.service\.mesh\.\nnfs\.service\.mesh\.\s+5\s+IN\s+A\s+10\.99\.0\.1/)
+    assert.match(await dig('+short', 'gateway.mesh'), /^hub\.mesh\.\n10\.99\.0\.1$/m)
+    const dangling = await dig('dangling.mesh')
+    assert.match(dangling, /status: NXDOMAIN/)
+    assert.match(dangling, /CNAME\s+nobody\.mesh\./)
+    assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
+    assert.ok(server.zone()?.skipped.some((s) => s.name === 'hub' && /already a node/.test(s.reason)))
+  })
+
+  test('the helper answers too, from the same zone, and its counts reach the daemon', async () => {
+    const sock = createSocket('udp4')
+    const replies: Buffer[] = []
+    sock.on('message', (m) => replies.push(m))
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()))
+    // In bursts a socket buffer can hold, each answered before the next.
+    for (let burst = 0; burst < 8; burst++) {
+      for (let i = 0; i < 50; i++) sock.send(buildQuery('gateway.mesh', TYPE.A, { id: burst * 50 + i }), server.port, '127.0.0.1')
+      await waitFor('a burst of replies', async () => (replies.length >= (burst + 1) * 50 ? true : undefined), { timeoutMs: 10_000, intervalMs: 5 })
+    }
+    // The helper may still be starting: keep asking until its reported count shows it answered.
+    await waitFor('the helper to report answers', async () => {
+      sock.send(buildQuery('gateway.mesh', TYPE.A, { id: 9999 }), server.port, '127.0.0.1')
+      return server.stats().byHelpers > 0 ? true : undefined
+    }, { timeoutMs: 30_000, intervalMs: 20 })
+    sock.close()
+    for (const r of replies) assert.deepEqual(decodeMessage(r).answer.map((a) => a.data), ['hub.mesh.', '10.99.0.1'])
+    assert.equal(server.workers, 1)
+    assert.ok(server.stats().queries >= 400)
+  })
+})
+
+test('a compression pointer loop in a reply is an error for the decoder, not a hang', () => {
+  const msg = Buffer.from([0, 1, 0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4])
+  assert.throws(() => decodeMessage(msg), /compression pointer/)
+  const ok = decodeMessage(Buffer.concat([Buffer.from([0, 1, 0x84, 0, 0, 1, 0, 1, 0, 0, 0, 0]), encodeName('a.mesh'), Buffer.from([0, 1, 0, 1, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4])]))
+  assert.deepEqual(ok.answer, [{ name: 'a.mesh', type: 1, class: 1, ttl: 5, data: '1.2.3.4' }])
+})
+
+test('aliases from Consul are checked: bad keys and targets are refused, names are normalised', () => {
+  const layout = kvLayout('home')
+  const item = (k: string, v: string) => ({ key: `${layout.aliasesPrefix}${k}`, value: Buffer.from(v), modifyIndex: 1 })
+  const read = parseAliases([item('', ''), item('files', 'NAS.mesh.'), item('media', 'jellyfin.service'), item('Bad_Key', 'nas'), item('evil', '../../etc'), item('long', 'x'.repeat(300))], layout, 'mesh')
+  assert.deepEqual(read.aliases, [{ name: 'files', target: 'nas' }, { name: 'media', target: 'jellyfin.service' }])
+  assert.deepEqual(read.refused.map((r) => r.key.slice(layout.aliasesPrefix.length)), ['Bad_Key', 'evil', 'long'])
+})
+
+test('the hosts block is added, kept, replaced and removed without touching other lines', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'tc-hosts-'))
+  const file = join(dir, 'hosts')
+  const mine = '127.0.0.1 localhost\n# my own comment\n'
+  await writeFile(file, mine)
+  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
+  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input)), true)
+  const text = await readFile(file, 'utf8')
+  assert.ok(text.startsWith(mine))
+  assert.match(text, /# BEGIN tinc-consul home\n.*\n10\.99\.0\.1\thub\.mesh\n10\.99\.0\.7\tmy-laptop\.mesh\n# END tinc-consul home\n$/)
+  assert.doesNotMatch(text, /twin/i, 'colliding names must not be written either')
+  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input)), false)
+  assert.equal(await writeHostsBlock(file, 'work', ['10.1.0.1\tbox.corp']), true)
+  assert.equal(await writeHostsBlock(file, 'home', undefined), true)
+  assert.equal(await readFile(file, 'utf8'), `${mine}# BEGIN tinc-consul work\n${(await readFile(file, 'utf8')).split('\n').slice(3).join('\n')}`)
+  assert.doesNotMatch(await readFile(file, 'utf8'), /home/)
+  await rm(dir, { recursive: true, force: true })
+})
+
+describe('tinc-up and tinc-down with systemd-resolved', () => {
+  const scripts = renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/run/x/tinc-events', splitDns: { domain: 'mesh', port: 53 } })
+  const runWith = async (resolvedUp: boolean, script: string) => {
+    const dir = await mkdtemp(join(tmpdir(), 'tc-resolved-'))
+    const log = join(dir, 'calls')
+    // Stand-ins record their argv; `resolvectl status` fails like it does when resolved isn't running.
+    await writeFile(join(dir, 'ip'), `#!/bin/sh\necho "ip $*" >> ${log}\n`, { mode: 0o755 })
+    await writeFile(join(dir, 'resolvectl'), `#!/bin/sh\n[ "$1" = status ] && exit ${resolvedUp ? 0 : 1}\necho "resolvectl $*" >> ${log}\n`, { mode: 0o755 })
+    await writeFile(join(dir, 'script'), scripts[script] ?? '', { mode: 0o755 })
+    await exec('/bin/sh', [join(dir, 'script')], { env: { PATH: `${dir}:/usr/bin:/bin`, INTERFACE: 'tinc-home' } })
+    const calls = await readFile(log, 'utf8').catch(() => '')
+    await rm(dir, { recursive: true, force: true })
+    return calls.trim().split('\n')
+  }
+
+  test('with resolved running, tinc-up sends only ~mesh to this node\'s server on the VPN interface, and tinc-down reverts it', async () => {
+    assert.deepEqual(await runWith(true, 'tinc-up'), ['ip addr add 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home up', 'resolvectl dns tinc-home 10.99.0.7', 'resolvectl domain tinc-home ~mesh'])
+    assert.deepEqual(await runWith(true, 'tinc-down'), ['resolvectl revert tinc-home', 'ip addr del 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home down'])
+  })
+
+  test('without resolved, DNS settings are left alone; nothing writes resolv.conf or hosts', async () => {
+    assert.deepEqual(await runWith(false, 'tinc-up'), ['ip addr add 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home up'])
+    for (const text of Object.values(scripts)) assert.doesNotMatch(text, /resolv\.conf|\/etc\/hosts/)
+    const other = renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/x', splitDns: { domain: 'corp.mesh', port: 5353 } })
+    assert.match(other['tinc-up'] ?? '', /resolvectl dns "\$INTERFACE" 10\.99\.0\.7:5353 && resolvectl domain "\$INTERFACE" '~corp\.mesh'/)
+    assert.doesNotMatch(renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/x' })['tinc-up'] ?? '', /resolvectl/)
+  })
+})
+
+test('`tinc-consul resolve` prints the answer, and fails clearly on NXDOMAIN and REFUSED', async () => {
+  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
+  const server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 0, log: pino({ level: 'silent' }) })
+  server.update(input)
+  const cli = (...args: string[]) => exec(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'resolve', ...args, '--dns-port', String(server.port)]).then((r) => ({ code: 0, ...r }), (e: { code: number; stdout: string; stderr: string }) => e)
+  try {
+    const a = await cli('my-laptop.mesh')
+    assert.equal(a.code, 0)
+    assert.equal(a.stdout, 'my-laptop.mesh.\t30\tA\t10.99.0.7\n')
+    assert.match((await cli('10.99.0.1')).stdout, /^1\.0\.99\.10\.in-addr\.arpa\.\t30\tPTR\thub\.mesh\.$/m)
+    assert.match((await cli('hub.mesh', '--type', 'txt', '--tcp')).stdout, /TXT\t"public" "tinc=hub"/)
+    const nx = await cli('nobody.mesh')
+    assert.equal(nx.code, 1)
+    assert.match(nx.stderr, /nobody\.mesh: no such name/)
+    const refused = await cli('example.com')
+    assert.match(refused.stderr, /REFUSED \(it only answers for the mesh's own zone\)/)
+    const bad = await cli('hub.mesh', '--type', 'MX')
+    assert.equal(bad.code, 2)
+  } finally {
+    await server.close()
+  }
 })

@@ -10,7 +10,12 @@ import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
 import { applyEvent, watchEvents, type PeerLink } from '../tinc/events.ts'
 import { tincDirFor } from '../tinc/setup.ts'
 import { eventsFileFor } from '../mesh/init.ts'
+import { nextSerial, zoneInputFrom } from '../dns/feed.ts'
+import { hostsLines, writeHostsBlock } from '../dns/hosts-file.ts'
+import { startDnsServer, type DnsServer } from '../dns/server.ts'
+import type { MeshState } from '../mesh/sync.ts'
 import { consulArgs } from './common.ts'
+import { dnsArgs, dnsSettings } from './dns-args.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 
@@ -36,6 +41,7 @@ export const runCommand = defineCommand({
     'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), default: envDefault('join-listen', '0.0.0.0') },
     'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
     'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
+    ...dnsArgs,
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -45,8 +51,26 @@ export const runCommand = defineCommand({
     const layout = kvLayout(net, args.prefix || undefined)
     // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
     const self = await readTincName(tincDir)
-    const isPublic = (await buildOwnRecord(tincDir, self)).addresses.length > 0
+    const own = await buildOwnRecord(tincDir, self)
+    const isPublic = own.addresses.length > 0
     const serveJoins = joinPort > 0 && isPublic
+    const dnsOpts = dnsSettings(args)
+    // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
+    let dns: DnsServer | undefined
+    if (dnsOpts.enabled) dns = await startDnsServer({ hosts: [own.vpnAddress, ...dnsOpts.listen.filter((h) => h !== own.vpnAddress)], port: dnsOpts.port, workers: dnsOpts.workers, log })
+    const dnsLog = log.child({ component: 'dns' })
+    let serial = 0
+    let hostsWrite = Promise.resolve()
+    const onState = (state: MeshState) => {
+      serial = nextSerial(serial)
+      const input = zoneInputFrom(state, { self, ttl: dnsOpts.ttl }, serial)
+      if (dns) {
+        const zone = dns.update(input)
+        if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
+      }
+      const file = dnsOpts.hostsFile
+      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+    }
     const daemon = await startSync({
       net,
       tincDir,
@@ -59,6 +83,10 @@ export const runCommand = defineCommand({
       waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
       recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
       log,
+      onState,
+    }).catch(async (err: unknown) => {
+      await dns?.close()
+      throw err
     })
     let joins: JoinServer | undefined
     if (serveJoins) {
@@ -68,6 +96,7 @@ export const runCommand = defineCommand({
         joins = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
       } catch (err) {
         await daemon.stop()
+        await dns?.close()
         throw err
       }
     }
@@ -77,7 +106,7 @@ export const runCommand = defineCommand({
     const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
       if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
     }, tincLog)
-    log.info({ node: daemon.self, joinPort: joins?.port }, 'tinc-consul running')
+    log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port }, 'tinc-consul running')
     await new Promise<void>((resolve) => {
       const stop = () => resolve()
       process.once('SIGINT', stop)
@@ -87,5 +116,7 @@ export const runCommand = defineCommand({
     events.stop()
     await joins?.close()
     await daemon.stop()
+    await dns?.close()
+    await hostsWrite
   },
 })

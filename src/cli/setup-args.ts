@@ -1,6 +1,6 @@
 import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
 import { parseAddressFlags, parseIntFlag } from './parse.ts'
-import { described, envDefault } from './env.ts'
+import { described, envDefault, envFlag } from './env.ts'
 
 /** Flags `init` and `join` share: where files go and how the node is reached. */
 export const setupArgs = {
@@ -11,6 +11,8 @@ export const setupArgs = {
   'config-dir': { type: 'string', description: described('Where the daemon\'s settings (<net>.env, with tokens) go', 'config-dir'), default: envDefault('config-dir', DEFAULT_CONFIG_DIR) },
   'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report events to <run-dir>/<net>/', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
   interface: { type: 'string', description: described('VPN interface name (default tinc-<net>, cut to 15 characters)', 'interface'), default: process.env.TINC_CONSUL_INTERFACE },
+  'split-dns': { type: 'boolean', description: described('tinc-up points systemd-resolved at the mesh DNS for ~<domain> on the VPN interface when resolved runs; tinc-down undoes it (--no-split-dns: leave resolved alone)', 'split-dns'), default: envFlag('split-dns', true) },
+  'dns-port': { type: 'string', description: described('The port `run` serves DNS on, for split DNS', 'dns-port'), default: envDefault('dns-port', '53') },
   force: { type: 'boolean', description: 'Replace an existing node in <dir>/<net> (kept beside it), with a new key', default: false },
 } as const
 
@@ -23,6 +25,8 @@ interface SetupArgValues {
   'run-dir': string
   interface?: string
   force: boolean
+  'split-dns': boolean
+  'dns-port': string
 }
 
 /** The shared part of init's and join's options, from their flags. */
@@ -38,6 +42,8 @@ export function setupFrom(args: SetupArgValues) {
     runDir: args['run-dir'],
     interface: args.interface || undefined,
     force: args.force,
+    splitDns: args['split-dns'],
+    dnsPort: parseIntFlag('dns-port', args['dns-port'], 1, 65535),
     // Timestamped steps: people see where a slow join spends its time.
     progress: (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`),
   }

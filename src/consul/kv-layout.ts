@@ -10,6 +10,8 @@ import { isTincName } from '../tinc/names.ts'
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
  *   <prefix>ipam/<address>       who holds a VPN address: {"name":"…","at":"…"[,"releasedAt":"…"]}
  *   <prefix>invites/<id hex>     an open invite (never the token): see src/mesh/invite.ts
+ *   <prefix>aliases/             empty, like revoked/
+ *   <prefix>aliases/<label>      an operator's DNS alias: the target name as plain text ("laptop", "nfs.service")
  *
  * The prefix defaults to `tinc-consul/<net>/`.
  */
@@ -24,6 +26,8 @@ export interface KvLayout {
   ipam(address: string): string
   invitesPrefix: string
   invite(id: string): string
+  aliasesPrefix: string
+  alias(label: string): string
 }
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
@@ -47,6 +51,11 @@ export function kvLayout(net: string, prefix = `tinc-consul/${net}/`): KvLayout 
     invite: (id) => {
       if (!/^[0-9a-f]{32}$/.test(id)) throw new UsageError('BAD_INVITE_ID', `not an invite id: ${JSON.stringify(id)}`)
       return `${p}invites/${id}`
+    },
+    aliasesPrefix: `${p}aliases/`,
+    alias: (label) => {
+      if (!/^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/.test(label)) throw new UsageError('BAD_ALIAS', `an alias must be one lower-case DNS label (letters, digits, inner dashes), got ${JSON.stringify(label)}`)
+      return `${p}aliases/${label}`
     },
   }
 }

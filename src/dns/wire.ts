@@ -182,3 +182,146 @@ export function errorReply(query: Uint8Array, rcode: number, q?: Question): Buff
   if (q) out.set(query.subarray(12, q.end), 12)
   return out
 }
+
+/** Builds a query for one name and type, with an EDNS OPT record unless `edns` is 0. */
+export function buildQuery(name: string, type: number, opts: { id?: number; edns?: number; rd?: boolean } = {}): Buffer {
+  const edns = opts.edns ?? 1232
+  const head = Buffer.alloc(12)
+  head.writeUInt16BE(opts.id ?? Math.floor(Math.random() * 0x10000), 0)
+  head[2] = opts.rd === false ? 0 : 1
+  head.writeUInt16BE(1, 4)
+  head.writeUInt16BE(edns ? 1 : 0, 10)
+  const tail = Buffer.alloc(4)
+  tail.writeUInt16BE(type, 0)
+  tail.writeUInt16BE(CLASS_IN, 2)
+  const opt = edns ? Buffer.from([0, 0, 41, edns >> 8, edns & 0xff, 0, 0, 0, 0, 0, 0]) : Buffer.alloc(0)
+  return Buffer.concat([head, encodeName(name.replace(/\.$/, '')), tail, opt])
+}
+
+export interface DecodedRR {
+  name: string
+  type: number
+  class: number
+  ttl: number
+  /** A short presentation form: "10.0.0.1", "laptop.mesh.", "10 0 2049 nfs.mesh.", "\"a\" \"b\"". */
+  data: string
+}
+
+export interface DecodedMessage {
+  id: number
+  flags: { qr: boolean; aa: boolean; tc: boolean; rd: boolean; ra: boolean }
+  rcode: number
+  question?: { name: string; type: number }
+  answer: DecodedRR[]
+  authority: DecodedRR[]
+  additional: DecodedRR[]
+}
+
+/**
+ * Decodes a whole message, for the `resolve` command and the tests. Unlike the
+ * server's parser it follows compression pointers, each only backwards, so a
+ * pointer loop ends in an error instead of a hang.
+ */
+export function decodeMessage(msg: Uint8Array): DecodedMessage {
+  const buf = Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength)
+  if (buf.length < 12) throw new FormError('short header')
+  const need = (p: number, n: number) => {
+    if (p + n > buf.length) throw new FormError('message runs past the end')
+  }
+  const readName = (start: number): { name: string; end: number } => {
+    const labels: string[] = []
+    let p = start
+    let end = -1
+    let limit = start
+    for (;;) {
+      need(p, 1)
+      const len = buf[p] as number
+      if ((len & 0xc0) === 0xc0) {
+        need(p, 2)
+        const target = ((len & 0x3f) << 8) | (buf[p + 1] as number)
+        if (target >= limit) throw new FormError('compression pointer does not point backwards')
+        if (end < 0) end = p + 2
+        limit = target
+        p = target
+        continue
+      }
+      if (len > 63) throw new FormError('bad label length')
+      p++
+      if (len === 0) break
+      need(p, len)
+      labels.push(buf.toString('latin1', p, p + len))
+      p += len
+      if (labels.join('.').length > 255) throw new FormError('name too long')
+    }
+    return { name: labels.join('.'), end: end < 0 ? p : end }
+  }
+  const present = (type: number, p: number, len: number): string => {
+    const rd = buf.subarray(p, p + len)
+    switch (type) {
+      case TYPE.A:
+        return len === 4 ? [...rd].join('.') : rd.toString('hex')
+      case TYPE.AAAA:
+        return len === 16 ? (rd.toString('hex').match(/.{4}/g) ?? []).join(':') : rd.toString('hex')
+      case TYPE.NS:
+      case TYPE.CNAME:
+      case TYPE.PTR:
+        return `${readName(p).name}.`
+      case TYPE.SRV:
+        need(p, 6)
+        return `${buf.readUInt16BE(p)} ${buf.readUInt16BE(p + 2)} ${buf.readUInt16BE(p + 4)} ${readName(p + 6).name}.`
+      case TYPE.SOA: {
+        const m = readName(p)
+        const r = readName(m.end)
+        need(r.end, 20)
+        return `${m.name}. ${r.name}. ${[0, 4, 8, 12, 16].map((o) => buf.readUInt32BE(r.end + o)).join(' ')}`
+      }
+      case TYPE.TXT:
+      case TYPE.HINFO: {
+        const parts: string[] = []
+        for (let i = 0; i < rd.length; ) {
+          const n = rd[i] as number
+          parts.push(JSON.stringify(rd.toString('utf8', i + 1, i + 1 + n)))
+          i += 1 + n
+        }
+        return parts.join(' ')
+      }
+      default:
+        return rd.toString('hex')
+    }
+  }
+  const qd = buf.readUInt16BE(4)
+  const counts = [buf.readUInt16BE(6), buf.readUInt16BE(8), buf.readUInt16BE(10)] as const
+  let p = 12
+  let question: DecodedMessage['question']
+  for (let i = 0; i < qd; i++) {
+    const n = readName(p)
+    need(n.end, 4)
+    if (i === 0) question = { name: n.name, type: buf.readUInt16BE(n.end) }
+    p = n.end + 4
+  }
+  const sections: DecodedRR[][] = [[], [], []]
+  counts.forEach((count, s) => {
+    for (let i = 0; i < count; i++) {
+      const n = readName(p)
+      need(n.end, 10)
+      const type = buf.readUInt16BE(n.end)
+      const len = buf.readUInt16BE(n.end + 8)
+      need(n.end + 10, len)
+      ;(sections[s] as DecodedRR[]).push({ name: n.name, type, class: buf.readUInt16BE(n.end + 2), ttl: buf.readUInt32BE(n.end + 4), data: type === TYPE.OPT ? '' : present(type, n.end + 10, len) })
+      p = n.end + 10 + len
+    }
+  })
+  const f = buf.readUInt16BE(2)
+  return {
+    id: buf.readUInt16BE(0),
+    flags: { qr: (f & 0x8000) !== 0, aa: (f & 0x0400) !== 0, tc: (f & 0x0200) !== 0, rd: (f & 0x0100) !== 0, ra: (f & 0x0080) !== 0 },
+    rcode: f & 0x0f,
+    question,
+    answer: sections[0] ?? [],
+    authority: sections[1] ?? [],
+    additional: sections[2] ?? [],
+  }
+}
+
+export const typeName = (t: number): string => Object.entries(TYPE).find(([, v]) => v === t)?.[0] ?? `TYPE${t}`
+export const rcodeName = (r: number): string => Object.entries(RCODE).find(([, v]) => v === r)?.[0] ?? `RCODE${r}`

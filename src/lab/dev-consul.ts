@@ -14,6 +14,8 @@ import { requireConsul } from './provision.ts'
  */
 export interface DevConsul {
   url: string
+  /** Consul's own DNS interface, UDP and TCP on 127.0.0.1. */
+  dnsPort: number
   stop(): Promise<void>
 }
 
@@ -62,5 +64,5 @@ export async function startDevConsul(opts: { managementToken?: string; maxConnsP
     await stop()
     throw err
   }
-  return { url, stop }
+  return { url, dnsPort: dns, stop }
 }

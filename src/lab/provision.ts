@@ -21,6 +21,8 @@ export const DEBIAN_TOOLS: readonly DebianTool[] = [
   { command: 'ping', pkg: 'iputils-ping', why: 'reachability checks' },
   { command: 'dig', pkg: 'bind9-dnsutils', why: 'DNS checks' },
   { command: 'dnsperf', pkg: 'dnsperf', why: 'DNS benchmarks' },
+  // dnsmasq-base is the binary without the system service, so installing it starts nothing.
+  { command: 'dnsmasq', pkg: 'dnsmasq-base', why: 'the reference server in the DNS benchmark' },
 ]
 
 export interface ProvisionReport {

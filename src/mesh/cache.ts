@@ -9,11 +9,14 @@ import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRec
  * answers (and keeps serving while it doesn't). Only accepted records are
  * cached, and they are checked again on load like anything else.
  */
-const cacheSchema = z.object({ network: networkRecordSchema, records: z.array(nodeRecordSchema) })
+const aliasSchema = z.object({ name: z.string().max(63), target: z.string().max(253) })
+const cacheSchema = z.object({ network: networkRecordSchema, records: z.array(nodeRecordSchema), aliases: z.array(aliasSchema).max(10_000).optional() })
 
 export interface CachedView {
   network: NetworkRecord
   records: NodeRecord[]
+  /** DNS aliases as last read (already checked), so names keep resolving across a restart without Consul. */
+  aliases?: Array<{ name: string; target: string }>
 }
 
 export function cachePath(stateDir: string): string {
@@ -31,5 +34,5 @@ export async function loadCache(stateDir: string): Promise<CachedView | undefine
 
 export async function saveCache(stateDir: string, view: CachedView): Promise<boolean> {
   const records = [...view.records].sort((a, b) => a.name.localeCompare(b.name))
-  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records })}\n`, 0o600, { durable: false })
+  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records, aliases: view.aliases ?? [] })}\n`, 0o600, { durable: false })
 }

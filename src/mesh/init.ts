@@ -34,6 +34,9 @@ export interface InitOptions {
   joinPort: number
   interface?: string
   force: boolean
+  /** Register the mesh DNS with systemd-resolved in tinc-up (when resolved runs). */
+  splitDns?: boolean
+  dnsPort?: number
   progress(step: string): void
 }
 
@@ -123,6 +126,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(o.net),
       eventsFile: eventsFileFor(o.runDir, o.net),
+      splitDns: o.splitDns === false ? undefined : { domain: network.domain, port: o.dnsPort ?? 53 },
     }
     if (staging) {
       await writeSetup(staging.dir, setup)
@@ -137,6 +141,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       TINC_CONSUL_JOIN_TOKEN: joinToken,
       TINC_CONSUL_JOIN_PORT: String(o.joinPort),
       TINC_CONSUL_RUN_DIR: o.runDir,
+      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== 53 ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${cfg}`)
     return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }

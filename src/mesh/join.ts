@@ -23,6 +23,9 @@ export interface JoinOptions {
   consulUrl: string
   interface?: string
   force: boolean
+  /** Register the mesh DNS with systemd-resolved in tinc-up (when resolved runs). */
+  splitDns?: boolean
+  dnsPort?: number
   progress(step: string): void
   now?: Date
 }
@@ -81,6 +84,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: eventsFileFor(o.runDir, inv.net),
+      splitDns: o.splitDns === false ? undefined : { domain: reply.network.domain, port: o.dnsPort ?? 53 },
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
@@ -95,6 +99,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
       TINC_CONSUL_RUN_DIR: o.runDir,
+      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== 53 ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${configPath}`)
     return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }

@@ -11,6 +11,8 @@ import type { Logger } from '../log.ts'
 import { isTincName } from '../tinc/names.ts'
 import { renderTinc, type RenderOptions, type RenderResult } from '../tinc/render.ts'
 import { signalTincd } from '../tinc/signal.ts'
+import type { ZoneAlias } from '../dns/zone.ts'
+import { parseAliases } from './aliases.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { activeHolders, parseIpam, readIpam } from './ipam.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
@@ -49,6 +51,16 @@ export interface SyncOptions {
   onApplied?(event: AppliedEvent): void
   /** Called when a read from Consul was deliberately not applied (an empty nodes/ read). */
   onIgnored?(reason: string): void
+  /**
+   * Called with the new state whenever the view or the aliases change: the feed for
+   * renderers other than tinc's (DNS, the hosts block). Never with a partial state.
+   */
+  onState?(state: MeshState): void
+}
+
+export interface MeshState {
+  view: MeshView
+  aliases: ZoneAlias[]
 }
 
 export interface AppliedEvent {
@@ -70,6 +82,7 @@ export interface SyncDaemon {
   readonly self: string
   readonly stats: SyncStats
   view(): MeshView | undefined
+  aliases(): ZoneAlias[]
   /** Who holds each VPN address, as last read from ipam/. */
   allocations(): ReadonlyMap<string, string>
   stop(): Promise<void>
@@ -96,6 +109,27 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   let revoked = new Set<string>()
   let allocations = new Map<string, string>()
   let lastRefusals = new Map<string, string>()
+  let aliases: ZoneAlias[] = []
+  let aliasItems: KvItem[] | undefined
+  let lastAliasRefusals = ''
+  // Aliases are checked against the network's domain, so they wait for the network record.
+  const refreshAliases = () => {
+    if (!network || !aliasItems) return
+    const read = parseAliases(aliasItems, layout, network.domain)
+    const refusedNow = JSON.stringify(read.refused)
+    if (refusedNow !== lastAliasRefusals) for (const x of read.refused) log.warn({ key: x.key, reason: x.reason }, 'refused a DNS alias from consul')
+    lastAliasRefusals = refusedNow
+    if (JSON.stringify(read.aliases) === JSON.stringify(aliases)) return
+    aliases = read.aliases
+    if (view) {
+      cacheDirty = { network: view.network, records: viewRecords(view), aliases }
+      flushCacheSoon()
+    }
+    notify()
+  }
+  const notify = () => {
+    if (view) opts.onState?.({ view, aliases })
+  }
   let pendingBytes = 0
   // The cache is a fallback for restarts: written a moment after the applies that changed it
   // (a burst of changes costs one write), at most one write in flight, always the newest
@@ -187,7 +221,8 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     const bytesRead = pendingBytes
     pendingBytes = 0
     opts.onApplied?.({ source, render, refusals: built.refusals, bytesRead })
-    if (source === 'consul') cacheDirty = { network: net, records: viewRecords(built.view) }
+    notify()
+    if (source === 'consul') cacheDirty = { network: net, records: viewRecords(built.view), aliases }
   }
 
   // Serialise applies; each one reads the latest inputs when it starts.
@@ -206,6 +241,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   if (cached) {
     log.info({ peers: cached.records.length }, 'rendering from the on-disk cache until consul answers')
     network = cached.network
+    aliases = cached.aliases ?? []
     await apply('cache', cached.records.map((r) => ({ key: layout.node(r.name), value: r })), cached.network).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
   }
 
@@ -265,6 +301,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
         }
         const first = !network || JSON.stringify(network) !== JSON.stringify(d.value)
         network = d.value
+        refreshAliases()
         if (first) await publishOwn()
         await schedule()
       },
@@ -305,6 +342,21 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
         if (next.size === allocations.size && [...next].every(([a, n]) => allocations.get(a) === n)) return
         allocations = next
         await schedule()
+      },
+    }),
+    watchPrefix({
+      ...common,
+      prefix: layout.aliasesPrefix,
+      onChange: (r) => {
+        count(r)
+        // Like nodes/: an empty read after a non-empty one (not even the marker key) is more
+        // likely a bad moment than an operator deleting everything.
+        if (r.items.length === 0 && aliasItems && aliasItems.length > 0) {
+          log.warn('consul returned no aliases at all, not even the empty marker; ignoring this read')
+          return
+        }
+        aliasItems = r.items
+        refreshAliases()
       },
     }),
     watchPrefix({
@@ -351,6 +403,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     self,
     stats,
     view: () => view,
+    aliases: () => aliases,
     allocations: () => allocations,
     async stop() {
       stopping = true

@@ -29,6 +29,8 @@ export interface NodeSetup {
   interface: string
   /** The file the hook scripts append tinc's events to, for the local daemon. */
   eventsFile: string
+  /** Point systemd-resolved at the mesh's DNS for ~domain on the VPN interface (when it runs). */
+  splitDns?: { domain: string; port: number }
 }
 
 /** Seconds between session-key renewals in generated configs (tinc's default is 3600). */
@@ -62,7 +64,7 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
 
 const sh = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`
 
-export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'eventsFile'>): Record<string, string> {
+export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'eventsFile' | 'splitDns'>): Record<string, string> {
   const cidr = `${s.address}/${s.prefixLength}`
   const hook = (event: string) =>
     [
@@ -78,13 +80,35 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'e
       '',
     ].join('\n')
   return {
-    'tinc-up': ['#!/bin/sh', '# Written by tinc-consul: gives the VPN interface this node\'s address.', `ip addr add ${cidr} dev "$INTERFACE"`, 'ip link set "$INTERFACE" up', ''].join('\n'),
-    'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
+    'tinc-up': ['#!/bin/sh', '# Written by tinc-consul: gives the VPN interface this node\'s address.', `ip addr add ${cidr} dev "$INTERFACE"`, 'ip link set "$INTERFACE" up', ...splitDnsUp(s), ''].join('\n'),
+    'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', ...splitDnsDown(s), `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
     'host-up': hook('host-up'),
     'host-down': hook('host-down'),
     'subnet-up': hook('subnet-up'),
     'subnet-down': hook('subnet-down'),
   }
+}
+
+/**
+ * Split DNS through systemd-resolved: only ~domain goes to the mesh's server, on
+ * this interface only, and resolved forgets it when the link goes. Nothing is
+ * written to /etc/resolv.conf or /etc/hosts. `resolvectl status` fails when
+ * resolved isn't running, and then the script leaves DNS alone.
+ */
+function splitDnsUp(s: Pick<NodeSetup, 'address' | 'splitDns'>): string[] {
+  if (!s.splitDns) return []
+  const server = s.splitDns.port === 53 ? s.address : `${s.address}:${s.splitDns.port}`
+  return [
+    '# Split DNS: *.' + s.splitDns.domain + ' goes to tinc-consul on this node, everything else where it went before.',
+    'if command -v resolvectl >/dev/null 2>&1 && resolvectl status >/dev/null 2>&1; then',
+    `  resolvectl dns "$INTERFACE" ${server} && resolvectl domain "$INTERFACE" ${sh(`~${s.splitDns.domain}`)} || echo "tinc-up: resolvectl could not register ${s.splitDns.domain} DNS" >&2`,
+    'fi',
+  ]
+}
+
+function splitDnsDown(s: Pick<NodeSetup, 'splitDns'>): string[] {
+  if (!s.splitDns) return []
+  return ['if command -v resolvectl >/dev/null 2>&1 && resolvectl status >/dev/null 2>&1; then', '  resolvectl revert "$INTERFACE" 2>/dev/null', 'fi']
 }
 
 export function renderOwnHostFile(s: Pick<NodeSetup, 'publicAddresses' | 'port' | 'address' | 'publicKey'>): string {

@@ -1,0 +1,78 @@
+import { createSocket } from 'node:dgram'
+import { connect } from 'node:net'
+import { TincConsulError } from '../errors.ts'
+import { TYPE, buildQuery, decodeMessage, type DecodedMessage } from './wire.ts'
+
+export interface QueryOptions {
+  server: string
+  port: number
+  tcp?: boolean
+  timeoutMs?: number
+}
+
+/**
+ * One question to one server: UDP first, and TCP when the answer comes back
+ * truncated (or when asked). Used by `tinc-consul resolve` and the tests.
+ */
+export async function query(name: string, type: number, opts: QueryOptions): Promise<DecodedMessage & { transport: 'udp' | 'tcp' }> {
+  const id = Math.floor(Math.random() * 0x10000)
+  const msg = buildQuery(name, type, { id })
+  if (!opts.tcp) {
+    const res = decodeMessage(await udpExchange(msg, opts))
+    if (res.id !== id) throw new TincConsulError('DNS_BAD_REPLY', `the reply from ${opts.server}:${opts.port} has the wrong ID`)
+    if (!res.flags.tc) return { ...res, transport: 'udp' }
+  }
+  const res = decodeMessage(await tcpExchange(msg, opts))
+  if (res.id !== id) throw new TincConsulError('DNS_BAD_REPLY', `the reply from ${opts.server}:${opts.port} has the wrong ID`)
+  return { ...res, transport: 'tcp' }
+}
+
+function udpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const sock = createSocket('udp4')
+    const timer = setTimeout(() => done(new TincConsulError('DNS_TIMEOUT', `no answer from ${opts.server}:${opts.port} over UDP within ${opts.timeoutMs ?? 2000} ms (is \`tinc-consul run\` serving DNS there?)`)), opts.timeoutMs ?? 2000)
+    const done = (err?: Error, reply?: Buffer) => {
+      clearTimeout(timer)
+      sock.close()
+      if (err) reject(err)
+      else resolve(reply as Buffer)
+    }
+    sock.on('error', (err) => done(new TincConsulError('DNS_UNREACHABLE', `cannot ask ${opts.server}:${opts.port}: ${err.message}`, { cause: err })))
+    sock.on('message', (reply) => done(undefined, reply))
+    sock.send(msg, opts.port, opts.server)
+  })
+}
+
+function tcpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(opts.port, opts.server)
+    let buf = Buffer.alloc(0)
+    const timer = setTimeout(() => done(new TincConsulError('DNS_TIMEOUT', `no answer from ${opts.server}:${opts.port} over TCP within ${opts.timeoutMs ?? 2000} ms`)), opts.timeoutMs ?? 2000)
+    const done = (err?: Error, reply?: Buffer) => {
+      clearTimeout(timer)
+      sock.destroy()
+      if (err) reject(err)
+      else resolve(reply as Buffer)
+    }
+    sock.on('error', (err) => done(new TincConsulError('DNS_UNREACHABLE', `cannot ask ${opts.server}:${opts.port} over TCP: ${err.message}`, { cause: err })))
+    sock.on('connect', () => {
+      const head = Buffer.alloc(2)
+      head.writeUInt16BE(msg.length)
+      sock.write(Buffer.concat([head, msg]))
+    })
+    sock.on('data', (chunk) => {
+      buf = Buffer.concat([buf, chunk])
+      if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) done(undefined, buf.subarray(2, 2 + buf.readUInt16BE(0)))
+    })
+    sock.on('end', () => done(new TincConsulError('DNS_BAD_REPLY', `${opts.server}:${opts.port} closed the TCP connection without a whole answer`)))
+  })
+}
+
+/** `10.99.0.7` → `7.0.99.10.in-addr.arpa`; anything else is returned as is. */
+export function reverseName(name: string): string | undefined {
+  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(name)
+  if (!m || m.slice(1).some((o) => Number(o) > 255)) return undefined
+  return `${m.slice(1).reverse().join('.')}.in-addr.arpa`
+}
+
+export const QUERY_TYPES: Record<string, number> = { A: TYPE.A, AAAA: TYPE.AAAA, CNAME: TYPE.CNAME, NS: TYPE.NS, PTR: TYPE.PTR, SOA: TYPE.SOA, SRV: TYPE.SRV, TXT: TYPE.TXT, ANY: TYPE.ANY }

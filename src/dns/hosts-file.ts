@@ -1,0 +1,45 @@
+import { readFile, writeFile } from 'node:fs/promises'
+import { TincConsulError } from '../errors.ts'
+import { replaceManagedBlock } from '../tinc/conf-block.ts'
+import { writeFileAtomic } from '../util/atomic.ts'
+import { dnsLabel } from './zone.ts'
+import type { ZoneInput } from './zone.ts'
+
+/**
+ * For machines without systemd-resolved or dnsmasq: the mesh's names as a
+ * managed block in a hosts file, one block per network. Opt-in only; the rest
+ * of the file is never touched.
+ */
+export function hostsLines(input: ZoneInput): string[] {
+  const counts = new Map<string, number>()
+  for (const n of input.nodes) counts.set(dnsLabel(n.name), (counts.get(dnsLabel(n.name)) ?? 0) + 1)
+  return input.nodes
+    .filter((n) => counts.get(dnsLabel(n.name)) === 1)
+    .sort((a, b) => a.name.localeCompare(b.name))
+    .map((n) => `${n.address}\t${dnsLabel(n.name)}.${input.domain}`)
+}
+
+/**
+ * Writes (or with `lines` undefined, removes) the block for `net`. The file is
+ * replaced atomically; where it can't be renamed over (a bind-mounted
+ * /etc/hosts in a container) it is rewritten in place instead.
+ */
+export async function writeHostsBlock(file: string, net: string, lines: string[] | undefined): Promise<boolean> {
+  let text: string
+  try {
+    text = await readFile(file, 'utf8')
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || !lines) throw new TincConsulError('HOSTS_FILE', `cannot read ${file}: ${(err as Error).message}`, { cause: err })
+    text = ''
+  }
+  const next = replaceManagedBlock(text, lines, net)
+  if (next === text) return false
+  try {
+    return await writeFileAtomic(file, next, 0o644)
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (code !== 'EBUSY' && code !== 'EXDEV') throw new TincConsulError('HOSTS_FILE', `cannot write ${file}: ${(err as Error).message}`, { cause: err })
+    await writeFile(file, next)
+    return true
+  }
+}

@@ -1,0 +1,55 @@
+import type { ConsulClient } from '../consul/client.ts'
+import type { KvItem } from '../consul/kv.ts'
+import type { KvLayout } from '../consul/kv-layout.ts'
+import { TincConsulError, UsageError } from '../errors.ts'
+import type { ZoneAlias } from '../dns/zone.ts'
+
+/**
+ * Operator-defined DNS names: `aliases/<label>` holds the target as plain text,
+ * so `consul kv put tinc-consul/home/aliases/files nas` works as well as
+ * `tinc-consul alias set files nas`. Values come from Consul and are checked
+ * like everything else; a bad one is reported and left out, never fatal.
+ */
+const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
+const MAX_TARGET = 253
+
+export function checkTarget(target: string, domain: string): string | undefined {
+  const t = target.trim().toLowerCase().replace(/\.$/, '')
+  const bare = t.endsWith(`.${domain}`) ? t.slice(0, -domain.length - 1) : t
+  if (!bare || bare.length > MAX_TARGET || !bare.split('.').every((l) => LABEL.test(l))) return undefined
+  return bare
+}
+
+export interface AliasRead {
+  aliases: ZoneAlias[]
+  refused: Array<{ key: string; reason: string }>
+}
+
+export function parseAliases(items: KvItem[], layout: KvLayout, domain: string): AliasRead {
+  const aliases: ZoneAlias[] = []
+  const refused: AliasRead['refused'] = []
+  for (const item of items) {
+    const name = item.key.slice(layout.aliasesPrefix.length)
+    if (name === '') continue
+    if (!LABEL.test(name)) {
+      refused.push({ key: item.key, reason: 'the key is not aliases/<one lower-case DNS label>' })
+      continue
+    }
+    const raw = item.value ? Buffer.from(item.value) : Buffer.alloc(0)
+    const target = raw.length <= MAX_TARGET + 16 ? checkTarget(raw.toString('utf8'), domain) : undefined
+    if (!target) {
+      refused.push({ key: item.key, reason: `the target must be a name in ${domain} such as "laptop" or "nfs.service"` })
+      continue
+    }
+    aliases.push({ name, target })
+  }
+  return { aliases: aliases.sort((a, b) => a.name.localeCompare(b.name)), refused }
+}
+
+export async function setAlias(client: ConsulClient, layout: KvLayout, domain: string, name: string, target: string): Promise<string> {
+  const bare = checkTarget(target, domain)
+  if (!bare) throw new UsageError('BAD_ALIAS_TARGET', `the target must be a node or service name in ${domain} (like "laptop" or "nfs.service"), got ${JSON.stringify(target)}`)
+  const key = layout.alias(name)
+  if (!(await client.kvPut(key, bare))) throw new TincConsulError('CONSUL_WRITE', `consul refused the write to ${key}`)
+  return bare
+}
