@@ -83,6 +83,21 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
     failures += cells.filter((c) => c === 'FAIL').length
     console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(9)).join('')}`)
   }
+  console.log('\nnames over the VPN: each row asks its own DNS server (dig @its VPN address) for each column\'s NODE.mesh')
+  console.log(`  ${''.padEnd(8)}${joined.map((j) => j.name.padEnd(9)).join('')}`)
+  for (const a of joined) {
+    const cells = await Promise.all(joined.map(async (b) => ((await lab.exec(a.name, ['dig', '+short', '+time=2', `@${a.address}`, `${b.name.replace(/_/g, '-')}.mesh`], { allowFailure: true })).stdout.trim() === b.address ? 'ok' : 'FAIL')))
+    failures += cells.filter((c) => c === 'FAIL').length
+    console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(9)).join('')}`)
+  }
+  const asker = joined.at(-1)
+  const target = joined[0]
+  if (asker && target) {
+    for (const q of [`${target.name}.mesh`, target.address]) {
+      show(asker.name, ['resolve', q])
+      indent((await lab.cli(asker.name, ['resolve', q], { allowFailure: true })).stdout)
+    }
+  }
   const times = joined.flatMap((j) => (j.joinToPingMs === undefined ? [] : [j.joinToPingMs]))
   const worst = Math.max(...times)
   console.log(`\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`)
