@@ -11,7 +11,7 @@ import { kvLayout } from '../src/consul/kv-layout.ts'
 import { hostsLines, writeHostsBlock } from '../src/dns/hosts-file.ts'
 import { answer, startDnsServer, type DnsServer } from '../src/dns/server.ts'
 import { RCODE, TYPE, buildQuery, decodeMessage, encodeName, prepare, rdata } from '../src/dns/wire.ts'
-import { buildZone, reverseZone } from '../src/dns/zone.ts'
+import { buildZone, reverseZone, type ZoneInput } from '../src/dns/zone.ts'
 import { waitFor } from '../src/lab/daemon.ts'
 import { parseAliases } from '../src/mesh/aliases.ts'
 import { renderScripts } from '../src/tinc/setup.ts'
@@ -24,18 +24,28 @@ const nodes = [
   { name: 'twin', address: '10.99.0.9', public: false, fingerprint: `sha256:${'d'.repeat(64)}` },
 ]
 
-describe('the DNS server, asked by dig', () => {
-  let server: DnsServer
-  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 7 }
-  const zone = buildZone(input)
-  const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server.port), '+time=2', '+tries=1', ...args])).stdout
+/** A real server on a free loopback port for the tests of one describe block, and dig pointed at it. */
+function useServer(input: ZoneInput, workers: number) {
+  const ctx = { server: undefined as DnsServer | undefined }
   before(async () => {
-    server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 0, log: pino({ level: 'silent' }) })
-    server.update(input)
+    ctx.server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers, log: pino({ level: 'silent' }) })
+    ctx.server.update(input)
   })
   after(async () => {
-    await server?.close()
+    await ctx.server?.close()
   })
+  const server = () => {
+    if (!ctx.server) throw new Error('the DNS server did not start')
+    return ctx.server
+  }
+  const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server().port), '+time=2', '+tries=1', ...args])).stdout
+  return { server, dig }
+}
+
+describe('the DNS server, asked by dig', () => {
+  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 7 }
+  const zone = buildZone(input)
+  const { server, dig } = useServer(input, 0)
 
   test('node names resolve over UDP and TCP, case-insensitively, with _ as -', async () => {
     assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
@@ -75,7 +85,7 @@ describe('the DNS server, asked by dig', () => {
     const replies: Buffer[] = []
     sock.on('message', (m) => replies.push(m))
     await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()))
-    const send = (b: Buffer) => new Promise<void>((r) => sock.send(b, server.port, '127.0.0.1', () => r()))
+    const send = (b: Buffer) => new Promise<void>((r) => sock.send(b, server().port, '127.0.0.1', () => r()))
     // A compression pointer loop in the question, a huge count, a label past the end, 3 bytes.
     await send(Buffer.from([0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x0c, 0, 1, 0, 1]))
     await send(Buffer.from([0x12, 0x35, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0]))
@@ -119,7 +129,6 @@ test('an answer too big for the client over UDP is cut to the question with TC; 
 })
 
 describe('services and aliases, through a server with a helper process', () => {
-  let server: DnsServer
   const web = Array.from({ length: 60 }, (_, i) => ({ node: `n${i}`, address: `10.99.1.${i + 1}`, port: 8000 + i, tags: i % 2 ? ['blue'] : ['green'] }))
   const input = {
     domain: 'mesh',
@@ -140,14 +149,7 @@ describe('services and aliases, through a server with a helper process', () => {
     ttl: { node: 30, service: 5, negative: 5 },
     serial: 9,
   }
-  const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server.port), '+time=2', '+tries=1', ...args])).stdout
-  before(async () => {
-    server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 1, log: pino({ level: 'silent' }) })
-    server.update(input)
-  })
-  after(async () => {
-    await server?.close()
-  })
+  const { server, dig } = useServer(input, 1)
 
   test('SVC.service.mesh gives A records, SRV gives port and NODE.mesh with the A records as additional data', async () => {
     assert.match(await dig('+short', 'nfs.service.mesh'), /^10\.99\.0\.1$/m)
@@ -181,7 +183,7 @@ describe('services and aliases, through a server with a helper process', () => {
     assert.match(dangling, /status: NXDOMAIN/)
     assert.match(dangling, /CNAME\s+nobody\.mesh\./)
     assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
-    assert.ok(server.zone()?.skipped.some((s) => s.name === 'hub' && /already a node/.test(s.reason)))
+    assert.ok(server().zone()?.skipped.some((s) => s.name === 'hub' && /already a node/.test(s.reason)))
   })
 
   test('the helper answers too, from the same zone, and its counts reach the daemon', async () => {
@@ -191,18 +193,18 @@ describe('services and aliases, through a server with a helper process', () => {
     await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()))
     // In bursts a socket buffer can hold, each answered before the next.
     for (let burst = 0; burst < 8; burst++) {
-      for (let i = 0; i < 50; i++) sock.send(buildQuery('gateway.mesh', TYPE.A, { id: burst * 50 + i }), server.port, '127.0.0.1')
+      for (let i = 0; i < 50; i++) sock.send(buildQuery('gateway.mesh', TYPE.A, { id: burst * 50 + i }), server().port, '127.0.0.1')
       await waitFor('a burst of replies', async () => (replies.length >= (burst + 1) * 50 ? true : undefined), { timeoutMs: 10_000, intervalMs: 5 })
     }
     // The helper may still be starting: keep asking until its reported count shows it answered.
     await waitFor('the helper to report answers', async () => {
-      sock.send(buildQuery('gateway.mesh', TYPE.A, { id: 9999 }), server.port, '127.0.0.1')
-      return server.stats().byHelpers > 0 ? true : undefined
+      sock.send(buildQuery('gateway.mesh', TYPE.A, { id: 9999 }), server().port, '127.0.0.1')
+      return server().stats().byHelpers > 0 ? true : undefined
     }, { timeoutMs: 30_000, intervalMs: 20 })
     sock.close()
     for (const r of replies) assert.deepEqual(decodeMessage(r).answer.map((a) => a.data), ['hub.mesh.', '10.99.0.1'])
-    assert.equal(server.workers, 1)
-    assert.ok(server.stats().queries >= 400)
+    assert.equal(server().workers, 1)
+    assert.ok(server().stats().queries >= 400)
   })
 })
 
@@ -227,12 +229,12 @@ test('the hosts block is added, kept, replaced and removed without touching othe
   const mine = '127.0.0.1 localhost\n# my own comment\n'
   await writeFile(file, mine)
   const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
-  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input)), true)
+  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input.domain, input.nodes)), true)
   const text = await readFile(file, 'utf8')
   assert.ok(text.startsWith(mine))
   assert.match(text, /# BEGIN tinc-consul home\n.*\n10\.99\.0\.1\thub\.mesh\n10\.99\.0\.7\tmy-laptop\.mesh\n# END tinc-consul home\n$/)
   assert.doesNotMatch(text, /twin/i, 'colliding names must not be written either')
-  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input)), false)
+  assert.equal(await writeHostsBlock(file, 'home', hostsLines(input.domain, input.nodes)), false)
   assert.equal(await writeHostsBlock(file, 'work', ['10.1.0.1\tbox.corp']), true)
   assert.equal(await writeHostsBlock(file, 'home', undefined), true)
   assert.equal(await readFile(file, 'utf8'), `${mine}# BEGIN tinc-consul work\n${(await readFile(file, 'utf8')).split('\n').slice(3).join('\n')}`)

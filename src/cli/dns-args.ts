@@ -1,10 +1,10 @@
+import { isIPv4 } from 'node:net'
+import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { UsageError } from '../errors.ts'
 import { described, envDefault, envFlag } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 
-export const DEFAULT_DNS_PORT = 53
-
-/** The DNS flags of `run`; `resolve` shares --dns-port so both agree without configuration. */
+/** The DNS flags of `run`; `resolve`, `init` and `join` share --dns-port so all agree without configuration. */
 export const dnsArgs = {
   dns: { type: 'boolean', description: described('Serve the network\'s names over DNS (--no-dns turns it off)', 'dns'), default: envFlag('dns', true) },
   'dns-port': { type: 'string', description: described('DNS port, UDP and TCP, on every DNS address', 'dns-port'), default: envDefault('dns-port', String(DEFAULT_DNS_PORT)) },
@@ -25,11 +25,9 @@ export interface DnsSettings {
   hostsFile?: string
 }
 
-const IPV4 = /^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$/
-
 export function dnsSettings(args: { dns?: boolean; 'dns-port'?: string; 'dns-listen'?: string; 'dns-workers'?: string; 'dns-node-ttl'?: string; 'dns-service-ttl'?: string; 'dns-negative-ttl'?: string; 'hosts-file'?: string }): DnsSettings {
   const listen = (args['dns-listen'] ?? '').split(',').map((s) => s.trim()).filter(Boolean)
-  for (const h of listen) if (!IPV4.test(h)) throw new UsageError('BAD_FLAG', `--dns-listen takes IPv4 addresses, got ${JSON.stringify(h)}`)
+  for (const h of listen) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--dns-listen takes IPv4 addresses, got ${JSON.stringify(h)}`)
   const w = args['dns-workers'] ?? 'auto'
   return {
     enabled: args.dns !== false,

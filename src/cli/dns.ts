@@ -2,16 +2,16 @@ import { defineCommand } from 'citty'
 import { createConsulClient } from '../consul/client.ts'
 import { kvList } from '../consul/kv.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
-import { QUERY_TYPES, query, reverseName } from '../dns/client.ts'
-import { zoneInputFrom } from '../dns/feed.ts'
+import { QUERY_TYPES, query } from '../dns/client.ts'
 import { hostsLines, writeHostsBlock } from '../dns/hosts-file.ts'
+import { reverseName } from '../dns/zone.ts'
 import { RCODE, rcodeName, typeName, type DecodedRR } from '../dns/wire.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { parseAliases, setAlias } from '../mesh/aliases.ts'
 import { loadCache } from '../mesh/cache.ts'
 import { decodeJson, networkRecordSchema } from '../mesh/record.ts'
 import { consulArgs } from './common.ts'
-import { DEFAULT_DNS_PORT } from './dns-args.ts'
+import { dnsArgs } from './dns-args.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 import { requireNet } from './run.ts'
@@ -27,7 +27,7 @@ export const resolveCommand = defineCommand({
     'config-dir': consulArgs['config-dir'],
     type: { type: 'string', description: `Record type: ${Object.keys(QUERY_TYPES).join(', ')} (default A, or PTR for an address)` },
     server: { type: 'string', description: described('DNS server to ask', 'resolve-server'), default: envDefault('resolve-server', '127.0.0.1') },
-    'dns-port': { type: 'string', description: described('Its port', 'dns-port'), default: envDefault('dns-port', String(DEFAULT_DNS_PORT)) },
+    'dns-port': { ...dnsArgs['dns-port'], description: described('Its port', 'dns-port') },
     tcp: { type: 'boolean', description: 'Ask over TCP', default: false },
     timeout: { type: 'string', description: 'Seconds to wait for the answer', default: '2' },
     verbose: { type: 'boolean', description: 'Also print the authority and additional sections and the flags', default: false },
@@ -77,8 +77,7 @@ export const hostsCommand = defineCommand({
     const dir = args['state-dir'] ?? `/var/lib/tinc-consul/${net}`
     const cached = await loadCache(dir)
     if (!cached) throw new TincConsulError('NO_VIEW', `no view of the mesh in ${dir} yet; start \`tinc-consul run --net ${net}\` first (or pass --state-dir)`)
-    const view = { network: cached.network, peers: new Map(cached.records.map((r) => [r.name, { record: r, publicKey: '', options: [], dropped: [] }])) }
-    const lines = hostsLines(zoneInputFrom({ view, aliases: [] }, { self: '', ttl: { node: 0, service: 0, negative: 0 } }, 0))
+    const lines = hostsLines(cached.network.domain, cached.records.map((r) => ({ name: r.name, address: r.vpnAddress })))
     const changed = await writeHostsBlock(args.file, net, lines)
     console.log(`${changed ? 'wrote' : 'kept'} ${lines.length} names in ${args.file}`)
   },

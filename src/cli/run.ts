@@ -60,16 +60,22 @@ export const runCommand = defineCommand({
     if (dnsOpts.enabled) dns = await startDnsServer({ hosts: [own.vpnAddress, ...dnsOpts.listen.filter((h) => h !== own.vpnAddress)], port: dnsOpts.port, workers: dnsOpts.workers, log })
     const dnsLog = log.child({ component: 'dns' })
     let serial = 0
+    let lastInput = ''
     let hostsWrite = Promise.resolve()
     const onState = (state: MeshState) => {
-      serial = nextSerial(serial)
+      // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
+      // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
       const input = zoneInputFrom(state, { self, ttl: dnsOpts.ttl }, serial)
+      const key = JSON.stringify({ ...input, serial: 0 })
+      if (key === lastInput) return
+      lastInput = key
+      serial = input.serial = nextSerial(serial)
       if (dns) {
         const zone = dns.update(input)
         if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
       }
       const file = dnsOpts.hostsFile
-      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
     }
     const daemon = await startSync({
       net,

@@ -1,5 +1,6 @@
 import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
 import { parseAddressFlags, parseIntFlag } from './parse.ts'
+import { dnsArgs } from './dns-args.ts'
 import { described, envDefault, envFlag } from './env.ts'
 
 /** Flags `init` and `join` share: where files go and how the node is reached. */
@@ -12,7 +13,7 @@ export const setupArgs = {
   'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report events to <run-dir>/<net>/', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
   interface: { type: 'string', description: described('VPN interface name (default tinc-<net>, cut to 15 characters)', 'interface'), default: process.env.TINC_CONSUL_INTERFACE },
   'split-dns': { type: 'boolean', description: described('tinc-up points systemd-resolved at the mesh DNS for ~<domain> on the VPN interface when resolved runs; tinc-down undoes it (--no-split-dns: leave resolved alone)', 'split-dns'), default: envFlag('split-dns', true) },
-  'dns-port': { type: 'string', description: described('The port `run` serves DNS on, for split DNS', 'dns-port'), default: envDefault('dns-port', '53') },
+  'dns-port': { ...dnsArgs['dns-port'], description: described('The port `run` serves DNS on, for split DNS', 'dns-port') },
   force: { type: 'boolean', description: 'Replace an existing node in <dir>/<net> (kept beside it), with a new key', default: false },
 } as const
 

@@ -1,4 +1,5 @@
 import { UsageError } from '../errors.ts'
+import { isDnsLabel } from '../dns/zone.ts'
 import { isTincName } from '../tinc/names.ts'
 
 /**
@@ -54,7 +55,7 @@ export function kvLayout(net: string, prefix = `tinc-consul/${net}/`): KvLayout 
     },
     aliasesPrefix: `${p}aliases/`,
     alias: (label) => {
-      if (!/^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/.test(label)) throw new UsageError('BAD_ALIAS', `an alias must be one lower-case DNS label (letters, digits, inner dashes), got ${JSON.stringify(label)}`)
+      if (!isDnsLabel(label)) throw new UsageError('BAD_ALIAS', `an alias must be one lower-case DNS label (letters, digits, inner dashes), got ${JSON.stringify(label)}`)
       return `${p}aliases/${label}`
     },
   }

@@ -17,14 +17,23 @@ export interface QueryOptions {
 export async function query(name: string, type: number, opts: QueryOptions): Promise<DecodedMessage & { transport: 'udp' | 'tcp' }> {
   const id = Math.floor(Math.random() * 0x10000)
   const msg = buildQuery(name, type, { id })
-  if (!opts.tcp) {
-    const res = decodeMessage(await udpExchange(msg, opts))
+  const ask = async (transport: 'udp' | 'tcp') => {
+    const raw = await (transport === 'udp' ? udpExchange : tcpExchange)(msg, opts)
+    // A reply is as untrusted as any packet: a broken one is an error with a code, not a crash.
+    let res: DecodedMessage
+    try {
+      res = decodeMessage(raw)
+    } catch (err) {
+      throw new TincConsulError('DNS_BAD_REPLY', `the reply from ${opts.server}:${opts.port} is malformed: ${(err as Error).message}`, { cause: err })
+    }
     if (res.id !== id) throw new TincConsulError('DNS_BAD_REPLY', `the reply from ${opts.server}:${opts.port} has the wrong ID`)
-    if (!res.flags.tc) return { ...res, transport: 'udp' }
+    return { ...res, transport }
   }
-  const res = decodeMessage(await tcpExchange(msg, opts))
-  if (res.id !== id) throw new TincConsulError('DNS_BAD_REPLY', `the reply from ${opts.server}:${opts.port} has the wrong ID`)
-  return { ...res, transport: 'tcp' }
+  if (!opts.tcp) {
+    const res = await ask('udp')
+    if (!res.flags.tc) return res
+  }
+  return ask('tcp')
 }
 
 function udpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
@@ -66,13 +75,6 @@ function tcpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
     })
     sock.on('end', () => done(new TincConsulError('DNS_BAD_REPLY', `${opts.server}:${opts.port} closed the TCP connection without a whole answer`)))
   })
-}
-
-/** `10.99.0.7` → `7.0.99.10.in-addr.arpa`; anything else is returned as is. */
-export function reverseName(name: string): string | undefined {
-  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(name)
-  if (!m || m.slice(1).some((o) => Number(o) > 255)) return undefined
-  return `${m.slice(1).reverse().join('.')}.in-addr.arpa`
 }
 
 export const QUERY_TYPES: Record<string, number> = { A: TYPE.A, AAAA: TYPE.AAAA, CNAME: TYPE.CNAME, NS: TYPE.NS, PTR: TYPE.PTR, SOA: TYPE.SOA, SRV: TYPE.SRV, TXT: TYPE.TXT, ANY: TYPE.ANY }

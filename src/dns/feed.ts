@@ -1,5 +1,5 @@
 import type { MeshState } from '../mesh/sync.ts'
-import type { ZoneInput, ZoneService } from './zone.ts'
+import type { ZoneInput } from './zone.ts'
 
 export interface ZoneSettings {
   self: string
@@ -10,9 +10,9 @@ export interface ZoneSettings {
  * The DNS renderer's view of the mesh state. Kept separate from the server so
  * the zone is plain data: the same input goes to the helper processes.
  */
-export function zoneInputFrom(state: MeshState, settings: ZoneSettings, serial: number, services: ZoneService[] = []): ZoneInput {
+export function zoneInputFrom(state: MeshState, settings: ZoneSettings, serial: number): ZoneInput {
   const nodes = [...state.view.peers.values()].map(({ record }) => ({ name: record.name, address: record.vpnAddress, public: record.addresses.length > 0, fingerprint: record.fingerprint }))
-  return { domain: state.view.network.domain, cidr: state.view.network.cidr, self: settings.self, nodes, services, aliases: state.aliases, ttl: settings.ttl, serial }
+  return { domain: state.view.network.domain, cidr: state.view.network.cidr, self: settings.self, nodes, aliases: state.aliases, ttl: settings.ttl, serial }
 }
 
 /** SOA serials only go up: seconds since the epoch, or one more than last time when changes come faster. */

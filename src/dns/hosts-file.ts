@@ -2,21 +2,17 @@ import { readFile, writeFile } from 'node:fs/promises'
 import { TincConsulError } from '../errors.ts'
 import { replaceManagedBlock } from '../tinc/conf-block.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
-import { dnsLabel } from './zone.ts'
-import type { ZoneInput } from './zone.ts'
+import { uniqueNodes } from './zone.ts'
 
 /**
  * For machines without systemd-resolved or dnsmasq: the mesh's names as a
  * managed block in a hosts file, one block per network. Opt-in only; the rest
  * of the file is never touched.
  */
-export function hostsLines(input: ZoneInput): string[] {
-  const counts = new Map<string, number>()
-  for (const n of input.nodes) counts.set(dnsLabel(n.name), (counts.get(dnsLabel(n.name)) ?? 0) + 1)
-  return input.nodes
-    .filter((n) => counts.get(dnsLabel(n.name)) === 1)
-    .sort((a, b) => a.name.localeCompare(b.name))
-    .map((n) => `${n.address}\t${dnsLabel(n.name)}.${input.domain}`)
+export function hostsLines(domain: string, nodes: Array<{ name: string; address: string }>): string[] {
+  return [...uniqueNodes(nodes).byLabel]
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([label, n]) => `${n.address}\t${label}.${domain}`)
 }
 
 /**

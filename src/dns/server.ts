@@ -97,7 +97,7 @@ export function serveUdp(sock: UdpSocket, zone: () => Zone | undefined, stats: D
 /** IP literals only: skip dgram's asynchronous resolver step on every send. */
 const literalLookup = (host: string, _family: unknown, cb: (err: Error | null, address: string, family: number) => void) => cb(null, host, 4)
 
-export function resolveWorkers(w: number | 'auto' | undefined): number {
+function resolveWorkers(w: number | 'auto' | undefined): number {
   if (w === undefined || w === 'auto') return Math.max(0, Math.min(3, availableParallelism() - 1))
   return w
 }

@@ -7,6 +7,7 @@
 export const TYPE = { A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, HINFO: 13, TXT: 16, AAAA: 28, SRV: 33, OPT: 41, ANY: 255 } as const
 export const RCODE = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5 } as const
 export const CLASS_IN = 1
+export const DEFAULT_DNS_PORT = 53
 
 export interface Question {
   /** The question name as sent, lower-cased, dotted, without the trailing dot ("" for the root). */

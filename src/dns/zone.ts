@@ -1,3 +1,4 @@
+import { isIPv4 } from 'node:net'
 import { RCODE, TYPE, prepare, rdata, type Prepared, type RR } from './wire.ts'
 
 /**
@@ -50,7 +51,6 @@ export interface ZoneInput {
 export interface Zone {
   /** Undefined for names outside our zones: the server answers REFUSED. */
   lookup(name: string, type: number): Prepared | undefined
-  readonly names: number
   /** Names left out, and why (collisions, bad labels, alias problems). */
   readonly skipped: Array<{ name: string; reason: string }>
 }
@@ -59,6 +59,42 @@ export interface Zone {
 export const dnsLabel = (tincName: string): string => tincName.replace(/_/g, '-').toLowerCase()
 
 const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
+
+/** One lower-case DNS label: what alias and service names must be. */
+export const isDnsLabel = (s: string): boolean => LABEL.test(s)
+
+/**
+ * An alias target as stored: a name inside the zone without the domain
+ * ("nas", "jellyfin.service"), or undefined when it isn't one. Accepts the
+ * fully qualified form too ("nas.mesh.").
+ */
+export function aliasTarget(target: string, domain: string): string | undefined {
+  const t = target.trim().toLowerCase().replace(/\.$/, '')
+  const bare = t.endsWith(`.${domain}`) ? t.slice(0, -domain.length - 1) : t
+  return bare && bare.length <= 253 && bare.split('.').every(isDnsLabel) ? bare : undefined
+}
+
+/** `10.99.0.7` → `7.0.99.10.in-addr.arpa`, or undefined for anything but an IPv4 address. */
+export function reverseName(address: string): string | undefined {
+  return isIPv4(address) ? `${address.split('.').reverse().join('.')}.in-addr.arpa` : undefined
+}
+
+/**
+ * The nodes that get a name: two whose names become the same label once `_` is `-`
+ * and case is folded are both left out, so neither wins silently. Shared by the
+ * zone and the hosts block, so both leave out the same nodes.
+ */
+export function uniqueNodes<N extends { name: string }>(nodes: N[]): { byLabel: Map<string, N>; collisions: Array<{ name: string; reason: string }> } {
+  const groups = new Map<string, N[]>()
+  for (const n of nodes) groups.set(dnsLabel(n.name), [...(groups.get(dnsLabel(n.name)) ?? []), n])
+  const byLabel = new Map<string, N>()
+  const collisions: Array<{ name: string; reason: string }> = []
+  for (const [label, group] of groups) {
+    if (group.length === 1 && group[0]) byLabel.set(label, group[0])
+    else for (const g of group) collisions.push({ name: g.name, reason: `collides with ${group.filter((o) => o !== g).map((o) => o.name).join(', ')} as ${label}` })
+  }
+  return { byLabel, collisions }
+}
 
 /** The in-addr.arpa zone covering a CIDR, at the octet boundary at or above its prefix. */
 export function reverseZone(cidr: string): string {
@@ -88,36 +124,34 @@ export function buildZone(input: ZoneInput): Zone {
     if (list) list.push(rr)
     else m.set(rr.type, [rr])
   }
-  /** SRV targets' A records go in the additional section. */
-  const glue = new Map<string, RR[]>()
+  /** Each node's A record under its own name, and which nodes each name's SRV records point at: the additional section. */
+  const glue = new Map<string, RR>()
+  const srvTargets = new Map<string, Set<string>>()
 
   for (const zone of [apex, rev]) {
     add(zone, { ...soa(zone), name: null })
     add(zone, { name: null, type: TYPE.NS, ttl: input.ttl.node, data: rdata.name(selfName) })
   }
 
-  // Names that collide once `_` becomes `-` and case is folded are left out: neither may win silently.
-  const byLabel = new Map<string, ZoneNode[]>()
-  for (const n of input.nodes) byLabel.set(dnsLabel(n.name), [...(byLabel.get(dnsLabel(n.name)) ?? []), n])
-  for (const [label, group] of byLabel) {
-    const n = group[0]
-    if (!n) continue
-    if (group.length > 1 || label === 'service') {
-      for (const g of group) skipped.push({ name: g.name, reason: group.length > 1 ? `collides with ${group.filter((o) => o !== g).map((o) => o.name).join(', ')} as ${label}.${apex}` : `"${label}" is reserved for services` })
+  const { byLabel, collisions } = uniqueNodes(input.nodes)
+  skipped.push(...collisions)
+  for (const [label, n] of byLabel) {
+    if (label === 'service') {
+      skipped.push({ name: n.name, reason: '"service" is reserved for services' })
       continue
     }
     const fqdn = `${label}.${apex}`
     const a: RR = { name: null, type: TYPE.A, ttl: input.ttl.node, data: rdata.a(n.address) }
     add(fqdn, a)
-    glue.set(fqdn, [{ ...a, name: fqdn }])
+    glue.set(fqdn, { ...a, name: fqdn })
     add(fqdn, { name: null, type: TYPE.TXT, ttl: input.ttl.node, data: rdata.txt([n.public ? 'public' : 'behind NAT', `tinc=${n.name}`, `key=${n.fingerprint}`]) })
-    const ptr = `${n.address.split('.').reverse().join('.')}.in-addr.arpa`
-    if (ptr.endsWith(`.${rev}`)) add(ptr, { name: null, type: TYPE.PTR, ttl: input.ttl.node, data: rdata.name(fqdn) })
+    const ptr = reverseName(n.address)
+    if (ptr?.endsWith(`.${rev}`)) add(ptr, { name: null, type: TYPE.PTR, ttl: input.ttl.node, data: rdata.name(fqdn) })
   }
 
   for (const svc of input.services ?? []) {
     const label = svc.name.toLowerCase()
-    if (!LABEL.test(label)) {
+    if (!isDnsLabel(label)) {
       skipped.push({ name: svc.name, reason: 'not a DNS label' })
       continue
     }
@@ -127,14 +161,15 @@ export function buildZone(input: ZoneInput): Zone {
       for (const i of instances) {
         const target = `${dnsLabel(i.node)}.${apex}`
         add(owner, { name: null, type: TYPE.SRV, ttl, data: rdata.srv(1, 1, i.port, target) })
+        srvTargets.set(owner, (srvTargets.get(owner) ?? new Set()).add(target))
       }
     }
-    const healthy = svc.instances.filter((i) => byLabel.get(dnsLabel(i.node))?.length === 1)
+    const healthy = svc.instances.filter((i) => byLabel.has(dnsLabel(i.node)))
     if (healthy.length === 0) continue
     addInstances(`${label}.${serviceApex}`, healthy)
     addInstances(`_${label}._${svc.protocol}.${serviceApex}`, healthy)
     for (const tag of new Set(healthy.flatMap((i) => i.tags.map((t) => t.toLowerCase())))) {
-      if (!LABEL.test(tag)) continue
+      if (!isDnsLabel(tag)) continue
       addInstances(`${tag}.${label}.${serviceApex}`, healthy.filter((i) => i.tags.some((t) => t.toLowerCase() === tag)))
     }
   }
@@ -143,11 +178,11 @@ export function buildZone(input: ZoneInput): Zone {
   const aliasTargets = new Map<string, string>()
   for (const alias of input.aliases ?? []) {
     const name = alias.name.toLowerCase()
-    const target = alias.target.toLowerCase().replace(/\.$/, '').replace(new RegExp(`\\.${apex.replace(/\./g, '\\.')}$`), '')
+    const target = aliasTarget(alias.target, apex)
     const fqdn = `${name}.${apex}`
-    if (!LABEL.test(name) || name === 'service') skipped.push({ name: alias.name, reason: 'not a usable DNS label' })
+    if (!isDnsLabel(name) || name === 'service') skipped.push({ name: alias.name, reason: 'not a usable DNS label' })
     else if (sets.has(fqdn)) skipped.push({ name: alias.name, reason: `${fqdn} is already a node` })
-    else if (!target.split('.').every((l) => LABEL.test(l))) skipped.push({ name: alias.name, reason: `target ${JSON.stringify(alias.target)} is not a name in ${apex}` })
+    else if (!target) skipped.push({ name: alias.name, reason: `target ${JSON.stringify(alias.target)} is not a name in ${apex}` })
     else aliasTargets.set(fqdn, `${target}.${apex}`)
   }
 
@@ -160,15 +195,12 @@ export function buildZone(input: ZoneInput): Zone {
 
   const negative = new Map<string, { nx: Prepared; nodata: Prepared }>()
   for (const zone of [apex, rev]) negative.set(zone, { nx: prepare(RCODE.NXDOMAIN, [], [soa(zone)]), nodata: prepare(RCODE.NOERROR, [], [soa(zone)]) })
-  const negApex = negative.get(apex) as { nx: Prepared; nodata: Prepared }
 
+  const additionalFor = (owner: string): RR[] => [...(srvTargets.get(owner) ?? [])].flatMap((t) => glue.get(t) ?? [])
   const table = new Map<string, Map<number, Prepared>>()
   for (const [name, types] of sets) {
     const m = new Map<number, Prepared>()
-    for (const [type, rrs] of types) {
-      const additional = type === TYPE.SRV ? [...new Set(rrs.map((r) => r.data))].flatMap((d) => glue.get(srvTarget(d)) ?? []) : []
-      m.set(type, prepare(RCODE.NOERROR, rrs, [], dedupe(additional)))
-    }
+    for (const [type, rrs] of types) m.set(type, prepare(RCODE.NOERROR, rrs, [], type === TYPE.SRV ? additionalFor(name) : []))
     table.set(name, m)
   }
   for (const [fqdn, target] of aliasTargets) {
@@ -176,7 +208,7 @@ export function buildZone(input: ZoneInput): Zone {
     const m = new Map<number, Prepared>([[TYPE.CNAME, prepare(RCODE.NOERROR, [cname])]])
     const there = sets.get(target)
     // RFC 1034 4.3.2: the CNAME, then the target's records of the asked type; the target's own NXDOMAIN/NODATA otherwise.
-    for (const [type, rrs] of there ?? []) m.set(type, prepare(RCODE.NOERROR, [cname, ...rrs.map((r) => ({ ...r, name: target }))], [], type === TYPE.SRV ? dedupe(rrs.flatMap((r) => glue.get(srvTarget(r.data)) ?? [])) : []))
+    for (const [type, rrs] of there ?? []) m.set(type, prepare(RCODE.NOERROR, [cname, ...rrs.map((r) => ({ ...r, name: target }))], [], type === TYPE.SRV ? additionalFor(target) : []))
     m.set(OTHER, prepare(there ? RCODE.NOERROR : RCODE.NXDOMAIN, [cname], [soa(apex)]))
     table.set(fqdn, m)
   }
@@ -189,33 +221,14 @@ export function buildZone(input: ZoneInput): Zone {
     return undefined
   }
   return {
-    names: table.size,
     skipped,
     lookup(name, type) {
+      // Every name in the table is inside one of the zones, so zoneOf only runs for misses and NODATA.
       const m = table.get(name)
-      if (!m) {
-        const zone = zoneOf(name)
-        return zone ? (negative.get(zone) as { nx: Prepared }).nx : undefined
-      }
-      if (type === TYPE.ANY) return m.size ? any : (name.endsWith(rev) ? (negative.get(rev) as { nodata: Prepared }).nodata : negApex.nodata)
-      return m.get(type) ?? m.get(OTHER) ?? (name.endsWith(rev) ? (negative.get(rev) as { nodata: Prepared }).nodata : negApex.nodata)
+      const hit = m && (type === TYPE.ANY ? (m.size ? any : undefined) : (m.get(type) ?? m.get(OTHER)))
+      if (hit) return hit
+      const neg = negative.get(zoneOf(name) ?? '')
+      return neg && (m ? neg.nodata : neg.nx)
     },
   }
-}
-
-/** The target name in SRV rdata (priority, weight, port, then an uncompressed name). */
-function srvTarget(data: Buffer): string {
-  const labels: string[] = []
-  for (let p = 6; p < data.length && data[p] !== 0; p += 1 + (data[p] as number)) labels.push(data.toString('latin1', p + 1, p + 1 + (data[p] as number)))
-  return labels.join('.')
-}
-
-function dedupe(rrs: RR[]): RR[] {
-  const seen = new Set<string>()
-  return rrs.filter((r) => {
-    const k = `${r.name} ${r.data.toString('hex')}`
-    if (seen.has(k)) return false
-    seen.add(k)
-    return true
-  })
 }

@@ -2,7 +2,7 @@ import type { ConsulClient } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import type { ZoneAlias } from '../dns/zone.ts'
+import { aliasTarget, isDnsLabel, type ZoneAlias } from '../dns/zone.ts'
 
 /**
  * Operator-defined DNS names: `aliases/<label>` holds the target as plain text,
@@ -10,16 +10,6 @@ import type { ZoneAlias } from '../dns/zone.ts'
  * `tinc-consul alias set files nas`. Values come from Consul and are checked
  * like everything else; a bad one is reported and left out, never fatal.
  */
-const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
-const MAX_TARGET = 253
-
-export function checkTarget(target: string, domain: string): string | undefined {
-  const t = target.trim().toLowerCase().replace(/\.$/, '')
-  const bare = t.endsWith(`.${domain}`) ? t.slice(0, -domain.length - 1) : t
-  if (!bare || bare.length > MAX_TARGET || !bare.split('.').every((l) => LABEL.test(l))) return undefined
-  return bare
-}
-
 export interface AliasRead {
   aliases: ZoneAlias[]
   refused: Array<{ key: string; reason: string }>
@@ -31,12 +21,13 @@ export function parseAliases(items: KvItem[], layout: KvLayout, domain: string):
   for (const item of items) {
     const name = item.key.slice(layout.aliasesPrefix.length)
     if (name === '') continue
-    if (!LABEL.test(name)) {
+    if (!isDnsLabel(name)) {
       refused.push({ key: item.key, reason: 'the key is not aliases/<one lower-case DNS label>' })
       continue
     }
     const raw = item.value ? Buffer.from(item.value) : Buffer.alloc(0)
-    const target = raw.length <= MAX_TARGET + 16 ? checkTarget(raw.toString('utf8'), domain) : undefined
+    // Bigger than any name could be: not worth decoding.
+    const target = raw.length <= 512 ? aliasTarget(raw.toString('utf8'), domain) : undefined
     if (!target) {
       refused.push({ key: item.key, reason: `the target must be a name in ${domain} such as "laptop" or "nfs.service"` })
       continue
@@ -47,7 +38,7 @@ export function parseAliases(items: KvItem[], layout: KvLayout, domain: string):
 }
 
 export async function setAlias(client: ConsulClient, layout: KvLayout, domain: string, name: string, target: string): Promise<string> {
-  const bare = checkTarget(target, domain)
+  const bare = aliasTarget(target, domain)
   if (!bare) throw new UsageError('BAD_ALIAS_TARGET', `the target must be a node or service name in ${domain} (like "laptop" or "nfs.service"), got ${JSON.stringify(target)}`)
   const key = layout.alias(name)
   if (!(await client.kvPut(key, bare))) throw new TincConsulError('CONSUL_WRITE', `consul refused the write to ${key}`)

@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { z } from 'zod'
+import { isDnsLabel } from '../dns/zone.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 
@@ -9,7 +10,8 @@ import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRec
  * answers (and keeps serving while it doesn't). Only accepted records are
  * cached, and they are checked again on load like anything else.
  */
-const aliasSchema = z.object({ name: z.string().max(63), target: z.string().max(253) })
+// The same checks as aliases read from Consul (src/mesh/aliases.ts): the cache is read back like any input.
+const aliasSchema = z.object({ name: z.string().refine(isDnsLabel), target: z.string().max(253).refine((t) => t.split('.').every(isDnsLabel)) })
 const cacheSchema = z.object({ network: networkRecordSchema, records: z.array(nodeRecordSchema), aliases: z.array(aliasSchema).max(10_000).optional() })
 
 export interface CachedView {

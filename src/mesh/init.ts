@@ -2,6 +2,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
 import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
+import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { kvList } from '../consul/kv.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
@@ -126,7 +127,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(o.net),
       eventsFile: eventsFileFor(o.runDir, o.net),
-      splitDns: o.splitDns === false ? undefined : { domain: network.domain, port: o.dnsPort ?? 53 },
+      splitDns: o.splitDns === false ? undefined : { domain: network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
     }
     if (staging) {
       await writeSetup(staging.dir, setup)
@@ -141,7 +142,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       TINC_CONSUL_JOIN_TOKEN: joinToken,
       TINC_CONSUL_JOIN_PORT: String(o.joinPort),
       TINC_CONSUL_RUN_DIR: o.runDir,
-      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== 53 ? String(o.dnsPort) : undefined,
+      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${cfg}`)
     return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }

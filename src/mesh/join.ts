@@ -1,3 +1,4 @@
+import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
@@ -84,7 +85,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: eventsFileFor(o.runDir, inv.net),
-      splitDns: o.splitDns === false ? undefined : { domain: reply.network.domain, port: o.dnsPort ?? 53 },
+      splitDns: o.splitDns === false ? undefined : { domain: reply.network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
@@ -99,7 +100,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
       TINC_CONSUL_RUN_DIR: o.runDir,
-      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== 53 ? String(o.dnsPort) : undefined,
+      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${configPath}`)
     return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }
