@@ -86,7 +86,9 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
   console.log('\nnames over the VPN: each row asks its own DNS server (dig @its VPN address) for each column\'s NODE.mesh')
   console.log(`  ${''.padEnd(8)}${joined.map((j) => j.name.padEnd(9)).join('')}`)
   for (const a of joined) {
-    const cells = await Promise.all(joined.map(async (b) => ((await lab.exec(a.name, ['dig', '+short', '+time=2', `@${a.address}`, `${b.name.replace(/_/g, '-')}.mesh`], { allowFailure: true })).stdout.trim() === b.address ? 'ok' : 'FAIL')))
+    // The newest node's daemon may still be binding its VPN address (it appears when tinc-up runs): wait a little, like the pings do.
+    const answers = async (b: Joined) => (await lab.exec(a.name, ['dig', '+short', '+time=1', `@${a.address}`, `${b.name.replace(/_/g, '-')}.mesh`], { allowFailure: true })).stdout.trim() === b.address
+    const cells = await Promise.all(joined.map((b) => waitFor(`${a.name} to resolve ${b.name}`, async () => ((await answers(b)) ? 'ok' : undefined), { timeoutMs: 15_000, intervalMs: 100 }).catch(() => 'FAIL')))
     failures += cells.filter((c) => c === 'FAIL').length
     console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(9)).join('')}`)
   }
