@@ -66,7 +66,7 @@ async function measure(consul: DevConsul, root: string, net: string, recordWatch
       await writeFile(join(dir, 'tinc.conf'), `Name = ${name}\nStrictSubnets = yes\n`)
       const ip = `10.200.${Math.floor((i + 1) / 250)}.${((i + 1) % 250) + 1}`
       await writeFile(join(dir, 'hosts', name), `Address = 198.18.${Math.floor(i / 250)}.${(i % 250) + 1}\nPort = 655\nSubnet = ${ip}/32\n${keys[i]}\n`)
-      daemons.push(await startSync({ net, tincDir: dir, stateDir: join(dir, 'state'), pidFile: join(dir, 'none.pid'), consulUrl: consul.url, recordWatchLimit, log, onApplied: (e) => listeners.forEach((l) => l(e, i)) }))
+      daemons.push(await startSync({ net, tincDir: dir, stateDir: join(dir, 'state'), pidFile: join(dir, 'none.pid'), consulUrl: consul.url, recordWatchLimit, services: false, log, onApplied: (e) => listeners.forEach((l) => l(e, i)) }))
     }
     const round = (r: number) =>
       new Promise<{ latencies: number[]; bytes: number[] }>((resolve) => {

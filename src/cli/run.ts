@@ -16,6 +16,8 @@ import { startDnsServer, type DnsServer } from '../dns/server.ts'
 import type { MeshState } from '../mesh/sync.ts'
 import { consulArgs } from './common.ts'
 import { dnsArgs, dnsSettings } from './dns-args.ts'
+import { defaultServicesDir, serviceRunArgs } from './service-args.ts'
+import { startServices, type ServicesRegistrar } from '../services/registrar.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 
@@ -42,6 +44,7 @@ export const runCommand = defineCommand({
     'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
     'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
     ...dnsArgs,
+    ...serviceRunArgs,
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -94,6 +97,23 @@ export const runCommand = defineCommand({
       await dns?.close()
       throw err
     })
+    // Services go to the local agent whatever the state of the rest: a node's own services
+    // don't wait for the mesh view, and a broken file never stops the daemon.
+    let services: ServicesRegistrar | undefined
+    try {
+      services = await startServices({
+        dir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
+        who: { net, node: self, address: own.vpnAddress },
+        consulUrl: args.consul,
+        token: args.token || undefined,
+        allowScripts: args['script-checks'],
+        deregisterOnExit: args['deregister-on-exit'],
+        resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
+        log,
+      })
+    } catch (err) {
+      log.error({ err }, 'could not start the services registrar; running without it')
+    }
     let joins: JoinServer | undefined
     if (serveJoins) {
       const joinToken = args['join-token'] || args.token || undefined
@@ -101,6 +121,7 @@ export const runCommand = defineCommand({
       try {
         joins = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
       } catch (err) {
+        await services?.stop()
         await daemon.stop()
         await dns?.close()
         throw err
@@ -121,6 +142,7 @@ export const runCommand = defineCommand({
     log.info('stopping')
     events.stop()
     await joins?.close()
+    await services?.stop()
     await daemon.stop()
     await dns?.close()
     await hostsWrite

@@ -157,7 +157,12 @@ export function buildZone(input: ZoneInput): Zone {
     }
     const ttl = input.ttl.service
     const addInstances = (owner: string, instances: ZoneServiceInstance[]) => {
-      for (const address of new Set(instances.map((i) => i.address))) add(owner, { name: null, type: TYPE.A, ttl, data: rdata.a(address) })
+      // A name with both a tcp and a udp service comes through here twice: one A per address.
+      const seen = new Set((sets.get(owner)?.get(TYPE.A) ?? []).map((rr) => rr.data.toString('hex')))
+      for (const address of new Set(instances.map((i) => i.address))) {
+        const data = rdata.a(address)
+        if (!seen.has(data.toString('hex'))) add(owner, { name: null, type: TYPE.A, ttl, data })
+      }
       for (const i of instances) {
         const target = `${dnsLabel(i.node)}.${apex}`
         add(owner, { name: null, type: TYPE.SRV, ttl, data: rdata.srv(1, 1, i.port, target) })

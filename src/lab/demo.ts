@@ -100,8 +100,36 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
       indent((await lab.cli(asker.name, ['resolve', q], { allowFailure: true })).stdout)
     }
   }
+  failures += await servicesDemo(lab, joined, show, indent)
   const times = joined.flatMap((j) => (j.joinToPingMs === undefined ? [] : [j.joinToPingMs]))
   const worst = Math.max(...times)
   console.log(`\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`)
   return { joined, failures }
+}
+
+/**
+ * Issue 6's story: one node declares a web service with an HTTP check, a real server
+ * starts on its VPN address, and another node finds it by name.
+ */
+async function servicesDemo(lab: Lab, joined: Joined[], show: (node: string, argv: string[]) => void, indent: (text: string) => void): Promise<number> {
+  const host = joined[1]
+  const asker = joined.at(-1)
+  if (!host || !asker) return 0
+  const flags = ['--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, host.name)]
+  console.log(`\nservices: ${host.name} declares a web service; Consul checks it; every node's DNS serves it while it is healthy`)
+  const addArgs = ['service', 'add', 'web', '--port', '8080', '--check', 'http:/', '--tag', 'demo']
+  show(host.name, addArgs)
+  indent((await lab.cli(host.name, [...addArgs, ...flags])).stdout)
+  const server = `require('node:http').createServer((q, r) => r.end('hello from ${host.name}\\n')).listen(8080, '${host.address}')`
+  console.log(`\n${host.name}# (a web server on ${host.address}:8080)`)
+  await lab.spawn(host.name, 'demo-web', [process.execPath, '-e', server])
+  const askerFlags = ['--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, asker.name)]
+  const seen = await waitFor(`${asker.name} to resolve web.service.mesh`, async () => ((await lab.cli(asker.name, ['resolve', 'web.service.mesh', '--type', 'SRV', ...askerFlags], { allowFailure: true })).code === 0 ? true : undefined), { timeoutMs: 30_000, intervalMs: 250 }).catch(() => false)
+  for (const argv of [['resolve', 'web.service.mesh', '--type', 'SRV', '--verbose'], ['service', 'ls', '--all']]) {
+    show(asker.name, argv)
+    indent((await lab.cli(asker.name, [...argv, ...askerFlags], { allowFailure: true })).stdout)
+  }
+  show(host.name, ['service', 'ls'])
+  indent((await lab.cli(host.name, ['service', 'ls', ...flags], { allowFailure: true })).stdout)
+  return seen ? 0 : 1
 }

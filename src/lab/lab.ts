@@ -53,6 +53,17 @@ export interface Lab {
   /** Kills every process in a node's namespace: tincd, its Consul agent, its sidecar. */
   stopNode(node: string): void
   restartTincd(node: string): Promise<void>
+  /**
+   * Restarts a node's Consul client agent. With `forgetServices`, its saved services and
+   * checks are deleted first: an agent that comes back knowing nothing (a new data dir).
+   */
+  restartConsulAgent(node: string, opts?: { forgetServices?: boolean }): Promise<void>
+  /** Starts a background process in a node's namespace (a test's listener); teardown kills it. */
+  spawn(node: string, name: string, argv: string[]): Promise<Daemon>
+  /** Kills one process started by spawn, and waits until it is gone. */
+  kill(d: Daemon): Promise<void>
+  /** The node's services directory, where `run` looks for definitions. */
+  servicesDir(node: string): string
   stopConsulServer(name: string): void
   startConsulServer(name: string): Promise<void>
   /** Paths of a node's tinc files. */
@@ -212,6 +223,20 @@ function makeLab(state: LabState): Lab {
       killNamespaceProcessesSync([], pids)
       await track(startDaemon(`tincd ${name}`, node.ns, tincdArgv(files, LAB_NETNAME), join(state.runDir, name, 'tincd.out')))
     },
+    async restartConsulAgent(name, opts = {}) {
+      const node = findNode(plan, name)
+      const pids = pidsIn(node.ns).filter((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'consul')
+      killNamespaceProcessesSync([], pids)
+      if (opts.forgetServices) for (const d of ['services', 'checks']) rmSync(join(state.runDir, name, 'consul-data', d), { recursive: true, force: true })
+      const d = await track(startConsulAgent(state.consulBin, state.runDir, name, node.ns))
+      await waitFor(`${name}'s agent to rejoin`, async () => (await lab.consul(name).leader()) || undefined, { timeoutMs: 60_000, daemons: [d] })
+    },
+    spawn: (name, label, argv) => track(startDaemon(label, findNode(plan, name).ns, argv, join(state.runDir, name, `${label.replace(/[^A-Za-z0-9_.-]/g, '_')}.log`))),
+    async kill(d) {
+      killNamespaceProcessesSync([], [d.pid])
+      await waitFor(`${d.name} to exit`, async () => (alive(d.pid) ? undefined : true), { timeoutMs: 10_000, intervalMs: 50 })
+    },
+    servicesDir: (name) => join(labConfigDir(state.runDir, findNode(plan, name).name), `${LAB_NETNAME}.services.d`),
     stopConsulServer(name) {
       const server = plan.servers.find((s) => s.name === name)
       if (!server) throw new LabError('LAB_NO_SERVER', `no Consul server "${name}"`)

@@ -6,6 +6,7 @@ import { createConsulClient } from '../consul/client.ts'
 import { kvList, type KvItem } from '../consul/kv.ts'
 import { kvLayout, type KvLayout } from '../consul/kv-layout.ts'
 import { watchTree } from '../consul/tree-watch.ts'
+import { watchHealth } from '../consul/health.ts'
 import { backoffMs, watchPrefix, type Watch } from '../consul/watch.ts'
 import type { Logger } from '../log.ts'
 import { isTincName } from '../tinc/names.ts'
@@ -13,6 +14,7 @@ import { renderTinc, type RenderOptions, type RenderResult } from '../tinc/rende
 import { signalTincd } from '../tinc/signal.ts'
 import type { ZoneAlias } from '../dns/zone.ts'
 import { parseAliases } from './aliases.ts'
+import { meshServices, serviceFilters, type MeshService } from './services.ts'
 import { loadCache, saveCache } from './cache.ts'
 import { activeHolders, parseIpam, readIpam } from './ipam.ts'
 import { loadPins, pinsPath, savePins } from './pins.ts'
@@ -56,11 +58,15 @@ export interface SyncOptions {
    * renderers other than tinc's (DNS, the hosts block). Never with a partial state.
    */
   onState?(state: MeshState): void
+  /** Keep the healthy instances of this network's services (default true). */
+  services?: boolean
 }
 
 export interface MeshState {
   view: MeshView
   aliases: ZoneAlias[]
+  /** Healthy instances only, each checked against the view. */
+  services: MeshService[]
 }
 
 export interface AppliedEvent {
@@ -72,6 +78,8 @@ export interface AppliedEvent {
 
 export interface SyncStats {
   refusedTotal: number
+  /** Service instances refused (not on a mesh node, wrong address, malformed), counted when a reason first appears. */
+  servicesRefusedTotal: number
   emptyReadsIgnored: number
   bytesRead: number
   applies: number
@@ -83,6 +91,7 @@ export interface SyncDaemon {
   readonly stats: SyncStats
   view(): MeshView | undefined
   aliases(): ZoneAlias[]
+  services(): MeshService[]
   /** Who holds each VPN address, as last read from ipam/. */
   allocations(): ReadonlyMap<string, string>
   stop(): Promise<void>
@@ -101,7 +110,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const self = await readTincName(opts.tincDir)
   const pins = await loadPins(opts.stateDir)
   const client = createConsulClient({ url: opts.consulUrl, token: opts.token })
-  const stats: SyncStats = { refusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 0, hups: 0 }
+  const stats: SyncStats = { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 0, hups: 0 }
 
   let view: MeshView | undefined
   let network: NetworkRecord | undefined
@@ -127,8 +136,23 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     }
     notify()
   }
+  // Services are kept raw and judged against the view at each notify: a node that joins
+  // after its service was registered makes that service appear without another read.
+  let rawServices: ReadonlyMap<string, unknown[]> = new Map()
+  let services: MeshService[] = []
+  let lastServiceRefusals = new Set<string>()
   const notify = () => {
-    if (view) opts.onState?.({ view, aliases })
+    if (!view) return
+    const judged = meshServices(rawServices, view, opts.net)
+    const now = new Set(judged.refused.map((r) => `${r.service}\0${r.id}\0${r.reason}`))
+    for (const r of judged.refused) {
+      if (lastServiceRefusals.has(`${r.service}\0${r.id}\0${r.reason}`)) continue
+      stats.servicesRefusedTotal++
+      log.warn({ service: r.service, id: r.id, reason: r.reason }, 'refused a service instance from consul')
+    }
+    lastServiceRefusals = now
+    services = judged.services
+    opts.onState?.({ view, aliases, services })
   }
   let pendingBytes = 0
   // The cache is a fallback for restarts: written a moment after the applies that changed it
@@ -373,6 +397,18 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       },
     }),
   ]
+  if (opts.services !== false) {
+    watches.push(
+      watchHealth({
+        ...common,
+        filter: serviceFilters(opts.net),
+        onChange: (entries) => {
+          rawServices = new Map(entries)
+          notify()
+        },
+      }),
+    )
+  }
 
   // `tinc-consul pin reset` edits the pin file; pick that up without a restart.
   // A plain directory watch filtered by name: the cache is rewritten in the same directory
@@ -404,6 +440,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     stats,
     view: () => view,
     aliases: () => aliases,
+    services: () => services,
     allocations: () => allocations,
     async stop() {
       stopping = true

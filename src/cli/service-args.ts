@@ -1,0 +1,17 @@
+import { join } from 'node:path'
+import { described, envDefault, envFlag } from './env.ts'
+
+/** Where a network's service definitions live: beside its <net>.env, in the `<file>.d` habit. */
+export const defaultServicesDir = (configDir: string, net: string): string => join(configDir, `${net}.services.d`)
+
+export const servicesDirArg = {
+  'services-dir': { type: 'string', description: described('Directory of service definitions (.toml, .yaml, .json; default <config-dir>/<net>.services.d)', 'services-dir'), default: process.env.TINC_CONSUL_SERVICES_DIR },
+} as const
+
+/** The service flags of `run`. */
+export const serviceRunArgs = {
+  ...servicesDirArg,
+  'script-checks': { type: 'boolean', description: described('Allow script checks in service files; the daemon runs them (the agent never needs script checks on)', 'script-checks'), default: envFlag('script-checks', false) },
+  'deregister-on-exit': { type: 'boolean', description: described('Deregister this node\'s services when the daemon stops cleanly (default: leave it to the health checks)', 'deregister-on-exit'), default: envFlag('deregister-on-exit', false) },
+  'services-resync': { type: 'string', description: described('Seconds between comparing the agent\'s services with the files (re-registers after an agent restart)', 'services-resync'), default: envDefault('services-resync', '10') },
+} as const
