@@ -74,7 +74,10 @@ describe('sync against a real Consul agent', () => {
     assert.equal(existsSync(join(alpha.tincDir, 'x')), false)
     assert.doesNotMatch((await file(alpha, 'proxyline')) ?? '', /Proxy/)
     assert.equal(await file(alpha, 'beta'), betaBefore, 'the pinned node\'s host file changed')
-    assert.ok(alpha.daemon.stats.refusedTotal - refusedBefore >= 6, `only ${alpha.daemon.stats.refusedTotal - refusedBefore} refusals counted`)
+    // Five of the six are refused every time. The swapped beta key races beta's own daemon,
+    // which writes its real record back at once: alpha may never read the swap at all (its
+    // host file for beta staying the same is asserted above either way).
+    assert.ok(alpha.daemon.stats.refusedTotal - refusedBefore >= 5, `only ${alpha.daemon.stats.refusedTotal - refusedBefore} refusals counted`)
     // beta's own daemon sees a record under its name that isn't its own and writes the real one back.
     await beta.until(async () => alpha.daemon.view()?.peers.get('beta')?.record.fingerprint !== undefined && (await admin.kvGet(layout.node('beta')))?.value.includes(alpha.daemon.view()?.peers.get('beta')?.record.fingerprint ?? '-') === true, 'beta republished its real key')
     await admin.request('PUT', '/v1/txn', ['../x', 'x-up', 'stealer', 'garbage', 'binary'].map((k) => ({ KV: { Verb: 'delete', Key: `${layout.nodesPrefix}${k}` } })))
