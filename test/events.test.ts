@@ -1,6 +1,6 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { appendFile, mkdtemp, rm } from 'node:fs/promises'
+import { appendFile, mkdir, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pino } from 'pino'
@@ -15,13 +15,16 @@ test('event lines from the hooks are parsed strictly', () => {
   }
 })
 
-test('the daemon follows the events file from its end, whole lines only, and tracks who is up', async () => {
+test('the daemon replays the events file, then follows it, whole lines only, and tracks who is up', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'tc-events-'))
   const file = join(dir, 'lab', 'tinc-events')
   const seen: TincEvent[] = []
+  // Written before the daemon started: tincd brought node2 up first.
+  await mkdir(join(dir, 'lab'))
+  await appendFile(file, '1795300000 host-up node2 - 198.18.0.2\n')
   const w = await watchEvents(file, (e) => void seen.push(e), pino({ level: 'silent' }), 200)
   try {
-    await appendFile(file, '1795300000 host-up node2 - 198.18.0.2\n1795300001 host-up node3 - 198.18.0.101\n1795300002 host-down node2 - 198.18.0.2\n1795300003 host-up no')
+    await appendFile(file, '1795300001 host-up node3 - 198.18.0.101\n1795300002 host-down node2 - 198.18.0.2\n1795300003 host-up no')
     const until = async (n: number) => {
       for (let i = 0; i < 100 && seen.length < n; i++) await new Promise((r) => setTimeout(r, 20))
     }

@@ -1,8 +1,6 @@
-import { isIPv4 } from 'node:net'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
-import { UsageError } from '../errors.ts'
 import { described, envDefault, envFlag } from './env.ts'
-import { parseIntFlag } from './parse.ts'
+import { listFlag, parseIntFlag } from './parse.ts'
 
 /** The DNS flags of `run`; `resolve`, `init` and `join` share --dns-port so all agree without configuration. */
 export const dnsArgs = {
@@ -26,8 +24,7 @@ export interface DnsSettings {
 }
 
 export function dnsSettings(args: { dns?: boolean; 'dns-port'?: string; 'dns-listen'?: string; 'dns-workers'?: string; 'dns-node-ttl'?: string; 'dns-service-ttl'?: string; 'dns-negative-ttl'?: string; 'hosts-file'?: string }): DnsSettings {
-  const listen = (args['dns-listen'] ?? '').split(',').map((s) => s.trim()).filter(Boolean)
-  for (const h of listen) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--dns-listen takes IPv4 addresses, got ${JSON.stringify(h)}`)
+  const listen = listFlag('dns-listen', args['dns-listen'])
   const w = args['dns-workers'] ?? 'auto'
   return {
     enabled: args.dns !== false,

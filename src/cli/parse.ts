@@ -1,3 +1,4 @@
+import { isIPv4 } from 'node:net'
 import { UsageError } from '../errors.ts'
 import { parseHostPort } from '../tinc/names.ts'
 
@@ -29,4 +30,11 @@ export function parseAddressFlags(value: string | string[] | undefined): { hosts
     port ??= p.port
   }
   return { hosts, port }
+}
+
+/** A comma-separated list of IPv4 addresses to listen on ("" for none). */
+export function listFlag(name: string, value: string | undefined): string[] {
+  const list = (value ?? '').split(',').map((s) => s.trim()).filter(Boolean)
+  for (const h of list) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--${name} takes IPv4 addresses, got ${JSON.stringify(h)}`)
+  return list
 }

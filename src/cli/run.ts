@@ -18,8 +18,10 @@ import { consulArgs } from './common.ts'
 import { dnsArgs, dnsSettings } from './dns-args.ts'
 import { defaultServicesDir, serviceRunArgs } from './service-args.ts'
 import { startServices, type ServicesRegistrar } from '../services/registrar.ts'
-import { described, envDefault } from './env.ts'
-import { parseIntFlag } from './parse.ts'
+import { createCollector } from '../status/collect.ts'
+import { DEFAULT_STATUS_PORT, startStatusServer, type StatusServer } from '../status/server.ts'
+import { described, envDefault, envFlag } from './env.ts'
+import { listFlag, parseIntFlag } from './parse.ts'
 
 export function requireNet(net: string | undefined): string {
   if (!net) throw new UsageError('BAD_FLAG', '--net is required (or set TINC_CONSUL_NET)')
@@ -45,6 +47,10 @@ export const runCommand = defineCommand({
     'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
     ...dnsArgs,
     ...serviceRunArgs,
+    status: { type: 'boolean', description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'), default: envFlag('status', true) },
+    'status-port': { type: 'string', description: described('Status HTTP port (tincstat used 9000 too)', 'status-port'), default: envDefault('status-port', String(DEFAULT_STATUS_PORT)) },
+    'status-listen': { type: 'string', description: described('Addresses to serve status on besides the VPN address, comma-separated ("" for none)', 'status-listen'), default: envDefault('status-listen', '127.0.0.1') },
+    'tinc-log': { type: 'string', description: described('tincd\'s log file, where its state dumps land (start tincd with --logfile; default /var/log/tinc.<net>.log)', 'tinc-log'), default: process.env.TINC_CONSUL_TINC_LOG },
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -127,13 +133,29 @@ export const runCommand = defineCommand({
         throw err
       }
     }
-    // What tincd reports through its hooks: who is reachable right now (status reads this later).
+    // What tincd reports through its hooks: who is reachable right now, for status.
     const links = new Map<string, PeerLink>()
     const tincLog = log.child({ component: 'tinc' })
     const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
       if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
     }, tincLog)
-    log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port }, 'tinc-consul running')
+    let status: StatusServer | undefined
+    if (args.status) {
+      const pidFile = args.pidfile ?? `/var/run/tinc.${net}.pid`
+      const collector = await createCollector({ net, self, tincDir, pidFile, logFile: args['tinc-log'] || `/var/log/tinc.${net}.log`, sync: daemon, dns, links })
+      const extra = listFlag('status-listen', args['status-listen'])
+      try {
+        status = await startStatusServer({ hosts: [own.vpnAddress, ...extra.filter((h) => h !== own.vpnAddress)], port: parseIntFlag('status-port', args['status-port'], 0, 65535), snapshot: () => collector.snapshot(), log })
+      } catch (err) {
+        events.stop()
+        await joins?.close()
+        await services?.stop()
+        await daemon.stop()
+        await dns?.close()
+        throw err
+      }
+    }
+    log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port, statusPort: status?.port }, 'tinc-consul running')
     await new Promise<void>((resolve) => {
       const stop = () => resolve()
       process.once('SIGINT', stop)
@@ -141,6 +163,7 @@ export const runCommand = defineCommand({
     })
     log.info('stopping')
     events.stop()
+    await status?.close()
     await joins?.close()
     await services?.stop()
     await daemon.stop()

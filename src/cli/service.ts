@@ -14,6 +14,7 @@ import { consulArgs } from './common.ts'
 import { described } from './env.ts'
 import { requireNet } from './run.ts'
 import { defaultServicesDir, servicesDirArg } from './service-args.ts'
+import { table } from './table.ts'
 
 const serviceArgs = {
   ...consulArgs,
@@ -78,11 +79,6 @@ async function filesFor(dir: string, name: string): Promise<ServiceDefinition[]>
   const all = await readAll(dir)
   const byStem = all.filter((e) => e.def?.stem === name).map((e) => e.def as ServiceDefinition)
   return byStem.length ? byStem : all.filter((e) => e.def?.name === name.toLowerCase()).map((e) => e.def as ServiceDefinition)
-}
-
-function table(rows: string[][]): string {
-  const widths = rows.reduce<number[]>((w, r) => r.map((c, i) => Math.max(w[i] ?? 0, c.length)), [])
-  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ')).join('\n')
 }
 
 const add = defineCommand({

@@ -94,6 +94,12 @@ export function watchHealth(opts: HealthWatchOptions): HealthWatch {
     get index() {
       return catalog.index
     },
+    get failures() {
+      return catalog.failures
+    },
+    get lastReadAt() {
+      return catalog.lastReadAt
+    },
     get watched() {
       return perService.size
     },

@@ -162,6 +162,12 @@ export function watchTree(opts: TreeWatchOptions): Watch {
     get index() {
       return keysWatch.index
     },
+    get failures() {
+      return keysWatch.failures
+    },
+    get lastReadAt() {
+      return keysWatch.lastReadAt
+    },
     async stop() {
       stopped = true
       await Promise.all([keysWatch.stop(), ...[...perKey.values()].map((w) => w.stop())])

@@ -44,6 +44,10 @@ export interface Watch {
   stop(): Promise<void>
   /** The index of the last read handed to onChange. */
   readonly index: number
+  /** Reads that failed in a row (0 while Consul answers): what status calls "Consul unreachable". */
+  readonly failures?: number
+  /** When Consul last answered this watch, changed or not. */
+  readonly lastReadAt?: Date
 }
 
 /** The next index to block on, given the previous one and what Consul returned. */
@@ -72,6 +76,7 @@ export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOp
   let index = 0
   let delivered = 0
   let failures = 0
+  let lastReadAt: Date | undefined
   let stopped = false
 
   const pause = (ms: number) =>
@@ -112,6 +117,7 @@ export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOp
       }
       if (failures > 0) opts.log.info({ key: opts.label, after: failures }, 'consul reachable again')
       failures = 0
+      lastReadAt = new Date()
       const next = nextIndex(index, result.index)
       if (next === 0) {
         opts.log.info({ key: opts.label, was: index, now: result.index }, 'consul index went backwards; re-reading from scratch')
@@ -133,6 +139,12 @@ export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOp
   return {
     get index() {
       return delivered
+    },
+    get failures() {
+      return failures
+    },
+    get lastReadAt() {
+      return lastReadAt
     },
     async stop() {
       stopped = true

@@ -3,6 +3,7 @@ import { createSocket, type Socket as UdpSocket } from 'node:dgram'
 import { createServer, type Server, type Socket } from 'node:net'
 import { availableParallelism } from 'node:os'
 import { fileURLToPath } from 'node:url'
+import { bindAll, type Binding } from '../util/listen.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { buildZone, type Zone, type ZoneInput } from './zone.ts'
@@ -116,7 +117,6 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
   let input: ZoneInput | undefined
   let closing = false
   const children = new Set<ChildProcess>()
-  let retryTimer: NodeJS.Timeout | undefined
 
   const bindOne = async (host: string): Promise<void> => {
     const sock = createSocket({ type: 'udp4', lookup: literalLookup })
@@ -186,52 +186,25 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
     })
   }
 
-  const pending = new Set<string>()
-  const retry = () => {
-    retryTimer = undefined
-    if (closing || pending.size === 0) return
-    void Promise.all(
-      [...pending].map((host) =>
-        bindOne(host).then(
-          () => {
-            pending.delete(host)
-            log.info({ host, port }, 'serving DNS on an address that has come up')
-          },
-          () => undefined,
-        ),
-      ),
-    ).then(() => {
-      if (pending.size && !closing) retryTimer = setTimeout(retry, opts.retryMs ?? 1000).unref()
-    })
-  }
-
+  let binding: Binding | undefined
   const closeAll = async () => {
     closing = true
-    clearTimeout(retryTimer)
+    binding?.stop()
     for (const child of children) child.kill('SIGTERM')
     for (const c of conns) c.destroy()
     await Promise.all([...[...udp.values()].map((s) => new Promise<void>((r) => s.close(() => r()))), ...[...tcp.values()].map((s) => new Promise<void>((r) => s.close(() => r())))])
   }
 
-  for (const host of opts.hosts) {
-    try {
-      await bindOne(host)
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code
-      // The VPN address appears only once tincd has run tinc-up: wait for it.
-      if (code === 'EADDRNOTAVAIL') {
-        log.warn({ host, port }, 'address not up yet; will serve DNS there once it is')
-        pending.add(host)
-        continue
-      }
-      await closeAll()
-      const hint = code === 'EADDRINUSE' ? ' (something else serves DNS there; pick another --dns-port or --dns-listen)' : code === 'EACCES' ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''
-      throw new TincConsulError('DNS_LISTEN', `cannot serve DNS on ${host} port ${port}: ${(err as Error).message}${hint}`, { cause: err })
-    }
+  try {
+    binding = await bindAll(opts.hosts, bindOne, { log, what: 'DNS', port, retryMs: opts.retryMs })
+  } catch (err) {
+    await closeAll()
+    const code = (err as NodeJS.ErrnoException).code
+    const hint = code === 'EADDRINUSE' ? ' (something else serves DNS there; pick another --dns-port or --dns-listen)' : code === 'EACCES' ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''
+    throw new TincConsulError('DNS_LISTEN', `cannot serve DNS on port ${port}: ${(err as Error).message}${hint}`, { cause: err })
   }
-  if (pending.size) retryTimer = setTimeout(retry, opts.retryMs ?? 1000).unref()
   for (let i = 0; i < wanted; i++) spawnWorker()
-  log.info({ hosts: [...udp.keys()], pending: [...pending], port, workers: wanted }, 'serving DNS')
+  log.info({ hosts: [...udp.keys()], pending: binding.pending(), port, workers: wanted }, 'serving DNS')
 
   return {
     get port() {

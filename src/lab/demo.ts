@@ -101,6 +101,15 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
     }
   }
   failures += await servicesDemo(lab, joined, show, indent)
+  const viewer = joined.at(-1)
+  if (viewer) {
+    // What an operator looks at first: this node's picture of the mesh.
+    console.log(`\nstatus: the mesh as ${viewer.name} sees it (tincd's own dump, the hooks, Consul)`)
+    show(viewer.name, ['status'])
+    const st = await lab.cli(viewer.name, ['status', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, viewer.name)], { allowFailure: true })
+    indent(st.code === 0 ? st.stdout : `FAILED: ${st.stderr.trim()}`)
+    if (st.code !== 0) failures++
+  }
   const times = joined.flatMap((j) => (j.joinToPingMs === undefined ? [] : [j.joinToPingMs]))
   const worst = Math.max(...times)
   console.log(`\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`)

@@ -206,7 +206,7 @@ function makeLab(state: LabState): Lab {
     async startSidecar(name) {
       const node = findNode(plan, name)
       const files = tincPaths(state.runDir, node)
-      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.root, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500', '--config-dir', labConfigDir(state.runDir, node.name), '--run-dir', labEventsDir(state.runDir, node.name)]
+      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.root, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500', '--config-dir', labConfigDir(state.runDir, node.name), '--run-dir', labEventsDir(state.runDir, node.name), '--tinc-log', files.logFile]
       // The token goes through the environment, not argv, where any user could read it.
       // Nodes set up by init/join have their token in their own config file instead.
       const token = state.nodeTokens[name]

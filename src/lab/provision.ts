@@ -23,6 +23,7 @@ export const DEBIAN_TOOLS: readonly DebianTool[] = [
   { command: 'dnsperf', pkg: 'dnsperf', why: 'DNS benchmarks' },
   // dnsmasq-base is the binary without the system service, so installing it starts nothing.
   { command: 'dnsmasq', pkg: 'dnsmasq-base', why: 'the reference server in the DNS benchmark' },
+  { command: 'dot', pkg: 'graphviz', why: 'rendering /graph.svg, and checking /graph.dot in the status tests' },
 ]
 
 export interface ProvisionReport {

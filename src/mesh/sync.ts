@@ -69,6 +69,14 @@ export interface MeshState {
   services: MeshService[]
 }
 
+export interface ConsulHealth {
+  reachable: boolean
+  lastReadAt?: Date
+  index: number
+  /** The longest run of failed reads among the watches. */
+  failures: number
+}
+
 export interface AppliedEvent {
   source: 'cache' | 'consul'
   render: RenderResult
@@ -94,6 +102,10 @@ export interface SyncDaemon {
   services(): MeshService[]
   /** Who holds each VPN address, as last read from ipam/. */
   allocations(): ReadonlyMap<string, string>
+  /** Records refused right now, by key, with the reason (pinning, validation, revocation). */
+  refusals(): ReadonlyMap<string, string>
+  /** Whether Consul answers, when it last did, and the network record's index. */
+  consul(): ConsulHealth
   stop(): Promise<void>
 }
 
@@ -442,6 +454,12 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     aliases: () => aliases,
     services: () => services,
     allocations: () => allocations,
+    refusals: () => lastRefusals,
+    consul: () => {
+      const failures = Math.max(0, ...watches.map((w) => w.failures ?? 0))
+      const reads = watches.flatMap((w) => (w.lastReadAt ? [w.lastReadAt.getTime()] : []))
+      return { reachable: failures === 0 && reads.length > 0, ...(reads.length ? { lastReadAt: new Date(Math.max(...reads)) } : {}), index: watches[0]?.index ?? 0, failures }
+    },
     async stop() {
       stopping = true
       clearTimeout(publishRetry)

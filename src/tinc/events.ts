@@ -1,5 +1,5 @@
 import { watch, type FSWatcher } from 'node:fs'
-import { mkdir, open, stat } from 'node:fs/promises'
+import { mkdir, open } from 'node:fs/promises'
 import { basename, dirname } from 'node:path'
 import type { Logger } from '../log.ts'
 import { isTincName } from './names.ts'
@@ -35,14 +35,16 @@ export interface EventWatcher {
 }
 
 /**
- * Follows the events file from its current end. Creates its directory, since
+ * Follows the events file from its start. Creates its directory, since
  * the hooks write nothing while it is missing. When the file grows past
  * `maxBytes` after a read it is truncated, so it can't fill the disk while
  * the daemon runs; the hooks themselves stop at 1 MiB while it doesn't.
  */
 export async function watchEvents(file: string, onEvent: (e: TincEvent) => void, log: Logger, maxBytes = 64 * 1024): Promise<EventWatcher> {
   await mkdir(dirname(file), { recursive: true, mode: 0o755 })
-  let offset = await stat(file).then((s) => s.size).catch(() => 0)
+  // Replays what the file already holds (it is kept small): a daemon started after tincd
+  // still learns who came up before it, and when.
+  let offset = 0
   let reading: Promise<void> | undefined
   let again = false
   const read = async (): Promise<void> => {

@@ -1,0 +1,141 @@
+import { defineCommand } from 'citty'
+import { TincConsulError } from '../errors.ts'
+import type { NodeStatus, Status } from '../status/model.ts'
+import { DEFAULT_STATUS_PORT } from '../status/server.ts'
+import { writeFileAtomic } from '../util/atomic.ts'
+import { consulArgs } from './common.ts'
+import { described, envDefault } from './env.ts'
+import { parseIntFlag } from './parse.ts'
+import { alignRows } from './table.ts'
+
+const statusArgs = {
+  // Only so the network's env file (its status port) is loaded.
+  net: consulArgs.net,
+  'config-dir': consulArgs['config-dir'],
+  server: { type: 'string', description: described('Where the daemon serves status', 'status-server'), default: envDefault('status-server', '127.0.0.1') },
+  'status-port': { type: 'string', description: described('Its port', 'status-port'), default: envDefault('status-port', String(DEFAULT_STATUS_PORT)) },
+} as const
+
+async function fetchFrom(args: { server: string; 'status-port': string }, path: string): Promise<Response> {
+  const port = parseIntFlag('status-port', args['status-port'], 1, 65535)
+  const url = `http://${args.server.includes(':') ? `[${args.server}]` : args.server}:${port}${path}`
+  try {
+    return await fetch(url, { signal: AbortSignal.timeout(10_000) })
+  } catch (err) {
+    throw new TincConsulError('STATUS_UNREACHABLE', `cannot reach the daemon's status server at ${url} (${(err as Error).message}); is \`tinc-consul run\` running, with status on?`, { cause: err })
+  }
+}
+
+async function fetchStatus(args: { server: string; 'status-port': string }): Promise<Status> {
+  const res = await fetchFrom(args, '/status')
+  if (!res.ok) throw new TincConsulError('STATUS_HTTP', `the status server answered ${res.status}`)
+  return (await res.json()) as Status
+}
+
+export function humanBytes(n: number | undefined): string {
+  if (n === undefined) return '-'
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
+  let v = n
+  let i = 0
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024
+    i++
+  }
+  return `${i === 0 ? v : v.toFixed(1)} ${units[i]}`
+}
+
+export function ago(iso: string | undefined, now: number): string {
+  if (!iso) return '-'
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1000))
+  if (s < 60) return `${s}s ago`
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`
+  if (s < 86400) return `${Math.floor(s / 3600)}h ago`
+  return `${Math.floor(s / 86400)}d ago`
+}
+
+const ANSI = { green: '\x1b[32m', yellow: '\x1b[33m', red: '\x1b[31m', dim: '\x1b[2m', bold: '\x1b[1m', reset: '\x1b[0m' } as const
+
+const pathText = (n: NodeStatus) => (n.path === 'relayed' ? `relay via ${n.via ?? '?'}` : n.path === 'self' ? 'this node' : n.path)
+
+/** The table people read: one line per node, colour only on a terminal. */
+export function renderStatus(s: Status, opts: { colour: boolean; now?: number }): string {
+  const now = opts.now ?? Date.parse(s.at)
+  const paint = (c: keyof typeof ANSI, t: string) => (opts.colour ? `${ANSI[c]}${t}${ANSI.reset}` : t)
+  const tincd = s.tincd.state === 'up' ? paint('green', `tincd up (pid ${s.tincd.pid ?? '?'})`) : paint('red', `tincd ${s.tincd.state}: ${s.tincd.reason ?? ''}`.trim())
+  // A blocking query answers only when something changes: while Consul is reachable, "last answer" says nothing.
+  const consul = s.consul.reachable ? paint('green', `consul ok (index ${s.consul.index})`) : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
+  const head = [
+    `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface})  ${tincd}  ${consul}`,
+    `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}`,
+    '',
+  ]
+  const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]
+  const colours: Array<keyof typeof ANSI | undefined> = [undefined]
+  for (const n of s.nodes) {
+    rows.push([n.name, n.address ?? '-', n.reachable === undefined ? '?' : n.reachable ? 'yes' : 'no', pathText(n), n.remote ?? '-', n.path === 'self' ? '-' : ago(n.lastChange, now)])
+    colours.push(n.path === 'direct' ? 'green' : n.path === 'relayed' ? 'yellow' : n.path === 'unreachable' ? 'red' : n.path === 'self' ? 'bold' : 'dim')
+  }
+  const lines = alignRows(rows).map((text, i) => {
+    const c = colours[i]
+    return c ? paint(c, text) : text
+  })
+  return `${[...head, ...lines].join('\n')}\n`
+}
+
+export const statusCommand = defineCommand({
+  meta: { name: 'status', description: 'Show the mesh as this node sees it: who is reachable, directly or through a relay, traffic, Consul and tincd (from the running daemon)' },
+  args: {
+    ...statusArgs,
+    json: { type: 'boolean', description: 'Print the daemon\'s /status JSON', default: false },
+    watch: { type: 'boolean', description: 'Redraw every --interval seconds until interrupted', default: false },
+    interval: { type: 'string', description: 'Seconds between redraws with --watch', default: '2' },
+  },
+  async run({ args }) {
+    const colour = process.stdout.isTTY === true && !process.env.NO_COLOR
+    if (!args.watch) {
+      const s = await fetchStatus(args)
+      process.stdout.write(args.json ? `${JSON.stringify(s, null, 2)}\n` : renderStatus(s, { colour }))
+      return
+    }
+    const every = parseIntFlag('interval', args.interval, 1, 3600) * 1000
+    for (;;) {
+      let text: string
+      try {
+        const s = await fetchStatus(args)
+        text = args.json ? `${JSON.stringify(s)}\n` : renderStatus(s, { colour, now: Date.now() })
+      } catch (err) {
+        text = `${(err as Error).message}\n`
+      }
+      // Home and clear on a terminal; a pipe gets one snapshot after another.
+      process.stdout.write(colour ? `\x1b[H\x1b[2J${text}` : `${text}\n`)
+      await new Promise((r) => setTimeout(r, every))
+    }
+  },
+})
+
+export const graphCommand = defineCommand({
+  meta: { name: 'graph', description: 'Print the mesh graph in Graphviz DOT, or write it as SVG (rendered by the daemon when Graphviz is installed there)' },
+  args: {
+    ...statusArgs,
+    svg: { type: 'string', description: 'Write SVG to this file instead of printing DOT' },
+    dot: { type: 'string', description: 'Write DOT to this file instead of printing it' },
+  },
+  async run({ args }) {
+    const res = await fetchFrom(args, args.svg ? '/graph.svg' : '/graph.dot')
+    const body = await res.text()
+    if (!res.ok) {
+      let msg = body
+      try {
+        const j = JSON.parse(body) as { error?: string; hint?: string }
+        msg = [j.error, j.hint].filter(Boolean).join('; ')
+      } catch {
+        // not JSON: show it as it came
+      }
+      throw new TincConsulError(res.status === 501 ? 'NO_GRAPHVIZ' : 'STATUS_HTTP', `the status server answered ${res.status}: ${msg.trim()}`)
+    }
+    const file = args.svg ?? args.dot
+    if (!file) return void process.stdout.write(body)
+    await writeFileAtomic(file, body, 0o644)
+    console.log(`wrote ${file} (${body.length} bytes)`)
+  },
+})

@@ -1,0 +1,80 @@
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { DnsServer } from '../dns/server.ts'
+import type { SyncDaemon } from '../mesh/sync.ts'
+import { dumpReader, type DumpResult } from '../tinc/dump.ts'
+import type { PeerLink } from '../tinc/events.ts'
+import { parseHostFile } from '../tinc/hostfile.ts'
+import { defaultInterface } from '../tinc/setup.ts'
+import { buildStatus, type InterfaceCounters, type Status } from './model.ts'
+
+/**
+ * Gathers a status from what the daemon holds and what tincd and the kernel
+ * report. tincd is asked through its dump signals at most once a second,
+ * however many requests arrive (the dump reader shares and caches reads), and a
+ * tincd that is down is a state in the result, never an error.
+ */
+export interface CollectorOptions {
+  net: string
+  self: string
+  tincDir: string
+  pidFile: string
+  /** tincd's log file, where its dumps land. */
+  logFile: string
+  sync: SyncDaemon
+  dns?: DnsServer
+  links: ReadonlyMap<string, PeerLink>
+  /** For tests: a stand-in for signalling tincd. */
+  readDump?: () => Promise<DumpResult>
+}
+
+/** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
+export async function interfaceOf(tincDir: string, net: string): Promise<string> {
+  const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => '')
+  const entry = parseHostFile(text).entries.find((e) => e.key.toLowerCase() === 'interface')
+  const name = entry?.value.trim()
+  // Only a real interface name can be joined into a /sys path.
+  return name && /^[A-Za-z0-9_.-]{1,15}$/.test(name) && name !== '.' && name !== '..' ? name : defaultInterface(net)
+}
+
+export async function readCounters(iface: string): Promise<InterfaceCounters | undefined> {
+  const dir = join('/sys/class/net', iface, 'statistics')
+  const read = (f: string) => readFile(join(dir, f), 'utf8').then((t) => Number(t.trim()))
+  try {
+    const [rxBytes, txBytes, rxPackets, txPackets] = await Promise.all([read('rx_bytes'), read('tx_bytes'), read('rx_packets'), read('tx_packets')])
+    if (![rxBytes, txBytes, rxPackets, txPackets].every(Number.isFinite)) return undefined
+    return { rxBytes, txBytes, rxPackets, txPackets } as InterfaceCounters
+  } catch {
+    return undefined
+  }
+}
+
+export interface Collector {
+  snapshot(): Promise<Status>
+}
+
+export async function createCollector(opts: CollectorOptions): Promise<Collector> {
+  const iface = await interfaceOf(opts.tincDir, opts.net)
+  const readDump = opts.readDump ?? dumpReader({ logFile: opts.logFile, pidFile: opts.pidFile })
+  return {
+    async snapshot() {
+      const [tinc, counters] = await Promise.all([readDump(), readCounters(iface)])
+      return buildStatus({
+        net: opts.net,
+        self: opts.self,
+        iface,
+        view: opts.sync.view(),
+        links: opts.links,
+        tinc,
+        counters,
+        consul: opts.sync.consul(),
+        refusals: opts.sync.refusals(),
+        sync: opts.sync.stats,
+        dns: opts.dns?.stats(),
+        services: opts.sync.services(),
+        allocations: opts.sync.allocations(),
+        now: new Date(),
+      })
+    },
+  }
+}

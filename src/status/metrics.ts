@@ -1,0 +1,80 @@
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import type { Status } from './model.ts'
+
+/**
+ * Prometheus metrics, filled from one Status per scrape. Counters that come
+ * from elsewhere (tincd's byte totals, the DNS counters) are set to their
+ * current value rather than incremented here: they reset when tincd or the
+ * daemon restarts, which Prometheus' rate() handles for counters.
+ */
+export interface Metrics {
+  registry: Registry
+  /** Loads a status into the metrics, then returns the text exposition. */
+  render(s: Status): Promise<string>
+}
+
+const PREFIX = 'tinc_consul_'
+
+export function createMetrics(): Metrics {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry, prefix: PREFIX })
+  const g = (name: string, help: string, labelNames: string[] = []) => new Gauge({ name: PREFIX + name, help, labelNames, registers: [registry] })
+  const c = (name: string, help: string, labelNames: string[] = []) => new Counter({ name: PREFIX + name, help, labelNames, registers: [registry] })
+  const m = {
+    info: g('info', 'This node: always 1, with its name and network as labels', ['node', 'net']),
+    tincdUp: g('tincd_up', '1 when tincd answered its last state dump'),
+    bytes: c('tinc_bytes_total', 'Bytes through the VPN device, as tincd (or else the interface) counts them', ['direction']),
+    nodes: g('nodes', 'Known nodes by how this node reaches them', ['path']),
+    reachable: g('node_reachable', '1 when tincd reaches the node', ['node']),
+    edges: g('edges', 'Edges in tincd\'s edge list (one per direction)'),
+    connections: g('connections', 'Meta connections tincd holds'),
+    subnets: g('subnets', 'Subnets tincd knows'),
+    skipped: g('tincd_dump_skipped_lines', 'Lines of tincd\'s last dump that did not parse'),
+    consulUp: g('consul_up', '1 when every Consul watch\'s last read succeeded'),
+    lastSync: g('consul_last_sync_timestamp_seconds', 'When Consul last answered'),
+    refused: c('records_refused_total', 'Node records refused (pinning, validation, revocation)'),
+    refusedNow: g('records_refused', 'Node records refused right now'),
+    servicesRefused: c('service_instances_refused_total', 'Service instances refused (not on a mesh node, wrong address)'),
+    healthy: g('service_healthy_instances', 'Healthy instances per service', ['service', 'protocol']),
+    dns: c('dns_queries_total', 'DNS queries answered, by outcome', ['outcome']),
+  }
+  const setCounter = (counter: Counter, value: number, labels: Record<string, string> = {}) => {
+    counter.reset()
+    counter.inc(labels, Math.max(0, value))
+  }
+  return {
+    registry,
+    async render(s) {
+      m.info.reset()
+      m.info.set({ node: s.node.name, net: s.node.net }, 1)
+      m.tincdUp.set(s.tincd.state === 'up' ? 1 : 0)
+      m.bytes.reset()
+      if (s.bytes.in !== undefined) m.bytes.inc({ direction: 'in' }, s.bytes.in)
+      if (s.bytes.out !== undefined) m.bytes.inc({ direction: 'out' }, s.bytes.out)
+      m.nodes.reset()
+      for (const path of ['direct', 'relayed', 'unreachable', 'unknown'] as const) m.nodes.set({ path }, s.nodes.filter((n) => n.path === path).length)
+      m.reachable.reset()
+      for (const n of s.nodes) if (n.path !== 'self' && n.reachable !== undefined) m.reachable.set({ node: n.name }, n.reachable ? 1 : 0)
+      m.edges.set(s.edges.length)
+      m.connections.set(s.connections.length)
+      m.subnets.set(s.subnets.length)
+      m.skipped.set(s.tincd.skippedLines)
+      m.consulUp.set(s.consul.reachable ? 1 : 0)
+      if (s.consul.lastSyncAt) m.lastSync.set(Date.parse(s.consul.lastSyncAt) / 1000)
+      setCounter(m.refused, s.consul.refusedTotal)
+      m.refusedNow.set(s.consul.refused.length)
+      setCounter(m.servicesRefused, s.consul.servicesRefusedTotal)
+      m.healthy.reset()
+      for (const svc of s.services) m.healthy.set({ service: svc.name, protocol: svc.protocol }, svc.instances.length)
+      m.dns.reset()
+      if (s.dns) {
+        const { queries, refused, formerr } = s.dns
+        m.dns.inc({ outcome: 'answered' }, Math.max(0, queries - refused - formerr))
+        m.dns.inc({ outcome: 'refused' }, refused)
+        m.dns.inc({ outcome: 'formerr' }, formerr)
+        m.dns.inc({ outcome: 'truncated' }, s.dns.truncated)
+      }
+      return registry.metrics()
+    },
+  }
+}

@@ -1,0 +1,161 @@
+import type { DnsStats } from '../dns/server.ts'
+import type { MeshService } from '../mesh/services.ts'
+import type { ConsulHealth, SyncStats } from '../mesh/sync.ts'
+import type { MeshView } from '../mesh/view.ts'
+import type { DumpResult, TincDump } from '../tinc/dump.ts'
+import type { PeerLink } from '../tinc/events.ts'
+
+/**
+ * One picture of the mesh from this node, built from what the daemon already
+ * holds (the view, the hook events, Consul's health) and what tincd says in its
+ * dumps. Pure: the collector gathers the inputs, the endpoints only format this.
+ */
+export interface InterfaceCounters {
+  rxBytes: number
+  txBytes: number
+  rxPackets: number
+  txPackets: number
+}
+
+export interface StatusInputs {
+  net: string
+  self: string
+  iface: string
+  view?: MeshView
+  links: ReadonlyMap<string, PeerLink>
+  tinc: DumpResult
+  counters?: InterfaceCounters
+  consul: ConsulHealth
+  refusals: ReadonlyMap<string, string>
+  sync: SyncStats
+  dns?: DnsStats & { byHelpers: number }
+  services: MeshService[]
+  allocations: ReadonlyMap<string, string>
+  now: Date
+}
+
+export type PathKind = 'self' | 'direct' | 'relayed' | 'unreachable' | 'unknown'
+
+export interface NodeStatus {
+  name: string
+  /** VPN address, from the mesh view. */
+  address?: string
+  public?: boolean
+  /** Where tincd reaches it on the underlay, from the dump or the last host-up. */
+  remote?: string
+  reachable?: boolean
+  path: PathKind
+  /** The node packets go through when relayed. */
+  via?: string
+  /** The next hop of the meta connection. */
+  nexthop?: string
+  /** Last host-up/host-down seen through the hooks. */
+  lastChange?: string
+  /** Known to tincd but not in the view (an old host file), or the other way round. */
+  inView: boolean
+  inTinc: boolean
+}
+
+export interface Status {
+  at: string
+  node: { name: string; net: string; interface: string; address?: string; public?: boolean }
+  tincd: { state: DumpResult['state']; pid?: number; reason?: string; skippedLines: number }
+  bytes: { in?: number; out?: number; source: 'tincd' | 'interface' | 'none' }
+  interface?: InterfaceCounters
+  nodes: NodeStatus[]
+  edges: NonNullable<TincDump['edges']>
+  subnets: NonNullable<TincDump['subnets']>
+  connections: NonNullable<TincDump['connections']>
+  consul: { reachable: boolean; lastSyncAt?: string; index: number; failures: number; refusedTotal: number; refused: Array<{ key: string; reason: string }>; servicesRefusedTotal: number; emptyReadsIgnored: number }
+  dns?: DnsStats & { byHelpers: number }
+  services: MeshService[]
+  allocations: Array<{ address: string; node: string }>
+}
+
+/**
+ * How packets reach a node, by tinc 1.0's rules: `via` is where UDP packets go (another node
+ * when the path needs IndirectData), and until a UDP probe has come back (`min` PMTU 0) tinc
+ * sends over the meta connection, i.e. through `nexthop`. Returns the relay, if any.
+ */
+function routeOf(name: string, d: { via?: string; nexthop?: string; minPmtu?: number } | undefined): string | undefined {
+  const via = d?.via && d.via !== '-' ? d.via : undefined
+  if (via && via !== name) return via
+  const hop = d?.nexthop && d.nexthop !== '-' ? d.nexthop : undefined
+  if (d?.minPmtu === 0 && hop && hop !== name) return hop
+  return undefined
+}
+
+function pathOf(name: string, self: string, reachable: boolean | undefined, relay: string | undefined): PathKind {
+  if (name === self) return 'self'
+  if (reachable === false) return 'unreachable'
+  if (reachable === undefined) return 'unknown'
+  return relay ? 'relayed' : 'direct'
+}
+
+export function buildStatus(i: StatusInputs): Status {
+  const dump = i.tinc.dump
+  const dumped = new Map((i.tinc.state === 'up' ? (dump?.nodes ?? []) : []).map((n) => [n.name, n]))
+  const names = new Set([...(i.view ? i.view.peers.keys() : []), ...dumped.keys(), ...i.links.keys(), i.self])
+  const nodes: NodeStatus[] = [...names].sort().map((name) => {
+    const rec = i.view?.peers.get(name)?.record
+    const d = dumped.get(name)
+    const link = i.links.get(name)
+    // The dump is tincd's own word and the freshest; the hooks cover a tincd we couldn't ask.
+    const reachable = name === i.self ? true : d ? d.reachable : i.tinc.state === 'up' ? false : link?.up
+    const relay = d && reachable ? routeOf(name, d) : undefined
+    return {
+      name,
+      ...(rec ? { address: rec.vpnAddress, public: rec.addresses.length > 0 } : {}),
+      ...(d?.address ? { remote: d.port ? `${d.address}:${d.port}` : d.address } : link?.remote ? { remote: link.remote } : {}),
+      ...(reachable !== undefined ? { reachable } : {}),
+      path: pathOf(name, i.self, reachable, relay),
+      ...(relay ? { via: relay } : {}),
+      ...(d?.nexthop && d.nexthop !== '-' ? { nexthop: d.nexthop } : {}),
+      ...(link ? { lastChange: link.since.toISOString() } : {}),
+      inView: rec !== undefined,
+      inTinc: d !== undefined,
+    }
+  })
+  const selfRec = i.view?.peers.get(i.self)?.record
+  const fromTinc = i.tinc.state === 'up' && dump?.bytesIn !== undefined && dump.bytesOut !== undefined
+  const c = i.consul
+  return {
+    at: i.now.toISOString(),
+    node: { name: i.self, net: i.net, interface: i.iface, ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}) },
+    tincd: { state: i.tinc.state, ...(i.tinc.state === 'up' ? { pid: i.tinc.pid } : { reason: i.tinc.reason }), skippedLines: dump?.skipped ?? 0 },
+    bytes: fromTinc ? { in: dump.bytesIn, out: dump.bytesOut, source: 'tincd' } : i.counters ? { in: i.counters.rxBytes, out: i.counters.txBytes, source: 'interface' } : { source: 'none' },
+    ...(i.counters ? { interface: i.counters } : {}),
+    nodes,
+    edges: i.tinc.state === 'up' ? (dump?.edges ?? []) : [],
+    subnets: i.tinc.state === 'up' ? (dump?.subnets ?? []) : [],
+    connections: i.tinc.state === 'up' ? (dump?.connections ?? []) : [],
+    consul: {
+      reachable: c.reachable,
+      ...(c.lastReadAt ? { lastSyncAt: c.lastReadAt.toISOString() } : {}),
+      index: c.index,
+      failures: c.failures,
+      refusedTotal: i.sync.refusedTotal,
+      refused: [...i.refusals].map(([key, reason]) => ({ key, reason })),
+      servicesRefusedTotal: i.sync.servicesRefusedTotal,
+      emptyReadsIgnored: i.sync.emptyReadsIgnored,
+    },
+    ...(i.dns ? { dns: i.dns } : {}),
+    services: i.services,
+    allocations: [...i.allocations].map(([address, node]) => ({ address, node })).sort((a, b) => a.address.localeCompare(b.address, undefined, { numeric: true })),
+  }
+}
+
+/** tincstat's exact shape, so status-bar scripts written for it keep working. */
+export interface Tincstat {
+  total_bytes_in: number
+  total_bytes_out: number
+  connections: Array<{ name: string; ip: string; port: number }>
+}
+
+export function tincstat(s: Status): Tincstat {
+  return {
+    total_bytes_in: Math.trunc(s.bytes.in ?? 0),
+    total_bytes_out: Math.trunc(s.bytes.out ?? 0),
+    connections: s.connections.map((c) => ({ name: c.name, ip: c.address ?? '', port: c.port ?? 0 })),
+  }
+}

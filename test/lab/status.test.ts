@@ -1,0 +1,101 @@
+import { describe } from 'node:test'
+import assert from 'node:assert/strict'
+import { spawnSync } from 'node:child_process'
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { waitFor } from '../../src/lab/daemon.ts'
+import type { Lab } from '../../src/lab/lab.ts'
+import type { Status } from '../../src/status/model.ts'
+import { labTest, pidAlive, useLab, withLogs } from './helpers.ts'
+
+const NODES = ['node1', 'node2', 'node3', 'node4', 'node5']
+
+/** GET on a node's own status server, from inside its namespace. */
+async function get(lab: Lab, node: string, path: string): Promise<{ status: number; type: string; body: string }> {
+  const script = `fetch('http://127.0.0.1:9000${path}').then(async (r) => process.stdout.write(JSON.stringify({ status: r.status, type: r.headers.get('content-type'), body: await r.text() })))`
+  return JSON.parse((await lab.exec(node, [process.execPath, '-e', script])).stdout) as { status: number; type: string; body: string }
+}
+const status = async (lab: Lab, node: string) => JSON.parse((await get(lab, node, '/status')).body) as Status
+const row = (s: Status, name: string) => s.nodes.find((n) => n.name === name)
+
+describe('lab, ACLs on: status from every node, as tincd and Consul see it', () => {
+  // node1..node3 public, node4 and node5 behind NAT.
+  const get5 = useLab({ nodes: 5, nat: 2, consulServers: 1, acl: true, tinc: true, hostFiles: 'seed' })
+
+  labTest('/tincstat has tincstat\'s exact field names and types; /status shows every node reachable', async () => {
+    const lab = get5()
+    await lab.writeNetwork()
+    for (const n of NODES) await lab.startSidecar(n)
+    await withLogs(lab, NODES, () => lab.waitForMesh(60_000))
+    await withLogs(lab, NODES, () => waitFor('node4 to report every node reachable', async () => ((await status(lab, 'node4')).nodes.every((n) => n.reachable) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 }))
+    const r = await get(lab, 'node4', '/tincstat')
+    assert.equal(r.status, 200)
+    const t = JSON.parse(r.body) as Record<string, unknown>
+    assert.deepEqual(Object.keys(t), ['total_bytes_in', 'total_bytes_out', 'connections'])
+    assert.ok(Number.isInteger(t.total_bytes_in) && (t.total_bytes_in as number) > 0, 'total_bytes_in is a positive integer')
+    assert.ok(Number.isInteger(t.total_bytes_out) && (t.total_bytes_out as number) > 0, 'total_bytes_out is a positive integer')
+    const conns = t.connections as Array<Record<string, unknown>>
+    // node4 is behind NAT: it holds a meta connection to each public node (for a moment two to
+    // one of them, when both ends connected at once and tinc hasn't dropped the spare yet).
+    assert.deepEqual([...new Set(conns.map((c) => c.name))].sort(), ['node1', 'node2', 'node3'])
+    for (const c of conns) {
+      assert.deepEqual(Object.keys(c), ['name', 'ip', 'port'])
+      assert.equal(typeof c.ip, 'string')
+      assert.ok(Number.isInteger(c.port))
+    }
+    const s = await status(lab, 'node4')
+    assert.equal(s.tincd.state, 'up')
+    assert.equal(s.consul.reachable, true)
+    assert.deepEqual(s.nodes.map((n) => [n.name, n.address, n.public]), NODES.map((n) => [n, `10.99.0.${n.slice(4)}`, Number(n.slice(4)) <= 3]))
+    assert.equal(row(s, 'node1')?.path, 'direct')
+    assert.equal(row(s, 'node4')?.path, 'self')
+    const table = (await lab.cli('node4', ['status'])).stdout
+    assert.match(table, /^node4 10\.99\.0\.4 on lab \(tinc0\) {2}tincd up \(pid \d+\) {2}consul ok/m)
+    assert.match(table, /^node1\s+10\.99\.0\.1\s+yes\s+direct\s+198\.18\.0\.1:655/m)
+  })
+
+  labTest('/metrics parses as Prometheus text; /graph.dot parses with Graphviz; /graph.svg renders', async (t) => {
+    const lab = get5()
+    const metrics = await get(lab, 'node4', '/metrics')
+    assert.match(metrics.type, /^text\/plain; version=0\.0\.4/)
+    for (const line of metrics.body.split('\n')) {
+      if (!line || line.startsWith('# ')) continue
+      assert.match(line, /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? (-?[0-9.e+-]+|NaN|[+-]Inf)$/, `not Prometheus text: ${line}`)
+    }
+    assert.match(metrics.body, /^tinc_consul_tincd_up 1$/m)
+    assert.match(metrics.body, /^tinc_consul_node_reachable\{node="node1"\} 1$/m)
+    const dot = await get(lab, 'node4', '/graph.dot')
+    const parsed = spawnSync('dot', ['-Tsvg'], { input: dot.body, encoding: 'utf8' })
+    assert.equal(parsed.status, 0, parsed.stderr)
+    for (const n of NODES) assert.match(dot.body, new RegExp(`^  "${n}" \\[label=`, 'm'))
+    const svg = await get(lab, 'node4', '/graph.svg')
+    assert.equal(svg.status, 200)
+    assert.equal(svg.type, 'image/svg+xml')
+    assert.match(svg.body, /<svg[\s\S]*node5[\s\S]*<\/svg>\s*$/)
+    // Kept for a human to look at: the issue asks for a readable picture, which no assertion can judge.
+    const keep = join(tmpdir(), 'tinc-consul-lab-logs')
+    mkdirSync(keep, { recursive: true })
+    writeFileSync(join(keep, 'graph-node4.svg'), svg.body)
+    t.diagnostic(`the 5-node graph as node4 sees it: ${join(keep, 'graph-node4.svg')}`)
+  })
+
+  labTest('a stopped tincd shows as down and the daemon stays up; it shows as up again once tincd is back', async () => {
+    const lab = get5()
+    const files = lab.tincFiles('node2')
+    const pid = Number(readFileSync(files.pidFile, 'utf8').trim())
+    process.kill(pid, 'SIGTERM')
+    await waitFor('node2\'s tincd to exit', async () => (pidAlive(pid) ? undefined : true), { timeoutMs: 10_000, intervalMs: 100 })
+    // The dump reader caches for a second: ask until it asks tincd again.
+    const down = await waitFor('node2 to report tincd down', async () => {
+      const s = await status(lab, 'node2')
+      return s.tincd.state === 'down' ? s : undefined
+    }, { timeoutMs: 10_000, intervalMs: 300 })
+    assert.match(down.tincd.reason ?? '', /^not running \(no pidfile at .*tinc\.pid\)$/)
+    assert.equal(row(down, 'node2')?.path, 'self')
+    assert.equal((await get(lab, 'node2', '/tincstat')).status, 200, 'tincstat still answers')
+    assert.match((await lab.cli('node2', ['status'])).stdout, /tincd down/)
+    await lab.restartTincd('node2')
+    await withLogs(lab, ['node2'], () => waitFor('node2 to report tincd up again', async () => ((await status(lab, 'node2')).tincd.state === 'up' ? true : undefined), { timeoutMs: 30_000, intervalMs: 300 }))
+  })
+})

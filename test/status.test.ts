@@ -1,0 +1,247 @@
+import { after, before, describe, test } from 'node:test'
+import assert from 'node:assert/strict'
+import { execFile, spawnSync } from 'node:child_process'
+import { promisify } from 'node:util'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { pino } from 'pino'
+import { renderStatus } from '../src/cli/status.ts'
+import type { MeshView } from '../src/mesh/view.ts'
+import { renderDot } from '../src/status/graph.ts'
+import { buildStatus, tincstat, type Status, type StatusInputs } from '../src/status/model.ts'
+import { startStatusServer, type StatusServer } from '../src/status/server.ts'
+import type { TincDump } from '../src/tinc/dump.ts'
+
+const quiet = pino({ level: 'silent' })
+
+const view = (peers: Record<string, { address: string; public: boolean }>): MeshView =>
+  ({
+    network: { v: 1, cidr: '10.99.0.0/24', domain: 'mesh', createdAt: '2026-01-01T00:00:00Z' },
+    peers: new Map(Object.entries(peers).map(([name, p]) => [name, { record: { name, vpnAddress: p.address, addresses: p.public ? ['198.18.0.1'] : [], fingerprint: `sha256:${'0'.repeat(64)}` } }])),
+  }) as unknown as MeshView
+
+const node = (name: string, o: Partial<NonNullable<TincDump['nodes']>[number]> = {}) => ({ name, address: '198.18.0.9', port: 655, status: 0x1a, reachable: true, nexthop: name, via: name, pmtu: 1451, minPmtu: 1451, options: 12, ...o })
+
+const DUMP: TincDump = {
+  bytesIn: 12345,
+  bytesOut: 67890,
+  nodes: [node('alpha', { address: '198.18.0.1' }), node('beta', { address: '198.18.0.2' }), node('laptop', { nexthop: 'alpha', via: 'alpha' }), node('phone', { reachable: false, status: 0, address: undefined, port: undefined }), node('home')],
+  edges: [
+    { from: 'home', to: 'alpha', address: '198.18.0.1', port: 655, weight: 3 },
+    { from: 'alpha', to: 'home', address: '198.18.0.5', port: 655, weight: 3 },
+    { from: 'alpha', to: 'laptop', address: '198.18.0.7', port: 655, weight: 5 },
+    { from: 'home', to: 'beta', address: '198.18.0.2', port: 655, weight: 4 },
+  ],
+  subnets: [{ subnet: '10.99.0.1/32', weight: 10, owner: 'alpha' }],
+  connections: [
+    { name: 'alpha', address: '198.18.0.1', port: 655, status: 0x1c2 },
+    { name: 'beta', address: '198.18.0.2', port: 655, status: 0xc2 },
+  ],
+  skipped: 2,
+}
+
+function inputs(o: Partial<StatusInputs> = {}): StatusInputs {
+  return {
+    net: 'home',
+    self: 'home',
+    iface: 'tinc-home',
+    view: view({ home: { address: '10.99.0.5', public: false }, alpha: { address: '10.99.0.1', public: true }, beta: { address: '10.99.0.2', public: true }, laptop: { address: '10.99.0.7', public: false }, phone: { address: '10.99.0.8', public: false } }),
+    links: new Map([
+      ['alpha', { up: true, since: new Date('2026-11-22T01:00:00Z'), remote: '198.18.0.1' }],
+      ['phone', { up: false, since: new Date('2026-11-22T01:30:00Z') }],
+    ]),
+    tinc: { state: 'up', dump: DUMP, pid: 42 },
+    counters: { rxBytes: 1, txBytes: 2, rxPackets: 3, txPackets: 4 },
+    consul: { reachable: true, lastReadAt: new Date('2026-11-22T01:59:58Z'), index: 77, failures: 0 },
+    refusals: new Map([['tinc-consul/home/nodes/evil', 'key is not the pinned one']]),
+    sync: { refusedTotal: 3, servicesRefusedTotal: 1, emptyReadsIgnored: 0, bytesRead: 0, applies: 5, hups: 1 },
+    dns: { queries: 10, formerr: 1, refused: 2, truncated: 0, byHelpers: 4 },
+    services: [{ name: 'nfs', protocol: 'tcp', instances: [{ id: 'mesh-home-nfs', node: 'alpha', address: '10.99.0.1', port: 2049, tags: [] }] }],
+    allocations: new Map([['10.99.0.1', 'alpha']]),
+    now: new Date('2026-11-22T02:00:00Z'),
+    ...o,
+  }
+}
+
+describe('the status picture', () => {
+  test('every node: direct, relayed and via whom, unreachable; tincd\'s dump wins over the hooks', () => {
+    const s = buildStatus(inputs())
+    assert.deepEqual(
+      s.nodes.map((n) => [n.name, n.address, n.reachable, n.path, n.via]),
+      [
+        ['alpha', '10.99.0.1', true, 'direct', undefined],
+        ['beta', '10.99.0.2', true, 'direct', undefined],
+        ['home', '10.99.0.5', true, 'self', undefined],
+        ['laptop', '10.99.0.7', true, 'relayed', 'alpha'],
+        ['phone', '10.99.0.8', false, 'unreachable', undefined],
+      ],
+    )
+    assert.equal(s.nodes.find((n) => n.name === 'alpha')?.lastChange, '2026-11-22T01:00:00.000Z')
+    assert.deepEqual(s.bytes, { in: 12345, out: 67890, source: 'tincd' })
+    assert.deepEqual(s.tincd, { state: 'up', pid: 42, skippedLines: 2 })
+    assert.deepEqual(s.consul.refused, [{ key: 'tinc-consul/home/nodes/evil', reason: 'key is not the pinned one' }])
+    assert.equal(s.consul.lastSyncAt, '2026-11-22T01:59:58.000Z')
+  })
+
+  test('UDP that never answered means tinc sends through the meta connection: relayed via the next hop', () => {
+    const s = buildStatus(inputs({ tinc: { state: 'up', pid: 42, dump: { ...DUMP, nodes: [node('beta', { minPmtu: 0, nexthop: 'alpha' }), node('alpha', { minPmtu: 0 })] } } }))
+    assert.deepEqual(
+      s.nodes.filter((n) => n.name === 'alpha' || n.name === 'beta').map((n) => [n.name, n.path, n.via]),
+      [
+        ['alpha', 'direct', undefined],
+        ['beta', 'relayed', 'alpha'],
+      ],
+    )
+  })
+
+  test('a stopped tincd is a state: the hooks still tell who was reachable, bytes come from the interface', () => {
+    const s = buildStatus(inputs({ tinc: { state: 'down', reason: 'no tincd at pid 42' } }))
+    assert.deepEqual(s.tincd, { state: 'down', reason: 'no tincd at pid 42', skippedLines: 0 })
+    assert.deepEqual(s.bytes, { in: 1, out: 2, source: 'interface' })
+    assert.deepEqual(s.edges, [])
+    assert.deepEqual(
+      s.nodes.map((n) => [n.name, n.path]),
+      [
+        ['alpha', 'direct'],
+        ['beta', 'unknown'],
+        ['home', 'self'],
+        ['laptop', 'unknown'],
+        ['phone', 'unreachable'],
+      ],
+    )
+  })
+
+  test('/tincstat has exactly tincstat\'s field names and types', () => {
+    const t = tincstat(buildStatus(inputs()))
+    assert.deepEqual(Object.keys(t), ['total_bytes_in', 'total_bytes_out', 'connections'])
+    assert.ok(Number.isInteger(t.total_bytes_in) && Number.isInteger(t.total_bytes_out))
+    assert.deepEqual(t.connections, [
+      { name: 'alpha', ip: '198.18.0.1', port: 655 },
+      { name: 'beta', ip: '198.18.0.2', port: 655 },
+    ])
+    for (const c of t.connections) assert.deepEqual(Object.keys(c), ['name', 'ip', 'port'])
+  })
+
+  test('the table reads well: plain when piped, coloured on a terminal', () => {
+    const s = buildStatus(inputs())
+    const plain = renderStatus(s, { colour: false })
+    assert.equal(plain.includes('\x1b['), false, 'no escape codes when piped')
+    assert.match(plain, /^home 10\.99\.0\.5 on home \(tinc-home\) {2}tincd up \(pid 42\) {2}consul ok \(index 77\)$/m)
+    assert.match(plain, /^traffic: in 12\.1 KiB, out 66\.3 KiB {3}dns: 10 queries {3}1 record\(s\) refused$/m)
+    assert.match(plain, /^NAME\s+ADDRESS\s+REACHABLE\s+PATH\s+REMOTE\s+CHANGED$/m)
+    assert.match(plain, /^laptop\s+10\.99\.0\.7\s+yes\s+relay via alpha\s+198\.18\.0\.9:655\s+-$/m)
+    assert.match(plain, /^phone\s+10\.99\.0\.8\s+no\s+unreachable\s+-\s+30m ago$/m)
+    assert.ok(renderStatus(s, { colour: true }).includes('\x1b[33mlaptop'), 'relayed rows are yellow on a terminal')
+  })
+
+  test('the DOT graph parses with Graphviz; relayed peers get a dashed line to their relay', () => {
+    const dot = renderDot(buildStatus(inputs()))
+    assert.match(dot, /"home" -- "laptop" \[style=dashed, color="#ef6c00", fontcolor="#ef6c00", label="via alpha"/)
+    assert.match(dot, /"alpha" -- "home" \[color="#2e7d32", penwidth=2\];/)
+    assert.equal((dot.match(/"alpha" -- "home"/g) ?? []).length, 1, 'both directions of an edge are one line')
+    const r = spawnSync('dot', ['-Tsvg'], { input: dot, encoding: 'utf8' })
+    assert.equal(r.status, 0, r.stderr)
+    assert.match(r.stdout, /<svg[\s\S]*laptop[\s\S]*<\/svg>/)
+  })
+})
+
+/** A strict reading of the Prometheus text format: every line is a comment, blank, or NAME{LABELS} VALUE. */
+function checkExposition(text: string): Map<string, number> {
+  const samples = new Map<string, number>()
+  const typed = new Set<string>()
+  for (const line of text.split('\n')) {
+    if (line === '') continue
+    const meta = /^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) (.+)$/.exec(line)
+    if (meta) {
+      if (meta[1] === 'TYPE') {
+        assert.match(meta[3] ?? '', /^(counter|gauge|histogram|summary|untyped)$/, line)
+        typed.add(meta[2] ?? '')
+      }
+      continue
+    }
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? (-?[0-9.e+-]+|NaN|[+-]Inf)$/.exec(line)
+    assert.ok(m, `not Prometheus text: ${JSON.stringify(line)}`)
+    const base = (m[1] ?? '').replace(/_(bucket|sum|count)$/, '')
+    assert.ok(typed.has(m[1] ?? '') || typed.has(base), `no TYPE for ${m[1]}`)
+    samples.set(`${m[1]}${m[2] ?? ''}`, Number(m[3]))
+  }
+  return samples
+}
+
+describe('the status server', () => {
+  let server: StatusServer
+  let current: Status
+  const url = (path: string) => `http://127.0.0.1:${server.port}${path}`
+  before(async () => {
+    current = buildStatus(inputs())
+    server = await startStatusServer({ hosts: ['127.0.0.1'], port: 0, snapshot: () => Promise.resolve(current), log: quiet })
+  })
+  after(() => server.close())
+
+  test('GET /tincstat, /status and /metrics; /metrics parses as Prometheus text', async () => {
+    assert.deepEqual(await (await fetch(url('/tincstat'))).json(), tincstat(current))
+    assert.deepEqual(await (await fetch(url('/status'))).json(), JSON.parse(JSON.stringify(current)))
+    const res = await fetch(url('/metrics'))
+    assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/)
+    const samples = checkExposition(await res.text())
+    assert.equal(samples.get('tinc_consul_tincd_up'), 1)
+    assert.equal(samples.get('tinc_consul_tinc_bytes_total{direction="in"}'), 12345)
+    assert.equal(samples.get('tinc_consul_nodes{path="relayed"}'), 1)
+    assert.equal(samples.get('tinc_consul_node_reachable{node="phone"}'), 0)
+    assert.equal(samples.get('tinc_consul_records_refused_total'), 3)
+    assert.equal(samples.get('tinc_consul_service_healthy_instances{service="nfs",protocol="tcp"}'), 1)
+    assert.equal(samples.get('tinc_consul_dns_queries_total{outcome="answered"}'), 7)
+  })
+
+  test('/graph.dot and /graph.svg; without Graphviz a 501 that says what to do', async () => {
+    const dot = await fetch(url('/graph.dot'))
+    assert.equal(dot.headers.get('content-type'), 'text/vnd.graphviz; charset=utf-8')
+    assert.match(await dot.text(), /^graph "tinc-consul home" \{/)
+    const svg = await fetch(url('/graph.svg'))
+    assert.equal(svg.status, 200)
+    assert.match(await svg.text(), /<svg/)
+    const noDot = await startStatusServer({ hosts: ['127.0.0.1'], port: 0, snapshot: () => Promise.resolve(current), log: quiet, dotBin: '/nonexistent/dot' })
+    try {
+      const r = await fetch(`http://127.0.0.1:${noDot.port}/graph.svg`)
+      assert.equal(r.status, 501)
+      assert.match(((await r.json()) as { hint: string }).hint, /apt install graphviz/)
+    } finally {
+      await noDot.close()
+    }
+  })
+
+  test('unknown paths are 404, anything but GET is 405, and nothing changes', async () => {
+    assert.equal((await fetch(url('/nope'))).status, 404)
+    const post = await fetch(url('/status'), { method: 'POST', body: '{}' })
+    assert.equal(post.status, 405)
+    assert.equal(post.headers.get('allow'), 'GET, HEAD')
+    assert.equal((await fetch(url('/status'), { method: 'DELETE' })).status, 405)
+  })
+
+  test('the status and graph commands read from the daemon', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tinc-consul-status-'))
+    try {
+      // Not spawnSync: the server answering lives in this very process.
+      const cli = async (...args: string[]) =>
+        promisify(execFile)(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } }).then(
+          (r) => ({ status: 0, stdout: r.stdout, stderr: r.stderr }),
+          (e: { code?: number; stdout?: string; stderr?: string }) => ({ status: e.code ?? -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' }),
+        )
+      const port = ['--status-port', String(server.port)]
+      let r = await cli('status', ...port)
+      assert.equal(r.status, 0, r.stderr)
+      assert.match(r.stdout, /^laptop\s+10\.99\.0\.7\s+yes\s+relay via alpha/m)
+      r = await cli('status', '--json', ...port)
+      assert.equal((JSON.parse(r.stdout) as Status).node.name, 'home')
+      r = await cli('graph', '--svg', join(dir, 'mesh.svg'), ...port)
+      assert.equal(r.status, 0, r.stderr)
+      assert.match(readFileSync(join(dir, 'mesh.svg'), 'utf8'), /<svg/)
+      r = await cli('status', '--status-port', '1')
+      assert.equal(r.status, 1)
+      assert.match(r.stderr, /cannot reach the daemon's status server at http:\/\/127\.0\.0\.1:1\/status/)
+    } finally {
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+})
