@@ -16,6 +16,9 @@ const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
 
 export const configPath = (dir: string, net: string): string => join(dir, `${net}.env`)
 
+/** Where a network's pins and cached view live unless --state-dir says otherwise. */
+export const defaultStateDir = (net: string): string => `/var/lib/tinc-consul/${net}`
+
 export function parseConfig(text: string, path: string): Record<string, string> {
   const out: Record<string, string> = {}
   text.split('\n').forEach((raw, i) => {

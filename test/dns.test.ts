@@ -128,6 +128,16 @@ test('an answer too big for the client over UDP is cut to the question with TC; 
   assert.equal(tcp.readUInt16BE(0), 0xabcd)
 })
 
+test('a "." byte inside one label is not a label boundary: "hub.mesh" as one label is not hub.mesh', () => {
+  const zone = buildZone({ domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: nodes.slice(0, 2), ttl: { node: 30, service: 5, negative: 5 }, serial: 1 })
+  const one = Buffer.concat([Buffer.from([0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]), Buffer.from([8]), Buffer.from('hub.mesh'), Buffer.from([0, 0, 1, 0, 1])])
+  const stats = { queries: 0, formerr: 0, refused: 0, truncated: 0 }
+  const reply = decodeMessage(answer(one, zone, 'udp', stats) as Buffer)
+  assert.equal(reply.rcode, RCODE.REFUSED)
+  assert.equal(reply.answer.length, 0)
+  assert.equal(decodeMessage(answer(buildQuery('hub.mesh', TYPE.A), zone, 'udp', stats) as Buffer).answer[0]?.data, '10.99.0.1', 'the real name still answers')
+})
+
 describe('services and aliases, through a server with a helper process', () => {
   const web = Array.from({ length: 60 }, (_, i) => ({ node: `n${i}`, address: `10.99.1.${i + 1}`, port: 8000 + i, tags: i % 2 ? ['blue'] : ['green'] }))
   const input = {
@@ -228,7 +238,8 @@ test('the hosts block is added, kept, replaced and removed without touching othe
   const file = join(dir, 'hosts')
   const mine = '127.0.0.1 localhost\n# my own comment\n'
   await writeFile(file, mine)
-  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
+  // A node called "service" is left out here as in DNS, where service.mesh is the services' subdomain.
+  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: [...nodes, { name: 'service', address: '10.99.0.60', public: false, fingerprint: `sha256:${'0'.repeat(64)}` }], ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
   assert.equal(await writeHostsBlock(file, 'home', hostsLines(input.domain, input.nodes)), true)
   const text = await readFile(file, 'utf8')
   assert.ok(text.startsWith(mine))

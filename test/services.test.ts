@@ -227,6 +227,13 @@ describe('the registrar keeps a real Consul agent equal to the services director
     await reg.stop()
     reg = undefined
     assert.ok((await mine())[serviceId('home', 'job')], 'left registered on exit by default')
+
+    // A daemon restarted over a registration it made before still runs the check (nothing to register).
+    writeFileSync(script, '#!/bin/sh\necho "fixed"\nexit 0\n')
+    reg = await startServices({ dir, who, consulUrl: consul.url, allowScripts: true, deregisterOnExit: false, resyncMs: 200, log: quiet })
+    await waitFor('the restarted daemon to report the script passing', async () => ((await checkStatus('job')) === 'passing' ? true : undefined), { timeoutMs: 10_000, intervalMs: 100 })
+    await reg.stop()
+    reg = undefined
   })
 
   test('the health watch sees only passing instances of this network, and follows the catalog', async () => {

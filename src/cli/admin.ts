@@ -1,4 +1,5 @@
 import { defineCommand } from 'citty'
+import { defaultStateDir } from '../config-file.ts'
 import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
 import { UsageError } from '../errors.ts'
@@ -35,7 +36,7 @@ const pinReset = defineCommand({
   async run({ args }) {
     const net = requireNet(args.net)
     const name = requireName(args.name)
-    const dir = args['state-dir'] ?? `/var/lib/tinc-consul/${net}`
+    const dir = args['state-dir'] ?? defaultStateDir(net)
     const pins = await loadPins(dir)
     const old = pins.get(name)
     if (!old) {

@@ -1,4 +1,5 @@
 import { defineCommand } from 'citty'
+import { defaultStateDir } from '../config-file.ts'
 import { createConsulClient } from '../consul/client.ts'
 import { kvList } from '../consul/kv.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
@@ -74,7 +75,7 @@ export const hostsCommand = defineCommand({
       console.log(changed ? `removed the ${net} block from ${args.file}` : `${args.file} has no ${net} block`)
       return
     }
-    const dir = args['state-dir'] ?? `/var/lib/tinc-consul/${net}`
+    const dir = args['state-dir'] ?? defaultStateDir(net)
     const cached = await loadCache(dir)
     if (!cached) throw new TincConsulError('NO_VIEW', `no view of the mesh in ${dir} yet; start \`tinc-consul run --net ${net}\` first (or pass --state-dir)`)
     const lines = hostsLines(cached.network.domain, cached.records.map((r) => ({ name: r.name, address: r.vpnAddress })))

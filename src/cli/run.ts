@@ -1,4 +1,5 @@
 import { defineCommand } from 'citty'
+import { defaultStateDir } from '../config-file.ts'
 import { UsageError } from '../errors.ts'
 import { createLogger } from '../log.ts'
 import { aclsEnabled } from '../consul/acl.ts'
@@ -17,7 +18,7 @@ import type { MeshState } from '../mesh/sync.ts'
 import { consulArgs } from './common.ts'
 import { dnsArgs, dnsSettings } from './dns-args.ts'
 import { defaultServicesDir, serviceRunArgs } from './service-args.ts'
-import { startServices, type ServicesRegistrar } from '../services/registrar.ts'
+import { startServices } from '../services/registrar.ts'
 import { createCollector } from '../status/collect.ts'
 import { DEFAULT_STATUS_PORT, startStatusServer, type StatusServer } from '../status/server.ts'
 import { described, envDefault, envFlag } from './env.ts'
@@ -56,118 +57,116 @@ export const runCommand = defineCommand({
     const net = requireNet(args.net)
     const log = createLogger()
     const tincDir = tincDirFor(args.dir, net)
+    // Every flag is checked before anything starts: a typo is a usage error, not a half-started daemon.
     const joinPort = parseIntFlag('join-port', args['join-port'], 0, 65535)
+    const waitSeconds = parseIntFlag('wait', args.wait, 1, 600)
+    const recordWatchLimit = parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000)
+    const resyncMs = parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000
+    const statusPort = parseIntFlag('status-port', args['status-port'], 0, 65535)
+    const statusListen = listFlag('status-listen', args['status-listen'])
+    const dnsOpts = dnsSettings(args)
+    const pidFile = args.pidfile ?? `/var/run/tinc.${net}.pid`
     const layout = kvLayout(net, args.prefix || undefined)
     // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
     const self = await readTincName(tincDir)
     const own = await buildOwnRecord(tincDir, self)
-    const isPublic = own.addresses.length > 0
-    const serveJoins = joinPort > 0 && isPublic
-    const dnsOpts = dnsSettings(args)
-    // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
-    let dns: DnsServer | undefined
-    if (dnsOpts.enabled) dns = await startDnsServer({ hosts: [own.vpnAddress, ...dnsOpts.listen.filter((h) => h !== own.vpnAddress)], port: dnsOpts.port, workers: dnsOpts.workers, log })
-    const dnsLog = log.child({ component: 'dns' })
-    let serial = 0
-    let lastInput = ''
-    let hostsWrite = Promise.resolve()
-    const onState = (state: MeshState) => {
-      // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
-      // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
-      const input = zoneInputFrom(state, { self, ttl: dnsOpts.ttl }, serial)
-      const key = JSON.stringify({ ...input, serial: 0 })
-      if (key === lastInput) return
-      lastInput = key
-      serial = input.serial = nextSerial(serial)
-      if (dns) {
-        const zone = dns.update(input)
-        if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
-      }
-      const file = dnsOpts.hostsFile
-      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+    const serveJoins = joinPort > 0 && own.addresses.length > 0
+    const withVpn = (extra: string[]) => [own.vpnAddress, ...extra.filter((h) => h !== own.vpnAddress)]
+
+    // What has started, closed in reverse order on shutdown and when a later start fails.
+    const closers: Array<() => unknown> = []
+    const closeAll = async () => {
+      for (const close of closers.reverse()) await close()
     }
-    const daemon = await startSync({
-      net,
-      tincDir,
-      joinPort: serveJoins ? joinPort : undefined,
-      stateDir: args['state-dir'] ?? `/var/lib/tinc-consul/${net}`,
-      pidFile: args.pidfile ?? `/var/run/tinc.${net}.pid`,
-      consulUrl: args.consul,
-      token: args.token || undefined,
-      prefix: args.prefix || undefined,
-      waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
-      recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
-      log,
-      onState,
-    }).catch(async (err: unknown) => {
-      await dns?.close()
-      throw err
-    })
-    // Services go to the local agent whatever the state of the rest: a node's own services
-    // don't wait for the mesh view, and a broken file never stops the daemon.
-    let services: ServicesRegistrar | undefined
     try {
-      services = await startServices({
+      // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
+      let dns: DnsServer | undefined
+      if (dnsOpts.enabled) {
+        const server = await startDnsServer({ hosts: withVpn(dnsOpts.listen), port: dnsOpts.port, workers: dnsOpts.workers, log })
+        closers.push(() => server.close())
+        dns = server
+      }
+      const dnsLog = log.child({ component: 'dns' })
+      let serial = 0
+      let lastInput = ''
+      let hostsWrite = Promise.resolve()
+      closers.push(() => hostsWrite)
+      const onState = (state: MeshState) => {
+        // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
+        // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
+        const input = zoneInputFrom(state, { self, ttl: dnsOpts.ttl }, serial)
+        const key = JSON.stringify({ ...input, serial: 0 })
+        if (key === lastInput) return
+        lastInput = key
+        serial = input.serial = nextSerial(serial)
+        if (dns) {
+          const zone = dns.update(input)
+          if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
+        }
+        const file = dnsOpts.hostsFile
+        if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+      }
+      const daemon = await startSync({
+        net,
+        tincDir,
+        joinPort: serveJoins ? joinPort : undefined,
+        stateDir: args['state-dir'] ?? defaultStateDir(net),
+        pidFile,
+        consulUrl: args.consul,
+        token: args.token || undefined,
+        prefix: args.prefix || undefined,
+        waitSeconds,
+        recordWatchLimit,
+        log,
+        onState,
+      })
+      closers.push(() => daemon.stop())
+      // Services go to the local agent whatever the state of the rest: a node's own services
+      // don't wait for the mesh view, and a broken file never stops the daemon.
+      const services = await startServices({
         dir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
         who: { net, node: self, address: own.vpnAddress },
         consulUrl: args.consul,
         token: args.token || undefined,
         allowScripts: args['script-checks'],
         deregisterOnExit: args['deregister-on-exit'],
-        resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
+        resyncMs,
         log,
-      })
+      }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
+      if (services) closers.push(() => services.stop())
+      let joins: JoinServer | undefined
+      if (serveJoins) {
+        const joinToken = args['join-token'] || args.token || undefined
+        const client = createConsulClient({ url: args.consul, token: joinToken })
+        const server = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
+        closers.push(() => server.close())
+        joins = server
+      }
+      // What tincd reports through its hooks: who is reachable right now, for status.
+      const links = new Map<string, PeerLink>()
+      const tincLog = log.child({ component: 'tinc' })
+      const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
+        if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
+      }, tincLog)
+      closers.push(() => events.stop())
+      let status: StatusServer | undefined
+      if (args.status) {
+        const collector = await createCollector({ net, self, tincDir, pidFile, logFile: args['tinc-log'] || `/var/log/tinc.${net}.log`, sync: daemon, dns, links })
+        const server = await startStatusServer({ hosts: withVpn(statusListen), port: statusPort, snapshot: () => collector.snapshot(), log })
+        closers.push(() => server.close())
+        status = server
+      }
+      log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port, statusPort: status?.port }, 'tinc-consul running')
     } catch (err) {
-      log.error({ err }, 'could not start the services registrar; running without it')
+      await closeAll()
+      throw err
     }
-    let joins: JoinServer | undefined
-    if (serveJoins) {
-      const joinToken = args['join-token'] || args.token || undefined
-      const client = createConsulClient({ url: args.consul, token: joinToken })
-      try {
-        joins = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
-      } catch (err) {
-        await services?.stop()
-        await daemon.stop()
-        await dns?.close()
-        throw err
-      }
-    }
-    // What tincd reports through its hooks: who is reachable right now, for status.
-    const links = new Map<string, PeerLink>()
-    const tincLog = log.child({ component: 'tinc' })
-    const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
-      if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
-    }, tincLog)
-    let status: StatusServer | undefined
-    if (args.status) {
-      const pidFile = args.pidfile ?? `/var/run/tinc.${net}.pid`
-      const collector = await createCollector({ net, self, tincDir, pidFile, logFile: args['tinc-log'] || `/var/log/tinc.${net}.log`, sync: daemon, dns, links })
-      const extra = listFlag('status-listen', args['status-listen'])
-      try {
-        status = await startStatusServer({ hosts: [own.vpnAddress, ...extra.filter((h) => h !== own.vpnAddress)], port: parseIntFlag('status-port', args['status-port'], 0, 65535), snapshot: () => collector.snapshot(), log })
-      } catch (err) {
-        events.stop()
-        await joins?.close()
-        await services?.stop()
-        await daemon.stop()
-        await dns?.close()
-        throw err
-      }
-    }
-    log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port, statusPort: status?.port }, 'tinc-consul running')
     await new Promise<void>((resolve) => {
       const stop = () => resolve()
       process.once('SIGINT', stop)
       process.once('SIGTERM', stop)
     })
     log.info('stopping')
-    events.stop()
-    await status?.close()
-    await joins?.close()
-    await services?.stop()
-    await daemon.stop()
-    await dns?.close()
-    await hostsWrite
+    await closeAll()
   },
 })

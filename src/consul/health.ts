@@ -1,7 +1,7 @@
 import { ConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { consulGet, jsonBody, type ConsulGetOptions } from './http.ts'
-import { watchBlocking, type Watch } from './watch.ts'
+import { watchBlocking, watchGroup, type Watch } from './watch.ts'
 
 /**
  * Which services exist (the catalog) and which of their instances pass every check
@@ -47,12 +47,7 @@ export interface HealthWatchOptions {
   onChange(entries: ReadonlyMap<string, unknown[]>): void
 }
 
-export interface HealthWatch extends Watch {
-  /** How many per-service queries are open. */
-  readonly watched: number
-}
-
-export function watchHealth(opts: HealthWatchOptions): HealthWatch {
+export function watchHealth(opts: HealthWatchOptions): Watch {
   const common = { url: opts.url, token: opts.token }
   const perService = new Map<string, Watch>()
   const entries = new Map<string, unknown[]>()
@@ -90,23 +85,13 @@ export function watchHealth(opts: HealthWatchOptions): HealthWatch {
       if (gone.length) emit()
     },
   })
-  return {
-    get index() {
-      return catalog.index
-    },
-    get failures() {
-      return catalog.failures
-    },
-    get lastReadAt() {
-      return catalog.lastReadAt
-    },
-    get watched() {
-      return perService.size
-    },
-    async stop() {
+  return watchGroup(
+    catalog,
+    () => perService.values(),
+    async () => {
       await catalog.stop()
       await Promise.all([...perService.values()].map((w) => w.stop()))
       perService.clear()
     },
-  }
+  )
 }

@@ -33,7 +33,10 @@ export interface KvLayout {
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
 
-export function kvLayout(net: string, prefix = `tinc-consul/${net}/`): KvLayout {
+/** Where a network lives unless --prefix says otherwise. */
+export const defaultPrefix = (net: string): string => `tinc-consul/${net}/`
+
+export function kvLayout(net: string, prefix = defaultPrefix(net)): KvLayout {
   if (!NET_RE.test(net)) throw new UsageError('BAD_NET', `network name must be 1-32 letters, digits, "-" or "_", got ${JSON.stringify(net)}`)
   const p = prefix.endsWith('/') ? prefix : `${prefix}/`
   return {

@@ -1,6 +1,6 @@
 import type { Logger } from '../log.ts'
 import { kvGetOne, kvKeys, kvList, type KvItem, type KvKeysResult, type KvListResult } from './kv.ts'
-import { watchBlocking, watchPrefix, type Watch } from './watch.ts'
+import { watchBlocking, watchGroup, watchPrefix, type Watch } from './watch.ts'
 
 /**
  * Watches every key under a prefix and hands over the whole set on each change,
@@ -158,19 +158,12 @@ export function watchTree(opts: TreeWatchOptions): Watch {
     },
   })
 
-  return {
-    get index() {
-      return keysWatch.index
-    },
-    get failures() {
-      return keysWatch.failures
-    },
-    get lastReadAt() {
-      return keysWatch.lastReadAt
-    },
-    async stop() {
+  return watchGroup(
+    keysWatch,
+    () => perKey.values(),
+    async () => {
       stopped = true
       await Promise.all([keysWatch.stop(), ...[...perKey.values()].map((w) => w.stop())])
     },
-  }
+  )
 }

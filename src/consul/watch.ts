@@ -45,9 +45,28 @@ export interface Watch {
   /** The index of the last read handed to onChange. */
   readonly index: number
   /** Reads that failed in a row (0 while Consul answers): what status calls "Consul unreachable". */
-  readonly failures?: number
+  readonly failures: number
   /** When Consul last answered this watch, changed or not. */
-  readonly lastReadAt?: Date
+  readonly lastReadAt: Date | undefined
+}
+
+/**
+ * One Watch made of a leading watch (whose index it reports) and the watches it started:
+ * it is as unreachable as its worst member, and stops them all.
+ */
+export function watchGroup(lead: Watch, members: () => Iterable<Watch>, stop: () => Promise<void>): Watch {
+  return {
+    get index() {
+      return lead.index
+    },
+    get failures() {
+      return Math.max(lead.failures, ...[...members()].map((w) => w.failures))
+    },
+    get lastReadAt() {
+      return lead.lastReadAt
+    },
+    stop,
+  }
 }
 
 /** The next index to block on, given the previous one and what Consul returned. */

@@ -3,7 +3,7 @@ import { createSocket, type Socket as UdpSocket } from 'node:dgram'
 import { createServer, type Server, type Socket } from 'node:net'
 import { availableParallelism } from 'node:os'
 import { fileURLToPath } from 'node:url'
-import { bindAll, type Binding } from '../util/listen.ts'
+import { bindAll, listenOn, type Binding } from '../util/listen.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { buildZone, type Zone, type ZoneInput } from './zone.ts'
@@ -134,13 +134,7 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
     const server = createServer((conn) => serveTcp(conn, () => zone, own, idle, conns, log))
     server.maxConnections = 256
     try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject)
-        server.listen(port, host, () => {
-          server.off('error', reject)
-          resolve()
-        })
-      })
+      await listenOn(server, port, host, log, 'DNS TCP')
     } catch (err) {
       sock.close()
       throw err
@@ -253,7 +247,12 @@ function serveTcp(conn: Socket, zone: () => Zone | undefined, stats: DnsStats, i
         }
         const head = Buffer.alloc(2)
         head.writeUInt16BE(out.length)
-        conn.write(Buffer.concat([head, out]))
+        // A client that sends without reading would make us buffer without end: stop reading
+        // until it has taken its answers.
+        if (!conn.write(Buffer.concat([head, out])) && !conn.isPaused()) {
+          conn.pause()
+          conn.once('drain', () => conn.resume())
+        }
       } catch (err) {
         log.error({ err }, 'dns query failed')
         conn.destroy()

@@ -52,7 +52,9 @@ export function parseQuery(msg: Uint8Array): Question {
     let label = ''
     for (let i = p; i < p + len; i++) {
       const c = msg[i] as number
-      label += String.fromCharCode(c >= 65 && c <= 90 ? c + 32 : c)
+      // A "." byte inside one label must not read as a label boundary ("laptop.mesh" as one
+      // label is not laptop.mesh): it becomes NUL, which no name of ours contains.
+      label += String.fromCharCode(c >= 65 && c <= 90 ? c + 32 : c === 46 ? 0 : c)
     }
     labels.push(label)
     p += len

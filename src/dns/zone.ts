@@ -81,19 +81,21 @@ export function reverseName(address: string): string | undefined {
 
 /**
  * The nodes that get a name: two whose names become the same label once `_` is `-`
- * and case is folded are both left out, so neither wins silently. Shared by the
- * zone and the hosts block, so both leave out the same nodes.
+ * and case is folded are both left out, so neither wins silently, and so is a node
+ * called "service", the services' subdomain. Shared by the zone and the hosts block,
+ * so both leave out the same nodes.
  */
-export function uniqueNodes<N extends { name: string }>(nodes: N[]): { byLabel: Map<string, N>; collisions: Array<{ name: string; reason: string }> } {
+export function uniqueNodes<N extends { name: string }>(nodes: N[]): { byLabel: Map<string, N>; skipped: Array<{ name: string; reason: string }> } {
   const groups = new Map<string, N[]>()
   for (const n of nodes) groups.set(dnsLabel(n.name), [...(groups.get(dnsLabel(n.name)) ?? []), n])
   const byLabel = new Map<string, N>()
-  const collisions: Array<{ name: string; reason: string }> = []
+  const skipped: Array<{ name: string; reason: string }> = []
   for (const [label, group] of groups) {
-    if (group.length === 1 && group[0]) byLabel.set(label, group[0])
-    else for (const g of group) collisions.push({ name: g.name, reason: `collides with ${group.filter((o) => o !== g).map((o) => o.name).join(', ')} as ${label}` })
+    if (label === 'service') for (const g of group) skipped.push({ name: g.name, reason: '"service" is reserved for services' })
+    else if (group.length === 1 && group[0]) byLabel.set(label, group[0])
+    else for (const g of group) skipped.push({ name: g.name, reason: `collides with ${group.filter((o) => o !== g).map((o) => o.name).join(', ')} as ${label}` })
   }
-  return { byLabel, collisions }
+  return { byLabel, skipped }
 }
 
 /** The in-addr.arpa zone covering a CIDR, at the octet boundary at or above its prefix. */
@@ -133,13 +135,10 @@ export function buildZone(input: ZoneInput): Zone {
     add(zone, { name: null, type: TYPE.NS, ttl: input.ttl.node, data: rdata.name(selfName) })
   }
 
-  const { byLabel, collisions } = uniqueNodes(input.nodes)
-  skipped.push(...collisions)
+  const nodes = uniqueNodes(input.nodes)
+  const byLabel = nodes.byLabel
+  skipped.push(...nodes.skipped)
   for (const [label, n] of byLabel) {
-    if (label === 'service') {
-      skipped.push({ name: n.name, reason: '"service" is reserved for services' })
-      continue
-    }
     const fqdn = `${label}.${apex}`
     const a: RR = { name: null, type: TYPE.A, ttl: input.ttl.node, data: rdata.a(n.address) }
     add(fqdn, a)

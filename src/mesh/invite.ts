@@ -5,9 +5,9 @@ import { sha256 } from '@noble/hashes/sha2.js'
 import { z } from 'zod'
 import { b64, type ConsulClient } from '../consul/client.ts'
 import { kvList } from '../consul/kv.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import { defaultPrefix, type KvLayout } from '../consul/kv-layout.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { isTincName } from '../tinc/names.ts'
+import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { decodeJson } from './record.ts'
 
 /**
@@ -52,7 +52,7 @@ export function open(key: Uint8Array, aad: Uint8Array, sealed: Uint8Array): Uint
   return xchacha20poly1305(key, sealed.subarray(0, NONCE_BYTES), aad).decrypt(sealed.subarray(NONCE_BYTES))
 }
 
-const endpoint = z.string().regex(/^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):\d{1,5}$/)
+const endpoint = z.string().refine((s) => parseHostPort(s)?.port !== undefined, 'expected HOST:PORT')
 
 const inviteSchema = z
   .object({
@@ -129,7 +129,7 @@ export async function createInvite(opts: CreateInviteOptions): Promise<{ invite:
   const stored: StoredInvite = { v: 1, ...(opts.name ? { name: opts.name } : {}), createdAt: now.toISOString(), expiresAt: expiresAt.toISOString(), createdBy: opts.createdBy, ...(opts.serveJoins ? { serveJoins: true } : {}), key: Buffer.from(key).toString('base64') }
   const res = await opts.client.txn([{ KV: { Verb: 'cas', Key: opts.layout.invite(id), Value: b64(JSON.stringify(stored)), Index: 0 } }])
   if (!res.ok) throw new TincConsulError('INVITE_COLLISION', 'could not store the invite; try again')
-  const prefix = opts.layout.prefix === `tinc-consul/${opts.net}/` ? undefined : opts.layout.prefix
+  const prefix = opts.layout.prefix === defaultPrefix(opts.net) ? undefined : opts.layout.prefix
   return { invite: encodeInvite({ net: opts.net, prefix, endpoints: opts.endpoints, token, name: opts.name, expiresAt }), id, expiresAt }
 }
 

@@ -2,7 +2,7 @@ import { connect } from 'node:net'
 import { TincConsulError } from '../errors.ts'
 import { hostFileFields, parseHostFile } from '../tinc/hostfile.ts'
 import { makeRecord, validateRecord } from './publish.ts'
-import { isTincName } from '../tinc/names.ts'
+import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { deriveInvite, open, seal, type Invite } from './invite.ts'
 import { STATUS_OK, encodeRequest, joinReplySchema, readFrame, replyAad, requestAad, type JoinReply } from './join-wire.ts'
 import { decodeJson, type NetworkRecord } from './record.ts'
@@ -61,10 +61,11 @@ export async function redeemInvite(inv: Invite, req: RedeemRequest, opts: { time
 }
 
 function exchange(endpoint: string, message: Buffer, timeoutMs: number): Promise<Buffer> {
-  const m = /^\[?([^\]]+)\]?:(\d+)$/.exec(endpoint)
-  if (!m) return Promise.reject(new Error('not host:port'))
+  const hp = parseHostPort(endpoint)
+  if (!hp?.port) return Promise.reject(new Error('not host:port'))
+  const { host, port } = hp
   return new Promise((resolve, reject) => {
-    const socket = connect({ host: m[1], port: Number(m[2]), timeout: timeoutMs })
+    const socket = connect({ host, port, timeout: timeoutMs })
     socket.once('timeout', () => socket.destroy(new Error(`no answer within ${timeoutMs / 1000} s`)))
     socket.once('error', reject)
     socket.once('connect', () => {

@@ -1,8 +1,10 @@
+import { parseHostPort } from '../tinc/names.ts'
 import { timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import { b64, type ConsulClient } from '../consul/client.ts'
 import { createJoinServerToken, createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
 import type { KvLayout } from '../consul/kv-layout.ts'
+import { listenOn } from '../util/listen.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { peerHostFiles } from './init.ts'
@@ -74,8 +76,9 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     b.tokens = Math.min(burst, b.tokens + (now - b.at) / refillMs)
     b.at = now
     buckets.set(ip, b)
-    // Forget full buckets so a scan from many addresses can't grow the map forever.
-    if (buckets.size > 10_000) for (const [k, v] of buckets) if (v.tokens >= burst) buckets.delete(k)
+    // Forget buckets that have refilled by now (stored tokens only refill when their address
+    // asks again), so a scan from many addresses can't grow the map forever.
+    if (buckets.size > 10_000) for (const [k, v] of buckets) if (k !== ip && v.tokens + (now - v.at) / refillMs >= burst) buckets.delete(k)
     if (b.tokens < 1) return false
     b.tokens -= 1
     return true
@@ -144,6 +147,10 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     const recordFor = (address: string) => makeRecord({ name: h.name, vpnAddress: address, addresses: req.value.addresses, port: req.value.port, publicKey: req.value.publicKey })
     const refused = validateRecord(recordFor(intToIp(hostRange(network.value.cidr).first)), network.value)
     if (refused) throw new Refusal(`the new node's record would be refused by peers: ${refused}`)
+    // Everything the reply needs is read before the transaction: once it has spent the invite,
+    // a failed read could only leave the joiner with a used invite and a taken name.
+    const hostFiles = await peerHostFiles(opts.url, opts.token, opts.layout, network.value, h.name)
+    const servers = await consulServers()
     const created: CreatedToken[] = []
     if (opts.acl) created.push(await createNodeToken(opts.client, opts.layout, h.name))
     if (opts.acl && inv.value.serveJoins) created.push(await createJoinServerToken(opts.client, opts.layout, h.name))
@@ -169,8 +176,8 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
         address: res.address,
         network: network.value,
         prefix: opts.layout.prefix,
-        hostFiles: await peerHostFiles(opts.url, opts.token, opts.layout, network.value, h.name),
-        consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers: await consulServers() },
+        hostFiles,
+        consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers },
       }
       return seal(sealKey, replyAad(header), Buffer.from(JSON.stringify(body)))
     } catch (err) {
@@ -181,7 +188,7 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
 
   const consulServers = async (): Promise<string[]> => {
     const peers = await opts.client.request<string[]>('GET', '/v1/status/peers').catch(() => [])
-    return peers.map((p) => p.replace(/:\d+$/, '').replace(/^\[|\]$/g, ''))
+    return peers.flatMap((p) => parseHostPort(p)?.host ?? [])
   }
 
   const server: Server = createServer((socket) => {
@@ -189,9 +196,8 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     void handle(socket)
   })
   server.maxConnections = 64
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', (err) => reject(new TincConsulError('JOIN_LISTEN', `cannot serve joins on ${opts.host ?? '0.0.0.0'}:${opts.port}: ${err.message}`, { cause: err })))
-    server.listen(opts.port, opts.host ?? '0.0.0.0', () => resolve())
+  await listenOn(server, opts.port, opts.host ?? '0.0.0.0', log, 'join').catch((err: Error) => {
+    throw new TincConsulError('JOIN_LISTEN', `cannot serve joins on ${opts.host ?? '0.0.0.0'}:${opts.port}: ${err.message}`, { cause: err })
   })
   const address = server.address()
   log.info({ port: typeof address === 'object' && address ? address.port : opts.port }, 'serving joins')

@@ -1,9 +1,10 @@
+import { defaultPrefix } from '../consul/kv-layout.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
-import { isTincName } from '../tinc/names.ts'
+import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
@@ -65,6 +66,10 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
     const publicKey = await generateKey(staging.dir, name, o.keyBits)
     const reply = await redeemInvite(inv, { name, publicKey, addresses: o.addresses, port: o.port }, { onTry: (ep, err) => o.progress(err ? `${ep} did not answer (${err.message})` : `redeeming the invite at ${ep}`) })
+    // The invite says where the network lives; a reply naming another prefix is refused rather
+    // than written into this node's settings.
+    const prefix = inv.prefix ?? defaultPrefix(inv.net)
+    if (reply.prefix !== prefix) throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix ${JSON.stringify(reply.prefix.slice(0, 200))}, but the invite is for ${JSON.stringify(prefix)}`)
     o.progress(`joined as ${name} with address ${reply.address}`)
     const peers: Record<string, string> = {}
     for (const [peer, text] of Object.entries(reply.hostFiles)) {
@@ -89,11 +94,10 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
-    const defaultPrefix = `tinc-consul/${inv.net}/`
     const configPath = await writeConfig(o.configDir, inv.net, {
       TINC_CONSUL_DIR: o.root,
       TINC_CONSUL_CONSUL: o.consulUrl,
-      TINC_CONSUL_PREFIX: reply.prefix === defaultPrefix ? undefined : reply.prefix,
+      TINC_CONSUL_PREFIX: inv.prefix,
       TINC_CONSUL_TOKEN: reply.consul.token,
       TINC_CONSUL_JOIN_TOKEN: reply.consul.joinToken,
       // Serve joins only when the invite said so; without ACLs there is no token to say it with.
@@ -116,7 +120,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
  * one holding a stale session key. The daemon adds the other public nodes moments later.
  */
 function firstConnect(peers: Record<string, string>, endpoint: string): string[] {
-  const host = endpoint.replace(/:\d+$/, '').replace(/^\[|\]$/g, '')
+  const host = parseHostPort(endpoint)?.host
   const names = publicNames(peers)
   const answered = names.find((n) => parseHostFile(peers[n] ?? '').entries.some((e) => e.key.toLowerCase() === 'address' && e.value.split(/\s+/)[0] === host))
   return answered ? [answered] : names

@@ -456,7 +456,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     allocations: () => allocations,
     refusals: () => lastRefusals,
     consul: () => {
-      const failures = Math.max(0, ...watches.map((w) => w.failures ?? 0))
+      const failures = Math.max(0, ...watches.map((w) => w.failures))
       const reads = watches.flatMap((w) => (w.lastReadAt ? [w.lastReadAt.getTime()] : []))
       return { reachable: failures === 0 && reads.length > 0, ...(reads.length ? { lastReadAt: new Date(Math.max(...reads)) } : {}), index: watches[0]?.index ?? 0, failures }
     },

@@ -46,31 +46,49 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
   const log = opts.log.child({ component: 'services' })
   const client = createConsulClient({ url: opts.consulUrl, token: opts.token })
   await mkdir(opts.dir, { recursive: true, mode: 0o755 })
-  const desired = new Map<string, { def: ServiceDefinition; reg: Registration }>()
+  type Entry = { def: ServiceDefinition; reg: Registration }
+  const desired = new Map<string, Entry>()
   const problems = new Map<string, string>()
-  const localTimers = new Map<string, NodeJS.Timeout>()
   let stopped = false
   let ready = false
   let agentDown = false
   /** IDs we have seen on the agent: one missing later means the agent lost it (restart, wiped data). */
   const seenOnAgent = new Set<string>()
 
-  const runLocal = (file: string) => {
-    clearTimeout(localTimers.get(file))
+  /**
+   * One loop per file whose check the daemon runs, tied to the definition it started from:
+   * a changed or deleted file ends its loop. `now` runs the check at once (a registration
+   * just reset it to critical).
+   */
+  const loops = new Map<string, { entry: Entry; timer?: NodeJS.Timeout }>()
+  const runLocal = (file: string, now = false) => {
     const entry = desired.get(file)
+    const current = loops.get(file)
+    if (current && current.entry === entry) {
+      if (!now) return
+      clearTimeout(current.timer)
+    } else if (current) {
+      clearTimeout(current.timer)
+      loops.delete(file)
+    }
     if (!entry || stopped || !isLocalCheck(entry.def)) return
+    const loop = current?.entry === entry ? current : { entry }
+    loops.set(file, loop)
     const { def, reg } = entry
-    void runLocalCheck(def, opts.who.address)
-      .then((r) => updateTtlCheck(client, checkId(reg.ID), r.status, r.output))
-      .catch((err: unknown) => {
-        // The agent doesn't know the check: it restarted or lost its state. Register again.
-        if (err instanceof ConsulError && err.status !== undefined && err.status >= 400 && err.status < 500) void sync()
-        else log.debug({ err, file }, 'could not report a check result')
-      })
-      .finally(() => {
-        const still = desired.get(file)
-        if (still === entry && !stopped && 'intervalMs' in def.check) localTimers.set(file, setTimeout(() => runLocal(file), def.check.intervalMs))
-      })
+    const tick = () => {
+      if (loops.get(file) !== loop || stopped) return
+      void runLocalCheck(def, opts.who.address)
+        .then((r) => updateTtlCheck(client, checkId(reg.ID), r.status, r.output))
+        .catch((err: unknown) => {
+          // The agent doesn't know the check: it restarted or lost its state. Register again.
+          if (err instanceof ConsulError && err.status !== undefined && err.status >= 400 && err.status < 500) void sync()
+          else log.debug({ err, file }, 'could not report a check result')
+        })
+        .finally(() => {
+          if (loops.get(file) === loop && !stopped && 'intervalMs' in def.check) loop.timer = setTimeout(tick, def.check.intervalMs)
+        })
+    }
+    tick()
   }
 
   // One reconcile at a time; a request during one runs once more afterwards.
@@ -114,6 +132,8 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
       const current = onAgent[id]
       if (current && current.Meta?.[META.hash] === reg.Meta[META.hash]) {
         seenOnAgent.add(id)
+        // Registered by an earlier run of the daemon: its TTL check still needs feeding.
+        runLocal(def.file)
         continue
       }
       try {
@@ -126,7 +146,7 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
       const why = current ? 'changed' : seenOnAgent.has(id) ? 'missing from the agent (restarted?)' : 'new'
       seenOnAgent.add(id)
       log.info({ service: def.name, id, port: def.port, protocol: def.protocol, check: def.check.type, file: def.file, why }, 'service registered')
-      if (isLocalCheck(def)) runLocal(def.file)
+      runLocal(def.file, true)
     }
     const invalidFiles = new Set(problems.keys())
     for (const [id, svc] of Object.entries(onAgent)) {
@@ -171,8 +191,9 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
       else if (event === 'unlink') {
         const file = basename(path)
         problems.delete(file)
-        clearTimeout(localTimers.get(file))
-        if (desired.delete(file)) void sync()
+        const had = desired.delete(file)
+        runLocal(file)
+        if (had) void sync()
       }
     })
   })
@@ -196,7 +217,8 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
     async stop() {
       stopped = true
       clearInterval(resync)
-      for (const t of localTimers.values()) clearTimeout(t)
+      for (const l of loops.values()) clearTimeout(l.timer)
+      loops.clear()
       await watcher.close()
       await queue
       await running

@@ -1,7 +1,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
-import { bindAll, type Binding } from '../util/listen.ts'
+import { bindAll, listenOn, type Binding } from '../util/listen.ts'
 import { renderDot, renderSvg } from './graph.ts'
 import { createMetrics } from './metrics.ts'
 import { tincstat, type Status } from './model.ts'
@@ -62,29 +62,24 @@ export async function startStatusServer(opts: StatusServerOptions): Promise<Stat
     return json(res, 500, { error: svg.error })
   }
 
-  const bindOne = (host: string) =>
-    new Promise<void>((resolve, reject) => {
-      const server = createServer((req, res) => {
-        handle(req, res).catch((err: unknown) => {
-          log.error({ err, url: req.url }, 'a status request failed')
-          if (!res.headersSent) json(res, 500, { error: 'internal error; see the daemon log' })
-          else res.destroy()
-        })
-      })
-      // Status pages are small and quick: a slow or idle client has no reason to hold a socket.
-      server.requestTimeout = 10_000
-      server.headersTimeout = 5_000
-      server.keepAliveTimeout = 5_000
-      server.maxConnections = 64
-      server.once('error', reject)
-      server.listen(port, host, () => {
-        server.off('error', reject)
-        // With port 0 (tests), every address shares the port the first one got.
-        port = (server.address() as { port: number }).port
-        servers.push(server)
-        resolve()
+  const bindOne = async (host: string) => {
+    const server = createServer((req, res) => {
+      handle(req, res).catch((err: unknown) => {
+        log.error({ err, url: req.url }, 'a status request failed')
+        if (!res.headersSent) json(res, 500, { error: 'internal error; see the daemon log' })
+        else res.destroy()
       })
     })
+    // Status pages are small and quick: a slow or idle client has no reason to hold a socket.
+    server.requestTimeout = 10_000
+    server.headersTimeout = 5_000
+    server.keepAliveTimeout = 5_000
+    server.maxConnections = 64
+    await listenOn(server, port, host, log, 'status')
+    // With port 0 (tests), every address shares the port the first one got.
+    port = (server.address() as { port: number }).port
+    servers.push(server)
+  }
 
   const closeAll = () => Promise.all(servers.map((s) => new Promise<void>((r) => s.close(() => r())))).then(() => undefined)
   let binding: Binding

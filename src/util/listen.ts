@@ -1,3 +1,4 @@
+import type { Server } from 'node:net'
 import type { Logger } from '../log.ts'
 
 /**
@@ -35,7 +36,10 @@ export async function bindAll(hosts: string[], bindOne: (host: string) => Promis
             pending.delete(host)
             opts.log.info({ host, port: opts.port }, `serving ${opts.what} on an address that has come up`)
           },
-          () => undefined,
+          (err: NodeJS.ErrnoException) => {
+            // Still not up is expected; anything else (the port taken meanwhile) is worth saying.
+            if (err.code !== 'EADDRNOTAVAIL') opts.log.warn({ err, host, port: opts.port }, `cannot serve ${opts.what} there yet; retrying`)
+          },
         ),
       ),
     ).then(() => {
@@ -50,4 +54,19 @@ export async function bindAll(hosts: string[], bindOne: (host: string) => Promis
       clearTimeout(timer)
     },
   }
+}
+
+/**
+ * Listens, rejecting on a bind error; afterwards errors (EMFILE on accept, say) are logged
+ * instead of thrown, since an `error` event nobody listens to would end the daemon.
+ */
+export function listenOn(server: Server, port: number, host: string, log: Logger, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(port, host, () => {
+      server.off('error', reject)
+      server.on('error', (err) => log.error({ err, host, port }, `${what} server error`))
+      resolve()
+    })
+  })
 }
