@@ -4,19 +4,16 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { kvLayout } from '../../src/consul/kv-layout.ts'
 import { waitFor } from '../../src/lab/daemon.ts'
-import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
+import { LAB_NETNAME } from '../../src/lab/lab.ts'
 import { revokeNode } from '../../src/mesh/revoke.ts'
 import { nodeRecord } from '../helpers-keys.ts'
-import { labTest, useLab, withLogs } from './helpers.ts'
+import { dig, labTest, useLab, withLogs } from './helpers.ts'
 
 const layout = kvLayout(LAB_NETNAME)
 const NODES = ['node1', 'node2', 'node3', 'node4']
 const vpn = (n: string) => `10.99.0.${n.replace('node', '')}`
 const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'dns-fuzz.ts')
 
-async function dig(lab: Lab, from: string, ...args: string[]): Promise<string> {
-  return (await lab.exec(from, ['dig', '+time=2', '+tries=2', ...args], { allowFailure: true })).stdout
-}
 
 describe('lab, ACLs on: every node answers *.mesh on its VPN address from its own view', () => {
   // node1..node3 public, node4 behind NAT.

@@ -4,7 +4,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { waitFor, type Daemon } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
-import { labTest, useLab, withLogs } from './helpers.ts'
+import { dig as digIn, labTest, useLab, withLogs } from './helpers.ts'
 
 const NODES = ['node1', 'node2', 'node3']
 const vpn = (n: string) => `10.99.0.${n.replace('node', '')}`
@@ -13,9 +13,7 @@ const LISTENER = join(import.meta.dirname, '..', 'fixtures', 'listener.ts')
 // Re-registration after an agent restart happens on the next resync; 2 s keeps the test short.
 process.env.TINC_CONSUL_SERVICES_RESYNC = '2'
 
-async function dig(lab: Lab, from: string, ...args: string[]): Promise<string> {
-  return (await lab.exec(from, ['dig', '+time=2', '+tries=2', `@${vpn(from)}`, ...args], { allowFailure: true })).stdout
-}
+const dig = (lab: Lab, from: string, ...args: string[]) => digIn(lab, from, `@${vpn(from)}`, ...args)
 
 /** Waits until every node's DNS answers `name` (with dig's +short output) as `want`; returns the slowest node's ms. */
 async function everyNode(lab: Lab, what: string, args: string[], want: (out: string) => boolean, timeoutMs = 30_000): Promise<number> {
