@@ -59,14 +59,41 @@ function flagValue(argv: string[], flag: string): string | undefined {
   return undefined
 }
 
+/** What the last preload took from the file, so a reload can tell the file's values from the real environment's. */
+let fromFile: Record<string, string> = {}
+
 /** Loads the network's config file into `env` for keys not already set. Returns the file's path if it was read. */
 export function preloadConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): string | undefined {
+  return applyConfig(readConfigFor(argv, env), env)
+}
+
+function applyConfig(found: { path: string; values: Record<string, string> } | undefined, env: NodeJS.ProcessEnv): string | undefined {
+  if (!found) return undefined
+  for (const [k, v] of Object.entries(found.values)) {
+    if (env[k] !== undefined) continue
+    env[k] = v
+    fromFile[k] = v
+  }
+  return found.path
+}
+
+function readConfigFor(argv: string[], env: NodeJS.ProcessEnv): { path: string; values: Record<string, string> } | undefined {
   const net = flagValue(argv, 'net') ?? env.TINC_CONSUL_NET
   if (!net || !NET_RE.test(net)) return undefined
   const dir = flagValue(argv, 'config-dir') ?? env.TINC_CONSUL_CONFIG_DIR ?? DEFAULT_CONFIG_DIR
   const path = configPath(dir, net)
   if (!existsSync(path)) return undefined
-  const values = parseConfig(readFileSync(path, 'utf8'), path)
-  for (const [k, v] of Object.entries(values)) env[k] ??= v
-  return path
+  return { path, values: parseConfig(readFileSync(path, 'utf8'), path) }
+}
+
+/**
+ * Reads the config file again for a daemon's SIGHUP: values that came from the
+ * old file give way to the new file's, and the real environment still wins. A
+ * file that no longer parses throws and leaves the environment as it was.
+ */
+export function reloadConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): string | undefined {
+  const found = readConfigFor(argv, env)
+  for (const [k, v] of Object.entries(fromFile)) if (env[k] === v) delete env[k]
+  fromFile = {}
+  return applyConfig(found, env)
 }

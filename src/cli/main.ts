@@ -20,13 +20,14 @@ const { inviteCommand } = await import('./invite.ts')
 const { aliasCommand, hostsCommand, resolveCommand: resolveName } = await import('./dns.ts')
 const { serviceCommand } = await import('./service.ts')
 const { graphCommand, statusCommand } = await import('./status.ts')
+const { installCommand, uninstallCommand } = await import('./install.ts')
 
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
-  subCommands: { init: initCommand, invite: inviteCommand, join: joinCommand, run: runDaemon, revoke: revokeCommand, pin: pinCommand, resolve: resolveName, alias: aliasCommand, hosts: hostsCommand, service: serviceCommand, status: statusCommand, graph: graphCommand, lab: labCommand },
+  subCommands: { init: initCommand, invite: inviteCommand, join: joinCommand, run: runDaemon, revoke: revokeCommand, pin: pinCommand, resolve: resolveName, alias: aliasCommand, hosts: hostsCommand, service: serviceCommand, status: statusCommand, graph: graphCommand, install: installCommand, uninstall: uninstallCommand, lab: labCommand },
 })
 
 /** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */

@@ -1,7 +1,7 @@
-import { defineCommand } from 'citty'
-import { defaultStateDir } from '../config-file.ts'
+import { defineCommand, parseArgs, type ParsedArgs } from 'citty'
+import { defaultStateDir, reloadConfig } from '../config-file.ts'
 import { UsageError } from '../errors.ts'
-import { createLogger } from '../log.ts'
+import { createLogger, type Logger } from '../log.ts'
 import { aclsEnabled } from '../consul/acl.ts'
 import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
@@ -29,144 +29,257 @@ export function requireNet(net: string | undefined): string {
   return net
 }
 
+/** Longest a stop may take before the daemon gives up on finishing it (systemd's own stop timeout is longer). */
+export const STOP_BUDGET_MS = 2000
+
+/** Everything `run` was told, checked: a typo is a usage error, not a half-started daemon. Plain data, so a reload can compare. */
+async function runSettings(args: RunArgs) {
+  const net = requireNet(args.net)
+  const tincDir = tincDirFor(args.dir, net)
+  const self = await readTincName(tincDir)
+  const own = await buildOwnRecord(tincDir, self)
+  const joinPort = parseIntFlag('join-port', args['join-port'], 0, 65535)
+  return {
+    net,
+    self,
+    tincDir,
+    vpnAddress: own.vpnAddress,
+    // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
+    joinPort: joinPort > 0 && own.addresses.length > 0 ? joinPort : undefined,
+    joinListen: args['join-listen'],
+    joinToken: args['join-token'] || args.token || undefined,
+    gossipKey: args['gossip-key'] || undefined,
+    waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
+    recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
+    resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
+    status: args.status,
+    statusPort: parseIntFlag('status-port', args['status-port'], 0, 65535),
+    statusListen: listFlag('status-listen', args['status-listen']),
+    dns: dnsSettings(args),
+    pidFile: args.pidfile ?? `/var/run/tinc.${net}.pid`,
+    stateDir: args['state-dir'] ?? defaultStateDir(net),
+    consulUrl: args.consul,
+    token: args.token || undefined,
+    prefix: args.prefix || undefined,
+    servicesDir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
+    scriptChecks: args['script-checks'],
+    deregisterOnExit: args['deregister-on-exit'],
+    runDir: args['run-dir'],
+    tincLog: args['tinc-log'] || `/var/log/tinc.${net}.log`,
+    logLevel: logLevel(process.env.TINC_CONSUL_LOG_LEVEL ?? 'info'),
+  }
+}
+type RunSettings = Awaited<ReturnType<typeof runSettings>>
+
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
+function logLevel(v: string): string {
+  if (!LOG_LEVELS.includes(v)) throw new UsageError('BAD_FLAG', `TINC_CONSUL_LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`)
+  return v
+}
+
+/**
+ * Starts the daemon's parts and returns what stops them, in reverse order. When
+ * one fails to start, those already started are stopped before the error goes up.
+ */
+async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<void>> {
+  const { net, self } = s
+  const withVpn = (extra: string[]) => [s.vpnAddress, ...extra.filter((h) => h !== s.vpnAddress)]
+  const closers: Array<() => unknown> = []
+  const closeAll = async () => {
+    for (const close of closers.splice(0).reverse()) await close()
+  }
+  try {
+    // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
+    let dns: DnsServer | undefined
+    if (s.dns.enabled) {
+      const server = await startDnsServer({ hosts: withVpn(s.dns.listen), port: s.dns.port, workers: s.dns.workers, log })
+      closers.push(() => server.close())
+      dns = server
+    }
+    const dnsLog = log.child({ component: 'dns' })
+    let serial = 0
+    let lastInput = ''
+    let hostsWrite = Promise.resolve()
+    closers.push(() => hostsWrite)
+    const onState = (state: MeshState) => {
+      // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
+      // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
+      const input = zoneInputFrom(state, { self, ttl: s.dns.ttl }, serial)
+      const key = JSON.stringify({ ...input, serial: 0 })
+      if (key === lastInput) return
+      lastInput = key
+      serial = input.serial = nextSerial(serial)
+      if (dns) {
+        const zone = dns.update(input)
+        if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
+      }
+      const file = s.dns.hostsFile
+      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+    }
+    const daemon = await startSync({
+      net,
+      tincDir: s.tincDir,
+      joinPort: s.joinPort,
+      stateDir: s.stateDir,
+      pidFile: s.pidFile,
+      consulUrl: s.consulUrl,
+      token: s.token,
+      prefix: s.prefix,
+      waitSeconds: s.waitSeconds,
+      recordWatchLimit: s.recordWatchLimit,
+      log,
+      onState,
+    })
+    closers.push(() => daemon.stop())
+    // Services go to the local agent whatever the state of the rest: a node's own services
+    // don't wait for the mesh view, and a broken file never stops the daemon.
+    const services = await startServices({
+      dir: s.servicesDir,
+      who: { net, node: self, address: s.vpnAddress },
+      consulUrl: s.consulUrl,
+      token: s.token,
+      allowScripts: s.scriptChecks,
+      deregisterOnExit: s.deregisterOnExit,
+      resyncMs: s.resyncMs,
+      log,
+    }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
+    if (services) closers.push(() => services.stop())
+    let joins: JoinServer | undefined
+    if (s.joinPort) {
+      const client = createConsulClient({ url: s.consulUrl, token: s.joinToken })
+      const layout = kvLayout(net, s.prefix)
+      const server = await startJoinServer({ net, layout, client, url: s.consulUrl, token: s.joinToken, acl: await aclsEnabled(client), gossipKey: s.gossipKey, host: s.joinListen, port: s.joinPort, log })
+      closers.push(() => server.close())
+      joins = server
+    }
+    // What tincd reports through its hooks: who is reachable right now, for status.
+    const links = new Map<string, PeerLink>()
+    const tincLog = log.child({ component: 'tinc' })
+    const events = await watchEvents(eventsFileFor(s.runDir, net), (e) => {
+      if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
+    }, tincLog)
+    closers.push(() => events.stop())
+    let status: StatusServer | undefined
+    if (s.status) {
+      const collector = await createCollector({ net, self, tincDir: s.tincDir, pidFile: s.pidFile, logFile: s.tincLog, sync: daemon, dns, links })
+      const server = await startStatusServer({ hosts: withVpn(s.statusListen), port: s.statusPort, snapshot: () => collector.snapshot(), log })
+      closers.push(() => server.close())
+      status = server
+    }
+    log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port, statusPort: status?.port }, 'tinc-consul running')
+  } catch (err) {
+    await closeAll()
+    throw err
+  }
+  return closeAll
+}
+
+const runArgs = {
+  ...consulArgs,
+  dir: { type: 'string', description: described('tinc\'s config root; the network lives in <dir>/<net>', 'dir'), get default() { return envDefault('dir', '/etc/tinc') } },
+  'state-dir': { type: 'string', description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'), get default() { return process.env.TINC_CONSUL_STATE_DIR } },
+  pidfile: { type: 'string', description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'), get default() { return process.env.TINC_CONSUL_PIDFILE } },
+  wait: { type: 'string', description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'), get default() { return envDefault('wait', '300') } },
+  'record-watch-limit': {
+    type: 'string',
+    description: described('Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads', 'record-watch-limit'),
+    get default() {
+      return envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT))
+    },
+  },
+  'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), get default() { return envDefault('join-port', String(DEFAULT_JOIN_PORT)) } },
+  'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), get default() { return envDefault('join-listen', '0.0.0.0') } },
+  'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), get default() { return envDefault('run-dir', '/run/tinc-consul') } },
+  'gossip-key': { type: 'string', description: described('Consul gossip key the join endpoint hands to new nodes (install --consul-server writes it)', 'gossip-key'), get default() { return process.env.TINC_CONSUL_GOSSIP_KEY } },
+  'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), get default() { return process.env.TINC_CONSUL_JOIN_TOKEN } },
+  ...dnsArgs,
+  ...serviceRunArgs,
+  status: { type: 'boolean', description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'), get default() { return envFlag('status', true) } },
+  'status-port': { type: 'string', description: described('Status HTTP port (tincstat used 9000 too)', 'status-port'), get default() { return envDefault('status-port', String(DEFAULT_STATUS_PORT)) } },
+  'status-listen': { type: 'string', description: described('Addresses to serve status on besides the VPN address, comma-separated ("" for none)', 'status-listen'), get default() { return envDefault('status-listen', '127.0.0.1') } },
+  'tinc-log': { type: 'string', description: described('tincd\'s log file, where its state dumps land (start tincd with --logfile; default /var/log/tinc.<net>.log)', 'tinc-log'), get default() { return process.env.TINC_CONSUL_TINC_LOG } },
+} as const
+
+type RunArgs = ParsedArgs<typeof runArgs>
+
 export const runCommand = defineCommand({
   meta: { name: 'run', description: 'Run the sidecar: publish this node\'s record, keep every peer\'s host file and the ConnectTo block in sync, reload tincd when needed' },
-  args: {
-    ...consulArgs,
-    dir: { type: 'string', description: described('tinc\'s config root; the network lives in <dir>/<net>', 'dir'), default: envDefault('dir', '/etc/tinc') },
-    'state-dir': { type: 'string', description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
-    pidfile: { type: 'string', description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'), default: process.env.TINC_CONSUL_PIDFILE },
-    wait: { type: 'string', description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'), default: envDefault('wait', '300') },
-    'record-watch-limit': {
-      type: 'string',
-      description: described('Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads', 'record-watch-limit'),
-      default: envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT)),
-    },
-    'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
-    'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), default: envDefault('join-listen', '0.0.0.0') },
-    'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), default: envDefault('run-dir', '/run/tinc-consul') },
-    'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN },
-    ...dnsArgs,
-    ...serviceRunArgs,
-    status: { type: 'boolean', description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'), default: envFlag('status', true) },
-    'status-port': { type: 'string', description: described('Status HTTP port (tincstat used 9000 too)', 'status-port'), default: envDefault('status-port', String(DEFAULT_STATUS_PORT)) },
-    'status-listen': { type: 'string', description: described('Addresses to serve status on besides the VPN address, comma-separated ("" for none)', 'status-listen'), default: envDefault('status-listen', '127.0.0.1') },
-    'tinc-log': { type: 'string', description: described('tincd\'s log file, where its state dumps land (start tincd with --logfile; default /var/log/tinc.<net>.log)', 'tinc-log'), default: process.env.TINC_CONSUL_TINC_LOG },
-  },
-  async run({ args }) {
-    const net = requireNet(args.net)
-    const log = createLogger()
-    const tincDir = tincDirFor(args.dir, net)
-    // Every flag is checked before anything starts: a typo is a usage error, not a half-started daemon.
-    const joinPort = parseIntFlag('join-port', args['join-port'], 0, 65535)
-    const waitSeconds = parseIntFlag('wait', args.wait, 1, 600)
-    const recordWatchLimit = parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000)
-    const resyncMs = parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000
-    const statusPort = parseIntFlag('status-port', args['status-port'], 0, 65535)
-    const statusListen = listFlag('status-listen', args['status-listen'])
-    const dnsOpts = dnsSettings(args)
-    const pidFile = args.pidfile ?? `/var/run/tinc.${net}.pid`
-    const layout = kvLayout(net, args.prefix || undefined)
-    // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
-    const self = await readTincName(tincDir)
-    const own = await buildOwnRecord(tincDir, self)
-    const serveJoins = joinPort > 0 && own.addresses.length > 0
-    const withVpn = (extra: string[]) => [own.vpnAddress, ...extra.filter((h) => h !== own.vpnAddress)]
-
-    // What has started, closed in reverse order on shutdown and when a later start fails.
-    const closers: Array<() => unknown> = []
-    const closeAll = async () => {
-      for (const close of closers.reverse()) await close()
-    }
-    try {
-      // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
-      let dns: DnsServer | undefined
-      if (dnsOpts.enabled) {
-        const server = await startDnsServer({ hosts: withVpn(dnsOpts.listen), port: dnsOpts.port, workers: dnsOpts.workers, log })
-        closers.push(() => server.close())
-        dns = server
+  args: runArgs,
+  async run({ args, rawArgs }) {
+    // The daemon's logs go to stdout for journald; every other command keeps stdout for its output.
+    const log = createLogger({ fd: 1 })
+    // Signals are caught before anything starts: Node's default for SIGHUP is to exit, and a
+    // reload or stop that arrives during start-up waits for it instead of killing it half-way.
+    let stopRequested = () => {}
+    const stopSignal = new Promise<void>((resolve) => (stopRequested = resolve))
+    process.once('SIGINT', stopRequested)
+    process.once('SIGTERM', stopRequested)
+    let earlyHup = false
+    const noteHup = () => (earlyHup = true)
+    process.on('SIGHUP', noteHup)
+    let settings = await runSettings(args).finally(() => process.off('SIGHUP', noteHup))
+    let close: () => Promise<void> = async () => {}
+    // SIGHUPs queue behind start-up and behind each other, so two never restart the parts at once.
+    let busy = (async () => {
+      close = await startParts(settings, log)
+    })()
+    const reload = async () => {
+      let next: RunSettings
+      try {
+        const file = reloadConfig(rawArgs)
+        next = await runSettings(parseArgs<typeof runArgs>(rawArgs, runArgs))
+        log.info({ file }, 'SIGHUP: settings read again')
+      } catch (err) {
+        log.error({ err }, 'SIGHUP: the new settings are refused; still running with the previous ones')
+        return
       }
-      const dnsLog = log.child({ component: 'dns' })
-      let serial = 0
-      let lastInput = ''
-      let hostsWrite = Promise.resolve()
-      closers.push(() => hostsWrite)
-      const onState = (state: MeshState) => {
-        // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
-        // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
-        const input = zoneInputFrom(state, { self, ttl: dnsOpts.ttl }, serial)
-        const key = JSON.stringify({ ...input, serial: 0 })
-        if (key === lastInput) return
-        lastInput = key
-        serial = input.serial = nextSerial(serial)
-        if (dns) {
-          const zone = dns.update(input)
-          if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
+      log.level = next.logLevel
+      const changed = Object.keys(next).filter((k) => JSON.stringify(next[k as keyof RunSettings]) !== JSON.stringify(settings[k as keyof RunSettings]))
+      if (!changed.length) return void log.info('SIGHUP: nothing changed')
+      log.info({ changed }, 'SIGHUP: restarting with the new settings')
+      const began = Date.now()
+      await close()
+      try {
+        close = await startParts(next, log)
+        settings = next
+        log.info({ ms: Date.now() - began }, 'SIGHUP: running with the new settings')
+      } catch (err) {
+        log.error({ err }, 'SIGHUP: the new settings did not start; going back to the previous ones')
+        try {
+          close = await startParts(settings, log)
+        } catch (again) {
+          // Neither starts: exit non-zero so the service manager restarts the daemon from scratch.
+          log.fatal({ err: again }, 'SIGHUP: the previous settings did not start again either; exiting')
+          process.exitCode = 1
+          stopRequested()
         }
-        const file = dnsOpts.hostsFile
-        if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
       }
-      const daemon = await startSync({
-        net,
-        tincDir,
-        joinPort: serveJoins ? joinPort : undefined,
-        stateDir: args['state-dir'] ?? defaultStateDir(net),
-        pidFile,
-        consulUrl: args.consul,
-        token: args.token || undefined,
-        prefix: args.prefix || undefined,
-        waitSeconds,
-        recordWatchLimit,
-        log,
-        onState,
-      })
-      closers.push(() => daemon.stop())
-      // Services go to the local agent whatever the state of the rest: a node's own services
-      // don't wait for the mesh view, and a broken file never stops the daemon.
-      const services = await startServices({
-        dir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
-        who: { net, node: self, address: own.vpnAddress },
-        consulUrl: args.consul,
-        token: args.token || undefined,
-        allowScripts: args['script-checks'],
-        deregisterOnExit: args['deregister-on-exit'],
-        resyncMs,
-        log,
-      }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
-      if (services) closers.push(() => services.stop())
-      let joins: JoinServer | undefined
-      if (serveJoins) {
-        const joinToken = args['join-token'] || args.token || undefined
-        const client = createConsulClient({ url: args.consul, token: joinToken })
-        const server = await startJoinServer({ net, layout, client, url: args.consul, token: joinToken, acl: await aclsEnabled(client), host: args['join-listen'], port: joinPort, log })
-        closers.push(() => server.close())
-        joins = server
-      }
-      // What tincd reports through its hooks: who is reachable right now, for status.
-      const links = new Map<string, PeerLink>()
-      const tincLog = log.child({ component: 'tinc' })
-      const events = await watchEvents(eventsFileFor(args['run-dir'], net), (e) => {
-        if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
-      }, tincLog)
-      closers.push(() => events.stop())
-      let status: StatusServer | undefined
-      if (args.status) {
-        const collector = await createCollector({ net, self, tincDir, pidFile, logFile: args['tinc-log'] || `/var/log/tinc.${net}.log`, sync: daemon, dns, links })
-        const server = await startStatusServer({ hosts: withVpn(statusListen), port: statusPort, snapshot: () => collector.snapshot(), log })
-        closers.push(() => server.close())
-        status = server
-      }
-      log.info({ node: daemon.self, joinPort: joins?.port, dnsPort: dns?.port, statusPort: status?.port }, 'tinc-consul running')
+    }
+    const onHup = () => {
+      busy = busy.then(reload)
+    }
+    process.on('SIGHUP', onHup)
+    if (earlyHup) onHup()
+    try {
+      await busy
     } catch (err) {
-      await closeAll()
+      process.off('SIGHUP', onHup)
       throw err
     }
-    await new Promise<void>((resolve) => {
-      const stop = () => resolve()
-      process.once('SIGINT', stop)
-      process.once('SIGTERM', stop)
-    })
+    await stopSignal
+    process.off('SIGHUP', onHup)
+    const began = Date.now()
     log.info('stopping')
-    await closeAll()
+    // systemd waits TimeoutStopSec and then kills; a part that hangs must not make the
+    // stop look clean, nor keep the node's name on a dead process for long.
+    const deadline = setTimeout(() => {
+      log.error({ afterMs: STOP_BUDGET_MS }, 'stopping is taking too long; exiting without finishing')
+      process.exit(1)
+    }, STOP_BUDGET_MS)
+    deadline.unref()
+    await busy
+    await close()
+    clearTimeout(deadline)
+    log.info({ ms: Date.now() - began }, 'stopped')
   },
 })

@@ -21,8 +21,14 @@ export interface CreatedToken {
 }
 
 async function tokenFor(admin: ConsulClient, policyName: string, description: string, rules: string): Promise<CreatedToken> {
-  const existing = await admin.request<Array<{ Name: string }>>('GET', '/v1/acl/policies')
-  if (!existing.some((p) => p.Name === policyName)) await admin.request('PUT', '/v1/acl/policy', { Name: policyName, Description: description, Rules: rules })
+  const found = (await admin.request<Array<{ ID: string; Name: string }>>('GET', '/v1/acl/policies')).find((p) => p.Name === policyName)
+  if (!found) await admin.request('PUT', '/v1/acl/policy', { Name: policyName, Description: description, Rules: rules })
+  else {
+    // A policy written by an older release: bring its rules up to this one's, so every
+    // token that shares the policy (one per node) gets rights a new release needs.
+    const current = await admin.request<{ Rules: string }>('GET', `/v1/acl/policy/${encodeURIComponent(found.ID)}`)
+    if (current.Rules !== rules) await admin.request('PUT', `/v1/acl/policy/${encodeURIComponent(found.ID)}`, { Name: policyName, Description: description, Rules: rules })
+  }
   const token = await admin.request<{ SecretID: string; AccessorID: string }>('PUT', '/v1/acl/token', { Description: description, Policies: [{ Name: policyName }] })
   return { secretId: token.SecretID, accessorId: token.AccessorID }
 }

@@ -184,9 +184,13 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
   const closeAll = async () => {
     closing = true
     binding?.stop()
+    // The helpers hold copies of the UDP sockets: the port is free only once they are gone,
+    // which a restart in the same process (SIGHUP) needs.
+    const exited = [...children].filter((c) => c.exitCode === null && c.signalCode === null).map((c) => new Promise<void>((r) => c.once('exit', () => r())))
     for (const child of children) child.kill('SIGTERM')
     for (const c of conns) c.destroy()
-    await Promise.all([...[...udp.values()].map((s) => new Promise<void>((r) => s.close(() => r()))), ...[...tcp.values()].map((s) => new Promise<void>((r) => s.close(() => r())))])
+    await Promise.all([
+      ...exited,...[...udp.values()].map((s) => new Promise<void>((r) => s.close(() => r()))), ...[...tcp.values()].map((s) => new Promise<void>((r) => s.close(() => r())))])
   }
 
   try {

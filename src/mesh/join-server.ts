@@ -38,6 +38,8 @@ export interface JoinServerOptions {
   token?: string
   /** Create a Consul token for each new node (ACLs on). */
   acl: boolean
+  /** The Consul gossip key, handed to new nodes for their agent's config (`install`). */
+  gossipKey?: string
   host?: string
   port: number
   log: Logger
@@ -177,7 +179,7 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
         network: network.value,
         prefix: opts.layout.prefix,
         hostFiles,
-        consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers },
+        consul: { ...(created[0] ? { token: created[0].secretId } : {}), ...(created[1] ? { joinToken: created[1].secretId } : {}), servers, ...(opts.gossipKey ? { gossipKey: opts.gossipKey } : {}) },
       }
       return seal(sealKey, replyAad(header), Buffer.from(JSON.stringify(body)))
     } catch (err) {
@@ -188,7 +190,8 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
 
   const consulServers = async (): Promise<string[]> => {
     const peers = await opts.client.request<string[]>('GET', '/v1/status/peers').catch(() => [])
-    return peers.flatMap((p) => parseHostPort(p)?.host ?? [])
+    // A first server still on loopback (installed with --bootstrap, before init) is no use to a joiner.
+    return peers.flatMap((p) => parseHostPort(p)?.host ?? []).filter((h) => !h.startsWith('127.'))
   }
 
   const server: Server = createServer((socket) => {

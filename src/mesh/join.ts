@@ -103,6 +103,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       // Serve joins only when the invite said so; without ACLs there is no token to say it with.
       TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
       TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
+      TINC_CONSUL_GOSSIP_KEY: reply.consul.gossipKey,
       TINC_CONSUL_RUN_DIR: o.runDir,
       TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
     })
