@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
+import { isNetName } from './consul/kv-layout.ts'
 import { UsageError } from './errors.ts'
 import { writeFileAtomic } from './util/atomic.ts'
 
@@ -12,7 +13,6 @@ import { writeFileAtomic } from './util/atomic.ts'
  */
 export const DEFAULT_CONFIG_DIR = '/etc/tinc-consul'
 const KEY_RE = /^(TINC_CONSUL_[A-Z0-9_]+)$/
-const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
 
 export const configPath = (dir: string, net: string): string => join(dir, `${net}.env`)
 
@@ -79,7 +79,7 @@ function applyConfig(found: { path: string; values: Record<string, string> } | u
 
 function readConfigFor(argv: string[], env: NodeJS.ProcessEnv): { path: string; values: Record<string, string> } | undefined {
   const net = flagValue(argv, 'net') ?? env.TINC_CONSUL_NET
-  if (!net || !NET_RE.test(net)) return undefined
+  if (!net || !isNetName(net)) return undefined
   const dir = flagValue(argv, 'config-dir') ?? env.TINC_CONSUL_CONFIG_DIR ?? DEFAULT_CONFIG_DIR
   const path = configPath(dir, net)
   if (!existsSync(path)) return undefined

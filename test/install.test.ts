@@ -6,7 +6,8 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { parseConfig } from '../src/config-file.ts'
 import { requireConsul } from '../src/lab/provision.ts'
-import { planInstall, newGossipKey, type InstallInput } from '../src/install/plan.ts'
+import { newGossipKey } from '../src/consul/gossip-key.ts'
+import { planInstall, type InstallInput } from '../src/install/plan.ts'
 import { makeTincDir, tempRoot } from './sync-fixture.ts'
 
 const MAIN = join(import.meta.dirname, '..', 'src', 'cli', 'main.ts')
@@ -92,6 +93,7 @@ describe('systemd units and Consul configs as install writes them', () => {
     await assert.rejects(planInstall({ ...i, consul: { ...i.consul!, gossipKey: 'x"\nacl { enabled = false }' } }), /gossip key must be 32 bytes/)
     await assert.rejects(planInstall({ ...i, consul: { ...i.consul!, servers: ['10.0.0.1"]\nserver = false #'] } }), /not a Consul server address/)
     await assert.rejects(planInstall({ ...i, bin: '/usr/bin/tinc-consul --dir /tmp' }), /must be absolute, without spaces/)
+    await assert.rejects(planInstall({ ...i, net: '../../etc/x' }), /network name must be/)
     assert.equal(existsSync(join(root, 'u')), false)
   })
 })
@@ -175,6 +177,12 @@ describe('tinc-consul install and uninstall, under --root', () => {
     const c = cli(['install', '--net', 'tinc', '--dir', tincRoot, '--config-dir', bare, '--root', join(root, 'sys2'), '--consul-client'])
     assert.equal(c.code, 2)
     assert.match(c.stderr, /no Consul gossip key/)
+  })
+
+  test('run refuses a malformed gossip key at start, before its join endpoint could hand it to a joiner', () => {
+    const r = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'run', '--net', 'tinc', '--dir', tincRoot, '--config-dir', settings, '--gossip-key', 'not-a-key'], { encoding: 'utf8' })
+    assert.equal(r.status, 2, r.stderr)
+    assert.match(r.stderr, /--gossip-key \(TINC_CONSUL_GOSSIP_KEY\) must be 32 bytes in base64/)
   })
 
   test('uninstall removes what install wrote, keeps a file edited since, and keeps the keys; --purge removes them', async () => {

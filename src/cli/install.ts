@@ -6,7 +6,8 @@ import { defineCommand } from 'citty'
 import { configPath, defaultStateDir, parseConfig, renderConfig } from '../config-file.ts'
 import { UsageError } from '../errors.ts'
 import { applyInstall, describeStep, MANIFEST_PATH, uninstall } from '../install/apply.ts'
-import { CONSUL_BOOTSTRAP_FILE, CONSUL_CONFIG_FILE, newGossipKey, newManagementToken, planInstall, type ConsulRole, type InstallInput, type Step } from '../install/plan.ts'
+import { newGossipKey } from '../consul/gossip-key.ts'
+import { CONSUL_BOOTSTRAP_FILE, CONSUL_CONFIG_FILE, newManagementToken, planInstall, type ConsulRole, type InstallInput } from '../install/plan.ts'
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { tincDirFor } from '../tinc/setup.ts'
@@ -77,9 +78,9 @@ export const installCommand = defineCommand({
       node = { name, vpnAddress: (await buildOwnRecord(tincDir, name)).vpnAddress }
     }
 
-    const steps: Step[] = []
     let managementToken: string | undefined
     let gossipKey: string | undefined
+    let consul: InstallInput['consul']
     if (role) {
       // A re-run keeps what the running cluster already uses.
       gossipKey = args['gossip-key'] || (await hclValue(existingConfig, 'encrypt'))
@@ -90,7 +91,7 @@ export const installCommand = defineCommand({
       if (role === 'bootstrap') managementToken = (await hclValue(join(under(root, consulConfigDir), CONSUL_BOOTSTRAP_FILE), 'initial_management')) ?? newManagementToken()
       const agentToken = args['agent-token'] || (role === 'bootstrap' ? managementToken : args.token)
       if (!agentToken) throw new UsageError('NO_TOKEN', 'no token for the Consul agent: the node\'s token (TINC_CONSUL_TOKEN, written by init/join) or --agent-token')
-      const consul = {
+      consul = {
         role,
         servers: listFlag('consul-servers', args['consul-servers'] ?? '').filter((s) => !s.startsWith('127.')),
         bootstrapExpect: parseIntFlag('bootstrap-expect', args['bootstrap-expect'], 1, 7),
@@ -102,10 +103,18 @@ export const installCommand = defineCommand({
         fileDir: under(root, consulConfigDir),
         managementToken,
       }
-      steps.push(...(await planInstall({ net, node, consul, unitDir: under(root, args['unit-dir']), tincRoot: args.dir, settingsDir: args['config-dir'], bin: args.bin || onPath('tinc-consul') || '/usr/local/bin/tinc-consul', consulBin: args['consul-bin'] || onPath('consul') || '/usr/local/bin/consul', systemctl: systemdHere(root) })))
-    } else {
-      steps.push(...(await planInstall({ net, node, unitDir: under(root, args['unit-dir']), tincRoot: args.dir, settingsDir: args['config-dir'], bin: args.bin || onPath('tinc-consul') || '/usr/local/bin/tinc-consul', consulBin: '/usr/local/bin/consul', systemctl: systemdHere(root) })))
     }
+    const steps = await planInstall({
+      net,
+      node,
+      consul,
+      unitDir: under(root, args['unit-dir']),
+      tincRoot: args.dir,
+      settingsDir: args['config-dir'],
+      bin: args.bin || onPath('tinc-consul') || '/usr/local/bin/tinc-consul',
+      consulBin: args['consul-bin'] || onPath('consul') || '/usr/local/bin/consul',
+      systemctl: systemdHere(root),
+    })
     // A server's join endpoint hands the gossip key to new nodes: it goes in the net's settings.
     const envPath = configPath(args['config-dir'], net)
     if (role === 'server' && gossipKey) {

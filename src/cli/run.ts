@@ -1,5 +1,6 @@
 import { defineCommand, parseArgs, type ParsedArgs } from 'citty'
 import { defaultStateDir, reloadConfig } from '../config-file.ts'
+import { isGossipKey } from '../consul/gossip-key.ts'
 import { UsageError } from '../errors.ts'
 import { createLogger, type Logger } from '../log.ts'
 import { aclsEnabled } from '../consul/acl.ts'
@@ -48,7 +49,7 @@ async function runSettings(args: RunArgs) {
     joinPort: joinPort > 0 && own.addresses.length > 0 ? joinPort : undefined,
     joinListen: args['join-listen'],
     joinToken: args['join-token'] || args.token || undefined,
-    gossipKey: args['gossip-key'] || undefined,
+    gossipKey: gossipKey(args['gossip-key']),
     waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
     recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
     resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
@@ -70,6 +71,13 @@ async function runSettings(args: RunArgs) {
   }
 }
 type RunSettings = Awaited<ReturnType<typeof runSettings>>
+
+/** Refused at start: a bad key in a join reply would be refused by the joiner after its invite was spent. */
+function gossipKey(v: string | undefined): string | undefined {
+  if (!v) return undefined
+  if (!isGossipKey(v)) throw new UsageError('BAD_FLAG', '--gossip-key (TINC_CONSUL_GOSSIP_KEY) must be 32 bytes in base64, as `consul keygen` prints')
+  return v
+}
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
 function logLevel(v: string): string {

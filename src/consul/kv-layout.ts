@@ -33,6 +33,9 @@ export interface KvLayout {
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
 
+/** A network name: it becomes a KV prefix, a file name and a systemd instance name. */
+export const isNetName = (net: string): boolean => NET_RE.test(net)
+
 /** Where a network lives unless --prefix says otherwise. */
 export const defaultPrefix = (net: string): string => `tinc-consul/${net}/`
 

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto'
-import { mkdir, readFile, readdir, rm, rmdir } from 'node:fs/promises'
+import { existsSync } from 'node:fs'
+import { mkdir, readFile, rm, rmdir } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { TincConsulError } from '../errors.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
@@ -94,33 +95,29 @@ export async function uninstall(o: UninstallOptions): Promise<void> {
     o.say(r.code === 0 ? `ran       ${argv.join(' ')}` : `could not run ${argv.join(' ')}: ${r.stderr.trim()}`)
   }
   for (const [path, f] of mine) {
-    const real = path
-    const now = await readFile(real).catch(() => undefined)
+    const now = await readFile(path).catch(() => undefined)
     if (now === undefined) {
-      o.say(`gone      ${real}`)
+      o.say(`gone      ${path}`)
     } else if (sha256(now) !== f.sha256) {
-      o.say(`kept      ${real}: changed since install; remove it by hand if it should go`)
+      o.say(`kept      ${path}: changed since install; remove it by hand if it should go`)
       continue
     } else if (o.dryRun) {
-      o.say(`would remove ${real}`)
+      o.say(`would remove ${path}`)
       continue
     } else {
-      await rm(real)
+      await rm(path)
       // The drop-in's directory was made for it alone.
-      if (path.includes('.service.d/')) await rmdir(dirname(real)).catch(() => undefined)
-      o.say(`removed   ${real}`)
+      if (path.includes('.service.d/')) await rmdir(dirname(path)).catch(() => undefined)
+      o.say(`removed   ${path}`)
     }
     if (!o.dryRun) delete manifest.files[path]
   }
   for (const dir of o.purge) {
-    const real = dir
-    const exists = await readdir(real).then(() => true, () => false)
-    const file = !exists && (await readFile(real).then(() => true, () => false))
-    if (!exists && !file) continue
-    if (o.dryRun) o.say(`would remove ${real} (--purge)`)
+    if (!existsSync(dir)) continue
+    if (o.dryRun) o.say(`would remove ${dir} (--purge)`)
     else {
-      await rm(real, { recursive: true, force: true })
-      o.say(`removed   ${real} (--purge)`)
+      await rm(dir, { recursive: true, force: true })
+      o.say(`removed   ${dir} (--purge)`)
     }
   }
   if (!o.dryRun) await writeManifest(o.manifest, manifest)

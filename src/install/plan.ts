@@ -1,8 +1,10 @@
-import { randomBytes, randomUUID } from 'node:crypto'
+import { randomUUID } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import { fileURLToPath } from 'node:url'
 import { join } from 'node:path'
 import ipaddr from 'ipaddr.js'
+import { isGossipKey } from '../consul/gossip-key.ts'
+import { isNetName } from '../consul/kv-layout.ts'
 import { UsageError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
 
@@ -54,16 +56,14 @@ export interface InstallInput {
 export const CONSUL_CONFIG_FILE = 'tinc-consul.hcl'
 export const CONSUL_BOOTSTRAP_FILE = 'tinc-consul-bootstrap.hcl'
 
-/** A fresh Consul gossip key: 32 random bytes, base64, as `consul keygen` makes. */
-export const newGossipKey = (): string => randomBytes(32).toString('base64')
 export const newManagementToken = (): string => randomUUID()
 
-const GOSSIP_RE = /^[A-Za-z0-9+/]{43}=$/
 const TOKEN_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 const DC_RE = /^[a-z0-9-]{1,64}$/
 
 /** Every value that lands in a config file is checked first: nothing in them is quoted or escaped. */
 function checkInput(i: InstallInput): void {
+  if (i.net !== undefined && !isNetName(i.net)) throw new UsageError('BAD_NET', `network name must be 1-32 letters, digits, "-" or "_", got ${JSON.stringify(i.net)}`)
   if (i.node && !isTincName(i.node.name)) throw new UsageError('BAD_NAME', `not a tinc node name: ${JSON.stringify(i.node.name)}`)
   if (i.node?.vpnAddress !== undefined && !ipaddr.IPv4.isValidFourPartDecimal(i.node.vpnAddress)) throw new UsageError('BAD_ADDRESS', `not an IPv4 address: ${JSON.stringify(i.node.vpnAddress)}`)
   for (const p of [i.bin, i.consulBin, i.unitDir, i.tincRoot, i.settingsDir, i.consul?.dataDir, i.consul?.configDir, i.consul?.fileDir]) {
@@ -71,7 +71,7 @@ function checkInput(i: InstallInput): void {
   }
   const c = i.consul
   if (!c) return
-  if (!GOSSIP_RE.test(c.gossipKey) || Buffer.from(c.gossipKey, 'base64').length !== 32) throw new UsageError('BAD_GOSSIP_KEY', 'the gossip key must be 32 bytes in base64, as `consul keygen` prints')
+  if (!isGossipKey(c.gossipKey)) throw new UsageError('BAD_GOSSIP_KEY', 'the gossip key must be 32 bytes in base64, as `consul keygen` prints')
   if (!TOKEN_RE.test(c.agentToken)) throw new UsageError('BAD_TOKEN', 'the agent token must be a Consul token (a UUID)')
   if (c.managementToken !== undefined && !TOKEN_RE.test(c.managementToken)) throw new UsageError('BAD_TOKEN', 'the management token must be a UUID')
   if (!DC_RE.test(c.datacenter)) throw new UsageError('BAD_DATACENTER', `a datacenter name is lowercase letters, digits and "-": ${JSON.stringify(c.datacenter)}`)
