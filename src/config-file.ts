@@ -67,10 +67,21 @@ export function preloadConfig(argv: string[], env: NodeJS.ProcessEnv = process.e
   return applyConfig(readConfigFor(argv, env), env)
 }
 
+/**
+ * Consul's own variables are part of the environment, which beats the file:
+ * an operator who exported a management token in CONSUL_HTTP_TOKEN to run
+ * `revoke` must not be overruled by the node's own token in <net>.env.
+ */
+const CONSUL_ALIASES = new Map([
+  ['TINC_CONSUL_TOKEN', 'CONSUL_HTTP_TOKEN'],
+  ['TINC_CONSUL_CONSUL', 'CONSUL_HTTP_ADDR'],
+])
+
 function applyConfig(found: { path: string; values: Record<string, string> } | undefined, env: NodeJS.ProcessEnv): string | undefined {
   if (!found) return undefined
   for (const [k, v] of Object.entries(found.values)) {
-    if (env[k] !== undefined) continue
+    const alias = CONSUL_ALIASES.get(k)
+    if (env[k] !== undefined || (alias && env[alias] !== undefined)) continue
     env[k] = v
     fromFile[k] = v
   }

@@ -40,7 +40,9 @@ test('control addresses never collide between nodes, servers and the host link',
 test('bad lab options are refused with a message naming the flag', () => {
   assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, nodes: 0 }), /--nodes must be 1-20/)
   assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, nodes: 2, nat: 2 }), /at least one node must be public/)
-  assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, consulServers: 2 as 1 }), /--consul-servers must be 1 or 3/)
+  assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, consulServers: 2 as 1 }), /--consul-servers must be 0, 1 or 3/)
+  assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, consulServers: 0, acl: true }), /ACLs need the lab's Consul servers/)
+  assert.deepEqual(planLab('1234', { ...DEFAULT_LAB_OPTIONS, consulServers: 0 }).servers, [])
   assert.throws(() => planLab('1234', { ...DEFAULT_LAB_OPTIONS, vpnCidr: '192.168.1.0/24' }), /10\.x\.y\.0\/24/)
   assert.throws(() => planLab('../x', DEFAULT_LAB_OPTIONS), /hex/)
 })

@@ -1,8 +1,9 @@
 import { defineCommand } from 'citty'
 import { defaultStateDir } from '../config-file.ts'
+import { aclsEnabled, deleteNodeTokens } from '../consul/acl.ts'
 import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../consul/kv-layout.ts'
-import { UsageError } from '../errors.ts'
+import { TincConsulError, UsageError } from '../errors.ts'
 import { loadPins, savePins } from '../mesh/pins.ts'
 import { revokeNode } from '../mesh/revoke.ts'
 import { isTincName } from '../tinc/names.ts'
@@ -21,8 +22,18 @@ export const revokeCommand = defineCommand({
   async run({ args }) {
     const net = requireNet(args.net)
     const client = createConsulClient({ url: args.consul, token: args.token || undefined })
-    const { fingerprint } = await revokeNode(client, kvLayout(net, args.prefix || undefined), requireName(args.name))
-    console.log(`revoked ${args.name} (key ${fingerprint}); every node drops it on its next update`)
+    const layout = kvLayout(net, args.prefix || undefined)
+    const name = requireName(args.name)
+    const { fingerprint } = await revokeNode(client, layout, name)
+    console.log(`revoked ${name} (key ${fingerprint}); every node drops it on its next update`)
+    if (!(await aclsEnabled(client))) return
+    try {
+      const gone = await deleteNodeTokens(client, layout, name)
+      console.log(gone.length ? `deleted ${name}'s Consul token${gone.length > 1 ? 's' : ''} (${gone.join(', ')})` : `${name} had no Consul token left to delete`)
+    } catch (err) {
+      // The revocation above stands; only the token clean-up needs more rights.
+      throw new TincConsulError('TOKENS_LEFT', `${name} is revoked, but its Consul tokens could not be deleted (${err instanceof Error ? err.message : String(err)}): with a management token, run \`consul acl token list\` and \`consul acl token delete -id <accessor>\` for "tinc-consul node ${name}"`, { cause: err })
+    }
   },
 })
 

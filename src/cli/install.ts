@@ -78,6 +78,9 @@ export const installCommand = defineCommand({
       node = { name, vpnAddress: (await buildOwnRecord(tincDir, name)).vpnAddress }
     }
 
+    const envPath = configPath(args['config-dir'], net)
+    const envText = await readFile(envPath, 'utf8').catch(() => undefined)
+    const settings = envText === undefined ? undefined : parseConfig(envText, envPath)
     let managementToken: string | undefined
     let gossipKey: string | undefined
     let consul: InstallInput['consul']
@@ -89,7 +92,8 @@ export const installCommand = defineCommand({
         gossipKey = newGossipKey()
       }
       if (role === 'bootstrap') managementToken = (await hclValue(join(under(root, consulConfigDir), CONSUL_BOOTSTRAP_FILE), 'initial_management')) ?? newManagementToken()
-      const agentToken = args['agent-token'] || (role === 'bootstrap' ? managementToken : args.token)
+      // The node's own token from its settings, not an operator's CONSUL_HTTP_TOKEN still exported from init.
+      const agentToken = args['agent-token'] || (role === 'bootstrap' ? managementToken : (settings?.TINC_CONSUL_TOKEN ?? args.token))
       if (!agentToken) throw new UsageError('NO_TOKEN', 'no token for the Consul agent: the node\'s token (TINC_CONSUL_TOKEN, written by init/join) or --agent-token')
       consul = {
         role,
@@ -116,13 +120,8 @@ export const installCommand = defineCommand({
       systemctl: systemdHere(root),
     })
     // A server's join endpoint hands the gossip key to new nodes: it goes in the net's settings.
-    const envPath = configPath(args['config-dir'], net)
-    if (role === 'server' && gossipKey) {
-      const current = await readFile(envPath, 'utf8').catch(() => undefined)
-      if (current !== undefined) {
-        const values = parseConfig(current, envPath)
-        if (values.TINC_CONSUL_GOSSIP_KEY !== gossipKey) steps.unshift({ kind: 'file', path: envPath, content: renderConfig({ ...values, TINC_CONSUL_GOSSIP_KEY: gossipKey }), mode: 0o600, why: 'the join endpoint gives new nodes the gossip key', owner: 'config' })
-      }
+    if (role === 'server' && gossipKey && settings && settings.TINC_CONSUL_GOSSIP_KEY !== gossipKey) {
+      steps.unshift({ kind: 'file', path: envPath, content: renderConfig({ ...settings, TINC_CONSUL_GOSSIP_KEY: gossipKey }), mode: 0o600, why: 'the join endpoint gives new nodes the gossip key', owner: 'config' })
     }
 
     if (args['dry-run']) {

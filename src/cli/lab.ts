@@ -30,7 +30,7 @@ const provisionCmd = defineCommand({
 const upArgs = {
   nodes: { type: 'string', description: described('Number of tinc nodes', 'lab-nodes'), default: envDefault('lab-nodes', '3') },
   nat: { type: 'string', description: described('How many of them sit behind their own NAT router', 'lab-nat'), default: envDefault('lab-nat', '1') },
-  'consul-servers': { type: 'string', description: described('Consul servers: 1 or 3', 'lab-consul-servers'), default: envDefault('lab-consul-servers', '1') },
+  'consul-servers': { type: 'string', description: described('Consul servers: 1 or 3 (0: no Consul at all, for installing it by hand)', 'lab-consul-servers'), default: envDefault('lab-consul-servers', '1') },
   acl: { type: 'boolean', description: described('Enable Consul ACLs (default deny); the lab keeps the management token', 'lab-acl'), default: envFlag('lab-acl') },
   tinc: { type: 'boolean', description: described('Start tincd with hand-written host files (--no-tinc for bare nodes)', 'lab-tinc'), default: envFlag('lab-tinc', true) },
   'host-files': { type: 'string', description: described('Host files each node starts with: all, or seed (its own plus node1\'s)', 'lab-host-files'), default: envDefault('lab-host-files', 'all') },
@@ -39,11 +39,11 @@ const upArgs = {
 function labOptionsFrom(args: { nodes: string; nat: string; 'consul-servers': string; acl: boolean; tinc: boolean; 'host-files': string }) {
   const nodes = parseIntFlag('nodes', args.nodes, 1, 20)
   const nat = parseIntFlag('nat', args.nat, 0, 19)
-  const servers = parseIntFlag('consul-servers', args['consul-servers'], 1, 3)
-  if (servers !== 1 && servers !== 3) throw new UsageError('BAD_FLAG', `--consul-servers must be 1 or 3, got ${servers}`)
+  const servers = parseIntFlag('consul-servers', args['consul-servers'], 0, 3)
+  if (servers === 2) throw new UsageError('BAD_FLAG', '--consul-servers must be 0, 1 or 3, got 2')
   const hostFiles = args['host-files']
   if (hostFiles !== 'all' && hostFiles !== 'seed') throw new UsageError('BAD_FLAG', `--host-files must be all or seed, got "${hostFiles}"`)
-  return { nodes, nat, consulServers: servers as 1 | 3, acl: args.acl, tinc: args.tinc, hostFiles: hostFiles as 'all' | 'seed' }
+  return { nodes, nat, consulServers: servers as 0 | 1 | 3, acl: args.acl, tinc: args.tinc, hostFiles: hostFiles as 'all' | 'seed' }
 }
 
 function describeLab(lab: Lab): void {

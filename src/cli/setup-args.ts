@@ -1,4 +1,5 @@
 import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
+import { DEFAULT_TINC_TIMERS } from '../tinc/setup.ts'
 import { parseAddressFlags, parseIntFlag } from './parse.ts'
 import { dnsArgs } from './dns-args.ts'
 import { described, envDefault, envFlag } from './env.ts'
@@ -14,6 +15,8 @@ export const setupArgs = {
   interface: { type: 'string', description: described('VPN interface name (default tinc-<net>, cut to 15 characters)', 'interface'), default: process.env.TINC_CONSUL_INTERFACE },
   'split-dns': { type: 'boolean', description: described('tinc-up points systemd-resolved at the mesh DNS for ~<domain> on the VPN interface when resolved runs; tinc-down undoes it (--no-split-dns: leave resolved alone)', 'split-dns'), default: envFlag('split-dns', true) },
   'dns-port': { ...dnsArgs['dns-port'], description: described('The port `run` serves DNS on, for split DNS', 'dns-port') },
+  'key-expire': { type: 'string', description: described('Seconds between tinc session-key renewals (tinc\'s KeyExpire; see docs/joining.md before changing it)', 'key-expire'), default: envDefault('key-expire', String(DEFAULT_TINC_TIMERS.keyExpire)) },
+  'ping-interval': { type: 'string', description: described('Seconds between tinc\'s pings on idle connections (PingInterval)', 'ping-interval'), default: envDefault('ping-interval', String(DEFAULT_TINC_TIMERS.pingInterval)) },
   force: { type: 'boolean', description: 'Replace an existing node in <dir>/<net> (kept beside it), with a new key', default: false },
 } as const
 
@@ -28,6 +31,8 @@ interface SetupArgValues {
   force: boolean
   'split-dns': boolean
   'dns-port': string
+  'key-expire': string
+  'ping-interval': string
 }
 
 /** The shared part of init's and join's options, from their flags. */
@@ -45,6 +50,7 @@ export function setupFrom(args: SetupArgValues) {
     force: args.force,
     splitDns: args['split-dns'],
     dnsPort: parseIntFlag('dns-port', args['dns-port'], 1, 65535),
+    timers: { keyExpire: parseIntFlag('key-expire', args['key-expire'], 10, 86400), pingInterval: parseIntFlag('ping-interval', args['ping-interval'], 1, 3600) },
     // Timestamped steps: people see where a slow join spends its time.
     progress: (s: string) => console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${s}`),
   }

@@ -34,10 +34,13 @@ async function tokenFor(admin: ConsulClient, policyName: string, description: st
 }
 
 const policyBase = (layout: KvLayout) => `tinc-consul-${layout.prefix.replace(/[^A-Za-z0-9_-]/g, '-')}`
+const nodePolicyName = (layout: KvLayout, name: string) => `${policyBase(layout)}${name}`.slice(0, 128)
+const joinPolicyName = (layout: KvLayout) => `${policyBase(layout)}join-server`.slice(0, 128)
+const joinDescription = (name: string) => `tinc-consul join server (${name})`
 
 /** Creates (or reuses) the node's policy and returns a new token for it. */
 export async function createNodeToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
-  return tokenFor(admin, `${policyBase(layout)}${name}`.slice(0, 128), `tinc-consul node ${name}`, await nodePolicyRules(layout, name))
+  return tokenFor(admin, nodePolicyName(layout, name), `tinc-consul node ${name}`, await nodePolicyRules(layout, name))
 }
 
 /**
@@ -48,7 +51,30 @@ export async function createNodeToken(admin: ConsulClient, layout: KvLayout, nam
 export async function createJoinServerToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
   layout.node(name)
   const rules = (await readFile(JOIN_POLICY_TEMPLATE, 'utf8')).replaceAll('{{prefix}}', layout.prefix)
-  return tokenFor(admin, `${policyBase(layout)}join-server`.slice(0, 128), `tinc-consul join server (${name})`, rules)
+  return tokenFor(admin, joinPolicyName(layout), joinDescription(name), rules)
+}
+
+/**
+ * Deletes every token init or a join created for a node: the ones holding its
+ * own policy, and its join endpoint's (told apart from other nodes' by their
+ * description). Returns their accessor ids. A revoked node's tokens must stop
+ * working, or it could still read the network and write its record.
+ */
+export async function deleteNodeTokens(admin: ConsulClient, layout: KvLayout, name: string): Promise<string[]> {
+  layout.node(name)
+  const policies = await admin.request<Array<{ ID: string; Name: string }>>('GET', '/v1/acl/policies')
+  const idOf = (policy: string) => policies.find((p) => p.Name === policy)?.ID
+  const doomed: string[] = []
+  const nodePolicy = idOf(nodePolicyName(layout, name))
+  if (nodePolicy) for (const t of await tokensWith(admin, nodePolicy)) doomed.push(t.AccessorID)
+  const joinPolicy = idOf(joinPolicyName(layout))
+  if (joinPolicy) for (const t of await tokensWith(admin, joinPolicy)) if (t.Description === joinDescription(name)) doomed.push(t.AccessorID)
+  for (const id of doomed) await deleteToken(admin, id)
+  return doomed
+}
+
+function tokensWith(admin: ConsulClient, policyId: string): Promise<Array<{ AccessorID: string; Description: string }>> {
+  return admin.request('GET', `/v1/acl/tokens?policy=${encodeURIComponent(policyId)}`)
 }
 
 export async function deleteToken(admin: ConsulClient, accessorId: string): Promise<void> {

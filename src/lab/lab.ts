@@ -324,9 +324,11 @@ export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
       await save()
       step('tincd started on every node with hand-written host files')
     }
-    const info = await startConsulCluster(plan, runDir, consulBin, daemons, step)
-    state.managementToken = info.managementToken
-    state.agentToken = info.agentToken
+    if (plan.servers.length) {
+      const info = await startConsulCluster(plan, runDir, consulBin, daemons, step)
+      state.managementToken = info.managementToken
+      state.agentToken = info.agentToken
+    }
     if (options.acl) {
       const admin = lab.consul(plan.servers[0]?.name ?? 'consul1')
       for (const node of plan.nodes) state.nodeTokens[node.name] = (await createNodeToken(admin, kvLayout(LAB_NETNAME), node.name)).secretId

@@ -27,6 +27,11 @@ async function attach(plan: LabPlan, bridge: 'ul' | 'ctl', hubSide: string, ns: 
 const NAT_RULES = `
 table ip tcl_nat {
   chain nat_post { type nat hook postrouting priority srcnat; oifname "up0" masquerade; }
+  # Like a home router: an unsolicited packet from outside is dropped before conntrack confirms it,
+  # so it leaves no entry behind. Otherwise a peer's first UDP probe, arriving before the node
+  # behind NAT sent its own, creates an entry that then shadows the outgoing mapping, and two
+  # nodes behind NAT never reach each other directly.
+  chain nat_pre { type filter hook prerouting priority mangle; iifname "up0" ct state new drop; }
   # Only replies come back in: nobody outside can open a connection to the node.
   chain nat_fw { type filter hook forward priority filter; policy drop; ct state established,related accept; iifname "lan0" oifname "up0" accept; }
 }

@@ -2,7 +2,7 @@ import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from '../util/exec.ts'
 import { replaceManagedBlock } from '../tinc/conf-block.ts'
-import { KEY_EXPIRE_SECONDS } from '../tinc/setup.ts'
+import { tincTimerLines } from '../tinc/setup.ts'
 import type { LabNodePlan, LabPlan } from './topology.ts'
 
 /**
@@ -40,10 +40,9 @@ export async function writeManualTincConfigs(plan: LabPlan, runDir: string, keyB
     const targets = plan.options.hostFiles === 'seed' ? publics.slice(0, 1) : publics
     const connectTo = targets.filter((p) => p.name !== node.name).map((p) => `ConnectTo = ${p.name}`)
     // StrictSubnets: tinc accepts only the subnets written in local host files. ConnectTo goes in
-    // the managed block, where the sidecar takes over once it runs. KeyExpire as init writes it
-    // (see renderTincConf): when the sidecar adds ConnectTos, tinc 1.0 can keep a stale session
-    // key and drop a peer's packets until the key expires, an hour by default.
-    const conf = [`Name = ${node.name}`, 'AddressFamily = ipv4', 'Interface = tinc0', 'StrictSubnets = yes', `KeyExpire = ${KEY_EXPIRE_SECONDS}`, ''].join('\n')
+    // the managed block, where the sidecar takes over once it runs. Timers as init writes them
+    // (see TincTimers in setup.ts).
+    const conf = [`Name = ${node.name}`, 'AddressFamily = ipv4', 'Interface = tinc0', 'StrictSubnets = yes', ...tincTimerLines(), ''].join('\n')
     await writeFile(join(dir, 'tinc.conf'), replaceManagedBlock(conf, connectTo))
     const header = [...(node.behindNat ? [] : [`Address = ${node.publicIp}`]), 'Port = 655', `Subnet = ${node.vpnIp}/32`, '']
     await writeFile(join(dir, 'hosts', node.name), header.join('\n'))

@@ -18,7 +18,8 @@ import { UsageError } from '../errors.ts'
 export interface LabOptions {
   nodes: number
   nat: number
-  consulServers: 1 | 3
+  /** 0: the lab runs no Consul at all (a test starts agents from install's configs, on the VPN). */
+  consulServers: 0 | 1 | 3
   acl: boolean
   /** Write hand-made tinc configs and start tincd on every node. */
   tinc: boolean
@@ -67,7 +68,8 @@ export function validateLabOptions(o: LabOptions): void {
   if (!Number.isInteger(o.nat) || o.nat < 0 || o.nat >= o.nodes) {
     throw new UsageError('LAB_OPTIONS', `--nat must be 0-${o.nodes - 1} (at least one node must be public so others can reach it), got ${o.nat}`)
   }
-  if (o.consulServers !== 1 && o.consulServers !== 3) throw new UsageError('LAB_OPTIONS', `--consul-servers must be 1 or 3, got ${String(o.consulServers)}`)
+  if (![0, 1, 3].includes(o.consulServers)) throw new UsageError('LAB_OPTIONS', `--consul-servers must be 0, 1 or 3, got ${String(o.consulServers)}`)
+  if (o.consulServers === 0 && o.acl) throw new UsageError('LAB_OPTIONS', 'ACLs need the lab\'s Consul servers: --acl with --consul-servers 0')
   const m = /^10\.(\d{1,3})\.(\d{1,3})\.0\/24$/.exec(o.vpnCidr)
   if (!m || Number(m[1]) > 255 || Number(m[2]) > 255) throw new UsageError('LAB_OPTIONS', `the lab's VPN CIDR must be a 10.x.y.0/24, got ${o.vpnCidr}`)
 }

@@ -8,7 +8,7 @@ import { kvLayout } from '../consul/kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
-import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
+import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
@@ -38,6 +38,8 @@ export interface InitOptions {
   /** Register the mesh DNS with systemd-resolved in tinc-up (when resolved runs). */
   splitDns?: boolean
   dnsPort?: number
+  /** tinc's KeyExpire and PingInterval (default DEFAULT_TINC_TIMERS). */
+  timers?: TincTimers
   progress(step: string): void
 }
 
@@ -128,6 +130,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       interface: o.interface ?? defaultInterface(o.net),
       eventsFile: eventsFileFor(o.runDir, o.net),
       splitDns: o.splitDns === false ? undefined : { domain: network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
+      timers: o.timers,
     }
     if (staging) {
       await writeSetup(staging.dir, setup)

@@ -2,7 +2,7 @@ import { defaultPrefix } from '../consul/kv-layout.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup } from '../tinc/setup.ts'
+import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
@@ -28,6 +28,8 @@ export interface JoinOptions {
   /** Register the mesh DNS with systemd-resolved in tinc-up (when resolved runs). */
   splitDns?: boolean
   dnsPort?: number
+  /** tinc's KeyExpire and PingInterval (default DEFAULT_TINC_TIMERS). */
+  timers?: TincTimers
   progress(step: string): void
   now?: Date
 }
@@ -91,6 +93,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: eventsFileFor(o.runDir, inv.net),
       splitDns: o.splitDns === false ? undefined : { domain: reply.network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
+      timers: o.timers,
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)

@@ -1,8 +1,8 @@
-import { readFileSync } from 'node:fs'
-import { open, readFile } from 'node:fs/promises'
+import { open } from 'node:fs/promises'
 import { isIP } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { isTincName } from './names.ts'
+import { findTincd, inTincdLane } from './signal.ts'
 
 /**
  * tincd 1.0 has no control socket: the only way to see its view of the mesh
@@ -347,27 +347,24 @@ export function dumpReader(opts: DumpReaderOptions): () => Promise<DumpResult> {
 }
 
 async function readOnce(opts: DumpReaderOptions): Promise<DumpResult> {
-  const timeoutMs = opts.timeoutMs ?? 2000
-  let pidText: string
-  try {
-    pidText = await readFile(opts.pidFile, 'utf8')
-  } catch (err) {
-    return { state: 'down', reason: (err as NodeJS.ErrnoException).code === 'ENOENT' ? `not running (no pidfile at ${opts.pidFile})` : `cannot read pidfile ${opts.pidFile}: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }
-  }
-  // tinc 1.0 writes "<pid>\n"; 1.1 appends a cookie and address, so take the first field.
-  const pid = Number(pidText.trim().split(/\s+/)[0])
-  if (!Number.isInteger(pid) || pid <= 1) return { state: 'down', reason: `pidfile ${opts.pidFile} does not hold a pid` }
-  // A stale pidfile whose pid was reused must never get some other process signalled.
-  const comm = (opts.comm ?? procComm)(pid)
-  if (comm !== 'tincd') return { state: 'down', reason: `pid ${pid} is ${comm === undefined ? 'not running' : `"${comm}", not tincd`}` }
+  const found = await findTincd(opts.pidFile, opts.comm)
+  if (found.pid === undefined) return { state: 'down', reason: found.reason }
+  return inTincdLane(opts.pidFile, () => dumpFrom(found.pid, opts))
+}
 
+/**
+ * USR2 first, and USR1 only once USR2's answer has ended: tincd writes each
+ * dump from inside its signal handler, and a signal landing mid-dump can
+ * deadlock it (see signal.ts). When USR2's answer never ends, USR1 is not sent.
+ */
+async function dumpFrom(pid: number, opts: DumpReaderOptions): Promise<DumpResult> {
+  const timeoutMs = opts.timeoutMs ?? 2000
+  const send = opts.signal ?? ((p: number, sig: NodeJS.Signals) => void process.kill(p, sig))
   // Anything already in the log is an older dump (or another reader's): only
   // what tincd writes after our signal answers this request.
   let offset = (await fileSize(opts.logFile)) ?? 0
   try {
-    const send = opts.signal ?? ((p: number, sig: NodeJS.Signals) => void process.kill(p, sig))
     send(pid, 'SIGUSR2')
-    send(pid, 'SIGUSR1')
   } catch (err) {
     return { state: 'down', reason: `cannot signal tincd ${pid}: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }
   }
@@ -375,6 +372,7 @@ async function readOnce(opts: DumpReaderOptions): Promise<DumpResult> {
   const deadline = performance.now() + timeoutMs
   let seenSize = -1
   let dump: TincDump | undefined
+  let sentUsr1 = false
   for (;;) {
     const win = await readWindow(opts.logFile, offset)
     if (win && win.size !== seenSize) {
@@ -383,6 +381,14 @@ async function readOnce(opts: DumpReaderOptions): Promise<DumpResult> {
       if (win.size < offset) offset = 0
       dump = parseDump(win.text)
       if (dump.subnets && dump.connections) return { state: 'up', dump, pid }
+      if (dump.subnets && !sentUsr1) {
+        sentUsr1 = true
+        try {
+          send(pid, 'SIGUSR1')
+        } catch (err) {
+          return { state: 'down', reason: `cannot signal tincd ${pid}: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }
+        }
+      }
     }
     if (performance.now() >= deadline) {
       const reason = `tincd ${pid} wrote no complete dump to ${opts.logFile} within ${timeoutMs} ms`
@@ -395,14 +401,6 @@ async function readOnce(opts: DumpReaderOptions): Promise<DumpResult> {
 
 function hasSections(d: TincDump): boolean {
   return [d.bytesIn, d.bytesOut, d.nodes, d.edges, d.subnets, d.connections].some((v) => v !== undefined)
-}
-
-function procComm(pid: number): string | undefined {
-  try {
-    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim()
-  } catch {
-    return undefined
-  }
 }
 
 async function fileSize(path: string): Promise<number | undefined> {

@@ -31,17 +31,41 @@ export interface NodeSetup {
   eventsFile: string
   /** Point systemd-resolved at the mesh's DNS for ~domain on the VPN interface (when it runs). */
   splitDns?: { domain: string; port: number }
+  timers?: TincTimers
 }
 
-/** Seconds between session-key renewals in generated configs (tinc's default is 3600). */
-export const KEY_EXPIRE_SECONDS = Number(process.env.TINC_CONSUL_KEY_EXPIRE ?? 10)
+/**
+ * tinc 1.0's timers, in seconds, as init and join write them. Two tinc 1.0
+ * behaviours pull KeyExpire in opposite directions:
+ * - a burst of reachability changes (a node joining) can leave a peer holding
+ *   a stale session key, and that peer's packets are dropped until the key
+ *   expires (an hour by default): short keys bound the outage;
+ * - every key renewal restarts the round of UDP probes after which tinc gives
+ *   up on a broken direct path and relays through a meta connection: 30
+ *   probes a second apart, then PingInterval, then PingTimeout. With keys
+ *   shorter than that round a broken direct path is never given up.
+ * 60 s keys with a 10 s PingInterval let the round finish (a cut direct path
+ * fell back to a relay in 44 to 51 s in the lab) while still bounding the
+ * stale-key outage to a minute. Joins now open a single first ConnectTo, which
+ * removed the burst the stale key came from (docs/joining.md).
+ */
+export interface TincTimers {
+  keyExpire: number
+  pingInterval: number
+}
+
+export const DEFAULT_TINC_TIMERS: TincTimers = { keyExpire: 60, pingInterval: 10 }
+
+export function tincTimerLines(t: TincTimers = DEFAULT_TINC_TIMERS): string[] {
+  return [`KeyExpire = ${t.keyExpire}`, `PingInterval = ${t.pingInterval}`]
+}
 
 export const tincDirFor = (root: string, net: string): string => join(root, net)
 
 /** Linux caps interface names at 15 bytes. */
 export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 15)
 
-export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo'>, previous?: string): string {
+export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo' | 'timers'>, previous?: string): string {
   if (previous !== undefined) {
     // Re-running keeps everything the operator added; only our block changes.
     return replaceManagedBlock(previous, s.connectTo.map((n) => `ConnectTo = ${n}`))
@@ -53,10 +77,8 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
     `Interface = ${s.interface}`,
     // tinc accepts only subnets written in local host files, and those come from the address table.
     'StrictSubnets = yes',
-    // tinc 1.0 can end a burst of reachability changes (a node joining) holding a peer's old
-    // session key, and then drops that peer's packets until the key expires (an hour by
-    // default). Short-lived keys bound that outage; rekeying costs two small messages per peer.
-    `KeyExpire = ${KEY_EXPIRE_SECONDS}`,
+    // Bounds tinc 1.0's stale-key outage yet lets it give up a broken direct path (see TincTimers).
+    ...tincTimerLines(s.timers),
     '',
   ].join('\n')
   return replaceManagedBlock(head, s.connectTo.map((n) => `ConnectTo = ${n}`))

@@ -86,7 +86,7 @@ export async function withLogs<T>(lab: Lab, nodes: string[], fn: () => Promise<T
 /**
  * dig in a node's namespace. Its note about a try that timed out before a retry answered is
  * dropped: a packet lost in the tunnel (tinc 1.0 loses a few around each session-key renewal,
- * every 10 s here) is the resolver's to retry, and the answer is what the assertions judge.
+ * every 60 s here) is the resolver's to retry, and the answer is what the assertions judge.
  */
 export async function dig(lab: Lab, from: string, ...args: string[]): Promise<string> {
   const out = (await lab.exec(from, ['dig', '+time=2', '+tries=2', ...args], { allowFailure: true })).stdout
