@@ -105,7 +105,16 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
       const relayed = await withLogs(lab, ['node4', 'node5'], () => waitFor('node4 to report node5 relayed', () => pathTo5('relayed'), { timeoutMs: 150_000, intervalMs: 1000 }))
       t.diagnostic(`direct after ${(direct / 1000).toFixed(1)} s; relayed ${((performance.now() - t1) / 1000).toFixed(1)} s after the cut, via ${relayed.via}`)
       assert.ok(relayed.via && ['node1', 'node2', 'node3'].includes(relayed.via), `relayed through a public node, not ${relayed.via}`)
-      await waitFor('a ping from node4 to node5 through the relay', async () => ((await ping()) ? true : undefined), { timeoutMs: 20_000, intervalMs: 500 })
+      // The replies need node5 to give up its own direct path to node4, which it does on its own clock.
+      const back = await withLogs(lab, ['node4', 'node5'], () =>
+        waitFor('node5 to report node4 relayed', async () => {
+          await lab.exec('node5', ['ping', '-c1', '-W1', '10.99.0.4'], { allowFailure: true })
+          const r = row(await status(lab, 'node5'), 'node4')
+          return r?.path === 'relayed' ? r : undefined
+        }, { timeoutMs: 150_000, intervalMs: 1000 }),
+      )
+      t.diagnostic(`node5 reports node4 relayed via ${back.via} ${((performance.now() - t1) / 1000).toFixed(1)} s after the cut`)
+      await waitFor('a ping from node4 to node5 through the relay', async () => ((await ping()) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 })
       const table = (await lab.cli('node4', ['status'])).stdout
       assert.match(table, new RegExp(`^node5\\s+10\\.99\\.0\\.5\\s+yes\\s+relay via ${relayed.via}`, 'm'))
     } finally {
