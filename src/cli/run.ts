@@ -156,7 +156,11 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     if (s.joinPort) {
       const client = createConsulClient({ url: s.consulUrl, token: s.joinToken })
       const layout = kvLayout(net, s.prefix)
-      const server = await startJoinServer({ net, layout, client, url: s.consulUrl, token: s.joinToken, acl: await aclsEnabled(client), gossipKey: s.gossipKey, host: s.joinListen, port: s.joinPort, log })
+      // Asked at the first join, not here: right after a restart the agent may not answer yet,
+      // and a daemon that exits over that takes DNS and status down with it.
+      let aclOn: boolean | undefined
+      const acl = async () => (aclOn ??= await aclsEnabled(client))
+      const server = await startJoinServer({ net, layout, client, url: s.consulUrl, token: s.joinToken, acl, gossipKey: s.gossipKey, host: s.joinListen, port: s.joinPort, log })
       closers.push(() => server.close())
       joins = server
     }

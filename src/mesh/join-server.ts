@@ -36,8 +36,11 @@ export interface JoinServerOptions {
   client: ConsulClient
   url: string
   token?: string
-  /** Create a Consul token for each new node (ACLs on). */
-  acl: boolean
+  /**
+   * Create a Consul token for each new node (ACLs on). A function is asked at
+   * each join until it answers: the agent may still be starting when we do.
+   */
+  acl: boolean | (() => Promise<boolean>)
   /** The Consul gossip key, handed to new nodes for their agent's config (`install`). */
   gossipKey?: string
   host?: string
@@ -154,8 +157,9 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     const hostFiles = await peerHostFiles(opts.url, opts.token, opts.layout, network.value, h.name)
     const servers = await consulServers()
     const created: CreatedToken[] = []
-    if (opts.acl) created.push(await createNodeToken(opts.client, opts.layout, h.name))
-    if (opts.acl && inv.value.serveJoins) created.push(await createJoinServerToken(opts.client, opts.layout, h.name))
+    const acl = typeof opts.acl === 'function' ? await opts.acl() : opts.acl
+    if (acl) created.push(await createNodeToken(opts.client, opts.layout, h.name))
+    if (acl && inv.value.serveJoins) created.push(await createJoinServerToken(opts.client, opts.layout, h.name))
     try {
       const res = await allocateAddress({
         client: opts.client,
