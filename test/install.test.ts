@@ -37,7 +37,7 @@ describe('systemd units and Consul configs as install writes them', () => {
   const input = (unitDir: string, configDir: string, role: 'server' | 'client' | 'bootstrap'): InstallInput => ({
     net: 'home',
     node: { name: 'hub1', vpnAddress: role === 'bootstrap' ? undefined : '10.20.0.1' },
-    consul: { role, servers: ['10.20.0.2', '10.20.0.3'], bootstrapExpect: 3, gossipKey: newGossipKey(), agentToken: TOKEN, datacenter: 'home', dataDir: '/var/lib/consul', configDir, fileDir: configDir, managementToken: role === 'bootstrap' ? TOKEN : undefined },
+    consul: { role, servers: ['10.20.0.2', '10.20.0.3'], bootstrapExpect: 0, gossipKey: newGossipKey(), agentToken: TOKEN, datacenter: 'home', dataDir: '/var/lib/consul', configDir, fileDir: configDir, managementToken: role === 'bootstrap' ? TOKEN : undefined },
     unitDir,
     tincRoot: '/etc/tinc',
     settingsDir: '/etc/tinc-consul',
@@ -83,8 +83,10 @@ describe('systemd units and Consul configs as install writes them', () => {
       assert.match(hcl, /^encrypt = "[A-Za-z0-9+/]{43}="$/m, role)
       assert.match(hcl, /default_policy += "deny"/, role)
       assert.match(hcl, new RegExp(`^server += ${role === 'client' ? 'false' : 'true'}$`, 'm'), role)
-      assert.match(hcl, new RegExp(`^bootstrap_expect = ${role === 'bootstrap' ? 1 : 3}$|^server += false$`, 'm'), role)
+      // The first server bootstraps alone; the others join it and never ask to form a cluster (server.hcl.tmpl says why).
+      assert.match(hcl, new RegExp(`^bootstrap_expect = ${role === 'bootstrap' ? 1 : 0}$|^server += false$`, 'm'), role)
       assert.match(hcl, /^retry_join += \["10\.20\.0\.2", "10\.20\.0\.3"\]$/m, role)
+      assert.match(hcl, /^retry_interval = "5s"$/m, role)
     }
   })
 

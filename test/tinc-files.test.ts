@@ -1,6 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { execFileSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -52,10 +53,16 @@ test('a fresh node setup: full tinc.conf, scripts that never block, idempotent r
     for (const line of ['Name = alpha', 'Mode = router', 'Interface = tinc-home', 'StrictSubnets = yes', 'KeyExpire = 60', 'PingInterval = 10', 'ConnectTo = hub']) assert.ok(conf.includes(line), `tinc.conf lacks "${line}":\n${conf}`)
     assert.match(await readFile(join(dir, 'hosts', 'alpha'), 'utf8'), /Subnet = 10\.99\.0\.5\/32[\s\S]*BEGIN RSA PUBLIC KEY/)
     assert.match(await readFile(join(dir, 'tinc-up'), 'utf8'), /ip addr add 10\.99\.0\.5\/24 dev "\$INTERFACE"/)
-    // A hook with no daemon (no events directory) exits 0 at once; with one, it appends a line.
+    // A hook with no events directory exits 0 at once and writes nothing.
     const env = { ...process.env, NODE: 'hub', SUBNET: '10.99.0.1/32', REMOTEADDRESS: '198.18.0.1' }
     execFileSync(join(dir, 'subnet-up'), { env })
-    await mkdir(join(dir, 'events'))
+    assert.equal(existsSync(join(dir, 'events')), false)
+    // tinc-up (tincd runs it before any hook) makes the directory, so the peers that come up
+    // before the daemon starts (at boot, /run is empty) are on file for it. `ip` is a stand-in.
+    const bin = join(dir, 'bin')
+    await mkdir(bin)
+    await writeFile(join(bin, 'ip'), '#!/bin/sh\nexit 0\n', { mode: 0o755 })
+    execFileSync(join(dir, 'tinc-up'), { env: { ...env, PATH: `${bin}:${process.env.PATH ?? ''}`, INTERFACE: 'tinc-home' } })
     execFileSync(join(dir, 'subnet-up'), { env })
     assert.match(await readFile(join(dir, 'events', 'tinc-events'), 'utf8'), /^\d+ subnet-up hub 10\.99\.0\.1\/32 198\.18\.0\.1\n$/)
     // The operator adds a line; a re-run changes nothing of theirs.

@@ -51,7 +51,7 @@ export const installCommand = defineCommand({
     bootstrap: { type: 'boolean', description: 'First server only, before init: a one-server Consul on 127.0.0.1 with ACLs, a new gossip key and a management token; install again after init to move it onto the VPN', default: false },
     name: { type: 'string', description: described('With --bootstrap: the tinc name init will give this node (default: the hostname, as init does)', 'name'), default: process.env.TINC_CONSUL_NAME },
     'consul-servers': { type: 'string', description: described('VPN addresses of the Consul servers, comma-separated (join writes them)', 'consul-servers'), default: process.env.TINC_CONSUL_CONSUL_SERVERS },
-    'bootstrap-expect': { type: 'string', description: described('Servers that must meet before the first election', 'bootstrap-expect'), default: envDefault('bootstrap-expect', '3') },
+    'bootstrap-expect': { type: 'string', description: described('0 joins the cluster the first server bootstrapped (the way deploy.md builds one); N>0 forms a new cluster once N servers have met', 'bootstrap-expect'), default: envDefault('bootstrap-expect', '0') },
     'gossip-key': { type: 'string', description: described('Consul gossip key (join writes it; a first server makes one)', 'gossip-key'), default: process.env.TINC_CONSUL_GOSSIP_KEY },
     'agent-token': { type: 'string', description: described('Token of the Consul agent itself (default: the node\'s token, whose policy allows it)', 'agent-token'), default: process.env.TINC_CONSUL_AGENT_TOKEN },
     datacenter: { type: 'string', description: described('Consul datacenter name (default: the network name)', 'datacenter'), default: process.env.TINC_CONSUL_DATACENTER },
@@ -98,7 +98,7 @@ export const installCommand = defineCommand({
       consul = {
         role,
         servers: listFlag('consul-servers', args['consul-servers'] ?? '').filter((s) => !s.startsWith('127.')),
-        bootstrapExpect: parseIntFlag('bootstrap-expect', args['bootstrap-expect'], 1, 7),
+        bootstrapExpect: parseIntFlag('bootstrap-expect', args['bootstrap-expect'], 0, 7),
         gossipKey,
         agentToken,
         datacenter: args.datacenter || net.toLowerCase().replace(/_/g, '-'),

@@ -76,7 +76,7 @@ function checkInput(i: InstallInput): void {
   if (c.managementToken !== undefined && !TOKEN_RE.test(c.managementToken)) throw new UsageError('BAD_TOKEN', 'the management token must be a UUID')
   if (!DC_RE.test(c.datacenter)) throw new UsageError('BAD_DATACENTER', `a datacenter name is lowercase letters, digits and "-": ${JSON.stringify(c.datacenter)}`)
   for (const s of c.servers) if (!ipaddr.IPv4.isValidFourPartDecimal(s)) throw new UsageError('BAD_ADDRESS', `not a Consul server address: ${JSON.stringify(s)}`)
-  if (!Number.isInteger(c.bootstrapExpect) || c.bootstrapExpect < 1 || c.bootstrapExpect > 7) throw new UsageError('BAD_FLAG', '--bootstrap-expect must be 1 to 7')
+  if (!Number.isInteger(c.bootstrapExpect) || c.bootstrapExpect < 0 || c.bootstrapExpect > 7) throw new UsageError('BAD_FLAG', '--bootstrap-expect must be 0 to 7')
   if (!i.node || (c.role !== 'bootstrap' && !i.node.vpnAddress)) throw new UsageError('NOT_SET_UP', 'a Consul agent on the VPN needs the node set up first: run init or join')
 }
 

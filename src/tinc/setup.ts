@@ -102,7 +102,17 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'e
       '',
     ].join('\n')
   return {
-    'tinc-up': ['#!/bin/sh', '# Written by tinc-consul: gives the VPN interface this node\'s address.', `ip addr add ${cidr} dev "$INTERFACE"`, 'ip link set "$INTERFACE" up', ...splitDnsUp(s), ''].join('\n'),
+    'tinc-up': [
+      '#!/bin/sh',
+      '# Written by tinc-consul: gives the VPN interface this node\'s address.',
+      // The hooks write only into an existing directory, and /run starts empty at boot, where tincd
+      // starts before the daemon: made here, the first host-up events are kept for it to replay.
+      `mkdir -p ${sh(dirname(s.eventsFile))} 2>/dev/null`,
+      `ip addr add ${cidr} dev "$INTERFACE"`,
+      'ip link set "$INTERFACE" up',
+      ...splitDnsUp(s),
+      '',
+    ].join('\n'),
     'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', ...splitDnsDown(s), `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
     'host-up': hook('host-up'),
     'host-down': hook('host-down'),

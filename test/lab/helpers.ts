@@ -73,7 +73,8 @@ export async function withLogs<T>(lab: Lab, nodes: string[], fn: () => Promise<T
     const keep = join(tmpdir(), 'tinc-consul-lab-logs', lab.state.plan.id)
     mkdirSync(keep, { recursive: true })
     for (const n of nodes) {
-      for (const f of [lab.tincFiles(n).logFile, join(lab.state.runDir, n, 'sidecar.log')]) {
+      // The Consul agent's log too, where a test runs one on the node (a cluster that lost its leader says why there).
+      for (const f of [lab.tincFiles(n).logFile, join(lab.state.runDir, n, 'sidecar.log'), join(lab.state.runDir, n, 'consul.log')]) {
         if (!exists(f)) continue
         copyFileSync(f, join(keep, `${n}-${basename(f)}`))
         process.stderr.write(`\n----- ${f} (last 40 lines; full copy in ${keep})\n${readFileSync(f, 'utf8').split('\n').slice(-40).join('\n')}\n`)

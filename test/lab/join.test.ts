@@ -90,6 +90,10 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
         }
       }
     })
+    // node5's tincd reached its peers before its daemon started; tinc-up kept their host-up
+    // events for it, so the status knows since when each one is up.
+    const st = JSON.parse((await lab.cli('node5', ['status', '--json', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node5')])).stdout) as { nodes: Array<{ name: string; path: string; lastChange?: string }> }
+    assert.deepEqual(st.nodes.filter((n) => n.path !== 'self' && !n.lastChange).map((n) => n.name), [], 'peers with no host-up on file at node5')
   })
 
   labTest('a used, expired, wrong, tampered or 10 MiB join is refused; nothing crashes and nothing is left behind', async () => {
