@@ -15,6 +15,7 @@ import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
 import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
 import { requireConsul } from './provision.ts'
+import { DEFAULT_TINC_TIMERS } from '../tinc/setup.ts'
 import { LAB_NETNAME, labConfigDir, labEventsDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
 import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
 
@@ -35,6 +36,16 @@ export interface LabState {
   createdAt: string
 }
 
+/**
+ * How long a fresh lab mesh may take to ping all round. Nodes that start together connect to
+ * every hub at once, and tinc 1.0 can come out of that burst holding a peer's stale session
+ * key, dropping its packets until the key expires (docs/joining.md): KeyExpire, plus time for
+ * the meta connections. Seen in the services lab, twice in about 40 starts: a 57 s wait, in
+ * which (at debug level 5) node3 dropped node1's packets as unauthenticated for 44 s, until
+ * node1's first key renewal.
+ */
+export const MESH_WAIT_MS = (DEFAULT_TINC_TIMERS.keyExpire + 30) * 1000
+
 export interface Lab {
   readonly state: LabState
   /** A Consul client for a node's or server's agent, through the host link; management token by default. */
@@ -44,7 +55,7 @@ export interface Lab {
   nsOf(name: string): string
   cut(a: string, b: string): Promise<void>
   heal(a: string, b: string): Promise<void>
-  /** Waits until every node pings every other node over tinc. */
+  /** Waits until every node pings every other node over tinc (by default up to MESH_WAIT_MS). */
   waitForMesh(timeoutMs?: number): Promise<void>
   /** Writes the network record the sidecars wait for (what `tinc-consul init` does on a real network). */
   writeNetwork(): Promise<void>
@@ -191,7 +202,7 @@ function makeLab(state: LabState): Lab {
     exec: (node, argv, opts = {}) => run(argv, { ...opts, netns: nsOf(node) }),
     cut: (a, b) => setCut(findNode(plan, a), findNode(plan, b), true),
     heal: (a, b) => setCut(findNode(plan, a), findNode(plan, b), false),
-    async waitForMesh(timeoutMs = 60_000) {
+    async waitForMesh(timeoutMs = MESH_WAIT_MS) {
       const pairs = plan.nodes.flatMap((a) => plan.nodes.filter((b) => b !== a).map((b) => [a, b] as const))
       await Promise.all(
         pairs.map(([a, b]) =>

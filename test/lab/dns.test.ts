@@ -23,7 +23,7 @@ describe('lab, ACLs on: every node answers *.mesh on its VPN address from its ow
     const lab = get()
     await lab.writeNetwork()
     for (const n of NODES) await lab.startSidecar(n)
-    await withLogs(lab, NODES, () => lab.waitForMesh(60_000))
+    await withLogs(lab, NODES, () => lab.waitForMesh())
     for (const at of NODES) {
       await withLogs(lab, [at], () => waitFor(`${at} to serve DNS with every node`, async () => ((await dig(lab, at, `@${vpn(at)}`, '+short', 'node4.mesh')).trim() === vpn('node4') ? true : undefined), { timeoutMs: 30_000, intervalMs: 200 }))
       for (const other of NODES) {

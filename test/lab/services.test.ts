@@ -50,7 +50,7 @@ describe('lab, ACLs on: services on the mesh, health-checked by Consul, served b
     write(lab, 'node1', 'files.toml', 'name = "files"\nport = 7001\ntags = ["share"]\n[check]\ntype = "tcp"\ninterval = "1s"\ntimeout = "1s"\n')
     write(lab, 'node2', 'web.yaml', 'name: web\nport: 8080\ncheck:\n  type: http\n  path: /health\n  interval: 1s\n  timeout: 1s\n')
     for (const n of NODES) await lab.startSidecar(n)
-    await withLogs(lab, NODES, () => lab.waitForMesh(60_000))
+    await withLogs(lab, NODES, () => lab.waitForMesh())
     await listen(lab, 'node1', 'tcp', 7001)
     await listen(lab, 'node2', 'http', 8080)
     await withLogs(lab, NODES, async () => {

@@ -9,14 +9,14 @@ describe('lab: three nodes (one behind NAT) with hand-written tinc host files an
   const get = useLab({ nodes: 3, nat: 1, consulServers: 1, tinc: true })
 
   labTest('every node pings every other node over tinc, including through the NAT', async () => {
-    await get().waitForMesh(60_000)
+    await get().waitForMesh()
     const r = await get().exec('node1', ['ping', '-c2', '-W2', '10.99.0.3'])
     assert.match(r.stdout, /2 received/)
   })
 
   labTest('the NAT node connects out from its router address, and nobody can connect in', async () => {
     const lab = get()
-    await lab.waitForMesh(60_000)
+    await lab.waitForMesh()
     // node3's tinc connection reaches node1 masqueraded as the router's uplink address. The mesh
     // can already ping through node2 while node3's own attempt to node1 waits out tincd's retry
     // backoff (its first try can race node1's start), so wait for the connection itself.

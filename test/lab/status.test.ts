@@ -28,7 +28,7 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
     const lab = get5()
     await lab.writeNetwork()
     for (const n of NODES) await lab.startSidecar(n)
-    await withLogs(lab, NODES, () => lab.waitForMesh(60_000))
+    await withLogs(lab, NODES, () => lab.waitForMesh())
     await withLogs(lab, NODES, () => waitFor('node4 to report every node reachable', async () => ((await status(lab, 'node4')).nodes.every((n) => n.reachable) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 }))
     // The sidecar adds node4's ConnectTos to the other public nodes after start-up; tinc needs a moment to connect.
     const metaTo = (t: Record<string, unknown>) => [...new Set((t.connections as Array<{ name?: unknown }>).map((c) => c.name))].sort()

@@ -36,7 +36,7 @@ describe('lab, ACLs on: four nodes that start knowing only the seed, synced by t
     for (const n of NODES) await lab.startSidecar(n)
     const wantConnectTo = (n: string) => ['node1', 'node2', 'node3'].filter((p) => p !== n).map((p) => `ConnectTo = ${p}`)
     await everywhere(lab, NODES, 'all four host files and a ConnectTo for every other public node', (n) => hosts(lab, n).length === 4 && JSON.stringify(connectTo(lab, n)) === JSON.stringify(wantConnectTo(n)))
-    await lab.waitForMesh(60_000)
+    await lab.waitForMesh()
   })
 
   labTest('a node\'s token cannot overwrite another node\'s record', async () => {
