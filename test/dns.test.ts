@@ -254,10 +254,11 @@ test('the hosts block is added, kept, replaced and removed without touching othe
 })
 
 describe('tinc-up and tinc-down with systemd-resolved', () => {
+  const render = (eventsFile: string) => renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile, splitDns: { domain: 'mesh', port: 53 } })
   const runWith = async (resolvedUp: boolean, script: string) => {
     const dir = await mkdtemp(join(tmpdir(), 'tc-resolved-'))
     // tinc-up makes the events directory: inside the temp dir, never on the machine.
-    const scripts = renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: join(dir, 'run', 'tinc-events'), splitDns: { domain: 'mesh', port: 53 } })
+    const scripts = render(join(dir, 'run', 'tinc-events'))
     const log = join(dir, 'calls')
     // Stand-ins record their argv; `resolvectl status` fails like it does when resolved isn't running.
     await writeFile(join(dir, 'ip'), `#!/bin/sh\necho "ip $*" >> ${log}\n`, { mode: 0o755 })
@@ -276,7 +277,7 @@ describe('tinc-up and tinc-down with systemd-resolved', () => {
 
   test('without resolved, DNS settings are left alone; nothing writes resolv.conf or hosts', async () => {
     assert.deepEqual(await runWith(false, 'tinc-up'), ['ip addr add 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home up'])
-    for (const text of Object.values(renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/run/x/tinc-events', splitDns: { domain: 'mesh', port: 53 } }))) assert.doesNotMatch(text, /resolv\.conf|\/etc\/hosts/)
+    for (const text of Object.values(render('/run/x/tinc-events'))) assert.doesNotMatch(text, /resolv\.conf|\/etc\/hosts/)
     const other = renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/x', splitDns: { domain: 'corp.mesh', port: 5353 } })
     assert.match(other['tinc-up'] ?? '', /resolvectl dns "\$INTERFACE" 10\.99\.0\.7:5353 && resolvectl domain "\$INTERFACE" '~corp\.mesh'/)
     assert.doesNotMatch(renderScripts({ address: '10.99.0.7', prefixLength: 24, eventsFile: '/x' })['tinc-up'] ?? '', /resolvectl/)
