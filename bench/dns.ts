@@ -19,6 +19,7 @@ import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 import { pino } from 'pino'
+import { createConsulClient } from '../src/consul/client.ts'
 import { startDnsServer } from '../src/dns/server.ts'
 import { buildQuery, decodeMessage, rcodeName, TYPE, type DecodedMessage } from '../src/dns/wire.ts'
 import { startDevConsul } from '../src/lab/dev-consul.ts'
@@ -175,13 +176,12 @@ async function startDnsmasq(bin: string, hostsFile: string): Promise<number> {
 
 /** Registers nodeI at addressOf(i) in the catalog, a few requests at a time. */
 async function registerNodes(url: string, count: number): Promise<void> {
+  const client = createConsulClient({ url })
   let next = 0
   const worker = async () => {
     while (next < count && !stopping) {
       const i = next++
-      const res = await fetch(`${url}/v1/catalog/register`, { method: 'PUT', body: JSON.stringify({ Node: `node${i}`, Address: addressOf(i) }) })
-      const body = await res.text()
-      if (!res.ok) throw new Error(`consul: registering node${i}: HTTP ${res.status} ${body}`)
+      await client.request('PUT', '/v1/catalog/register', { Node: `node${i}`, Address: addressOf(i) })
     }
   }
   await Promise.all(Array.from({ length: 20 }, worker))

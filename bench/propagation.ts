@@ -17,7 +17,7 @@ import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { pino } from 'pino'
 import { createConsulClient } from '../src/consul/client.ts'
-import { kvLayout } from '../src/consul/kv-layout.ts'
+import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { writeNetworkRecord } from '../src/mesh/network.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync, type AppliedEvent, type SyncDaemon } from '../src/mesh/sync.ts'
@@ -122,6 +122,8 @@ try {
   if (reference) console.log(`  ratio to the reference: p99 ${(shipped.p99 / reference.p99).toFixed(2)}x, bytes ${(shipped.bytesPerChange / reference.bytesPerChange).toFixed(3)}x`)
   console.log(`  polling, computed not measured: every 10 s (tinc-boot) averages 5000 ms, every 60 s (innernet) 30000 ms`)
   console.log(`  target p99 <= 250 ms at N = 50: ${shipped.p99 <= 250 ? 'met' : 'MISSED'}`)
+  // A lost or backed-off wake-up shows only in the tail: every daemon must have every change within 2 s.
+  console.log(`  target max <= 2000 ms (no lost wake-up): ${shipped.max <= 2000 ? 'met' : 'MISSED'}`)
 } finally {
   await consul.stop()
   await rm(root, { recursive: true, force: true })

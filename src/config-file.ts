@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
-import { isNetName } from './consul/kv-layout.ts'
+import { isNetName } from './mesh/kv-layout.ts'
 import { UsageError } from './errors.ts'
 import { writeFileAtomic } from './util/atomic.ts'
 

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict'
 import { randomUUID } from 'node:crypto'
 import { createJoinServerToken, createNodeToken, deleteNodeTokens } from '../src/consul/acl.ts'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
-import { kvLayout } from '../src/consul/kv-layout.ts'
+import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 
 const layout = kvLayout('home')

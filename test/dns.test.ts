@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { pino } from 'pino'
-import { kvLayout } from '../src/consul/kv-layout.ts'
+import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { hostsLines, writeHostsBlock } from '../src/dns/hosts-file.ts'
 import { answer, startDnsServer, type DnsServer } from '../src/dns/server.ts'
 import { RCODE, TYPE, buildQuery, decodeMessage, encodeName, prepare, rdata } from '../src/dns/wire.ts'
@@ -227,7 +227,7 @@ test('a compression pointer loop in a reply is an error for the decoder, not a h
 
 test('aliases from Consul are checked: bad keys and targets are refused, names are normalised', () => {
   const layout = kvLayout('home')
-  const item = (k: string, v: string) => ({ key: `${layout.aliasesPrefix}${k}`, value: Buffer.from(v), modifyIndex: 1 })
+  const item = (k: string, v: string) => ({ key: `${layout.aliasesPrefix}${k}`, value: Buffer.from(v), modifyIndex: 1, createIndex: 1 })
   const read = parseAliases([item('', ''), item('files', 'NAS.mesh.'), item('media', 'jellyfin.service'), item('Bad_Key', 'nas'), item('evil', '../../etc'), item('long', 'x'.repeat(300))], layout, 'mesh')
   assert.deepEqual(read.aliases, [{ name: 'files', target: 'nas' }, { name: 'media', target: 'jellyfin.service' }])
   assert.deepEqual(read.refused.map((r) => r.key.slice(layout.aliasesPrefix.length)), ['Bad_Key', 'evil', 'long'])

@@ -1,7 +1,7 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
-import { kvLayout } from '../src/consul/kv-layout.ts'
+import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { allocateAddress, candidates, hostRange, readIpam } from '../src/mesh/ipam.ts'
 import { revokeNode } from '../src/mesh/revoke.ts'
@@ -17,7 +17,7 @@ describe('address allocation against a real Consul agent', () => {
   after(async () => {
     await consul?.stop()
   })
-  const alloc = (net: string, cidr: string, name: string) => allocateAddress({ client: admin, url: consul.url, layout: kvLayout(net), cidr, name })
+  const alloc = (net: string, cidr: string, name: string) => allocateAddress({ client: admin, layout: kvLayout(net), cidr, name })
 
   test('20 concurrent allocations get 20 distinct addresses, lowest first, never the network or broadcast address', async () => {
     const results = await Promise.all(Array.from({ length: 20 }, (_, i) => alloc('race', '10.50.0.0/24', `n${i}`)))
@@ -25,7 +25,7 @@ describe('address allocation against a real Consul agent', () => {
     assert.equal(new Set(addresses).size, 20, `duplicates in ${addresses.join(' ')}`)
     assert.deepEqual([...addresses].sort((a, b) => Number(a.split('.')[3]) - Number(b.split('.')[3])), Array.from({ length: 20 }, (_, i) => `10.50.0.${i + 1}`))
     // Every reservation names its node.
-    const held = await readIpam(consul.url, undefined, kvLayout('race'))
+    const held = await readIpam(admin, kvLayout('race'))
     assert.deepEqual([...held.values()].map((h) => h.entry?.name).sort(), Array.from({ length: 20 }, (_, i) => `n${i}`).sort())
   })
 
@@ -51,10 +51,10 @@ describe('address allocation against a real Consul agent', () => {
   test('when the caller\'s own operation fails, nothing is reserved', async () => {
     const layout = kvLayout('atomic')
     await admin.kvPut(layout.node('taken'), '{}')
-    const res = await allocateAddress({ client: admin, url: consul.url, layout, cidr: '10.53.0.0/24', name: 'taken', with: () => [{ KV: { Verb: 'cas', Key: layout.node('taken'), Value: '', Index: 0 } }] })
+    const res = await allocateAddress({ client: admin, layout, cidr: '10.53.0.0/24', name: 'taken', with: () => [{ KV: { Verb: 'cas', Key: layout.node('taken'), Value: '', Index: 0 } }] })
     assert.equal(res.ok, false)
     assert.equal(res.ok ? -1 : res.op, 0)
-    assert.equal((await readIpam(consul.url, undefined, layout)).size, 0)
+    assert.equal((await readIpam(admin, layout)).size, 0)
   })
 })
 

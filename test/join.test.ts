@@ -2,14 +2,14 @@ import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { connect, createServer } from 'node:net'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
-import { kvList } from '../src/consul/kv.ts'
-import { kvLayout } from '../src/consul/kv-layout.ts'
+import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { createInvite, decodeInvite, deriveInvite, encodeInvite, seal } from '../src/mesh/invite.ts'
 import { JoinRefusedError, redeemInvite, sanitizeHostFile } from '../src/mesh/join-client.ts'
 import { startJoinServer, type JoinServer } from '../src/mesh/join-server.ts'
 import { GENERIC_REFUSAL, encodeRequest, frame, readFrame, requestAad } from '../src/mesh/join-wire.ts'
 import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { revokeNode } from '../src/mesh/revoke.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { quiet } from './sync-fixture.ts'
 
@@ -23,7 +23,7 @@ describe('the join endpoint against a real Consul agent', () => {
   const key = rsaPublicPem()
   const invite = async (opts: { name?: string; ttlMs?: number; now?: Date } = {}) =>
     decodeInvite((await createInvite({ client: admin, layout, net: 'test', endpoints: [endpoint], name: opts.name, ttlMs: opts.ttlMs ?? 3_600_000, createdBy: 'test', now: opts.now })).invite)
-  const keys = async (prefix: string) => (await kvList({ url: consul.url, prefix })).items.map((i) => i.key.slice(prefix.length)).sort()
+  const keys = async (prefix: string) => (await admin.kvList(prefix)).items.map((i) => i.key.slice(prefix.length)).sort()
 
   before(async () => {
     consul = await startDevConsul()
@@ -111,6 +111,29 @@ describe('the join endpoint against a real Consul agent', () => {
     const reply = await redeemInvite({ ...inv, endpoints: [`127.0.0.1:${deadPort}`, endpoint] }, { name: 'phone', publicKey: rsaPublicPem(), addresses: [], port: 655 }, { onTry: (ep, err) => void tried.push(`${ep}${err ? ' failed' : ''}`) })
     assert.equal(reply.endpoint, endpoint)
     assert.deepEqual(tried, [`127.0.0.1:${deadPort}`, `127.0.0.1:${deadPort} failed`, endpoint])
+  })
+
+  test('a joiner gets no host file for a record squatting on another node\'s address, nor for a revoked key written back', async () => {
+    // squatter holds 10.99.0.70, but its record (which its own token may write) claims hub's address.
+    await admin.kvPut(layout.ipam('10.99.0.70'), JSON.stringify({ name: 'squatter', at: '2026-11-21T00:00:00.000Z' }))
+    await admin.kvPut(layout.node('squatter'), JSON.stringify(nodeRecord('squatter', 1)))
+    // gone was revoked, then its record was put back (a stolen token, a daemon that missed it).
+    const gone = nodeRecord('gone', 71)
+    await admin.kvPut(layout.ipam('10.99.0.71'), JSON.stringify({ name: 'gone', at: '2026-11-21T00:00:00.000Z' }))
+    await admin.kvPut(layout.node('gone'), JSON.stringify(gone))
+    await revokeNode(admin, layout, 'gone')
+    await admin.kvPut(layout.node('gone'), JSON.stringify(gone))
+    const reply = await redeemInvite(await invite(), { name: 'late', publicKey: rsaPublicPem(), addresses: [], port: 655 })
+    const members = (await keys(layout.nodesPrefix)).filter((n) => !['squatter', 'gone', 'late'].includes(n))
+    assert.ok(members.includes('hub') && members.includes('laptop'))
+    assert.deepEqual(Object.keys(reply.hostFiles).sort(), members)
+  })
+
+  test('a name that differs from an established node\'s only in case is refused before anything is written', async () => {
+    const inv = await invite()
+    await assert.rejects(redeemInvite(inv, { name: 'HUB', publicKey: rsaPublicPem(), addresses: [], port: 655 }), { message: /differs from the existing node "hub" only in case/ })
+    assert.equal((await keys(layout.nodesPrefix)).includes('HUB'), false)
+    assert.equal((await redeemInvite(inv, { name: 'hub2', publicKey: rsaPublicPem(), addresses: [], port: 655 })).name, 'hub2', 'the refusal used up the invite')
   })
 })
 

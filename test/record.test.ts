@@ -20,9 +20,16 @@ test('garbage is refused record by record with a reason, never thrown', () => {
   assert.deepEqual(decode('x'.repeat(1 << 20)), { ok: false, reason: 'value is 1048576 bytes, over the 8192-byte limit' })
   assert.deepEqual(decodeJson(new Uint8Array([0x7b, 0xff, 0xfe, 0x7d]), nodeRecordSchema), { ok: false, reason: 'value is not UTF-8' })
   assert.deepEqual(decode('{not json'), { ok: false, reason: 'value is not JSON' })
-  const extra = decode({ ...nodeRecord('a', 2, pem), proxy: 'exec rm -rf /' })
-  assert.equal(extra.ok, false)
-  assert.match(extra.ok ? '' : extra.reason, /Unrecognized key/i)
+})
+
+test('a field this release does not know is dropped, never kept or rendered (a newer node must not vanish)', () => {
+  const extra = decode({ ...nodeRecord('a', 2, pem), proxy: 'exec rm -rf /', subnetsV6: ['fd00::2/128'] })
+  assert.ok(extra.ok, extra.ok ? '' : extra.reason)
+  assert.deepEqual(Object.keys(extra.value).sort(), Object.keys(nodeRecord('a', 2, pem)).sort())
+  const c = check(extra.value)
+  assert.ok(c.ok)
+  const text = renderHostFile({ addresses: c.value.record.addresses, port: c.value.record.port, subnets: c.value.record.subnets, options: c.value.options, publicKey: c.value.publicKey })
+  assert.doesNotMatch(text, /proxy|fd00/i)
 })
 
 test('names that tinc would not accept, or that escape hosts/, are refused', () => {

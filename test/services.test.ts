@@ -241,7 +241,7 @@ describe('the registrar keeps a real Consul agent equal to the services director
     await c.request('PUT', '/v1/agent/service/register', registrationFor({ stem: 'tt', file: 'tt.toml', name: 'tt', port: 5, protocol: 'tcp', tags: [], meta: {}, check: { type: 'ttl', ttlMs: 60_000, deregisterAfterMs: 600_000 } }, who))
     await c.request('PUT', '/v1/agent/service/register', { ID: 'elsewhere', Name: 'tt', Port: 6, Meta: { 'mesh-net': 'work', 'mesh-node': 'n1' } })
     let latest: ReadonlyMap<string, unknown[]> = new Map()
-    const w = watchHealth({ url: consul.url, filter: serviceFilters('home'), waitSeconds: 5, log: quiet, onChange: (m) => (latest = new Map(m)) })
+    const w = watchHealth({ client: client(), filter: serviceFilters('home'), waitSeconds: 5, log: quiet, onChange: (m) => (latest = new Map(m)) })
     try {
       const ids = () => (latest.get('tt') ?? []).map((e) => (e as { Service: { ID: string } }).Service.ID)
       await waitFor('tt to be watched', async () => (latest.has('tt') ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })

@@ -1,4 +1,5 @@
 import { mkdir, mkdtemp, writeFile } from 'node:fs/promises'
+import { createServer, request, type ServerResponse } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pino } from 'pino'
@@ -27,7 +28,7 @@ export async function makeTincDir(root: string, name: string, octet: number, isP
   return dir
 }
 
-export async function startNode(opts: { root: string; name: string; octet: number; isPublic: boolean; consulUrl: string; token?: string; tincDir?: string }): Promise<TestNode> {
+export async function startNode(opts: { root: string; name: string; octet: number; isPublic: boolean; consulUrl: string; token?: string; tincDir?: string; keepFile?: string }): Promise<TestNode> {
   const tincDir = opts.tincDir ?? (await makeTincDir(opts.root, opts.name, opts.octet, opts.isPublic))
   const stateDir = join(opts.root, opts.name, 'state')
   const events: AppliedEvent[] = []
@@ -39,6 +40,7 @@ export async function startNode(opts: { root: string; name: string; octet: numbe
     pidFile: join(opts.root, opts.name, 'tinc.pid'),
     consulUrl: opts.consulUrl,
     token: opts.token,
+    keepFile: opts.keepFile,
     waitSeconds: 30,
     log: quiet,
     onApplied: (e) => {
@@ -71,4 +73,79 @@ export async function startNode(opts: { root: string; name: string; octet: numbe
 
 export async function tempRoot(): Promise<string> {
   return mkdtemp(join(tmpdir(), 'tc-sync-'))
+}
+
+/** What a fault proxy does with one request: pass it on, answer it with an error, or hang it. */
+export type Fault = 'pass' | { status: number; body?: string } | 'hang'
+
+/** An upstream answer, which a proxy's rewrite may change before it goes back. */
+export interface Answer {
+  status: number
+  headers: Record<string, string | string[] | undefined>
+  body: Buffer
+}
+
+export interface FaultProxy {
+  url: string
+  /** Every request seen, in order (method and path with query). */
+  seen: string[]
+  /** Decides each request; the default passes everything. */
+  rule: (method: string, url: URL) => Fault
+  /** Changes an upstream answer (an ACL filter, a blank read); the default passes it as it is. */
+  rewrite: (url: URL, answer: Answer) => Answer
+  stop(): Promise<void>
+}
+
+/**
+ * An HTTP proxy in front of a real Consul agent that can fail, hold or alter single requests:
+ * the faults a leader change, an agent's per-client connection limit or an ACL filter cause,
+ * one read at a time, which a real agent won't do on demand.
+ */
+export async function startFaultProxy(target: string): Promise<FaultProxy> {
+  const upstream = new URL(target)
+  const held = new Set<ServerResponse>()
+  const proxy: FaultProxy = {
+    url: '',
+    seen: [],
+    rule: () => 'pass',
+    rewrite: (_url, answer) => answer,
+    stop: async () => {
+      for (const res of held) res.destroy()
+      server.closeAllConnections()
+      await new Promise((r) => server.close(r))
+    },
+  }
+  const server = createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://proxy')
+    proxy.seen.push(`${req.method ?? 'GET'} ${url.pathname}${url.search}`)
+    const fault = proxy.rule(req.method ?? 'GET', url)
+    if (fault === 'hang') {
+      held.add(res)
+      res.on('close', () => held.delete(res))
+      return
+    }
+    if (fault !== 'pass') {
+      res.statusCode = fault.status
+      return res.end(fault.body ?? 'injected fault')
+    }
+    const headers = { ...req.headers, 'accept-encoding': 'identity' }
+    const out = request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers }, (up) => {
+      const chunks: Buffer[] = []
+      up.on('data', (c: Buffer) => chunks.push(c))
+      up.on('end', () => {
+        const answer = proxy.rewrite(url, { status: up.statusCode ?? 502, headers: { ...up.headers }, body: Buffer.concat(chunks) })
+        delete answer.headers['content-length']
+        delete answer.headers['transfer-encoding']
+        res.writeHead(answer.status, { ...answer.headers, 'content-length': String(answer.body.length) })
+        res.end(answer.body)
+      })
+      up.on('error', () => res.destroy())
+    })
+    out.on('error', () => res.destroy())
+    req.pipe(out)
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  const address = server.address()
+  proxy.url = `http://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`
+  return proxy
 }

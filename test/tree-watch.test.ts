@@ -1,16 +1,18 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { createServer } from 'node:http'
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { pino } from 'pino'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
-import { kvList } from '../src/consul/kv.ts'
-import { watchTree, type TreeSnapshot, type TreeWatchOptions } from '../src/consul/tree-watch.ts'
+import { REFUSED_BY_NAME, watchTree, type TreeSnapshot, type TreeWatchOptions } from '../src/consul/tree-watch.ts'
 import type { Watch } from '../src/consul/watch.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 
 const log = pino({ level: 'silent' })
-const text = (s: TreeSnapshot) => Object.fromEntries(s.items.map((i) => [i.key, Buffer.from(i.value).toString()]))
+/** The keys that read as a value, with their text. */
+const text = (s: TreeSnapshot) => Object.fromEntries([...s.keys].flatMap(([k, r]) => (r.state === 'value' ? [[k, Buffer.from(r.item.value).toString()]] : [])))
+/** Every key's state: its text, or `unreadable`. */
+const states = (s: TreeSnapshot) => Object.fromEntries([...s.keys].map(([k, r]) => [k, r.state === 'value' ? Buffer.from(r.item.value).toString() : r.state]))
 
 /** Collects snapshots and lets a test wait for one that matches. */
 function recorder() {
@@ -43,7 +45,7 @@ describe('tree watch against a real Consul agent', () => {
   const watches: Watch[] = []
   const start = (prefix: string, extra: Partial<TreeWatchOptions> = {}) => {
     const r = recorder()
-    watches.push(watchTree({ url: consul.url, prefix, perKeyLimit: 50, waitSeconds: 30, log, onChange: r.onChange, ...extra }))
+    watches.push(watchTree({ client: createConsulClient({ url: consul.url }), prefix, perKeyLimit: 50, waitSeconds: 30, log, onChange: r.onChange, ...extra }))
     return r
   }
   // Values about the size of a node record, so the byte counts mean something.
@@ -61,20 +63,20 @@ describe('tree watch against a real Consul agent', () => {
   test('start-up hands over every key at once, then each change reads one value instead of all of them', async () => {
     for (let i = 0; i < 20; i++) await admin.kvPut(`a/k${i}`, value(`k${i}`, 0))
     const r = start('a/')
-    const first = await r.until((s) => s.items.length > 0, 'anything arrived')
-    assert.equal(first.items.length, 20, 'the first snapshot was partial: it would look like nodes leaving')
+    const first = await r.until((s) => s.keys.size > 0, 'anything arrived')
+    assert.equal(Object.keys(text(first)).length, 20, 'the first snapshot was partial: it would look like nodes leaving')
     assert.equal(r.seen.length, 1)
 
     await admin.kvPut('a/k7', value('k7', 1))
     const changed = await r.until((s) => text(s)['a/k7'] === value('k7', 1), 'k7 changed')
-    assert.equal(changed.items.length, 20)
+    assert.equal(Object.keys(text(changed)).length, 20)
     assert.equal(text(changed)['a/k3'], value('k3', 0))
     // What a ?recurse watch would have read for the same change.
-    const full = await kvList({ url: consul.url, prefix: 'a/' })
+    const full = await admin.kvList('a/')
     assert.ok(changed.bytes < full.bytes / 5, `read ${changed.bytes} bytes for one change; a full read is ${full.bytes}`)
   })
 
-  test('added and deleted keys show up; a junk key is listed by name only and never stops the rest', async () => {
+  test('added and deleted keys show up; a junk key is listed by name only, unread, and never stops the rest', async () => {
     await admin.kvPut('b/one', 'first')
     const r = start('b/', { nameOnly: (k) => k.includes('..') })
     await r.until((s) => text(s)['b/one'] === 'first', 'one is there')
@@ -82,54 +84,112 @@ describe('tree watch against a real Consul agent', () => {
     await r.until((s) => text(s)['b/two'] === 'second', 'two appeared')
     // Keys with dot segments can't be read through a URL path; only a transaction writes them.
     await admin.request('PUT', '/v1/txn', [{ KV: { Verb: 'set', Key: 'b/../evil', Value: Buffer.from('x').toString('base64') } }])
-    const junk = await r.until((s) => 'b/../evil' in text(s), 'the junk key is listed')
-    assert.equal(text(junk)['b/../evil'], '', 'a name-only key must not carry a value')
+    const junk = await r.until((s) => s.keys.has('b/../evil'), 'the junk key is listed')
+    assert.deepEqual(junk.keys.get('b/../evil'), { state: 'unreadable', reason: REFUSED_BY_NAME }, 'a name-only key must not carry a value')
     await admin.request('DELETE', '/v1/kv/b/one')
-    const gone = await r.until((s) => !('b/one' in text(s)), 'one is gone')
-    assert.deepEqual(Object.keys(text(gone)).sort(), ['b/../evil', 'b/two'])
+    const gone = await r.until((s) => !s.keys.has('b/one'), 'one is gone')
+    assert.deepEqual(states(gone), { 'b/../evil': 'unreadable', 'b/two': 'second' })
+    assert.equal(gone.filtered, false)
   })
 
   test('above the per-key limit it falls back to whole-prefix reads and stays correct', async () => {
     for (let i = 0; i < 6; i++) await admin.kvPut(`c/k${i}`, `v${i}`)
     const r = start('c/', { perKeyLimit: 4 })
-    await r.until((s) => s.items.length === 6, 'six keys')
+    await r.until((s) => Object.keys(text(s)).length === 6, 'six keys')
     await admin.kvPut('c/k2', 'changed')
     await r.until((s) => text(s)['c/k2'] === 'changed', 'k2 changed')
     await admin.request('DELETE', '/v1/kv/c/k5')
     await admin.request('DELETE', '/v1/kv/c/k4')
     await admin.request('DELETE', '/v1/kv/c/k3')
     // Back under the limit: per-key watches take over and still see changes.
-    await r.until((s) => s.items.length === 3, 'three keys left')
+    await r.until((s) => s.keys.size === 3, 'three keys left')
     await admin.kvPut('c/k0', 'again')
     const last = await r.until((s) => text(s)['c/k0'] === 'again', 'k0 changed after the switch')
     assert.deepEqual(text(last), { 'c/k0': 'again', 'c/k1': 'v1', 'c/k2': 'changed' })
   })
 })
 
-test('a key that fails to read does not hold back the others', async () => {
-  // Consul itself won't fail one key while serving the next, so a local server plays the agent here.
+/** A stand-in agent for what Consul itself won't do on demand: fail one key while serving the next. */
+async function fakeAgent(handler: (u: URL, res: ServerResponse, req: IncomingMessage) => void, fn: (client: ConsulClient) => Promise<void>) {
   const server = createServer((req, res) => {
     const u = new URL(req.url ?? '/', 'http://x')
     if (u.searchParams.has('index')) return // a blocking read with nothing new: hold it open
     res.setHeader('x-consul-index', '5')
-    if (u.searchParams.has('keys')) return res.end(JSON.stringify(['p/bad', 'p/good']))
-    if (u.pathname === '/v1/kv/p/bad') {
-      res.statusCode = 500
-      return res.end('rpc error')
-    }
-    res.end(JSON.stringify([{ Key: 'p/good', Value: Buffer.from('ok').toString('base64'), ModifyIndex: 5 }]))
+    handler(u, res, req)
   })
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
-  const r = recorder()
-  const errors: unknown[] = []
-  const w = watchTree({ url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, prefix: 'p/', perKeyLimit: 10, backoffMinMs: 50, backoffMaxMs: 100, log, onChange: r.onChange, onError: (e) => void errors.push(e) })
   try {
-    const s = await r.until((x) => x.items.length > 0, 'the readable key arrived')
-    assert.deepEqual(text(s), { 'p/good': 'ok' })
-    assert.ok(errors.length > 0)
+    await fn(createConsulClient({ url: `http://127.0.0.1:${(server.address() as AddressInfo).port}` }))
   } finally {
-    await w.stop()
     server.closeAllConnections()
     await new Promise((res) => server.close(res))
   }
+}
+
+const kvReply = (res: ServerResponse, key: string, value: string) => res.end(JSON.stringify([{ Key: key, Value: Buffer.from(value).toString('base64'), CreateIndex: 2, ModifyIndex: 5 }]))
+
+test('a key whose first read fails is unreadable, never missing, and becomes a value when it reads', async () => {
+  // p/a answers 500 (a leader election), p/b 429 (over the agent's connection limit), twice each, then their values.
+  const failuresLeft = new Map([
+    ['/v1/kv/p/a', [500, 500]],
+    ['/v1/kv/p/b', [429, 429]],
+  ])
+  await fakeAgent(
+    (u, res) => {
+      if (u.searchParams.has('keys')) return res.end(JSON.stringify(['p/a', 'p/b', 'p/good']))
+      const status = failuresLeft.get(u.pathname)?.shift()
+      if (status) {
+        res.statusCode = status
+        return res.end(status === 429 ? 'Your IP is issuing too many concurrent connections' : 'No cluster leader')
+      }
+      kvReply(res, u.pathname.slice('/v1/kv/'.length), u.pathname.slice('/v1/kv/p/'.length))
+    },
+    async (client) => {
+      const r = recorder()
+      const errors: unknown[] = []
+      const w = watchTree({ client, prefix: 'p/', perKeyLimit: 10, backoffMinMs: 20, backoffMaxMs: 40, log, onChange: r.onChange, onError: (e) => void errors.push(e) })
+      try {
+        const first = await r.until(() => true, 'a first snapshot')
+        assert.deepEqual(states(first), { 'p/a': 'unreadable', 'p/b': 'unreadable', 'p/good': 'good' })
+        const a = first.keys.get('p/a')
+        const b = first.keys.get('p/b')
+        assert.match(a?.state === 'unreadable' ? a.reason : '', /HTTP 500/)
+        assert.match(b?.state === 'unreadable' ? b.reason : '', /HTTP 429/)
+        await r.until((s) => states(s)['p/a'] === 'a' && states(s)['p/b'] === 'b', 'both keys read at last')
+        for (const s of r.seen) assert.deepEqual([...s.keys.keys()], ['p/a', 'p/b', 'p/good'], 'no snapshot may leave a listed key out')
+        assert.ok(errors.length >= 4)
+      } finally {
+        await w.stop()
+      }
+    },
+  )
+})
+
+test('a listed key that 404s is unreadable; a filtered listing says so', async () => {
+  await fakeAgent(
+    (u, res) => {
+      if (u.searchParams.has('keys')) {
+        res.setHeader('x-consul-results-filtered-by-acls', 'true')
+        return res.end(JSON.stringify(['p/gone', 'p/here']))
+      }
+      if (u.pathname === '/v1/kv/p/gone') {
+        res.statusCode = 404
+        return res.end()
+      }
+      kvReply(res, 'p/here', 'ok')
+    },
+    async (client) => {
+      const r = recorder()
+      const w = watchTree({ client, prefix: 'p/', perKeyLimit: 10, log, onChange: r.onChange })
+      try {
+        const s = await r.until(() => true, 'a snapshot')
+        assert.deepEqual(states(s), { 'p/gone': 'unreadable', 'p/here': 'ok' })
+        assert.equal(s.filtered, true)
+        const here = s.keys.get('p/here')
+        assert.equal(here?.state === 'value' ? here.item.createIndex : undefined, 2)
+      } finally {
+        await w.stop()
+      }
+    },
+  )
 })

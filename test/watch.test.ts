@@ -3,6 +3,7 @@ import assert from 'node:assert/strict'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { pino } from 'pino'
+import { createConsulClient } from '../src/consul/client.ts'
 import { backoffMs, nextIndex, watchPrefix } from '../src/consul/watch.ts'
 import type { KvListResult } from '../src/consul/kv.ts'
 import { blockingTimeoutMs } from '../src/consul/kv.ts'
@@ -72,7 +73,7 @@ test('a watch delivers changes only when the index moves, and follows the index 
     async (url, requests, done) => {
       const seen: KvListResult[] = []
       const errors: number[] = []
-      const w = watchPrefix({ url, prefix: 'p/nodes/', waitSeconds: 30, ratePerSecond: 1000, burst: 100, backoffMinMs: 1, backoffMaxMs: 5, log, onChange: (r) => void seen.push(r), onError: (_e, n) => void errors.push(n) })
+      const w = watchPrefix({ client: createConsulClient({ url }), prefix: 'p/nodes/', waitSeconds: 30, ratePerSecond: 1000, burst: 100, backoffMinMs: 1, backoffMaxMs: 5, log, onChange: (r) => void seen.push(r), onError: (_e, n) => void errors.push(n) })
       await done
       await w.stop()
       assert.deepEqual(
@@ -93,8 +94,8 @@ test('a watch delivers changes only when the index moves, and follows the index 
         ['10', '30s'],
         ['12', '30s'],
         [null, null], // after the index went backwards: a fresh, non-blocking read
-        ['7', '30s'],
-        ['7', '30s'], // the error did not move the index
+        ['7', '30s'], // this one fails with the 500
+        [null, null], // after a failure: a read that doesn't block, to learn at once what changed meanwhile
       ])
       assert.ok(requests.every((u) => u.searchParams.get('recurse') === 'true'))
     },
@@ -105,7 +106,7 @@ test('a storm of changes is rate-limited, while the first few go straight throug
   const replies: Reply[] = Array.from({ length: 12 }, (_, i) => ({ status: 200, index: i + 1, body: [] }))
   await scripted(replies, async (url, requests, done) => {
     const times: number[] = []
-    const w = watchPrefix({ url, prefix: 'p/', ratePerSecond: 10, burst: 3, log, onChange: () => void times.push(Date.now()) })
+    const w = watchPrefix({ client: createConsulClient({ url }), prefix: 'p/', ratePerSecond: 10, burst: 3, log, onChange: () => void times.push(Date.now()) })
     await done
     await w.stop()
     assert.equal(times.length, 12)
@@ -113,4 +114,37 @@ test('a storm of changes is rate-limited, while the first few go straight throug
     assert.ok((times[11] ?? 0) - (times[2] ?? 0) >= 800, `12 changes in ${(times[11] ?? 0) - (times[0] ?? 0)} ms`)
     assert.equal(requests.length, 13)
   })
+})
+
+test('a watch that failed re-reads without blocking as soon as any request through its client succeeds', { timeout: 10_000 }, async () => {
+  await scripted(
+    [
+      { status: 200, index: 10, body: [item('p/a', 'A1', 10)] },
+      { status: 500, body: 'No cluster leader' },
+      { status: 200, index: 3, body: [item('other', 'x', 3)] }, // the unrelated kvGet below
+      { status: 200, index: 10, body: [item('p/a', 'A1', 10)] },
+    ],
+    async (url, requests, done) => {
+      const client = createConsulClient({ url })
+      let failed!: () => void
+      const failure = new Promise<void>((r) => (failed = r))
+      let recoveries = 0
+      client.reach.onRecovered(() => recoveries++)
+      // A backoff of at least 30 s: only the recovery can end it within the test's timeout.
+      const w = watchPrefix({ client, prefix: 'p/', waitSeconds: 30, backoffMinMs: 60_000, backoffMaxMs: 60_000, log, onChange: () => {}, onError: () => failed() })
+      await failure
+      assert.equal(client.reach.ok, false)
+      assert.equal(client.reach.failures, 1)
+      assert.equal(w.failures, 1)
+      assert.equal((await client.kvGet('other'))?.value, 'x')
+      assert.equal(client.reach.ok, true, 'reach flips back to ok on the first answered request')
+      assert.equal(client.reach.failures, 0)
+      assert.equal(recoveries, 1)
+      await done
+      assert.equal(w.failures, 0)
+      await w.stop()
+      const q = requests.filter((u) => u.pathname.startsWith('/v1/kv/p/')).map((u) => u.searchParams.get('index'))
+      assert.deepEqual(q, [null, '10', null, '10'])
+    },
+  )
 })

@@ -1,14 +1,13 @@
 import { defineCommand } from 'citty'
 import { defaultStateDir } from '../config-file.ts'
 import { createConsulClient } from '../consul/client.ts'
-import { kvList } from '../consul/kv.ts'
-import { kvLayout } from '../consul/kv-layout.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
 import { QUERY_TYPES, query } from '../dns/client.ts'
 import { hostsLines, writeHostsBlock } from '../dns/hosts-file.ts'
 import { reverseName } from '../dns/zone.ts'
 import { RCODE, rcodeName, typeName, type DecodedRR } from '../dns/wire.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { parseAliases, setAlias } from '../mesh/aliases.ts'
+import { parseAliases, removeAlias, setAlias } from '../mesh/aliases.ts'
 import { loadCache } from '../mesh/cache.ts'
 import { decodeJson, networkRecordSchema } from '../mesh/record.ts'
 import { consulArgs } from './common.ts'
@@ -112,9 +111,7 @@ const aliasRm = defineCommand({
   async run({ args }) {
     const layout = kvLayout(requireNet(args.net), args.prefix || undefined)
     const client = createConsulClient({ url: args.consul, token: args.token || undefined })
-    const key = layout.alias(args.name.toLowerCase())
-    if (!(await client.kvGet(key))) throw new UsageError('NO_ALIAS', `there is no alias ${JSON.stringify(args.name)}`)
-    await client.request('DELETE', `/v1/kv/${encodeURI(key)}`)
+    await removeAlias(client, layout, args.name.toLowerCase())
     console.log(`removed ${args.name}`)
   },
 })
@@ -126,7 +123,7 @@ const aliasList = defineCommand({
     const layout = kvLayout(requireNet(args.net), args.prefix || undefined)
     const client = createConsulClient({ url: args.consul, token: args.token || undefined })
     const domain = await networkDomain(client, layout.network)
-    const { items } = await kvList({ url: args.consul, token: args.token || undefined, prefix: layout.aliasesPrefix })
+    const { items } = await client.kvList(layout.aliasesPrefix)
     const read = parseAliases(items, layout, domain)
     for (const a of read.aliases) console.log(`${a.name}.${domain}\t→ ${a.target}.${domain}`)
     for (const r of read.refused) console.log(`refused: ${r.key}: ${r.reason}`)

@@ -1,8 +1,7 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
 import { createConsulClient } from '../consul/client.ts'
-import { kvList } from '../consul/kv.ts'
-import { kvLayout } from '../consul/kv-layout.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
 import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
 import { decodeJson, nodeRecordSchema } from '../mesh/record.ts'
 import { consulArgs } from './common.ts'
@@ -32,7 +31,7 @@ const create = defineCommand({
     const token = args.token || undefined
     const client = createConsulClient({ url: args.consul, token })
     // Every public node that serves joins, so the joiner can try the next when one is down.
-    const nodes = await kvList({ url: args.consul, token, prefix: layout.nodesPrefix })
+    const nodes = await client.kvList(layout.nodesPrefix)
     const endpoints = nodes.items.flatMap((i) => {
       const d = decodeJson(i.value, nodeRecordSchema)
       if (!d.ok || !d.value.joinPort) return []
@@ -49,7 +48,7 @@ const list = defineCommand({
   args: { ...inviteConsulArgs },
   async run({ args }) {
     const net = requireNet(args.net)
-    const all = await listInvites(args.consul, args.token || undefined, kvLayout(net, args.prefix || undefined))
+    const all = await listInvites(createConsulClient({ url: args.consul, token: args.token || undefined }), kvLayout(net, args.prefix || undefined))
     if (all.length === 0) return console.log('no open invites')
     console.log(['ID'.padEnd(10), 'NAME'.padEnd(20), 'EXPIRES'.padEnd(26), 'STATE'].join(' '))
     for (const i of all) console.log([i.id.slice(0, 8).padEnd(10), (i.invite?.name ?? '(any)').padEnd(20), (i.invite?.expiresAt ?? '?').padEnd(26), i.invite ? (i.expired ? 'expired' : 'open') : 'unreadable'].join(' '))
@@ -62,7 +61,7 @@ const revoke = defineCommand({
   async run({ args }) {
     const net = requireNet(args.net)
     const token = args.token || undefined
-    const id = await revokeInvite(createConsulClient({ url: args.consul, token }), args.consul, token, kvLayout(net, args.prefix || undefined), args.id)
+    const id = await revokeInvite(createConsulClient({ url: args.consul, token }), kvLayout(net, args.prefix || undefined), args.id)
     console.log(`invite ${id.slice(0, 8)} cancelled`)
   },
 })

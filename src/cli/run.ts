@@ -5,10 +5,11 @@ import { UsageError } from '../errors.ts'
 import { createLogger, type Logger } from '../log.ts'
 import { aclsEnabled } from '../consul/acl.ts'
 import { createConsulClient } from '../consul/client.ts'
-import { kvLayout } from '../consul/kv-layout.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
 import { DEFAULT_JOIN_PORT, startJoinServer, type JoinServer } from '../mesh/join-server.ts'
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
+import { keepPath } from '../mesh/keep.ts'
 import { applyEvent, watchEvents, type PeerLink } from '../tinc/events.ts'
 import { tincDirFor } from '../tinc/setup.ts'
 import { eventsFileFor } from '../mesh/init.ts'
@@ -63,6 +64,7 @@ async function runSettings(args: RunArgs) {
     token: args.token || undefined,
     prefix: args.prefix || undefined,
     servicesDir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
+    keepFile: args['keep-file'] || keepPath(args['config-dir'], net),
     scriptChecks: args['script-checks'],
     deregisterOnExit: args['deregister-on-exit'],
     runDir: args['run-dir'],
@@ -135,6 +137,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       prefix: s.prefix,
       waitSeconds: s.waitSeconds,
       recordWatchLimit: s.recordWatchLimit,
+      keepFile: s.keepFile,
       log,
       onState,
     })
@@ -199,6 +202,7 @@ const runArgs = {
       return envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT))
     },
   },
+  'keep-file': { type: 'string', description: described('Peers the daemon never writes or removes in hosts/, one tinc name per line (default <config-dir>/<net>.keep)', 'keep-file'), get default() { return process.env.TINC_CONSUL_KEEP_FILE } },
   'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), get default() { return envDefault('join-port', String(DEFAULT_JOIN_PORT)) } },
   'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), get default() { return envDefault('join-listen', '0.0.0.0') } },
   'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), get default() { return envDefault('run-dir', '/run/tinc-consul') } },
@@ -214,12 +218,27 @@ const runArgs = {
 
 type RunArgs = ParsedArgs<typeof runArgs>
 
+/**
+ * A rejection nobody handled, or an exception nobody caught, leaves the daemon in a state no
+ * one designed: log it with its stack and exit non-zero, so the service manager restarts the
+ * daemon, which renders from its cache until Consul answers.
+ */
+function exitOnUnhandled(log: Logger): void {
+  const die = (kind: string) => (err: unknown) => {
+    log.fatal({ err }, `${kind}; exiting so the service manager restarts the daemon`)
+    process.exit(1)
+  }
+  process.on('unhandledRejection', die('unhandled promise rejection'))
+  process.on('uncaughtException', die('uncaught exception'))
+}
+
 export const runCommand = defineCommand({
   meta: { name: 'run', description: 'Run the sidecar: publish this node\'s record, keep every peer\'s host file and the ConnectTo block in sync, reload tincd when needed' },
   args: runArgs,
   async run({ args, rawArgs }) {
     // The daemon's logs go to stdout for journald; every other command keeps stdout for its output.
     const log = createLogger({ fd: 1 })
+    exitOnUnhandled(log)
     // Signals are caught before anything starts: Node's default for SIGHUP is to exit, and a
     // reload or stop that arrives during start-up waits for it instead of killing it half-way.
     let stopRequested = () => {}

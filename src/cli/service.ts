@@ -193,11 +193,11 @@ async function localRows(args: Common, net: string): Promise<{ rows: LocalRow[];
 }
 
 async function meshRows(args: Common, net: string): Promise<HealthyEntry[]> {
-  const opts = { url: args.consul, token: args.token || undefined }
+  const client = clientOf(args)
   const filters = serviceFilters(net)
-  const { names } = await catalogServices({ ...opts, filter: filters.catalog })
+  const { names } = await catalogServices(client, { filter: filters.catalog })
   const out: HealthyEntry[] = []
-  for (const service of names) out.push(...parseHealthEntries(service, (await passingInstances({ ...opts, service, filter: filters.health })).entries, net).entries)
+  for (const service of names) out.push(...parseHealthEntries(service, (await passingInstances(client, { service, filter: filters.health })).entries, net).entries)
   return out.sort((a, b) => a.name.localeCompare(b.name) || a.node.localeCompare(b.node) || a.port - b.port)
 }
 

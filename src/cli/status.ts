@@ -57,6 +57,9 @@ const ANSI = { green: '\x1b[32m', yellow: '\x1b[33m', red: '\x1b[31m', dim: '\x1
 
 const pathText = (n: NodeStatus) => (n.path === 'relayed' ? `relay via ${n.via ?? '?'}` : n.path === 'self' ? 'this node' : n.path)
 
+const conflictText = (c: NonNullable<Status['node']['nameConflict']>) =>
+  `another daemon writes a different record under this node's name (ours ${c.ours.slice(0, 19)}…, theirs ${c.theirs.slice(0, 19)}…)${c.gaveUp ? `; gave up rewriting it after ${c.attempts} tries: stop the other machine or rename one, then restart this daemon` : `; rewrite ${c.attempts}`}`
+
 /** The table people read: one line per node, colour only on a terminal. */
 export function renderStatus(s: Status, opts: { colour: boolean; now?: number }): string {
   const now = opts.now ?? Date.parse(s.at)
@@ -66,7 +69,8 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
   const consul = s.consul.reachable ? paint('green', `consul ok (index ${s.consul.index})`) : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
   const head = [
     `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface})  ${tincd}  ${consul}`,
-    `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}`,
+    `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}`,
+    ...(s.node.nameConflict ? [paint('red', conflictText(s.node.nameConflict))] : []),
     '',
   ]
   const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]

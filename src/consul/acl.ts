@@ -2,12 +2,21 @@ import { readFile } from 'node:fs/promises'
 import { fileURLToPath } from 'node:url'
 import { ConsulError } from '../errors.ts'
 import type { ConsulClient } from './client.ts'
-import type { KvLayout } from './kv-layout.ts'
+
+/**
+ * Where a network's keys live, as far as its ACL policies need to know: the prefix, and the
+ * node-key builder, which refuses a name that must not reach a policy. The domain's KvLayout
+ * (src/mesh/kv-layout.ts) has this shape.
+ */
+export interface PolicyScope {
+  prefix: string
+  node(name: string): string
+}
 
 export const NODE_POLICY_TEMPLATE = fileURLToPath(new URL('../../consul/node-policy.hcl.tmpl', import.meta.url))
 
-/** The per-node policy rules, from the template in consul/. Name and prefix are validated by KvLayout. */
-export async function nodePolicyRules(layout: KvLayout, name: string): Promise<string> {
+/** The per-node policy rules, from the template in consul/. Name and prefix are validated by the scope's node(). */
+export async function nodePolicyRules(layout: PolicyScope, name: string): Promise<string> {
   layout.node(name) // throws on a bad name before it reaches a policy
   const tmpl = await readFile(NODE_POLICY_TEMPLATE, 'utf8')
   return tmpl.replaceAll('{{prefix}}', layout.prefix).replaceAll('{{name}}', name)
@@ -33,13 +42,13 @@ async function tokenFor(admin: ConsulClient, policyName: string, description: st
   return { secretId: token.SecretID, accessorId: token.AccessorID }
 }
 
-const policyBase = (layout: KvLayout) => `tinc-consul-${layout.prefix.replace(/[^A-Za-z0-9_-]/g, '-')}`
-const nodePolicyName = (layout: KvLayout, name: string) => `${policyBase(layout)}${name}`.slice(0, 128)
-const joinPolicyName = (layout: KvLayout) => `${policyBase(layout)}join-server`.slice(0, 128)
+const policyBase = (layout: PolicyScope) => `tinc-consul-${layout.prefix.replace(/[^A-Za-z0-9_-]/g, '-')}`
+const nodePolicyName = (layout: PolicyScope, name: string) => `${policyBase(layout)}${name}`.slice(0, 128)
+const joinPolicyName = (layout: PolicyScope) => `${policyBase(layout)}join-server`.slice(0, 128)
 const joinDescription = (name: string) => `tinc-consul join server (${name})`
 
 /** Creates (or reuses) the node's policy and returns a new token for it. */
-export async function createNodeToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
+export async function createNodeToken(admin: ConsulClient, layout: PolicyScope, name: string): Promise<CreatedToken> {
   return tokenFor(admin, nodePolicyName(layout, name), `tinc-consul node ${name}`, await nodePolicyRules(layout, name))
 }
 
@@ -48,7 +57,7 @@ export async function createNodeToken(admin: ConsulClient, layout: KvLayout, nam
  * records, addresses and tokens, so it holds `acl = "write"`: in Consul that is
  * as strong as a management token. Only nodes the operator trusts serve joins.
  */
-export async function createJoinServerToken(admin: ConsulClient, layout: KvLayout, name: string): Promise<CreatedToken> {
+export async function createJoinServerToken(admin: ConsulClient, layout: PolicyScope, name: string): Promise<CreatedToken> {
   layout.node(name)
   const rules = (await readFile(JOIN_POLICY_TEMPLATE, 'utf8')).replaceAll('{{prefix}}', layout.prefix)
   return tokenFor(admin, joinPolicyName(layout), joinDescription(name), rules)
@@ -60,7 +69,7 @@ export async function createJoinServerToken(admin: ConsulClient, layout: KvLayou
  * description). Returns their accessor ids. A revoked node's tokens must stop
  * working, or it could still read the network and write its record.
  */
-export async function deleteNodeTokens(admin: ConsulClient, layout: KvLayout, name: string): Promise<string[]> {
+export async function deleteNodeTokens(admin: ConsulClient, layout: PolicyScope, name: string): Promise<string[]> {
   layout.node(name)
   const policies = await admin.request<Array<{ ID: string; Name: string }>>('GET', '/v1/acl/policies')
   const idOf = (policy: string) => policies.find((p) => p.Name === policy)?.ID

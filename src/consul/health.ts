@@ -1,6 +1,8 @@
 import { ConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
-import { consulGet, jsonBody, type ConsulGetOptions } from './http.ts'
+import type { ConsulClient } from './client.ts'
+import { jsonBody } from './http.ts'
+import type { ReadOptions } from './kv.ts'
 import { watchBlocking, watchGroup, type Watch } from './watch.ts'
 
 /**
@@ -13,10 +15,11 @@ export interface CatalogServicesResult {
   index: number
 }
 
-export async function catalogServices(opts: ConsulGetOptions & { filter?: string }): Promise<CatalogServicesResult> {
-  const raw = await consulGet('/v1/catalog/services', opts.filter ? { filter: opts.filter } : {}, opts)
-  const body = jsonBody(raw, '/v1/catalog/services')
-  if (!body || typeof body !== 'object' || Array.isArray(body)) throw new ConsulError('CONSUL_BAD_BODY', 'GET /v1/catalog/services: expected an object', raw.status)
+export async function catalogServices(client: ConsulClient, opts: ReadOptions & { filter?: string } = {}): Promise<CatalogServicesResult> {
+  const path = '/v1/catalog/services'
+  const raw = await client.get(path, opts.filter ? { filter: opts.filter } : {}, opts)
+  const body = jsonBody(raw, `GET ${path}`, client.url)
+  if (!body || typeof body !== 'object' || Array.isArray(body)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path} on ${client.url}: expected an object`, raw.status)
   return { names: Object.keys(body).sort(), index: raw.index }
 }
 
@@ -27,35 +30,37 @@ export interface HealthResult {
 }
 
 /** The instances of one service whose checks (the node's included) all pass. */
-export async function passingInstances(opts: ConsulGetOptions & { service: string; filter?: string }): Promise<HealthResult> {
+export async function passingInstances(client: ConsulClient, opts: ReadOptions & { service: string; filter?: string }): Promise<HealthResult> {
   const path = `/v1/health/service/${encodeURIComponent(opts.service)}`
-  const raw = await consulGet(path, { passing: 'true', ...(opts.filter ? { filter: opts.filter } : {}) }, opts)
+  const raw = await client.get(path, { passing: 'true', ...(opts.filter ? { filter: opts.filter } : {}) }, opts)
   if (raw.status === 404) return { entries: [], index: raw.index }
-  const body = jsonBody(raw, path)
-  if (!Array.isArray(body)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path}: expected a list`, raw.status)
+  const body = jsonBody(raw, `GET ${path}`, client.url)
+  if (!Array.isArray(body)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path} on ${client.url}: expected a list`, raw.status)
   return { entries: body as unknown[], index: raw.index }
 }
 
 export interface HealthWatchOptions {
-  url: string
-  token?: string
+  client: ConsulClient
   /** Narrows both the catalog and the health reads (e.g. to one network's services). */
   filter: { catalog: string; health: string }
   waitSeconds?: number
+  /** Longest backoff after a failed read (default 30 s). */
+  backoffMaxMs?: number
   log: Logger
   /** Every service's latest passing entries, after any of them changed. */
   onChange(entries: ReadonlyMap<string, unknown[]>): void
 }
 
 export function watchHealth(opts: HealthWatchOptions): Watch {
-  const common = { url: opts.url, token: opts.token }
+  const { client, waitSeconds } = opts
+  const tuning = { client, log: opts.log, backoffMaxMs: opts.backoffMaxMs }
   const perService = new Map<string, Watch>()
   const entries = new Map<string, unknown[]>()
   const emit = () => opts.onChange(entries)
   const catalog = watchBlocking({
+    ...tuning,
     label: 'catalog/services',
-    log: opts.log,
-    read: (index, signal) => catalogServices({ ...common, index, waitSeconds: opts.waitSeconds, signal, filter: opts.filter.catalog }),
+    read: (index, signal) => catalogServices(client, { index, waitSeconds, signal, filter: opts.filter.catalog }),
     onChange: async (r) => {
       const names = new Set(r.names)
       const gone = [...perService.keys()].filter((n) => !names.has(n))
@@ -70,9 +75,9 @@ export function watchHealth(opts: HealthWatchOptions): Watch {
         perService.set(
           service,
           watchBlocking({
+            ...tuning,
             label: `health/service/${service}`,
-            log: opts.log,
-            read: (index, signal) => passingInstances({ ...common, service, index, waitSeconds: opts.waitSeconds, signal, filter: opts.filter.health }),
+            read: (index, signal) => passingInstances(client, { service, index, waitSeconds, signal, filter: opts.filter.health }),
             onChange: (h) => {
               // A late answer for a service the catalog has since dropped must not bring it back.
               if (!perService.has(service)) return

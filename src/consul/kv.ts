@@ -1,18 +1,29 @@
 import { ConsulError } from '../errors.ts'
-import { consulGet, jsonBody, type RawRead } from './http.ts'
+import type { ConsulClient, RawRead } from './client.ts'
+import { jsonBody } from './http.ts'
 
 export { blockingTimeoutMs } from './http.ts'
 
 /**
- * Raw KV reads for watches. The npm client's kv.get hides the response
- * headers (X-Consul-Index) and the byte count we need, so blocking queries go
- * through http.ts, with the same token and error codes as client.ts.
+ * Raw KV reads, on the client's GET (which keeps the X-Consul-Index and the ACL-filter
+ * header the watches need). Values stay bytes: they are untrusted, decoding is the
+ * caller's job.
  */
 export interface KvItem {
   key: string
   /** Raw bytes; decoding is the caller's job because values are untrusted. */
   value: Uint8Array
   modifyIndex: number
+  /** When the key was created: what tells an established record from a newcomer. */
+  createIndex: number
+}
+
+/** How a KV read is made: blocking when `index` is above 0. */
+export interface ReadOptions {
+  index?: number
+  /** Blocking wait, in seconds (default 300). */
+  waitSeconds?: number
+  signal?: AbortSignal
 }
 
 export interface KvListResult {
@@ -24,55 +35,11 @@ export interface KvListResult {
   filtered: boolean
 }
 
-export interface KvListOptions {
-  url: string
-  token?: string
-  prefix: string
-  index?: number
-  /** Blocking wait, in seconds. */
-  waitSeconds?: number
-  signal?: AbortSignal
-}
-
-/** One GET on the KV endpoint, blocking when an index is given. */
-function kvGetRaw(path: string, params: Record<string, string>, opts: Omit<KvListOptions, 'prefix'>): Promise<RawRead> {
-  return consulGet(`/v1/kv/${path.split('/').map(encodeURIComponent).join('/')}`, params, opts, path)
-}
-
-function parseList(path: string, raw: RawRead): unknown[] {
-  if (raw.status === 404) return []
-  const parsed = jsonBody(raw, path)
-  if (!Array.isArray(parsed)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${path}: expected a list`, raw.status)
-  return parsed as unknown[]
-}
-
-function toItems(entries: unknown[]): KvItem[] {
-  const items: KvItem[] = []
-  for (const e of entries as Array<{ Key?: unknown; Value?: unknown; ModifyIndex?: unknown }>) {
-    if (typeof e?.Key !== 'string' || typeof e.ModifyIndex !== 'number') continue
-    items.push({ key: e.Key, value: typeof e.Value === 'string' ? new Uint8Array(Buffer.from(e.Value, 'base64')) : new Uint8Array(), modifyIndex: e.ModifyIndex })
-  }
-  return items
-}
-
-/** Every key and value under a prefix (`?recurse`). */
-export async function kvList(opts: KvListOptions): Promise<KvListResult> {
-  const raw = await kvGetRaw(opts.prefix, { recurse: 'true' }, opts)
-  return { items: toItems(parseList(opts.prefix, raw)), index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
-}
-
 export interface KvKeysResult {
   keys: string[]
   index: number
   bytes: number
   filtered: boolean
-}
-
-/** The key names under a prefix (`?keys`), without values: a few bytes per key. */
-export async function kvKeys(opts: KvListOptions): Promise<KvKeysResult> {
-  const raw = await kvGetRaw(opts.prefix, { keys: 'true' }, opts)
-  const keys = parseList(opts.prefix, raw).filter((k): k is string => typeof k === 'string')
-  return { keys, index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
 }
 
 export interface KvOneResult {
@@ -83,9 +50,46 @@ export interface KvOneResult {
   bytes: number
 }
 
-/** One key, raw. `prefix` is the exact key here. */
-export async function kvGetOne(opts: KvListOptions): Promise<KvOneResult> {
-  const raw = await kvGetRaw(opts.prefix, {}, opts)
-  const item = toItems(parseList(opts.prefix, raw)).find((i) => i.key === opts.prefix)
+/** What the reads need of a client: its GET, and its address for error messages. */
+type Reader = Pick<ConsulClient, 'get' | 'url'>
+
+/** The URL path of a key, each segment encoded. */
+export const kvPath = (key: string): string => `/v1/kv/${key.split('/').map(encodeURIComponent).join('/')}`
+
+function parseList(c: Reader, label: string, raw: RawRead): unknown[] {
+  if (raw.status === 404) return []
+  const parsed = jsonBody(raw, `GET ${label}`, c.url)
+  if (!Array.isArray(parsed)) throw new ConsulError('CONSUL_BAD_BODY', `GET ${label} on ${c.url}: expected a list`, raw.status)
+  return parsed as unknown[]
+}
+
+function toItems(entries: unknown[]): KvItem[] {
+  const items: KvItem[] = []
+  for (const e of entries as Array<{ Key?: unknown; Value?: unknown; ModifyIndex?: unknown; CreateIndex?: unknown }>) {
+    if (typeof e?.Key !== 'string' || typeof e.ModifyIndex !== 'number') continue
+    const value = typeof e.Value === 'string' ? new Uint8Array(Buffer.from(e.Value, 'base64')) : new Uint8Array()
+    items.push({ key: e.Key, value, modifyIndex: e.ModifyIndex, createIndex: typeof e.CreateIndex === 'number' ? e.CreateIndex : e.ModifyIndex })
+  }
+  return items
+}
+
+export async function readKvList(c: Reader, prefix: string, opts: ReadOptions = {}): Promise<KvListResult> {
+  const label = `kv/${prefix}`
+  const raw = await c.get(kvPath(prefix), { recurse: 'true' }, { ...opts, label })
+  return { items: toItems(parseList(c, label, raw)), index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
+}
+
+/** The key names under a prefix (`?keys`): a few bytes per key. */
+export async function readKvKeys(c: Reader, prefix: string, opts: ReadOptions = {}): Promise<KvKeysResult> {
+  const label = `kv/${prefix}`
+  const raw = await c.get(kvPath(prefix), { keys: 'true' }, { ...opts, label })
+  const keys = parseList(c, label, raw).filter((k): k is string => typeof k === 'string')
+  return { keys, index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
+}
+
+export async function readKvOne(c: Reader, key: string, opts: ReadOptions = {}): Promise<KvOneResult> {
+  const label = `kv/${key}`
+  const raw = await c.get(kvPath(key), {}, { ...opts, label })
+  const item = toItems(parseList(c, label, raw)).find((i) => i.key === key)
   return { item, index: raw.index, bytes: raw.body.length }
 }

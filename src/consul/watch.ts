@@ -1,16 +1,26 @@
 import type { Logger } from '../log.ts'
-import { kvList, type KvListResult } from './kv.ts'
+import type { ConsulClient, Reachability } from './client.ts'
+import type { KvListResult } from './kv.ts'
 
 /**
- * A blocking-query loop over one KV prefix, following Consul's rules for the
- * index (https://developer.hashicorp.com/consul/api-docs/features/blocking):
+ * A blocking-query loop, following Consul's rules for the index
+ * (https://developer.hashicorp.com/consul/api-docs/features/blocking):
  * - an index that goes backwards resets to 0, so the next read is a full,
  *   non-blocking one;
  * - an index of 0 is never blocked on (it is treated as 1);
  * - a return with the same index is a wait timeout, not a change;
  * - requests are rate-limited by a token bucket: isolated changes go through
  *   at once, a storm of changes is capped at `ratePerSecond`;
- * - errors back off exponentially up to a cap, and the loop keeps going.
+ * - errors back off exponentially with jitter up to a cap, and the loop keeps going.
+ * Two rules make recovery fast once Consul answers again:
+ * - the read after a failure doesn't block (it sends no index), so a watch learns at once
+ *   whether anything changed while it couldn't read, instead of sitting in a 300 s wait on
+ *   a key that didn't change, and its failure count clears as soon as Consul answers;
+ * - a backoff pause ends early when the client sees its first success after a failure
+ *   (`client.reach.onRecovered`), so one answered request wakes every paused watch. A watch
+ *   whose early wake-up failed again sits out its next pause in full: while Consul answers
+ *   some requests and refuses others (over its connection limit), the wake-ups must not
+ *   turn backoff into a busy loop.
  * `onChange` sees every read whose index moved, including the first.
  */
 interface WatchTuning {
@@ -18,13 +28,17 @@ interface WatchTuning {
   ratePerSecond?: number
   /** Requests allowed back to back before the rate applies (default 5). */
   burst?: number
+  /** First backoff after a failure (default 250 ms). */
   backoffMinMs?: number
+  /** Longest backoff (default 30 s). A watch that serves as a probe of Consul can pass a small cap. */
   backoffMaxMs?: number
   log: Logger
   onError?(err: unknown, attempt: number): void
 }
 
 export interface BlockingWatchOptions<R extends { index: number }> extends WatchTuning {
+  /** The client the reads go through: its recovery wakes this watch's backoff. */
+  client: { readonly reach: Reachability }
   /** What the logs call this watch (a key or prefix). */
   label: string
   /** One read; `index` 0 means "don't block". */
@@ -33,8 +47,7 @@ export interface BlockingWatchOptions<R extends { index: number }> extends Watch
 }
 
 export interface WatchOptions extends WatchTuning {
-  url: string
-  token?: string
+  client: ConsulClient
   prefix: string
   waitSeconds?: number
   onChange(result: KvListResult): void | Promise<void>
@@ -44,7 +57,7 @@ export interface Watch {
   stop(): Promise<void>
   /** The index of the last read handed to onChange. */
   readonly index: number
-  /** Reads that failed in a row (0 while Consul answers): what status calls "Consul unreachable". */
+  /** This watch's reads that failed in a row (0 once one is answered). Whether Consul answers at all is the client's `reach`. */
   readonly failures: number
   /** When Consul last answered this watch, changed or not. */
   readonly lastReadAt: Date | undefined
@@ -83,59 +96,82 @@ export function backoffMs(attempt: number, min: number, max: number, random = Ma
 
 /** A blocking `?recurse` watch on one prefix. */
 export function watchPrefix(opts: WatchOptions): Watch {
-  return watchBlocking({ ...opts, label: opts.prefix, read: (index, signal) => kvList({ url: opts.url, token: opts.token, prefix: opts.prefix, index, waitSeconds: opts.waitSeconds, signal }) })
+  const { client, prefix, waitSeconds } = opts
+  return watchBlocking({ ...opts, label: prefix, read: (index, signal) => client.kvList(prefix, { index, waitSeconds, signal }) })
+}
+
+/**
+ * Waits `ms`, or less when the watch stops, or (given `reach`) when the client recovers.
+ * Every listener goes when the pause ends: a daemon pauses for years, one leftover per pause would leak.
+ */
+function pause(ms: number, signal: AbortSignal, reach?: Reachability): Promise<'elapsed' | 'recovered'> {
+  return new Promise((resolve) => {
+    if (ms <= 0 || signal.aborted) return resolve('elapsed')
+    let unsubscribe = () => {}
+    const done = (how: 'elapsed' | 'recovered') => {
+      clearTimeout(timer)
+      signal.removeEventListener('abort', onAbort)
+      unsubscribe()
+      resolve(how)
+    }
+    const onAbort = () => done('elapsed')
+    const timer = setTimeout(onAbort, ms)
+    signal.addEventListener('abort', onAbort, { once: true })
+    if (reach) unsubscribe = reach.onRecovered(() => done('recovered'))
+  })
+}
+
+/** Isolated requests go at once; a run of them is held to `rate` per second after `burst`. */
+function tokenBucket(rate: number, burst: number, signal: AbortSignal): () => Promise<void> {
+  let tokens = burst
+  let refilledAt = Date.now()
+  return async () => {
+    const now = Date.now()
+    tokens = Math.min(burst, tokens + ((now - refilledAt) / 1000) * rate)
+    refilledAt = now
+    if (tokens < 1) {
+      await pause(((1 - tokens) / rate) * 1000, signal)
+      tokens = 1
+      refilledAt = Date.now()
+    }
+    tokens -= 1
+  }
 }
 
 export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOptions<R>): Watch {
   const controller = new AbortController()
-  const rate = opts.ratePerSecond ?? 20
-  const burst = opts.burst ?? 5
-  let tokens = burst
-  let refilledAt = Date.now()
+  const { signal } = controller
+  const take = tokenBucket(opts.ratePerSecond ?? 20, opts.burst ?? 5, signal)
   let index = 0
   let delivered = 0
   let failures = 0
   let lastReadAt: Date | undefined
-  let stopped = false
+  // The previous pause was cut short by a recovery: the next one runs in full.
+  let wokeEarly = false
 
-  const pause = (ms: number) =>
-    new Promise<void>((resolve) => {
-      if (ms <= 0 || stopped) return resolve()
-      // The listener must go when the timer fires: a daemon pauses for years, one abort listener per pause would leak.
-      const done = () => {
-        clearTimeout(t)
-        controller.signal.removeEventListener('abort', done)
-        resolve()
-      }
-      const t = setTimeout(done, ms)
-      controller.signal.addEventListener('abort', done, { once: true })
-    })
+  const failed = async (err: unknown) => {
+    failures++
+    opts.onError?.(err, failures)
+    opts.log.warn({ err, key: opts.label, attempt: failures }, 'consul read failed; keeping current state and retrying')
+    const ms = backoffMs(failures, opts.backoffMinMs ?? 250, opts.backoffMaxMs ?? 30_000)
+    wokeEarly = (await pause(ms, signal, wokeEarly ? undefined : opts.client.reach)) === 'recovered'
+  }
 
   const loop = async () => {
-    while (!stopped) {
-      const now = Date.now()
-      tokens = Math.min(burst, tokens + ((now - refilledAt) / 1000) * rate)
-      refilledAt = now
-      if (tokens < 1) {
-        await pause(((1 - tokens) / rate) * 1000)
-        if (stopped) break
-        tokens = 1
-        refilledAt = Date.now()
-      }
-      tokens -= 1
+    while (!signal.aborted) {
+      await take()
+      if (signal.aborted) break
       let result: R
       try {
-        result = await opts.read(index, controller.signal)
+        // After a failure, a read that doesn't block: what changed meanwhile arrives at once.
+        result = await opts.read(failures > 0 ? 0 : index, signal)
       } catch (err) {
-        if (stopped) break
-        failures++
-        opts.onError?.(err, failures)
-        opts.log.warn({ err, key: opts.label, attempt: failures }, 'consul read failed; keeping current state and retrying')
-        await pause(backoffMs(failures, opts.backoffMinMs ?? 250, opts.backoffMaxMs ?? 30_000))
+        if (!signal.aborted) await failed(err)
         continue
       }
       if (failures > 0) opts.log.info({ key: opts.label, after: failures }, 'consul reachable again')
       failures = 0
+      wokeEarly = false
       lastReadAt = new Date()
       const next = nextIndex(index, result.index)
       if (next === 0) {
@@ -166,7 +202,6 @@ export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOp
       return lastReadAt
     },
     async stop() {
-      stopped = true
       controller.abort()
       await running
     },

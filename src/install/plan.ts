@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { join } from 'node:path'
 import ipaddr from 'ipaddr.js'
 import { isGossipKey } from '../consul/gossip-key.ts'
-import { isNetName } from '../consul/kv-layout.ts'
+import { isNetName } from '../mesh/kv-layout.ts'
 import { UsageError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
 

@@ -9,8 +9,8 @@ import { run, type RunOptions, type RunResult } from '../util/exec.ts'
 import { processAlive as alive } from '../util/proc.ts'
 import { consulUrl, startConsulAgent, startConsulCluster } from './consul-cluster.ts'
 import { createNodeToken } from '../consul/acl.ts'
-import { writeNetworkRecord } from '../mesh/network.ts'
-import { kvLayout } from '../consul/kv-layout.ts'
+import { createNetwork } from '../mesh/network.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
 import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
 import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
@@ -57,7 +57,7 @@ export interface Lab {
   heal(a: string, b: string): Promise<void>
   /** Waits until every node pings every other node over tinc (by default up to MESH_WAIT_MS). */
   waitForMesh(timeoutMs?: number): Promise<void>
-  /** Writes the network record the sidecars wait for (what `tinc-consul init` does on a real network). */
+  /** Creates the network the sidecars wait for, through the same writer as `tinc-consul init`. */
   writeNetwork(): Promise<void>
   /** Starts `tinc-consul run` in a node's namespace, with that node's own token in ACL mode. */
   startSidecar(node: string): Promise<Daemon>
@@ -70,7 +70,7 @@ export interface Lab {
    */
   restartConsulAgent(node: string, opts?: { forgetServices?: boolean }): Promise<void>
   /** Starts a background process in a node's namespace (a test's listener); teardown kills it. */
-  spawn(node: string, name: string, argv: string[]): Promise<Daemon>
+  spawn(node: string, name: string, argv: string[], opts?: { env?: NodeJS.ProcessEnv }): Promise<Daemon>
   /** Kills one process started by spawn, and waits until it is gone. */
   kill(d: Daemon): Promise<void>
   /** The node's services directory, where `run` looks for definitions. */
@@ -175,6 +175,15 @@ async function saveState(state: LabState): Promise<void> {
   await writeFile(join(state.runDir, 'state.json'), JSON.stringify(state, null, 2), { mode: 0o600 })
 }
 
+/** A process's command name; undefined once it has exited (a short-lived process listed a moment ago). */
+function commOf(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim()
+  } catch {
+    return undefined
+  }
+}
+
 function makeLab(state: LabState): Lab {
   const { plan } = state
   let isDown = false
@@ -212,7 +221,7 @@ function makeLab(state: LabState): Lab {
     },
     async writeNetwork() {
       const record = { v: 1 as const, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString() }
-      await writeNetworkRecord(lab.consul(plan.nodes[0]?.name ?? 'node1'), kvLayout(LAB_NETNAME), record)
+      await createNetwork(lab.consul(plan.nodes[0]?.name ?? 'node1'), kvLayout(LAB_NETNAME), record)
     },
     async startSidecar(name) {
       const node = findNode(plan, name)
@@ -230,19 +239,19 @@ function makeLab(state: LabState): Lab {
     async restartTincd(name) {
       const node = findNode(plan, name)
       const files = tincPaths(state.runDir, node)
-      const pids = pidsIn(node.ns).filter((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'tincd')
+      const pids = pidsIn(node.ns).filter((pid) => commOf(pid) === 'tincd')
       killNamespaceProcessesSync([], pids)
       await track(startDaemon(`tincd ${name}`, node.ns, tincdArgv(files, LAB_NETNAME), join(state.runDir, name, 'tincd.out')))
     },
     async restartConsulAgent(name, opts = {}) {
       const node = findNode(plan, name)
-      const pids = pidsIn(node.ns).filter((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'consul')
+      const pids = pidsIn(node.ns).filter((pid) => commOf(pid) === 'consul')
       killNamespaceProcessesSync([], pids)
       if (opts.forgetServices) for (const d of ['services', 'checks']) rmSync(join(state.runDir, name, 'consul-data', d), { recursive: true, force: true })
       const d = await track(startConsulAgent(state.consulBin, state.runDir, name, node.ns))
       await waitFor(`${name}'s agent to rejoin`, async () => (await lab.consul(name).leader()) || undefined, { timeoutMs: 60_000, daemons: [d] })
     },
-    spawn: (name, label, argv) => track(startDaemon(label, findNode(plan, name).ns, argv, join(state.runDir, name, `${label.replace(/[^A-Za-z0-9_.-]/g, '_')}.log`))),
+    spawn: (name, label, argv, opts = {}) => track(startDaemon(label, findNode(plan, name).ns, argv, join(state.runDir, name, `${label.replace(/[^A-Za-z0-9_.-]/g, '_')}.log`), opts.env)),
     async kill(d) {
       killNamespaceProcessesSync([], [d.pid])
       await waitFor(`${d.name} to exit`, async () => (alive(d.pid) ? undefined : true), { timeoutMs: 10_000, intervalMs: 50 })

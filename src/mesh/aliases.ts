@@ -1,6 +1,6 @@
 import type { ConsulClient } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import type { KvLayout } from './kv-layout.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { aliasTarget, isDnsLabel, type ZoneAlias } from '../dns/zone.ts'
 
@@ -43,4 +43,21 @@ export async function setAlias(client: ConsulClient, layout: KvLayout, domain: s
   const key = layout.alias(name)
   if (!(await client.kvPut(key, bare))) throw new TincConsulError('CONSUL_WRITE', `consul refused the write to ${key}`)
   return bare
+}
+
+/**
+ * Removes an alias and, in the same transaction, makes sure the empty `aliases/` marker is
+ * there: daemons ignore a read of aliases/ that comes back with nothing at all (a bad moment of
+ * the store, not an operator deleting everything), so without the marker the last alias would
+ * never disappear. Networks made before `init` wrote the marker get it here.
+ */
+export async function removeAlias(client: ConsulClient, layout: KvLayout, name: string): Promise<void> {
+  const key = layout.alias(name)
+  const current = await client.kvGet(key)
+  if (!current) throw new UsageError('NO_ALIAS', `there is no alias ${JSON.stringify(name)}`)
+  const res = await client.txn([
+    { KV: { Verb: 'delete-cas', Key: key, Index: current.modifyIndex } },
+    { KV: { Verb: 'set', Key: layout.aliasesPrefix, Value: '' } },
+  ])
+  if (!res.ok) throw new TincConsulError('ALIAS_RACED', `the alias ${JSON.stringify(name)} changed while it was being removed; run alias rm again`)
 }

@@ -12,13 +12,28 @@ import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRec
  */
 // The same checks as aliases read from Consul (src/mesh/aliases.ts): the cache is read back like any input.
 const aliasSchema = z.object({ name: z.string().refine(isDnsLabel), target: z.string().max(253).refine((t) => t.split('.').every(isDnsLabel)) })
-const cacheSchema = z.object({ network: networkRecordSchema, records: z.array(nodeRecordSchema), aliases: z.array(aliasSchema).max(10_000).optional() })
+// Fields were added over time; each is optional so an older cache still loads, and unknown
+// ones are dropped so a newer release's cache doesn't stop this one.
+const cacheSchema = z.object({
+  network: networkRecordSchema,
+  records: z.array(nodeRecordSchema),
+  aliases: z.array(aliasSchema).max(10_000).optional(),
+  seniority: z.record(z.string(), z.number().int().nonnegative()).optional(),
+  allocations: z.record(z.string(), z.string()).optional(),
+  revoked: z.array(z.string().regex(/^sha256:[0-9a-f]{64}$/)).optional(),
+})
 
 export interface CachedView {
   network: NetworkRecord
   records: NodeRecord[]
   /** DNS aliases as last read (already checked), so names keep resolving across a restart without Consul. */
   aliases?: Array<{ name: string; target: string }>
+  /** Each record's CreateIndex in Consul: who was there first when identities collide. */
+  seniority?: Record<string, number>
+  /** ipam/ as last read (address → holder), so the cached view is judged by the same rules. */
+  allocations?: Record<string, string>
+  /** revoked/ as last read. */
+  revoked?: string[]
 }
 
 export function cachePath(stateDir: string): string {
@@ -36,5 +51,5 @@ export async function loadCache(stateDir: string): Promise<CachedView | undefine
 
 export async function saveCache(stateDir: string, view: CachedView): Promise<boolean> {
   const records = [...view.records].sort((a, b) => a.name.localeCompare(b.name))
-  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ network: view.network, records, aliases: view.aliases ?? [] })}\n`, 0o600, { durable: false })
+  return writeFileAtomic(cachePath(stateDir), `${JSON.stringify({ ...view, records, aliases: view.aliases ?? [] })}\n`, 0o600, { durable: false })
 }

@@ -1,18 +1,19 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
-import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
+import { b64, createConsulClient, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
-import { kvList } from '../consul/kv.ts'
-import { kvLayout } from '../consul/kv-layout.ts'
+import { kvLayout, type KvLayout } from './kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
+import { keyFingerprint, parseHostFile } from '../tinc/hostfile.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
-import { checkPeer, decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
+import { createNetwork, readNetwork, type NetworkWrite } from './network.ts'
+import { peerHostFiles } from './peer-files.ts'
+import { decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION } from './record.ts'
 
 export interface InitOptions {
   net: string
@@ -96,8 +97,6 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
     if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${refused}`)
     const res = await allocateAddress({
       client,
-      url: o.consulUrl,
-      token: o.token,
       layout,
       cidr: network.cidr,
       name: o.name,
@@ -116,7 +115,9 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${joinPort ? '; the join endpoint has its own token' : ''}`)
     }
 
-    const peers = await peerHostFiles(o.consulUrl, o.token, layout, network, o.name)
+    const judged = await peerHostFiles(client, layout, network, { name: o.name, vpnAddress: res.address, fingerprint: keyFingerprint(publicKey) })
+    for (const r of judged.refusals) o.progress(`left out ${r.key}: ${r.reason}`)
+    const peers = judged.files
     const setup = {
       net: o.net,
       name: o.name,
@@ -155,47 +156,23 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
   }
 }
 
-async function ensureNetwork(o: InitOptions, layout: ReturnType<typeof kvLayout>, client: ReturnType<typeof createConsulClient>): Promise<{ network: NetworkRecord; created: boolean }> {
-  for (let attempt = 0; attempt < 3; attempt++) {
-    const entry = await client.kvGet(layout.network)
-    if (entry) {
-      const d = decodeJson(entry.value, networkRecordSchema)
-      if (!d.ok) throw new TincConsulError('NETWORK_UNREADABLE', `the network record at ${layout.network} is unreadable (${d.reason}); fix or delete it by hand`)
-      if (o.cidr && d.value.cidr !== o.cidr) throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${d.value.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
-      return { network: d.value, created: false }
-    }
-    if (!o.cidr) throw new UsageError('BAD_FLAG', `network ${o.net} does not exist yet: give --cidr (for example 10.99.0.0/24) to create it`)
-    const network: NetworkRecord = { v: RECORD_VERSION, cidr: o.cidr, domain: o.domain, createdAt: new Date().toISOString() }
-    const check = networkRecordSchema.safeParse(network)
-    if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
-    hostRange(o.cidr)
-    // cas=0 on both: two inits racing create one network, and the loser reads the winner's.
-    const res = await client.txn([
-      { KV: { Verb: 'cas', Key: layout.network, Value: b64(JSON.stringify(network)), Index: 0 } },
-      { KV: { Verb: 'set', Key: layout.revokedPrefix, Value: '' } },
-    ])
-    if (res.ok) return { network, created: true }
-  }
-  throw new TincConsulError('NETWORK_RACE', 'the network record kept changing; run init again')
-}
-
 /**
- * Host files of the network's nodes other than `self`, rebuilt from checked
- * records. Public ones become ConnectTo entries; the rest let a new node route
- * to nodes behind NAT (StrictSubnets) before its own daemon has synced.
+ * The network to set this node up in: the one in Consul (its markers added if an older init
+ * left any out), or a new one from --cidr, made by the one network writer.
  */
-export async function peerHostFiles(url: string, token: string | undefined, layout: ReturnType<typeof kvLayout>, network: NetworkRecord, self: string): Promise<Record<string, string>> {
-  const list = await kvList({ url, token, prefix: layout.nodesPrefix })
-  const out: Record<string, string> = {}
-  for (const item of list.items) {
-    const name = item.key.slice(layout.nodesPrefix.length)
-    if (name === self) continue
-    const d = decodeJson(item.value, nodeRecordSchema)
-    if (!d.ok) continue
-    const p = checkPeer(d.value, { network, keyName: name })
-    if (p.ok) out[name] = renderHostFile({ addresses: p.value.record.addresses, port: p.value.record.port, subnets: p.value.record.subnets, options: p.value.options, publicKey: p.value.publicKey })
+async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulClient): Promise<NetworkWrite> {
+  const found = await readNetwork(client, layout)
+  if (!found && !o.cidr) throw new UsageError('BAD_FLAG', `network ${o.net} does not exist yet: give --cidr (for example 10.99.0.0/24) to create it`)
+  let record = found
+  if (!record) {
+    record = { v: RECORD_VERSION, cidr: o.cidr ?? '', domain: o.domain, createdAt: new Date().toISOString() }
+    const check = networkRecordSchema.safeParse(record)
+    if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
+    hostRange(record.cidr)
   }
-  return out
+  const res = await createNetwork(client, layout, record)
+  if (!res.created && o.cidr && res.network.cidr !== o.cidr) throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
+  return res
 }
 
 export const eventsFileFor = (runDir: string, net: string): string => join(runDir, net, 'tinc-events')

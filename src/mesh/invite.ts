@@ -4,8 +4,7 @@ import { hkdf } from '@noble/hashes/hkdf.js'
 import { sha256 } from '@noble/hashes/sha2.js'
 import { z } from 'zod'
 import { b64, type ConsulClient } from '../consul/client.ts'
-import { kvList } from '../consul/kv.ts'
-import { defaultPrefix, type KvLayout } from '../consul/kv-layout.ts'
+import { defaultPrefix, type KvLayout } from './kv-layout.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { decodeJson } from './record.ts'
@@ -140,8 +139,8 @@ export interface ListedInvite {
   expired: boolean
 }
 
-export async function listInvites(url: string, token: string | undefined, layout: KvLayout, now = new Date()): Promise<ListedInvite[]> {
-  const list = await kvList({ url, token, prefix: layout.invitesPrefix })
+export async function listInvites(client: ConsulClient, layout: KvLayout, now = new Date()): Promise<ListedInvite[]> {
+  const list = await client.kvList(layout.invitesPrefix)
   return list.items.map((item) => {
     const d = decodeJson(item.value, storedInviteSchema, 2048)
     const invite = d.ok ? d.value : undefined
@@ -150,9 +149,9 @@ export async function listInvites(url: string, token: string | undefined, layout
 }
 
 /** Cancels invites whose id starts with `idPrefix` (at least 6 hex digits, and it must match exactly one). */
-export async function revokeInvite(client: ConsulClient, url: string, token: string | undefined, layout: KvLayout, idPrefix: string): Promise<string> {
+export async function revokeInvite(client: ConsulClient, layout: KvLayout, idPrefix: string): Promise<string> {
   if (!/^[0-9a-f]{6,32}$/.test(idPrefix)) throw new UsageError('BAD_INVITE_ID', `give at least 6 hex digits of the invite id, as \`invite list\` shows it; got ${JSON.stringify(idPrefix)}`)
-  const matches = (await listInvites(url, token, layout)).filter((i) => i.id.startsWith(idPrefix))
+  const matches = (await listInvites(client, layout)).filter((i) => i.id.startsWith(idPrefix))
   if (matches.length === 0) throw new TincConsulError('NO_SUCH_INVITE', `no open invite with id ${idPrefix}…`)
   if (matches.length > 1) throw new UsageError('AMBIGUOUS_INVITE', `${matches.length} invites start with ${idPrefix}; give more digits`)
   const hit = matches[0] as ListedInvite

@@ -1,8 +1,8 @@
 import ipaddr from 'ipaddr.js'
 import { z } from 'zod'
 import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
-import { kvList, type KvItem } from '../consul/kv.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import type { KvItem } from '../consul/kv.ts'
+import type { KvLayout } from './kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
 import { decodeJson } from './record.ts'
@@ -82,8 +82,8 @@ export function* candidates(range: IpRange, name: string, held: Map<string, Held
   for (const h of released) yield { address: h.address, index: h.index }
 }
 
-export async function readIpam(url: string, token: string | undefined, layout: KvLayout): Promise<Map<string, HeldAddress>> {
-  return parseIpam((await kvList({ url, token, prefix: layout.ipamPrefix })).items, layout)
+export async function readIpam(client: ConsulClient, layout: KvLayout): Promise<Map<string, HeldAddress>> {
+  return parseIpam((await client.kvList(layout.ipamPrefix)).items, layout)
 }
 
 /** ipam/ entries as read from Consul; an unreadable value still marks its address as taken. */
@@ -107,8 +107,6 @@ export type AllocateResult = { ok: true; address: string } | { ok: false; op: nu
 
 export interface AllocateOptions {
   client: ConsulClient
-  url: string
-  token?: string
   layout: KvLayout
   cidr: string
   name: string
@@ -127,7 +125,7 @@ export async function allocateAddress(opts: AllocateOptions): Promise<AllocateRe
   const range = hostRange(opts.cidr)
   const value = b64(JSON.stringify({ name: opts.name, at: (opts.now ?? new Date()).toISOString() } satisfies IpamEntry))
   for (let listing = 0; listing < 5; listing++) {
-    const held = await readIpam(opts.url, opts.token, opts.layout)
+    const held = await readIpam(opts.client, opts.layout)
     let tries = 0
     for (const c of candidates(range, opts.name, held)) {
       // After a run of lost races the listing is stale: read it again rather than walk it.

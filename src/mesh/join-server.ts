@@ -3,11 +3,12 @@ import { timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import { b64, type ConsulClient } from '../consul/client.ts'
 import { createJoinServerToken, createNodeToken, deleteToken, type CreatedToken } from '../consul/acl.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import type { KvLayout } from './kv-layout.ts'
 import { listenOn } from '../util/listen.ts'
 import { TincConsulError } from '../errors.ts'
+import { keyFingerprint } from '../tinc/hostfile.ts'
 import type { Logger } from '../log.ts'
-import { peerHostFiles } from './init.ts'
+import { peerHostFiles } from './peer-files.ts'
 import { allocateAddress, hostRange, intToIp } from './ipam.ts'
 import { deriveInvite, open, seal, storedInviteSchema } from './invite.ts'
 import {
@@ -154,7 +155,12 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     if (refused) throw new Refusal(`the new node's record would be refused by peers: ${refused}`)
     // Everything the reply needs is read before the transaction: once it has spent the invite,
     // a failed read could only leave the joiner with a used invite and a taken name.
-    const hostFiles = await peerHostFiles(opts.url, opts.token, opts.layout, network.value, h.name)
+    const judged = await peerHostFiles(opts.client, opts.layout, network.value, { name: h.name, fingerprint: keyFingerprint(req.value.publicKey) })
+    if (judged.refusals.length) log.info({ name: h.name, left: judged.refusals.map((r) => `${r.key}: ${r.reason}`) }, 'records left out of a joiner\'s host files')
+    // Peers refuse a newcomer whose name differs from an established one only in case.
+    const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())
+    if (clash) throw new Refusal(`the name "${h.name}" differs from the existing node "${clash}" only in case, and peers would refuse it; join with another --name`)
+    const hostFiles = judged.files
     const servers = await consulServers()
     const created: CreatedToken[] = []
     const acl = typeof opts.acl === 'function' ? await opts.acl() : opts.acl
@@ -163,8 +169,6 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     try {
       const res = await allocateAddress({
         client: opts.client,
-        url: opts.url,
-        token: opts.token,
         layout: opts.layout,
         cidr: network.value.cidr,
         name: h.name,

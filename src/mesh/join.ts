@@ -1,4 +1,4 @@
-import { defaultPrefix } from '../consul/kv-layout.ts'
+import { defaultPrefix } from './kv-layout.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'

@@ -1,17 +1,60 @@
-import type { ConsulClient } from '../consul/client.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
-import type { NetworkRecord } from './record.ts'
+import type { ConsulClient, TxnOp } from '../consul/client.ts'
+import { TincConsulError } from '../errors.ts'
+import type { KvLayout } from './kv-layout.ts'
+import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
+
+export interface NetworkWrite {
+  /** True when this call made the network; false when one was there already. */
+  created: boolean
+  /** The record now in Consul: ours when created, the one found otherwise. */
+  network: NetworkRecord
+}
 
 /**
- * Writes a network's record, and the empty `revoked/` and `aliases/` keys beside it, in one
- * transaction. Without that key an empty revoked/ has no node of its own in
- * Consul's radix tree (the same goes for aliases/), so every daemon's blocking query on it would wake on
- * each write nearby, that is on every node record change in the mesh.
+ * The empty keys that give revoked/, aliases/ and ipam/ a node of their own in Consul's radix
+ * tree. Without one, a blocking query on an empty prefix wakes on every write nearby (each node
+ * record change in the mesh). And daemons take a read that names no key at all as a bad moment,
+ * not as everything deleted: with the marker, the listing after the last alias is removed
+ * still names one key, so the removal is seen.
  */
-export async function writeNetworkRecord(client: ConsulClient, layout: KvLayout, record: NetworkRecord): Promise<void> {
-  await client.request('PUT', '/v1/txn', [
-    { KV: { Verb: 'set', Key: layout.network, Value: Buffer.from(JSON.stringify(record)).toString('base64') } },
-    { KV: { Verb: 'set', Key: layout.revokedPrefix, Value: '' } },
-    { KV: { Verb: 'set', Key: layout.aliasesPrefix, Value: '' } },
-  ])
+export const markerKeys = (layout: KvLayout): string[] => [layout.revokedPrefix, layout.aliasesPrefix, layout.ipamPrefix]
+
+/**
+ * The one writer of a network's record, used by `init`, the lab and the tests, so every network
+ * has the same keys. Creates `network` with cas=0 and the marker keys in one transaction: two
+ * inits racing make one network, and the loser gets the winner's record back. A network found
+ * in place gets any missing marker added (one made by an older `init` had no aliases/ or ipam/);
+ * cas=0 there leaves existing keys alone, so nothing wakes for it.
+ */
+export async function createNetwork(client: ConsulClient, layout: KvLayout, record: NetworkRecord): Promise<NetworkWrite> {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const ops: TxnOp[] = [{ KV: { Verb: 'cas', Key: layout.network, Value: Buffer.from(JSON.stringify(record)).toString('base64'), Index: 0 } }, ...markerKeys(layout).map((Key): TxnOp => ({ KV: { Verb: 'set', Key, Value: '' } }))]
+    const res = await client.txn(ops)
+    if (res.ok) return { created: true, network: record }
+    const found = await readNetwork(client, layout)
+    if (found) {
+      await addMissingMarkers(client, layout)
+      return { created: false, network: found }
+    }
+    // Deleted between our transaction and our read: try again.
+  }
+  throw new TincConsulError('NETWORK_RACE', `the network record at ${layout.network} kept changing; try again`)
+}
+
+/** The network's record, or undefined when there is none. An unreadable record is an error: it is fixed by hand, not replaced. */
+export async function readNetwork(client: ConsulClient, layout: KvLayout): Promise<NetworkRecord | undefined> {
+  const entry = await client.kvGet(layout.network)
+  if (!entry) return undefined
+  const d = decodeJson(entry.value, networkRecordSchema)
+  if (!d.ok) throw new TincConsulError('NETWORK_UNREADABLE', `the network record at ${layout.network} is unreadable (${d.reason}); fix or delete it by hand`)
+  return d.value
+}
+
+async function addMissingMarkers(client: ConsulClient, layout: KvLayout): Promise<void> {
+  for (const key of markerKeys(layout)) await client.kvPut(key, '', { cas: 0 })
+}
+
+/** Writes a network's record and its marker keys unless a network is there already (see createNetwork). */
+export async function writeNetworkRecord(client: ConsulClient, layout: KvLayout, record: NetworkRecord): Promise<NetworkWrite> {
+  return createNetwork(client, layout, record)
 }

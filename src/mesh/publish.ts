@@ -1,12 +1,12 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { ConsulClient } from '../consul/client.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import type { KvLayout } from './kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { hostFileFields, keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
 import { isTincName } from '../tinc/names.ts'
-import { RECORD_VERSION, checkPeer, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+import { RECORD_VERSION, checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 
 /** Reads `Name = …` from tinc.conf. */
 export async function readTincName(tincDir: string): Promise<string> {
@@ -62,24 +62,21 @@ export const sameRecordContent = (a: NodeRecord, b: NodeRecord): boolean => JSON
  * Writes our record with check-and-set: create-only when absent, otherwise only
  * over the version we read. A lost race re-reads and tries again, so two
  * writers can't silently overwrite each other. Skips the write when nothing
- * but the timestamp would change.
+ * but the timestamp would change. `since` is the ModifyIndex our record is at or
+ * above from now on: a read of the key with a lower index is older than this publish.
  */
-export async function publishRecord(client: ConsulClient, layout: KvLayout, network: NetworkRecord, record: NodeRecord, log: Logger): Promise<'unchanged' | 'written'> {
+export async function publishRecord(client: ConsulClient, layout: KvLayout, network: NetworkRecord, record: NodeRecord, log: Logger): Promise<{ outcome: 'unchanged' | 'written'; since: number }> {
   const refused = validateRecord(record, network)
   if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our own record would be refused by peers: ${refused}`)
   const key = layout.node(record.name)
   for (let attempt = 1; attempt <= 5; attempt++) {
     const current = await client.kvGet(key)
-    if (current) {
-      try {
-        if (sameRecordContent(JSON.parse(current.value) as NodeRecord, record)) return 'unchanged'
-      } catch {
-        // Whatever is there is not ours to keep; overwrite it (with CAS).
-      }
-    }
+    const stored = current && decodeJson(current.value, nodeRecordSchema)
+    // Whatever else is there is not ours to keep; it is overwritten (with CAS).
+    if (current && stored?.ok && sameRecordContent(stored.value, record)) return { outcome: 'unchanged', since: current.modifyIndex }
     if (await client.kvPut(key, JSON.stringify(record), { cas: current?.modifyIndex ?? 0 })) {
       log.info({ key, attempt }, 'published our record')
-      return 'written'
+      return { outcome: 'written', since: (current?.modifyIndex ?? 0) + 1 }
     }
     log.info({ key, attempt }, 'record changed under us; re-reading before writing again')
   }

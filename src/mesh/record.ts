@@ -3,7 +3,11 @@ import { z } from 'zod'
 import { isTincName } from '../tinc/names.ts'
 import { ALLOWED_OPTIONS, isPlausibleRsaKey, keyFingerprint, parseHostFile, type HostFileEntry } from '../tinc/hostfile.ts'
 
-/** A node's record in KV. `v` lets later versions change the shape without guessing. */
+/**
+ * A node's record in KV. `v` names the shape; later releases may add fields to it, so an unknown
+ * field is accepted and dropped (zod's default strip), never rendered: a node running a newer
+ * release must not vanish from older ones.
+ */
 export const RECORD_VERSION = 1
 /** A 8192-bit key's host file is under 2 KiB; anything near this is not a host record. */
 export const MAX_RECORD_BYTES = 8192
@@ -25,7 +29,7 @@ export const nodeRecordSchema = z
     joinPort: z.number().int().min(1).max(65535).optional(),
     updatedAt: z.iso.datetime(),
   })
-  .strict()
+  .strip()
 
 export type NodeRecord = z.infer<typeof nodeRecordSchema>
 
@@ -36,7 +40,7 @@ export const networkRecordSchema = z
     domain: z.string().regex(/^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*$/),
     createdAt: z.iso.datetime(),
   })
-  .strict()
+  .strip()
 
 export type NetworkRecord = z.infer<typeof networkRecordSchema>
 
@@ -82,6 +86,8 @@ export interface AcceptedPeer {
   options: HostFileEntry[]
   /** Host-file variables we dropped because they are not on the allow-list. */
   dropped: string[]
+  /** The record's KV CreateIndex: seniority when two records claim the same address, key or name. */
+  createIndex: number
 }
 
 export interface PeerContext {
@@ -95,10 +101,11 @@ export interface PeerContext {
  * node it's stored under, its key matches its fingerprint, and it claims only
  * its own VPN address. Pinning and revocation are the caller's (they need state).
  */
-export function checkPeer(record: NodeRecord, ctx: PeerContext): Decoded<AcceptedPeer> {
+export function checkPeer(record: NodeRecord, ctx: PeerContext): Decoded<Omit<AcceptedPeer, 'createIndex'>> {
   if (record.name !== ctx.keyName) return { ok: false, reason: `record stored under "${ctx.keyName}" names "${record.name}"` }
-  const net = ipaddr.parseCIDR(ctx.network.cidr)
-  const vpn = ipaddr.parse(record.vpnAddress)
+  // Both are IPv4 by schema; the IPv4 parsers skip ipaddr's IPv6 attempt, a third of a decode's time.
+  const net = ipaddr.IPv4.parseCIDR(ctx.network.cidr)
+  const vpn = ipaddr.IPv4.parse(record.vpnAddress)
   if (!vpn.match(net)) return { ok: false, reason: `VPN address ${record.vpnAddress} is outside the network ${ctx.network.cidr}` }
   const [netAddr, bits] = net
   const networkAddr = ipaddr.IPv4.networkAddressFromCIDR(`${netAddr.toString()}/${bits}`).toString()

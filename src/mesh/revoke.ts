@@ -1,5 +1,6 @@
 import type { ConsulClient, TxnOp } from '../consul/client.ts'
-import type { KvLayout } from '../consul/kv-layout.ts'
+import type { KvItem } from '../consul/kv.ts'
+import type { KvLayout } from './kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import { ipamEntrySchema, releaseOp } from './ipam.ts'
 import { decodeJson, nodeRecordSchema } from './record.ts'
@@ -30,4 +31,9 @@ export async function revokeNode(client: ConsulClient, layout: KvLayout, name: s
   const res = await client.txn(ops)
   if (!res.ok) throw new TincConsulError('REVOKE_RACED', `"${name}" changed while it was being revoked (${res.errors.map((e) => e.What).join('; ')}); run revoke again`)
   return { fingerprint, releasedAddress: ops.length > 2 ? d.value.vpnAddress : undefined }
+}
+
+/** Fingerprints from revoked/ keys; the marker and junk keys are left out. */
+export function revokedFrom(items: KvItem[], layout: KvLayout): Set<string> {
+  return new Set(items.map((i) => `sha256:${i.key.slice(layout.revokedPrefix.length)}`).filter((fp) => /^sha256:[0-9a-f]{64}$/.test(fp)))
 }

@@ -73,6 +73,8 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
         dns: opts.dns?.stats(),
         services: opts.sync.services(),
         allocations: opts.sync.allocations(),
+        conflict: opts.sync.conflict(),
+        pending: opts.sync.pending(),
         now: new Date(),
       })
     },

@@ -30,7 +30,9 @@ export function createMetrics(): Metrics {
     connections: g('connections', 'Meta connections tincd holds'),
     subnets: g('subnets', 'Subnets tincd knows'),
     skipped: g('tincd_dump_skipped_lines', 'Lines of tincd\'s last dump that did not parse'),
-    consulUp: g('consul_up', '1 when every Consul watch\'s last read succeeded'),
+    consulUp: g('consul_up', '1 when the latest request to Consul succeeded'),
+    conflict: g('name_conflict', '1 when another writer keeps rewriting this node\'s record (a cloned machine)'),
+    pending: g('records_unreadable', 'Records listed in Consul that could not be read; their files are kept'),
     lastSync: g('consul_last_sync_timestamp_seconds', 'When Consul last answered'),
     refused: c('records_refused_total', 'Node records refused (pinning, validation, revocation)'),
     refusedNow: g('records_refused', 'Node records refused right now'),
@@ -63,6 +65,8 @@ export function createMetrics(): Metrics {
       if (s.consul.lastSyncAt) m.lastSync.set(Date.parse(s.consul.lastSyncAt) / 1000)
       setCounter(m.refused, s.consul.refusedTotal)
       m.refusedNow.set(s.consul.refused.length)
+      m.conflict.set(s.node.nameConflict ? 1 : 0)
+      m.pending.set(s.consul.pending.length)
       setCounter(m.servicesRefused, s.consul.servicesRefusedTotal)
       m.healthy.reset()
       for (const svc of s.services) m.healthy.set({ service: svc.name, protocol: svc.protocol }, svc.instances.length)

@@ -1,6 +1,6 @@
 import type { DnsStats } from '../dns/server.ts'
 import type { MeshService } from '../mesh/services.ts'
-import type { ConsulHealth, SyncStats } from '../mesh/sync.ts'
+import type { ConsulHealth, NameConflict, SyncStats } from '../mesh/sync.ts'
 import type { MeshView } from '../mesh/view.ts'
 import type { DumpResult, TincDump } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
@@ -31,6 +31,10 @@ export interface StatusInputs {
   dns?: DnsStats & { byHelpers: number }
   services: MeshService[]
   allocations: ReadonlyMap<string, string>
+  /** Another writer keeps rewriting our record (a cloned machine). */
+  conflict?: NameConflict
+  /** Records listed in Consul that can't be judged yet (unreadable); their files are kept. */
+  pending?: readonly string[]
   now: Date
 }
 
@@ -58,7 +62,7 @@ export interface NodeStatus {
 
 export interface Status {
   at: string
-  node: { name: string; net: string; interface: string; address?: string; public?: boolean }
+  node: { name: string; net: string; interface: string; address?: string; public?: boolean; nameConflict?: NameConflict }
   tincd: { state: DumpResult['state']; pid?: number; reason?: string; skippedLines: number }
   bytes: { in?: number; out?: number; source: 'tincd' | 'interface' | 'none' }
   interface?: InterfaceCounters
@@ -66,7 +70,7 @@ export interface Status {
   edges: NonNullable<TincDump['edges']>
   subnets: NonNullable<TincDump['subnets']>
   connections: NonNullable<TincDump['connections']>
-  consul: { reachable: boolean; lastSyncAt?: string; index: number; failures: number; refusedTotal: number; refused: Array<{ key: string; reason: string }>; servicesRefusedTotal: number; emptyReadsIgnored: number }
+  consul: { reachable: boolean; lastSyncAt?: string; index: number; failures: number; refusedTotal: number; refused: Array<{ key: string; reason: string }>; pending: string[]; servicesRefusedTotal: number; emptyReadsIgnored: number }
   dns?: DnsStats & { byHelpers: number }
   services: MeshService[]
   allocations: Array<{ address: string; node: string }>
@@ -121,7 +125,7 @@ export function buildStatus(i: StatusInputs): Status {
   const c = i.consul
   return {
     at: i.now.toISOString(),
-    node: { name: i.self, net: i.net, interface: i.iface, ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}) },
+    node: { name: i.self, net: i.net, interface: i.iface, ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}), ...(i.conflict ? { nameConflict: i.conflict } : {}) },
     tincd: { state: i.tinc.state, ...(i.tinc.state === 'up' ? { pid: i.tinc.pid } : { reason: i.tinc.reason }), skippedLines: dump?.skipped ?? 0 },
     bytes: fromTinc ? { in: dump.bytesIn, out: dump.bytesOut, source: 'tincd' } : i.counters ? { in: i.counters.rxBytes, out: i.counters.txBytes, source: 'interface' } : { source: 'none' },
     ...(i.counters ? { interface: i.counters } : {}),
@@ -136,6 +140,7 @@ export function buildStatus(i: StatusInputs): Status {
       failures: c.failures,
       refusedTotal: i.sync.refusedTotal,
       refused: [...i.refusals].map(([key, reason]) => ({ key, reason })),
+      pending: [...(i.pending ?? [])],
       servicesRefusedTotal: i.sync.servicesRefusedTotal,
       emptyReadsIgnored: i.sync.emptyReadsIgnored,
     },

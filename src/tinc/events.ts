@@ -93,6 +93,9 @@ export async function watchEvents(file: string, onEvent: (e: TincEvent) => void,
   const watcher: FSWatcher = watch(dirname(file), (_event, name) => {
     if (name === basename(file)) kick()
   })
+  // An emitted error (the directory removed under us) must not end the daemon: status just
+  // stops learning about links until the next start.
+  watcher.on('error', (err) => log.error({ err, file }, 'watching tinc events failed; peer up/down changes are no longer followed'))
   kick()
   return { stop: () => watcher.close() }
 }

@@ -1,5 +1,6 @@
-import { readFile, rm, stat } from 'node:fs/promises'
+import { readFile, readdir, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
+import type { AcceptedPeer } from '../mesh/record.ts'
 import type { MeshView } from '../mesh/view.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { replaceManagedBlock } from './conf-block.ts'
@@ -29,17 +30,41 @@ export function hasStrictSubnets(conf: string): boolean {
 }
 
 /**
- * Renders the view into the tinc directory: `hosts/<peer>` for every peer but
- * ourselves, and the ConnectTo block in tinc.conf. Only ever touches
- * `hosts/<valid name>` and tinc.conf; never our own host file.
+ * A peer's host file, exactly as the daemon writes it: from the record's validated fields
+ * only, never its text. `init` and `join` write the same bytes, so the daemon's first
+ * render of a peer they wrote changes nothing.
+ */
+export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>): string {
+  const { addresses, port, subnets } = peer.record
+  return renderHostFile({ addresses, port, subnets, options: peer.options, publicKey: peer.publicKey })
+}
+
+/**
+ * Renders the view into the tinc directory. The renderer owns `hosts/`: it writes
+ * `hosts/<peer>` for every peer in the view, deletes the files of names that left it,
+ * and, once a complete read has shown what the mesh is (`prune`), deletes every other
+ * file named like a node. It never touches our own host file, the operator's kept
+ * names, files not named like a node (`tinc-up`, `x-down`, temp and dot files) or
+ * directories. The ConnectTo block in tinc.conf lists the view's public peers.
  */
 export interface RenderOptions {
   tincDir: string
   self: string
-  removed: string[]
+  /** Peers the operator keeps by hand (`<net>.keep`): never written, never deleted. */
+  keep: ReadonlySet<string>
+  /** Names whose files must go (the reconciler's `removed`). */
+  removed: readonly string[]
+  /** Delete every node-named file not in the view: only after a complete read since start. */
+  prune: boolean
+  /**
+   * Listed names that could not be judged yet (the reconciler's `pending`): their files are
+   * never deleted, even when pruning ("unreadable" is not "gone"). One still in the view with
+   * the copy accepted before is written like any other peer.
+   */
+  pending?: ReadonlySet<string> | readonly string[]
   /**
    * What this process last wrote to each host file, and the peer object it came from.
-   * A peer whose object is the same as last time (the view reuses unchanged ones) is
+   * A peer whose object is the same as last time (the reconciler reuses unchanged ones) is
    * skipped without rendering or touching the disk, so an apply costs O(changes), not
    * O(peers). Empty on start, so the first render checks every file on disk.
    */
@@ -50,48 +75,20 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
   const result: RenderResult = { written: [], deleted: [], connectTo: [], confChanged: false, hupNeeded: false, reasons: [] }
   const confPath = join(opts.tincDir, 'tinc.conf')
   const conf = await readFile(confPath, 'utf8')
-  const strictSubnets = hasStrictSubnets(conf)
-  for (const [name, peer] of view.peers) {
-    if (name === opts.self || !isTincName(name)) continue
-    const last = opts.written.get(name)
-    if (last?.from === peer) continue
-    const path = join(opts.tincDir, 'hosts', name)
-    const text = renderHostFile({ addresses: peer.record.addresses, port: peer.record.port, subnets: peer.record.subnets, options: peer.options, publicKey: peer.publicKey })
-    if (last?.text === text) {
-      last.from = peer
-      continue
-    }
-    const old = await readFile(path, 'utf8').catch(() => undefined)
-    const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
-    opts.written.set(name, { text, from: peer })
-    if (changed) {
-      result.written.push(name)
-      if (old !== undefined && identity(old) !== identity(text)) {
-        result.hupNeeded = true
-        result.reasons.push(`${name}'s key or address changed`)
-      } else if (old === undefined && strictSubnets) {
-        // tincd reads a new peer's key when it connects, but with StrictSubnets it only
-        // routes subnets it loaded from host files at start or HUP: without a HUP the
-        // new peer connects and its traffic is dropped as an unauthorized subnet.
-        result.hupNeeded = true
-        result.reasons.push(`new peer ${name} (StrictSubnets)`)
-      }
-    }
-  }
-  for (const name of opts.removed) {
-    if (name === opts.self || !isTincName(name)) continue
-    opts.written.delete(name)
-    try {
-      await rm(join(opts.tincDir, 'hosts', name))
-      result.deleted.push(name)
-      result.hupNeeded = true
-      result.reasons.push(`${name} was removed`)
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
-    }
-  }
+  const pending = new Set(opts.pending ?? [])
+  // Never ours, never the operator's, never a name that is not a tinc node name.
+  const untouchable = (name: string) => name === opts.self || opts.keep.has(name) || !isTincName(name)
+  await writeHostFiles(view, opts, untouchable, hasStrictSubnets(conf), result)
+  const spare = (name: string) => untouchable(name) || pending.has(name) || view.peers.has(name)
+  const removed = new Set(opts.removed)
+  const reason = (name: string) => (removed.has(name) ? `${name} was removed` : `${name} is not in the mesh`)
+  // Pruning covers every removed name that still has a file, without asking for the others.
+  const doomed = opts.prune ? await nodeFiles(join(opts.tincDir, 'hosts')) : [...removed]
+  for (const name of doomed) if (!spare(name)) await removeHostFile(name, reason(name), opts, result)
+  // A removed name whose file someone else deleted must be written again if it comes back.
+  for (const name of removed) if (!spare(name)) opts.written.delete(name)
   result.connectTo = [...view.peers.values()]
-    .filter((p) => p.record.name !== opts.self && p.record.addresses.length > 0)
+    .filter((p) => !untouchable(p.record.name) && p.record.addresses.length > 0)
     .map((p) => p.record.name)
     .sort()
   const next = replaceManagedBlock(conf, result.connectTo.map((n) => `ConnectTo = ${n}`))
@@ -101,4 +98,56 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
     result.reasons.push('the ConnectTo set changed')
   }
   return result
+}
+
+async function writeHostFiles(view: MeshView, opts: RenderOptions, untouchable: (name: string) => boolean, strictSubnets: boolean, result: RenderResult): Promise<void> {
+  for (const [name, peer] of view.peers) {
+    if (untouchable(name)) continue
+    const last = opts.written.get(name)
+    if (last?.from === peer) continue
+    const path = join(opts.tincDir, 'hosts', name)
+    const text = hostFileText(peer)
+    if (last?.text === text) {
+      last.from = peer
+      continue
+    }
+    // What we wrote last is what is there (hosts/ is ours); only a first write reads the disk.
+    const old = last ? last.text : await readFile(path, 'utf8').catch(() => undefined)
+    const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
+    opts.written.set(name, { text, from: peer })
+    if (!changed) continue
+    result.written.push(name)
+    if (old !== undefined && identity(old) !== identity(text)) {
+      result.hupNeeded = true
+      result.reasons.push(`${name}'s key or address changed`)
+    } else if (old === undefined && strictSubnets) {
+      // tincd reads a new peer's key when it connects, but with StrictSubnets it only
+      // routes subnets it loaded from host files at start or HUP: without a HUP the
+      // new peer connects and its traffic is dropped as an unauthorized subnet.
+      result.hupNeeded = true
+      result.reasons.push(`new peer ${name} (StrictSubnets)`)
+    }
+  }
+}
+
+async function removeHostFile(name: string, reason: string, opts: RenderOptions, result: RenderResult): Promise<void> {
+  opts.written.delete(name)
+  try {
+    await rm(join(opts.tincDir, 'hosts', name))
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return
+    throw err
+  }
+  result.deleted.push(name)
+  result.hupNeeded = true
+  result.reasons.push(reason)
+}
+
+/** Regular files and symlinks in hosts/ named like a node (dot and temp files never are); directories are left alone. */
+async function nodeFiles(dir: string): Promise<string[]> {
+  const entries = await readdir(dir, { withFileTypes: true }).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return []
+    throw err
+  })
+  return entries.filter((e) => (e.isFile() || e.isSymbolicLink()) && isTincName(e.name)).map((e) => e.name).sort()
 }

@@ -61,24 +61,24 @@ export function useLab(opts: LabUpOptions): () => Lab {
 
 /**
  * On a failed wait, shows what tincd and the sidecars said (a flaky mesh test is useless
- * without it) and keeps full copies in $TMPDIR/tinc-consul-lab-logs/<lab id>/.
+ * without it), and any `extraLogs` (a process the test spawned), and keeps full copies in
+ * $TMPDIR/tinc-consul-lab-logs/<lab id>/.
  */
-export async function withLogs<T>(lab: Lab, nodes: string[], fn: () => Promise<T>): Promise<T> {
+export async function withLogs<T>(lab: Lab, nodes: string[], fn: () => Promise<T>, extraLogs: string[] = []): Promise<T> {
   try {
     return await fn()
   } catch (err) {
     const { copyFileSync, existsSync: exists, mkdirSync, readFileSync } = await import('node:fs')
     const { tmpdir } = await import('node:os')
-    const { basename, join } = await import('node:path')
+    const { basename, dirname, join } = await import('node:path')
     const keep = join(tmpdir(), 'tinc-consul-lab-logs', lab.state.plan.id)
     mkdirSync(keep, { recursive: true })
-    for (const n of nodes) {
-      // The Consul agent's log too, where a test runs one on the node (a cluster that lost its leader says why there).
-      for (const f of [lab.tincFiles(n).logFile, join(lab.state.runDir, n, 'sidecar.log'), join(lab.state.runDir, n, 'consul.log')]) {
-        if (!exists(f)) continue
-        copyFileSync(f, join(keep, `${n}-${basename(f)}`))
-        process.stderr.write(`\n----- ${f} (last 40 lines; full copy in ${keep})\n${readFileSync(f, 'utf8').split('\n').slice(-40).join('\n')}\n`)
-      }
+    // The Consul agent's log too, where a test runs one on the node (a cluster that lost its leader says why there).
+    const files = [...nodes.flatMap((n) => [lab.tincFiles(n).logFile, join(lab.state.runDir, n, 'sidecar.log'), join(lab.state.runDir, n, 'consul.log')]), ...extraLogs]
+    for (const f of files) {
+      if (!exists(f)) continue
+      copyFileSync(f, join(keep, `${basename(dirname(f))}-${basename(f)}`))
+      process.stderr.write(`\n----- ${f} (last 40 lines; full copy in ${keep})\n${readFileSync(f, 'utf8').split('\n').slice(-40).join('\n')}\n`)
     }
     throw err
   }

@@ -3,8 +3,7 @@ import assert from 'node:assert/strict'
 import { existsSync, readFileSync, readdirSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
-import { kvList } from '../../src/consul/kv.ts'
-import { kvLayout } from '../../src/consul/kv-layout.ts'
+import { kvLayout } from '../../src/mesh/kv-layout.ts'
 import { waitFor } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir, labEventsDir } from '../../src/lab/tinc-manual.ts'
@@ -72,7 +71,7 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
       await start(lab, name)
     }
 
-    const records = (await kvList({ url: lab.consul('node1').url, token: lab.state.managementToken, prefix: layout.nodesPrefix })).items.map((i) => JSON.parse(Buffer.from(i.value).toString()) as { name: string; vpnAddress: string })
+    const records = (await lab.consul('node1').kvList(layout.nodesPrefix)).items.map((i) => JSON.parse(Buffer.from(i.value).toString()) as { name: string; vpnAddress: string })
     const addresses = records.map((r) => r.vpnAddress)
     assert.equal(new Set(addresses).size, members.length, `addresses are not unique: ${addresses.join(' ')}`)
     await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
@@ -100,8 +99,8 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const lab = get()
     const admin = lab.consul('node1')
     const state = async () => ({
-      nodes: (await kvList({ url: admin.url, token: lab.state.managementToken, prefix: layout.nodesPrefix })).items.map((i) => i.key),
-      ipam: (await kvList({ url: admin.url, token: lab.state.managementToken, prefix: layout.ipamPrefix })).items.map((i) => i.key),
+      nodes: (await admin.kvList(layout.nodesPrefix)).items.map((i) => i.key),
+      ipam: (await admin.kvList(layout.ipamPrefix)).items.map((i) => i.key),
     })
     const before = await state()
     const used = await invite(lab, 'node1')

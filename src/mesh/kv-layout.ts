@@ -9,6 +9,7 @@ import { isTincName } from '../tinc/names.ts'
  *   <prefix>nodes/<name>         one NodeRecord per node
  *   <prefix>revoked/             empty; gives the prefix its own node in Consul's tree
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
+ *   <prefix>ipam/                empty, like revoked/
  *   <prefix>ipam/<address>       who holds a VPN address: {"name":"…","at":"…"[,"releasedAt":"…"]}
  *   <prefix>invites/<id hex>     an open invite (never the token): see src/mesh/invite.ts
  *   <prefix>aliases/             empty, like revoked/

@@ -1,0 +1,190 @@
+import type { Logger } from '../../log.ts'
+import { renderTinc, type RenderOptions, type RenderResult } from '../../tinc/render.ts'
+import { signalTincd } from '../../tinc/signal.ts'
+import type { CachedView } from '../cache.ts'
+import { checkPeer, type NodeRecord } from '../record.ts'
+import { savePins } from '../pins.ts'
+import type { Refusal } from '../reconcile.ts'
+import { viewRecords, type MeshView } from '../view.ts'
+import type { CacheWriter } from './cache-writer.ts'
+import type { MeshInputs } from './inputs.ts'
+import { cacheInput, consulInput, judge, type JudgeContext, type Judgement } from './judge.ts'
+import type { StateFeed } from './state-feed.ts'
+
+export interface AppliedEvent {
+  source: 'cache' | 'consul'
+  render: RenderResult
+  refusals: Refusal[]
+  bytesRead: number
+}
+
+export interface SyncStats {
+  refusedTotal: number
+  /** Service instances refused (not on a mesh node, wrong address, malformed), counted when a reason first appears. */
+  servicesRefusedTotal: number
+  emptyReadsIgnored: number
+  bytesRead: number
+  applies: number
+  hups: number
+}
+
+export interface CoreOptions {
+  tincDir: string
+  pidFile: string
+  stateDir: string
+  log: Logger
+  ctx: JudgeContext
+  inputs: MeshInputs
+  feed: StateFeed
+  cache: CacheWriter
+  stats: SyncStats
+  /** Body bytes read from Consul since the last apply (and resets the count). */
+  takeBytes(): number
+  /** Our own record, from our host file; undefined while it can't be built. */
+  own(): Promise<NodeRecord | undefined>
+  onApplied?(event: AppliedEvent): void
+}
+
+export interface Core {
+  view(): MeshView | undefined
+  refusals(): ReadonlyMap<string, string>
+  /** Names listed in Consul whose record could not be read (their last good copy stays), or can't be judged yet. */
+  pending(): readonly string[]
+  /** Judge and render from Consul's inputs, after any apply in progress. */
+  schedule(): Promise<void>
+  applyCache(cached: CachedView): Promise<void>
+  /** The aliases changed: feed DNS and the cache. */
+  aliasesChanged(): void
+  /** The services changed: feed DNS. */
+  servicesChanged(): void
+  stop(): Promise<void>
+}
+
+/** How soon new keys held back by a failed revoked/ read are judged again. */
+const RETRY_MS = 1000
+
+/** What the core has rendered so far. */
+interface CoreState {
+  /** What the reconciler accepted: peers only, the previous view for the next judgement. */
+  judged: MeshView | undefined
+  /** What DNS and status read: the judged peers plus this node, from its own files. */
+  view: MeshView | undefined
+  refusals: Map<string, string>
+  pending: string[]
+  /** hosts/ belongs to the renderer only once a complete listing has said who exists. */
+  owned: boolean
+  /** The last judgement from Consul: what the cache holds. */
+  last: Judgement | undefined
+  written: RenderOptions['written']
+}
+
+/**
+ * The daemon's core step: inputs → reconciler → renderers (host files and the tinc.conf block,
+ * tincd's reload, the DNS feed, the cache). Applies run one at a time, each from the latest inputs.
+ */
+export function meshCore(o: CoreOptions): Core {
+  const st: CoreState = { judged: undefined, view: undefined, refusals: new Map(), pending: [], owned: false, last: undefined, written: new Map() }
+  let memoNetwork = ''
+  let retry: NodeJS.Timeout | undefined
+  let stopped = false
+
+  const applyConsul = async () => {
+    const input = consulInput(o.inputs, o.ctx)
+    if (!input || stopped) return
+    // Decoding results depend on the network's range: a new network record starts afresh.
+    if (JSON.stringify(input.network) !== memoNetwork) {
+      o.ctx.memo.clear()
+      memoNetwork = JSON.stringify(input.network)
+    }
+    const j = await judge(st.judged, input, o.ctx, true)
+    await commit(o, st, j, 'consul')
+    clearTimeout(retry)
+    if (j.retry && !stopped) retry = setTimeout(() => void schedule(), RETRY_MS)
+  }
+  let chain = Promise.resolve()
+  const schedule = () => {
+    chain = chain.then(applyConsul).catch((err: unknown) => o.log.error({ err }, 'applying the mesh view failed; keeping the files as they are'))
+    return chain
+  }
+
+  return {
+    view: () => st.view,
+    refusals: () => st.refusals,
+    pending: () => st.pending,
+    schedule,
+    applyCache: async (c) => {
+      o.feed.setAliases(c.aliases ?? [])
+      await commit(o, st, await judge(undefined, cacheInput(c, o.ctx), o.ctx, false), 'cache')
+    },
+    aliasesChanged: () => {
+      if (st.last) o.cache.set(cachedView(st.last, o.feed))
+      o.feed.emit(st.view, o.inputs.services)
+    },
+    servicesChanged: () => o.feed.emit(st.view, o.inputs.services),
+    stop: async () => {
+      stopped = true
+      clearTimeout(retry)
+      await chain
+    },
+  }
+}
+
+/** One judgement made real: pins, host files and the ConnectTo block, tincd's reload, DNS, the cache. */
+async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: AppliedEvent['source']): Promise<void> {
+  const { ctx, log } = o
+  // A read that failed is not a refusal of the record: it is counted apart, as unreadable.
+  noteRefusals(o, st, j.refusals.filter((r) => r.kind !== 'unreadable'))
+  const unreadable = j.refusals.flatMap((r) => (r.kind === 'unreadable' && r.name ? [r.name] : []))
+  for (const [name, fp] of j.newPins) ctx.pins.set(name, fp)
+  if (j.newPins.length) await savePins(o.stateDir, ctx.pins)
+  if (source === 'consul' && j.complete) st.owned = true
+  // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
+  const render = await renderTinc(j.view, { tincDir: o.tincDir, self: ctx.self.name, keep: ctx.keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written })
+  st.judged = j.view
+  st.view = await withSelf(j.view, o)
+  st.pending = [...new Set([...j.pending, ...unreadable])].sort()
+  o.stats.applies++
+  if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
+  if (render.hupNeeded) {
+    log.info({ reasons: render.reasons }, 'asking tincd to reload')
+    if (await signalTincd(o.pidFile, 'SIGHUP', log)) o.stats.hups++
+  }
+  o.onApplied?.({ source, render, refusals: j.refusals, bytesRead: o.takeBytes() })
+  o.feed.emit(st.view, o.inputs.services)
+  if (source !== 'consul') return
+  st.last = j
+  o.cache.set(cachedView(j, o.feed))
+}
+
+/**
+ * The view with this node in it, as its own files describe it: DNS answers our own name and
+ * status shows our address before (and whatever) Consul says about us. Never rendered as a host file.
+ */
+async function withSelf(view: MeshView, o: CoreOptions): Promise<MeshView> {
+  const own = await o.own()
+  if (!own) return view
+  const checked = checkPeer(own, { network: view.network, keyName: own.name })
+  if (!checked.ok) return view
+  return { network: view.network, peers: new Map([...view.peers, [own.name, { ...checked.value, createIndex: 0 }]]) }
+}
+
+/** Counts and logs a refusal when its reason first appears, not at every apply. */
+function noteRefusals(o: CoreOptions, st: CoreState, list: Refusal[]): void {
+  for (const r of list) {
+    if (st.refusals.get(r.key) === r.reason) continue
+    o.stats.refusedTotal++
+    o.log.warn({ key: r.key, peer: r.name, reason: r.reason, kind: r.kind }, 'refused a record from consul')
+  }
+  st.refusals = new Map(list.map((r) => [r.key, r.reason]))
+}
+
+function cachedView(j: Judgement, feed: StateFeed): CachedView {
+  return {
+    network: j.network,
+    records: viewRecords(j.view),
+    aliases: feed.aliases(),
+    seniority: Object.fromEntries([...j.view.peers].map(([n, p]) => [n, p.createIndex])),
+    ...(j.allocations ? { allocations: Object.fromEntries(j.allocations) } : {}),
+    ...(j.revoked ? { revoked: [...j.revoked].sort() } : {}),
+  }
+}

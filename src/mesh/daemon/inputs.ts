@@ -1,0 +1,161 @@
+import type { ConsulClient } from '../../consul/client.ts'
+import { watchHealth } from '../../consul/health.ts'
+import type { KvItem } from '../../consul/kv.ts'
+import { watchTree, type TreeSnapshot } from '../../consul/tree-watch.ts'
+import { watchPrefix, type Watch } from '../../consul/watch.ts'
+import type { Logger } from '../../log.ts'
+import { isTincName } from '../../tinc/names.ts'
+import { activeHolders, parseIpam } from '../ipam.ts'
+import { revokedFrom } from '../revoke.ts'
+import type { KvLayout } from '../kv-layout.ts'
+import { decodeJson, networkRecordSchema, type NetworkRecord } from '../record.ts'
+import { serviceFilters } from '../services.ts'
+
+/**
+ * Consul recommends a blocking query per key only up to a point: each holds a connection to
+ * the agent, which allows 200 per client address by default (limits.http_max_conns_per_client).
+ */
+export const DEFAULT_RECORD_WATCH_LIMIT = 150
+
+/** The latest good read of each input; undefined until its first good read. */
+export interface MeshInputs {
+  network?: NetworkRecord
+  nodes?: TreeSnapshot
+  /** ipam/ active holders, address → name. */
+  allocations?: ReadonlyMap<string, string>
+  revoked?: ReadonlySet<string>
+  aliasItems?: KvItem[]
+  services: ReadonlyMap<string, unknown[]>
+}
+
+export type InputName = 'network' | 'nodes' | 'ipam' | 'revoked' | 'aliases' | 'services'
+
+export interface WatchSetOptions {
+  /** Filled in place with each input's latest good read. */
+  inputs: MeshInputs
+  client: ConsulClient
+  layout: KvLayout
+  net: string
+  waitSeconds?: number
+  recordWatchLimit: number
+  services: boolean
+  log: Logger
+  /** An input changed; `inputs` already holds the new value. */
+  onChange(what: InputName): void | Promise<void>
+  /** A read was deliberately not taken (an empty prefix that can't be empty). */
+  onIgnored(reason: string): void
+  onBytes(bytes: number): void
+}
+
+export interface WatchSet {
+  readonly inputs: MeshInputs
+  /** The network watch: it re-reads within a second of an outage ending, and its index is the one status shows. */
+  readonly lead: Watch
+  stop(): Promise<void>
+}
+
+const sameSet = (a: ReadonlySet<string> | undefined, b: ReadonlySet<string>) => a !== undefined && a.size === b.size && [...b].every((x) => a.has(x))
+const sameMap = (a: ReadonlyMap<string, string> | undefined, b: ReadonlyMap<string, string>) => a !== undefined && a.size === b.size && [...b].every(([k, v]) => a.get(k) === v)
+
+/**
+ * The daemon's inputs from Consul: one watch per input, each keeping its latest good read.
+ * A read that can't be right is not taken: a prefix holding a marker key (revoked/, aliases/,
+ * ipam/ on networks made by init) or at least our own record (nodes/) is never empty, so an
+ * empty read after a non-empty one is a bad moment of the store (consul-template blanked files
+ * on exactly this), not everyone leaving.
+ */
+export function watchInputs(opts: WatchSetOptions): WatchSet {
+  const { layout, log, inputs } = opts
+  const lead = networkWatch(opts)
+  const watches: Watch[] = [
+    lead,
+    watchTree({
+      client: opts.client,
+      waitSeconds: opts.waitSeconds,
+      log,
+      prefix: layout.nodesPrefix,
+      perKeyLimit: opts.recordWatchLimit,
+      nameOnly: (key) => !isTincName(key.slice(layout.nodesPrefix.length)),
+      onChange: async (s) => {
+        opts.onBytes(s.bytes)
+        if (s.filtered) log.warn('consul filtered some node records from this token; give it read on the whole prefix')
+        if (s.keys.size === 0 && (inputs.nodes?.keys.size ?? 0) > 0) opts.onIgnored('empty nodes/ read')
+        inputs.nodes = s
+        await opts.onChange('nodes')
+      },
+    }),
+    markedPrefixWatch(opts, 'ipam', layout.ipamPrefix, (items) => activeHolders(parseIpam(items, layout)), (next) => {
+      if (sameMap(inputs.allocations, next)) return false
+      inputs.allocations = next
+      return true
+    }),
+    // An empty revoked/ without its marker wakes on every write near it; only a real change matters.
+    markedPrefixWatch(opts, 'revoked', layout.revokedPrefix, (items) => revokedFrom(items, layout), (next) => {
+      if (sameSet(inputs.revoked, next)) return false
+      inputs.revoked = next
+      return true
+    }),
+    markedPrefixWatch(opts, 'aliases', layout.aliasesPrefix, (items) => items, (items) => {
+      inputs.aliasItems = items
+      return true
+    }),
+  ]
+  if (opts.services) {
+    const onChange = (entries: ReadonlyMap<string, unknown[]>) => {
+      inputs.services = new Map(entries)
+      void opts.onChange('services')
+    }
+    watches.push(watchHealth({ client: opts.client, waitSeconds: opts.waitSeconds, log, filter: serviceFilters(opts.net), onChange }))
+  }
+  return { inputs, lead, stop: async () => void (await Promise.all(watches.map((w) => w.stop()))) }
+}
+
+/**
+ * The network record's watch, and the daemon's probe after an outage: with a short backoff cap
+ * it notices Consul is back within a second, and the client's recovery signal then wakes every
+ * other watch to re-read at once.
+ */
+function networkWatch(opts: WatchSetOptions): Watch {
+  const { layout, log, inputs } = opts
+  return watchPrefix({
+    client: opts.client,
+    waitSeconds: opts.waitSeconds,
+    log,
+    prefix: layout.network,
+    backoffMaxMs: 1000,
+    onChange: async (r) => {
+      opts.onBytes(r.bytes)
+      const item = r.items.find((i) => i.key === layout.network)
+      if (!item) return void log.warn({ key: layout.network }, 'no network record in consul yet; waiting for `tinc-consul init`')
+      const d = decodeJson(item.value, networkRecordSchema)
+      if (!d.ok) return void log.error({ key: layout.network, reason: d.reason }, 'refused the network record; keeping the last good one')
+      if (inputs.network && JSON.stringify(inputs.network) === JSON.stringify(d.value)) return
+      inputs.network = d.value
+      await opts.onChange('network')
+    },
+  })
+}
+
+/**
+ * A `?recurse` watch on a prefix that holds a marker key, so a good read is never empty: an
+ * empty read after a non-empty one is not taken. `store` keeps the parsed value and says whether
+ * it changed anything.
+ */
+function markedPrefixWatch<T>(opts: WatchSetOptions, what: InputName, prefix: string, parse: (items: KvItem[]) => T, store: (value: T) => boolean): Watch {
+  let had: number | undefined
+  return watchPrefix({
+    client: opts.client,
+    waitSeconds: opts.waitSeconds,
+    log: opts.log,
+    prefix,
+    onChange: async (r) => {
+      opts.onBytes(r.bytes)
+      if (r.items.length === 0 && had !== undefined && had > 0) {
+        opts.log.warn({ input: what }, `consul returned nothing at all under ${what}/, not even its marker; ignoring this read`)
+        return opts.onIgnored(`empty ${what}/ read`)
+      }
+      had = r.items.length
+      if (store(parse(r.items))) await opts.onChange(what)
+    },
+  })
+}

@@ -1,0 +1,59 @@
+import type { ConsulClient } from '../consul/client.ts'
+import type { KvItem } from '../consul/kv.ts'
+import { TincConsulError } from '../errors.ts'
+import { hostFileText } from '../tinc/render.ts'
+import { revokedFrom } from './revoke.ts'
+import { activeHolders, parseIpam } from './ipam.ts'
+import type { KvLayout } from './kv-layout.ts'
+import { reconcile, type NodeEntry, type OwnIdentity, type Refusal } from './reconcile.ts'
+import type { NetworkRecord } from './record.ts'
+
+export interface PeerFiles {
+  /** Host file text by peer name, byte for byte what the daemon writes for the same view. */
+  files: Record<string, string>
+  /** Records left out, and why (for init's progress and the join server's log). */
+  refusals: Refusal[]
+  /** Every name listed under nodes/, accepted or not. */
+  listed: string[]
+}
+
+/**
+ * The host files `init` writes and the join server hands a new node: the network's records
+ * judged by the daemon's own reconciler, so a node never starts with a file its daemon would
+ * refuse (a record squatting on another node's address, a revoked key), which the daemon
+ * would otherwise only remove after its first complete read. Public ones become ConnectTo
+ * entries; the rest let the new node route to nodes behind NAT (StrictSubnets) before its
+ * daemon has synced. Without a fresh read of ipam/ and revoked/ nothing can be judged, so a
+ * failed or ACL-filtered read is an error, never a skipped check.
+ */
+export async function peerHostFiles(client: ConsulClient, layout: KvLayout, network: NetworkRecord, self: OwnIdentity): Promise<PeerFiles> {
+  const [nodes, ipam, revoked] = await Promise.all([readAll(client, layout.nodesPrefix), readAll(client, layout.ipamPrefix), readAll(client, layout.revokedPrefix)])
+  const entries = new Map<string, NodeEntry>(nodes.map((i) => [i.key, { state: 'value', value: i.value, createIndex: i.createIndex }]))
+  const result = reconcile(undefined, {
+    layout,
+    network,
+    self,
+    nodes: entries,
+    complete: true,
+    allocations: activeHolders(parseIpam(ipam, layout)),
+    revoked: revokedFrom(revoked, layout),
+    pins: new Map(),
+    keep: new Set(),
+    trustNewKeys: true,
+  })
+  const files: Record<string, string> = {}
+  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = hostFileText(peer)
+  return { files, refusals: result.refusals, listed: nodes.map((i) => i.key.slice(layout.nodesPrefix.length)) }
+}
+
+async function readAll(client: ConsulClient, prefix: string): Promise<KvItem[]> {
+  let read: Awaited<ReturnType<ConsulClient['kvList']>>
+  try {
+    read = await client.kvList(prefix)
+  } catch (err) {
+    throw new TincConsulError('PEERS_UNREADABLE', `could not read ${prefix} from Consul, so the network's host files can't be checked: ${(err as Error).message}`, { cause: err })
+  }
+  // Hidden keys could be revocations or address holders: judging without them is guessing.
+  if (read.filtered) throw new TincConsulError('PEERS_UNREADABLE', `Consul hid some keys under ${prefix} from this token (ACL); it needs read on the whole prefix to check the network's host files`)
+  return read.items
+}
