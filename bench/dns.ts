@@ -43,7 +43,15 @@ function wholeNumber(flag: string, raw: string, min: number, max: number): numbe
 
 function flags() {
   try {
-    return parseArgs({ options: { rounds: { type: 'string', default: '3' }, seconds: { type: 'string', default: '5' }, workers: { type: 'string', default: 'auto' }, names: { type: 'string', default: '1000' }, 'no-consul': { type: 'boolean', default: false } } }).values
+    return parseArgs({
+      options: {
+        rounds: { type: 'string', default: '3' },
+        seconds: { type: 'string', default: '5' },
+        workers: { type: 'string', default: 'auto' },
+        names: { type: 'string', default: '1000' },
+        'no-consul': { type: 'boolean', default: false },
+      },
+    }).values
   } catch (err) {
     usage((err as Error).message)
   }
@@ -149,7 +157,19 @@ async function checkAnswer(label: string, port: number, name: string, expected: 
 
 async function startDnsmasq(bin: string, hostsFile: string): Promise<number> {
   const port = await freePort()
-  const args = ['-k', `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', `--addn-hosts=${hostsFile}`, '--conf-file=/dev/null', '--pid-file=', '--local=/mesh/', '--log-facility=/dev/null']
+  const args = [
+    '-k',
+    `--port=${port}`,
+    '--listen-address=127.0.0.1',
+    '--bind-interfaces',
+    '--no-resolv',
+    '--no-hosts',
+    `--addn-hosts=${hostsFile}`,
+    '--conf-file=/dev/null',
+    '--pid-file=',
+    '--local=/mesh/',
+    '--log-facility=/dev/null',
+  ]
   // As root dnsmasq would drop to "nobody", who may not read the hosts file in our temp dir.
   if (process.getuid?.() === 0) args.push('--user=root')
   const child = spawn(bin, args, { stdio: ['ignore', 'ignore', 'pipe'] })
@@ -325,7 +345,15 @@ async function main(): Promise<void> {
     const f = s.fixed as FixedRate
     const bad = [...f.others].map(([code, count]) => `${code} ${count}`).join(', ') || '0'
     const lost = s.rounds.reduce((a, x) => a + x.lost, 0)
-    table.push([s.label, (qps.get(s) ?? NaN).toFixed(0), String(lost), median(s.rounds.map((x) => x.avgMs)).toFixed(3), `${f.avgMs.toFixed(3)} / ${f.p99Ms.toFixed(3)}`, `${f.lost} / ${bad}`, ((qps.get(s) ?? NaN) / ref).toFixed(2)])
+    table.push([
+      s.label,
+      (qps.get(s) ?? NaN).toFixed(0),
+      String(lost),
+      median(s.rounds.map((x) => x.avgMs)).toFixed(3),
+      `${f.avgMs.toFixed(3)} / ${f.p99Ms.toFixed(3)}`,
+      `${f.lost} / ${bad}`,
+      ((qps.get(s) ?? NaN) / ref).toFixed(2),
+    ])
   }
   const widths = (table[0] ?? []).map((_, i) => Math.max(...table.map((r) => (r[i] ?? '').length)))
   console.log(`dns: ${NAMES} names, ${ROUNDS} interleaved rounds of ${SECONDS} s flat out (dnsperf -c 4) per server, then ${SECONDS} s each at ${rate} q/s; all on 127.0.0.1`)

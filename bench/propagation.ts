@@ -23,7 +23,14 @@ import { writeNetworkRecord } from '../src/mesh/network.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync, type AppliedEvent, type SyncDaemon } from '../src/mesh/sync.ts'
 import { keyFingerprint, renderHostFile } from '../src/tinc/hostfile.ts'
 
-const { values } = parseArgs({ options: { nodes: { type: 'string', default: '50' }, rounds: { type: 'string', default: '20' }, 'key-bits': { type: 'string', default: '2048' }, 'no-reference': { type: 'boolean', default: false } } })
+const { values } = parseArgs({
+  options: {
+    nodes: { type: 'string', default: '50' },
+    rounds: { type: 'string', default: '20' },
+    'key-bits': { type: 'string', default: '2048' },
+    'no-reference': { type: 'boolean', default: false },
+  },
+})
 const N = Number(values.nodes)
 const ROUNDS = Number(values.rounds)
 const BITS = Number(values['key-bits'])
@@ -48,7 +55,17 @@ const keys = Array.from({ length: N }, pem)
 const peerKey = pem()
 const peer = (round: number) => {
   const hostFile = renderHostFile({ addresses: ['198.18.255.1'], port: 655, subnets: ['10.200.255.1/32'], options: [{ key: 'Weight', value: String(round) }], publicKey: peerKey })
-  return { v: 1, name: 'bench_peer', vpnAddress: '10.200.255.1', subnets: ['10.200.255.1/32'], addresses: ['198.18.255.1'], port: 655, hostFile, fingerprint: keyFingerprint(peerKey), updatedAt: new Date().toISOString() }
+  return {
+    v: 1,
+    name: 'bench_peer',
+    vpnAddress: '10.200.255.1',
+    subnets: ['10.200.255.1/32'],
+    addresses: ['198.18.255.1'],
+    port: 655,
+    hostFile,
+    fingerprint: keyFingerprint(peerKey),
+    updatedAt: new Date().toISOString(),
+  }
 }
 
 async function measure(consul: DevConsul, root: string, net: string, recordWatchLimit: number): Promise<Figures> {
@@ -66,7 +83,19 @@ async function measure(consul: DevConsul, root: string, net: string, recordWatch
       await writeFile(join(dir, 'tinc.conf'), `Name = ${name}\nStrictSubnets = yes\n`)
       const ip = `10.200.${Math.floor((i + 1) / 250)}.${((i + 1) % 250) + 1}`
       await writeFile(join(dir, 'hosts', name), `Address = 198.18.${Math.floor(i / 250)}.${(i % 250) + 1}\nPort = 655\nSubnet = ${ip}/32\n${keys[i]}\n`)
-      daemons.push(await startSync({ net, tincDir: dir, stateDir: join(dir, 'state'), pidFile: join(dir, 'none.pid'), consulUrl: consul.url, recordWatchLimit, services: false, log, onApplied: (e) => listeners.forEach((l) => l(e, i)) }))
+      daemons.push(
+        await startSync({
+          net,
+          tincDir: dir,
+          stateDir: join(dir, 'state'),
+          pidFile: join(dir, 'none.pid'),
+          consulUrl: consul.url,
+          recordWatchLimit,
+          services: false,
+          log,
+          onApplied: (e) => listeners.forEach((l) => l(e, i)),
+        }),
+      )
     }
     const round = (r: number) =>
       new Promise<{ latencies: number[]; bytes: number[] }>((resolve) => {
@@ -107,7 +136,9 @@ async function measure(consul: DevConsul, root: string, net: string, recordWatch
 }
 
 const show = (label: string, f: Figures) =>
-  console.log(`  ${label.padEnd(30)} p50 ${f.p50.toFixed(1).padStart(6)} ms   p99 ${f.p99.toFixed(1).padStart(6)} ms   max ${f.max.toFixed(1).padStart(6)} ms   ${String(Math.round(f.bytesPerChange)).padStart(6)} bytes read per change per daemon`)
+  console.log(
+    `  ${label.padEnd(30)} p50 ${f.p50.toFixed(1).padStart(6)} ms   p99 ${f.p99.toFixed(1).padStart(6)} ms   max ${f.max.toFixed(1).padStart(6)} ms   ${String(Math.round(f.bytesPerChange)).padStart(6)} bytes read per change per daemon`,
+  )
 
 // Each daemon holds N + 3 connections to the agent; in real life they are on N machines.
 const consul = await startDevConsul({ maxConnsPerClient: N * (N + 10) + 100 })

@@ -23,9 +23,12 @@ after(async () => {
 const works = (secretId: string) =>
   createConsulClient({ url: consul.url, token: secretId })
     .request('GET', '/v1/acl/token/self')
-    .then(() => true, () => false)
+    .then(
+      () => true,
+      () => false,
+    )
 
-test('revoking a node deletes its own and its join endpoint\'s tokens, and no other node\'s', async () => {
+test("revoking a node deletes its own and its join endpoint's tokens, and no other node's", async () => {
   const alice = await createNodeToken(admin, layout, 'alice')
   const aliceAgain = await createNodeToken(admin, layout, 'alice') // a re-join after a lost disk
   const aliceJoins = await createJoinServerToken(admin, layout, 'alice')
@@ -35,7 +38,7 @@ test('revoking a node deletes its own and its join endpoint\'s tokens, and no ot
 
   const gone = await deleteNodeTokens(admin, layout, 'alice')
   assert.deepEqual(gone.sort(), [alice.accessorId, aliceAgain.accessorId, aliceJoins.accessorId].sort())
-  for (const t of [alice, aliceAgain, aliceJoins]) assert.equal(await works(t.secretId), false, 'alice\'s tokens no longer work')
+  for (const t of [alice, aliceAgain, aliceJoins]) assert.equal(await works(t.secretId), false, "alice's tokens no longer work")
   for (const t of [bob, bobJoins]) assert.equal(await works(t.secretId), true, 'bob keeps his')
   assert.deepEqual(await deleteNodeTokens(admin, layout, 'alice'), [], 'a second revoke finds nothing left')
   assert.deepEqual(await deleteNodeTokens(admin, layout, 'carol'), [], 'a node that never had a token')

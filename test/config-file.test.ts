@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { preloadConfig } from '../src/config-file.ts'
 
-test('the settings file fills what the environment leaves unset, and Consul\'s own variables count as set', async () => {
+test("the settings file fills what the environment leaves unset, and Consul's own variables count as set", async () => {
   const dir = await mkdtemp(join(tmpdir(), 'tc-conf-'))
   try {
     await writeFile(join(dir, 'home.env'), 'TINC_CONSUL_TOKEN=node-token\nTINC_CONSUL_CONSUL=http://127.0.0.1:8500\nTINC_CONSUL_DNS_PORT=5353\n', { mode: 0o600 })

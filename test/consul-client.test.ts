@@ -63,14 +63,17 @@ test('403 becomes ConsulError CONSUL_FORBIDDEN', async () => {
 
 test('an unreachable agent is CONSUL_UNREACHABLE and names the address', async () => {
   let port = 0
-  await withServer(() => {}, async (url) => {
-    port = Number(new URL(url).port)
-  })
+  await withServer(
+    () => {},
+    async (url) => {
+      port = Number(new URL(url).port)
+    },
+  )
   const url = `http://127.0.0.1:${port}`
   await assert.rejects(createConsulClient({ url, timeoutMs: 2000 }).leader(), (err: unknown) => err instanceof ConsulError && err.code === 'CONSUL_UNREACHABLE' && err.message.includes(url))
 })
 
-test('kvPut sends the raw value and the cas index, and returns Consul\'s verdict', async () => {
+test("kvPut sends the raw value and the cas index, and returns Consul's verdict", async () => {
   const bodies: string[] = []
   await withServer(
     (req, res) => {
@@ -189,10 +192,16 @@ test('an aborted blocking read ends at once and says nothing about Consul; a sil
   )
 })
 
-test('members and leader are parsed from the agent\'s answers', async () => {
+test("members and leader are parsed from the agent's answers", async () => {
   await withServer(
     (req, res) => {
-      if (req.url === '/v1/agent/members') return res.end(JSON.stringify([{ Name: 's1', Addr: '10.0.0.1', Status: 1, Tags: { role: 'consul' } }, { Name: 'c1', Addr: '10.0.0.2', Status: 4, Tags: { role: 'node' } }]))
+      if (req.url === '/v1/agent/members')
+        return res.end(
+          JSON.stringify([
+            { Name: 's1', Addr: '10.0.0.1', Status: 1, Tags: { role: 'consul' } },
+            { Name: 'c1', Addr: '10.0.0.2', Status: 4, Tags: { role: 'node' } },
+          ]),
+        )
       res.end('""')
     },
     async (url) => {

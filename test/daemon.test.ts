@@ -28,7 +28,10 @@ interface Running {
 }
 
 function spawnDaemon(argv: string[]): Running {
-  const child = spawn(process.execPath, ['--import', 'tsx', MAIN, 'run', ...argv], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TINC_CONSUL_LOG_LEVEL: 'info', TINC_CONSUL_LOG_FORMAT: '' } })
+  const child = spawn(process.execPath, ['--import', 'tsx', MAIN, 'run', ...argv], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, TINC_CONSUL_LOG_LEVEL: 'info', TINC_CONSUL_LOG_FORMAT: '' },
+  })
   const lines: Array<Record<string, unknown>> = []
   const stray: string[] = []
   const waiters = new Set<() => void>()
@@ -74,7 +77,11 @@ const msg = (text: string) => (l: Record<string, unknown>) => typeof l.msg === '
 /** The answer section of a dig query, as [name, ttl, type, data] rows. */
 function dig(port: number, name: string): string[][] {
   const r = spawnSync('dig', ['@127.0.0.1', '-p', String(port), name, 'A', '+noall', '+answer', '+tries=1', '+time=2'], { encoding: 'utf8' })
-  return r.stdout.split('\n').filter((l) => l && !l.startsWith(';')).map((l) => l.split(/\s+/)).map((f) => [f[0] ?? '', f[1] ?? '', f[3] ?? '', f[4] ?? ''])
+  return r.stdout
+    .split('\n')
+    .filter((l) => l && !l.startsWith(';'))
+    .map((l) => l.split(/\s+/))
+    .map((f) => [f[0] ?? '', f[1] ?? '', f[3] ?? '', f[4] ?? ''])
 }
 
 async function until<T>(what: string, fn: () => T | undefined | Promise<T | undefined>, ms = 20_000): Promise<T> {
@@ -112,7 +119,34 @@ describe('the daemon as a process: logs, SIGHUP, SIGTERM, a restart without Cons
     stateDir = join(root, 'state')
     dnsPort = await freePort()
     statusPort = await freePort()
-    argv = ['--net', NET, '--dir', join(root, 'alpha'), '--config-dir', configDir, '--state-dir', stateDir, '--pidfile', join(root, 'tinc.pid'), '--run-dir', join(root, 'run'), '--tinc-log', join(root, 'tinc.log'), '--services-dir', join(root, 'services'), '--consul', consul.url, '--join-port', '0', '--dns-port', String(dnsPort), '--dns-workers', '1', '--status-port', String(statusPort)]
+    argv = [
+      '--net',
+      NET,
+      '--dir',
+      join(root, 'alpha'),
+      '--config-dir',
+      configDir,
+      '--state-dir',
+      stateDir,
+      '--pidfile',
+      join(root, 'tinc.pid'),
+      '--run-dir',
+      join(root, 'run'),
+      '--tinc-log',
+      join(root, 'tinc.log'),
+      '--services-dir',
+      join(root, 'services'),
+      '--consul',
+      consul.url,
+      '--join-port',
+      '0',
+      '--dns-port',
+      String(dnsPort),
+      '--dns-workers',
+      '1',
+      '--status-port',
+      String(statusPort),
+    ]
   })
   after(async () => {
     daemon?.child.kill('SIGKILL')
@@ -126,7 +160,10 @@ describe('the daemon as a process: logs, SIGHUP, SIGTERM, a restart without Cons
     const beta = await until('beta.mesh in DNS', () => dig(dnsPort, 'beta.mesh').find((r) => r[3] === '10.99.0.2'))
     assert.equal(beta[1], '30', 'the node TTL comes from the config file')
     assert.deepEqual(daemon.stray, [], 'every stdout line is JSON')
-    assert.ok(daemon.lines.every((l) => typeof l.level === 'number' && typeof l.time === 'number'), 'pino lines')
+    assert.ok(
+      daemon.lines.every((l) => typeof l.level === 'number' && typeof l.time === 'number'),
+      'pino lines',
+    )
   })
 
   test('SIGHUP reads the config file again; a broken file is refused and the daemon keeps its settings', async () => {
@@ -181,7 +218,14 @@ describe('the daemon as a process: logs, SIGHUP, SIGTERM, a restart without Cons
 
 describe('log format', () => {
   test('pretty lines for people: time, level, component, message, fields and the error', () => {
-    const line = JSON.stringify({ level: 50, time: Date.UTC(2026, 10, 22, 3, 4, 5, 6), msg: 'could not write', component: 'dns', file: '/etc/hosts', err: { message: 'EACCES', code: 'E_IO', stack: 'Error: EACCES\n    at x' } })
+    const line = JSON.stringify({
+      level: 50,
+      time: Date.UTC(2026, 10, 22, 3, 4, 5, 6),
+      msg: 'could not write',
+      component: 'dns',
+      file: '/etc/hosts',
+      err: { message: 'EACCES', code: 'E_IO', stack: 'Error: EACCES\n    at x' },
+    })
     assert.equal(prettyLine(line), '03:04:05.006 ERROR [dns] could not write file=/etc/hosts err="E_IO: EACCES"\n')
     assert.equal(prettyLine('not json'), 'not json')
   })

@@ -101,14 +101,20 @@ describe('the DNS server, asked by dig', () => {
     sock.close()
     assert.ok(replies.length >= 3)
     for (const r of replies.slice(0, 3)) assert.equal((r[3] ?? 0) & 0x0f, 1, 'expected FORMERR')
-    assert.ok(replies.every((r) => r.length <= 64), 'a garbage query got a large reply')
+    assert.ok(
+      replies.every((r) => r.length <= 64),
+      'a garbage query got a large reply',
+    )
     assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
   })
 })
 
 test('an answer too big for the client over UDP is cut to the question with TC; TCP gets it whole', () => {
   const zone = buildZone({ domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: nodes.slice(0, 2), ttl: { node: 30, service: 5, negative: 5 }, serial: 1 })
-  const big = prepare(RCODE.NOERROR, Array.from({ length: 40 }, (_, i) => ({ name: null, type: TYPE.A, ttl: 5, data: rdata.a(`10.99.0.${i + 1}`) })))
+  const big = prepare(
+    RCODE.NOERROR,
+    Array.from({ length: 40 }, (_, i) => ({ name: null, type: TYPE.A, ttl: 5, data: rdata.a(`10.99.0.${i + 1}`) })),
+  )
   const query = (edns?: number) => {
     const name = encodeName('hub.mesh')
     const head = Buffer.from([0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, edns ? 1 : 0])
@@ -144,7 +150,10 @@ describe('services and aliases, through a server with a helper process', () => {
     domain: 'mesh',
     cidr: '10.99.0.0/16',
     self: 'hub',
-    nodes: [{ name: 'hub', address: '10.99.0.1', public: true, fingerprint: `sha256:${'a'.repeat(64)}` }, ...web.map((w) => ({ name: w.node, address: w.address, public: false, fingerprint: `sha256:${'b'.repeat(64)}` }))],
+    nodes: [
+      { name: 'hub', address: '10.99.0.1', public: true, fingerprint: `sha256:${'a'.repeat(64)}` },
+      ...web.map((w) => ({ name: w.node, address: w.address, public: false, fingerprint: `sha256:${'b'.repeat(64)}` })),
+    ],
     services: [
       { name: 'nfs', protocol: 'tcp' as const, instances: [{ node: 'hub', address: '10.99.0.1', port: 2049, tags: ['primary'] }] },
       { name: 'web', protocol: 'tcp' as const, instances: web },
@@ -185,7 +194,7 @@ describe('services and aliases, through a server with a helper process', () => {
     assert.match(plain, /flags: qr aa tc rd;/, 'sixty A records are over 512 bytes')
   })
 
-  test('aliases are CNAMEs with the target\'s records; a dangling one is NXDOMAIN and one that shadows a node is left out', async () => {
+  test("aliases are CNAMEs with the target's records; a dangling one is NXDOMAIN and one that shadows a node is left out", async () => {
     const files = await dig('files.mesh')
     assert.match(files, /files\.mesh\.\s+30\s+IN\s+CNAME\s+nfs\.service\.mesh\.\nnfs\.service\.mesh\.\s+5\s+IN\s+A\s+10\.99\.0\.1/)
     assert.match(await dig('+short', 'gateway.mesh'), /^hub\.mesh\.\n10\.99\.0\.1$/m)
@@ -193,7 +202,11 @@ describe('services and aliases, through a server with a helper process', () => {
     assert.match(dangling, /status: NXDOMAIN/)
     assert.match(dangling, /CNAME\s+nobody\.mesh\./)
     assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
-    assert.ok(server().zone()?.skipped.some((s) => s.name === 'hub' && /already a node/.test(s.reason)))
+    assert.ok(
+      server()
+        .zone()
+        ?.skipped.some((s) => s.name === 'hub' && /already a node/.test(s.reason)),
+    )
   })
 
   test('the helper answers too, from the same zone, and its counts reach the daemon', async () => {
@@ -207,12 +220,20 @@ describe('services and aliases, through a server with a helper process', () => {
       await waitFor('a burst of replies', async () => (replies.length >= (burst + 1) * 50 ? true : undefined), { timeoutMs: 10_000, intervalMs: 5 })
     }
     // The helper may still be starting: keep asking until its reported count shows it answered.
-    await waitFor('the helper to report answers', async () => {
-      sock.send(buildQuery('gateway.mesh', TYPE.A, { id: 9999 }), server().port, '127.0.0.1')
-      return server().stats().byHelpers > 0 ? true : undefined
-    }, { timeoutMs: 30_000, intervalMs: 20 })
+    await waitFor(
+      'the helper to report answers',
+      async () => {
+        sock.send(buildQuery('gateway.mesh', TYPE.A, { id: 9999 }), server().port, '127.0.0.1')
+        return server().stats().byHelpers > 0 ? true : undefined
+      },
+      { timeoutMs: 30_000, intervalMs: 20 },
+    )
     sock.close()
-    for (const r of replies) assert.deepEqual(decodeMessage(r).answer.map((a) => a.data), ['hub.mesh.', '10.99.0.1'])
+    for (const r of replies)
+      assert.deepEqual(
+        decodeMessage(r).answer.map((a) => a.data),
+        ['hub.mesh.', '10.99.0.1'],
+      )
     assert.equal(server().workers, 1)
     assert.ok(server().stats().queries >= 400)
   })
@@ -228,9 +249,19 @@ test('a compression pointer loop in a reply is an error for the decoder, not a h
 test('aliases from Consul are checked: bad keys and targets are refused, names are normalised', () => {
   const layout = kvLayout('home')
   const item = (k: string, v: string) => ({ key: `${layout.aliasesPrefix}${k}`, value: Buffer.from(v), modifyIndex: 1, createIndex: 1 })
-  const read = parseAliases([item('', ''), item('files', 'NAS.mesh.'), item('media', 'jellyfin.service'), item('Bad_Key', 'nas'), item('evil', '../../etc'), item('long', 'x'.repeat(300))], layout, 'mesh')
-  assert.deepEqual(read.aliases, [{ name: 'files', target: 'nas' }, { name: 'media', target: 'jellyfin.service' }])
-  assert.deepEqual(read.refused.map((r) => r.key.slice(layout.aliasesPrefix.length)), ['Bad_Key', 'evil', 'long'])
+  const read = parseAliases(
+    [item('', ''), item('files', 'NAS.mesh.'), item('media', 'jellyfin.service'), item('Bad_Key', 'nas'), item('evil', '../../etc'), item('long', 'x'.repeat(300))],
+    layout,
+    'mesh',
+  )
+  assert.deepEqual(read.aliases, [
+    { name: 'files', target: 'nas' },
+    { name: 'media', target: 'jellyfin.service' },
+  ])
+  assert.deepEqual(
+    read.refused.map((r) => r.key.slice(layout.aliasesPrefix.length)),
+    ['Bad_Key', 'evil', 'long'],
+  )
 })
 
 test('the hosts block is added, kept, replaced and removed without touching other lines', async () => {
@@ -239,7 +270,14 @@ test('the hosts block is added, kept, replaced and removed without touching othe
   const mine = '127.0.0.1 localhost\n# my own comment\n'
   await writeFile(file, mine)
   // A node called "service" is left out here as in DNS, where service.mesh is the services' subdomain.
-  const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes: [...nodes, { name: 'service', address: '10.99.0.60', public: false, fingerprint: `sha256:${'0'.repeat(64)}` }], ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
+  const input = {
+    domain: 'mesh',
+    cidr: '10.99.0.0/24',
+    self: 'hub',
+    nodes: [...nodes, { name: 'service', address: '10.99.0.60', public: false, fingerprint: `sha256:${'0'.repeat(64)}` }],
+    ttl: { node: 30, service: 5, negative: 5 },
+    serial: 1,
+  }
   assert.equal(await writeHostsBlock(file, 'home', hostsLines(input.domain, input.nodes)), true)
   const text = await readFile(file, 'utf8')
   assert.ok(text.startsWith(mine))
@@ -270,7 +308,7 @@ describe('tinc-up and tinc-down with systemd-resolved', () => {
     return calls.trim().split('\n')
   }
 
-  test('with resolved running, tinc-up sends only ~mesh to this node\'s server on the VPN interface, and tinc-down reverts it', async () => {
+  test("with resolved running, tinc-up sends only ~mesh to this node's server on the VPN interface, and tinc-down reverts it", async () => {
     assert.deepEqual(await runWith(true, 'tinc-up'), ['ip addr add 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home up', 'resolvectl dns tinc-home 10.99.0.7', 'resolvectl domain tinc-home ~mesh'])
     assert.deepEqual(await runWith(true, 'tinc-down'), ['resolvectl revert tinc-home', 'ip addr del 10.99.0.7/24 dev tinc-home', 'ip link set tinc-home down'])
   })
@@ -288,7 +326,11 @@ test('`tinc-consul resolve` prints the answer, and fails clearly on NXDOMAIN and
   const input = { domain: 'mesh', cidr: '10.99.0.0/24', self: 'hub', nodes, ttl: { node: 30, service: 5, negative: 5 }, serial: 1 }
   const server = await startDnsServer({ hosts: ['127.0.0.1'], port: 0, workers: 0, log: pino({ level: 'silent' }) })
   server.update(input)
-  const cli = (...args: string[]) => exec(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'resolve', ...args, '--dns-port', String(server.port)]).then((r) => ({ code: 0, ...r }), (e: { code: number; stdout: string; stderr: string }) => e)
+  const cli = (...args: string[]) =>
+    exec(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'resolve', ...args, '--dns-port', String(server.port)]).then(
+      (r) => ({ code: 0, ...r }),
+      (e: { code: number; stdout: string; stderr: string }) => e,
+    )
   try {
     const a = await cli('my-laptop.mesh')
     assert.equal(a.code, 0)

@@ -29,13 +29,19 @@ test('the daemon replays the events file, then follows it, whole lines only, and
       for (let i = 0; i < 100 && seen.length < n; i++) await new Promise((r) => setTimeout(r, 20))
     }
     await until(3)
-    assert.deepEqual(seen.map((e) => `${e.kind} ${e.node}`), ['host-up node2', 'host-up node3', 'host-down node2'])
+    assert.deepEqual(
+      seen.map((e) => `${e.kind} ${e.node}`),
+      ['host-up node2', 'host-up node3', 'host-down node2'],
+    )
     await appendFile(file, 'de4 - 198.18.0.102\n')
     await until(4)
     assert.equal(seen[3]?.node, 'node4', 'a line split across two writes was lost')
     const links = new Map<string, PeerLink>()
     for (const e of seen) applyEvent(links, e)
-    assert.deepEqual([...links].filter(([, l]) => l.up).map(([n]) => n), ['node3', 'node4'])
+    assert.deepEqual(
+      [...links].filter(([, l]) => l.up).map(([n]) => n),
+      ['node3', 'node4'],
+    )
   } finally {
     w.stop()
     await rm(dir, { recursive: true, force: true })

@@ -37,7 +37,18 @@ describe('systemd units and Consul configs as install writes them', () => {
   const input = (unitDir: string, configDir: string, role: 'server' | 'client' | 'bootstrap'): InstallInput => ({
     net: 'home',
     node: { name: 'hub1', vpnAddress: role === 'bootstrap' ? undefined : '10.20.0.1' },
-    consul: { role, servers: ['10.20.0.2', '10.20.0.3'], bootstrapExpect: 0, gossipKey: newGossipKey(), agentToken: TOKEN, datacenter: 'home', dataDir: '/var/lib/consul', configDir, fileDir: configDir, managementToken: role === 'bootstrap' ? TOKEN : undefined },
+    consul: {
+      role,
+      servers: ['10.20.0.2', '10.20.0.3'],
+      bootstrapExpect: 0,
+      gossipKey: newGossipKey(),
+      agentToken: TOKEN,
+      datacenter: 'home',
+      dataDir: '/var/lib/consul',
+      configDir,
+      fileDir: configDir,
+      managementToken: role === 'bootstrap' ? TOKEN : undefined,
+    },
     unitDir,
     tincRoot: '/etc/tinc',
     settingsDir: '/etc/tinc-consul',
@@ -123,7 +134,8 @@ describe('tinc-consul install and uninstall, under --root', () => {
     const r = cli(['install', ...args, '--consul-server', '--dry-run'])
     assert.equal(r.code, 0, r.stderr)
     assert.match(r.stdout, /nothing was changed/)
-    for (const f of ['etc/systemd/system/tinc-consul@.service', 'etc/systemd/system/tinc@tinc.service.d/tinc-consul.conf', 'etc/systemd/system/consul.service', 'etc/consul.d/tinc-consul.hcl']) assert.match(r.stdout, new RegExp(`write ${join(sys, f).replace(/[.@]/g, '\\$&')} \\((0644|0640)\\)`))
+    for (const f of ['etc/systemd/system/tinc-consul@.service', 'etc/systemd/system/tinc@tinc.service.d/tinc-consul.conf', 'etc/systemd/system/consul.service', 'etc/consul.d/tinc-consul.hcl'])
+      assert.match(r.stdout, new RegExp(`write ${join(sys, f).replace(/[.@]/g, '\\$&')} \\((0644|0640)\\)`))
     assert.match(r.stdout, /bind_addr += "10\.99\.0\.1"/)
     assert.equal(existsSync(sys), false, 'nothing under --root')
     assert.doesNotMatch(readFileSync(join(settings, 'tinc.env'), 'utf8'), /GOSSIP/, 'the settings file is untouched')
@@ -207,4 +219,3 @@ describe('tinc-consul install and uninstall, under --root', () => {
     assert.equal(existsSync(join(settings, 'tinc.env')), false, 'tokens gone with --purge')
   })
 })
-

@@ -23,7 +23,10 @@ describe('address allocation against a real Consul agent', () => {
     const results = await Promise.all(Array.from({ length: 20 }, (_, i) => alloc('race', '10.50.0.0/24', `n${i}`)))
     const addresses = results.map((r) => (r.ok ? r.address : `failed: ${r.what}`))
     assert.equal(new Set(addresses).size, 20, `duplicates in ${addresses.join(' ')}`)
-    assert.deepEqual([...addresses].sort((a, b) => Number(a.split('.')[3]) - Number(b.split('.')[3])), Array.from({ length: 20 }, (_, i) => `10.50.0.${i + 1}`))
+    assert.deepEqual(
+      [...addresses].sort((a, b) => Number(a.split('.')[3]) - Number(b.split('.')[3])),
+      Array.from({ length: 20 }, (_, i) => `10.50.0.${i + 1}`),
+    )
     // Every reservation names its node.
     const held = await readIpam(admin, kvLayout('race'))
     assert.deepEqual([...held.values()].map((h) => h.entry?.name).sort(), Array.from({ length: 20 }, (_, i) => `n${i}`).sort())
@@ -48,7 +51,7 @@ describe('address allocation against a real Consul agent', () => {
     assert.deepEqual(await alloc(net, '10.52.0.0/24', 'laptop'), { ok: true, address: '10.52.0.1' })
   })
 
-  test('when the caller\'s own operation fails, nothing is reserved', async () => {
+  test("when the caller's own operation fails, nothing is reserved", async () => {
     const layout = kvLayout('atomic')
     await admin.kvPut(layout.node('taken'), '{}')
     const res = await allocateAddress({ client: admin, layout, cidr: '10.53.0.0/24', name: 'taken', with: () => [{ KV: { Verb: 'cas', Key: layout.node('taken'), Value: '', Index: 0 } }] })
@@ -66,6 +69,9 @@ test('candidates skip held addresses and try released ones last', () => {
     ['10.0.0.2', { address: '10.0.0.2', index: 6, entry: entry('b', true) }],
     ['10.0.0.3', { address: '10.0.0.3', index: 7, entry: undefined }],
   ])
-  assert.deepEqual([...candidates(range, 'c', held)].map((c) => c.address), ['10.0.0.4', '10.0.0.5', '10.0.0.6', '10.0.0.2'])
+  assert.deepEqual(
+    [...candidates(range, 'c', held)].map((c) => c.address),
+    ['10.0.0.4', '10.0.0.5', '10.0.0.6', '10.0.0.2'],
+  )
   assert.deepEqual([...candidates(range, 'b', held)][0], { address: '10.0.0.2', index: 6 })
 })

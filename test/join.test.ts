@@ -51,7 +51,10 @@ describe('the join endpoint against a real Consul agent', () => {
     assert.deepEqual(record.addresses, [])
     assert.deepEqual(await keys(layout.invitesPrefix), [], 'the invite is still there after use')
     // Single use.
-    await assert.rejects(redeemInvite(inv, { name: 'laptop2', publicKey: rsaPublicPem(), addresses: [], port: 655 }), (err: Error) => err instanceof JoinRefusedError && err.message.includes(GENERIC_REFUSAL))
+    await assert.rejects(
+      redeemInvite(inv, { name: 'laptop2', publicKey: rsaPublicPem(), addresses: [], port: 655 }),
+      (err: Error) => err instanceof JoinRefusedError && err.message.includes(GENERIC_REFUSAL),
+    )
   })
 
   test('wrong, expired, tampered, oversized and misdirected requests are refused alike and change nothing', async () => {
@@ -72,7 +75,9 @@ describe('the join endpoint against a real Consul agent', () => {
     assert.match(await rawExchange(server.port, encodeRequest(header, sealed)), /invite not valid/)
 
     // The same sealed request under another name: the name is associated data.
-    const resealed = Buffer.from(seal(sealKey, requestAad(header), Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(good.token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))))
+    const resealed = Buffer.from(
+      seal(sealKey, requestAad(header), Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(good.token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))),
+    )
     const otherHeader = Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'swapped', id }))
     assert.match(await rawExchange(server.port, encodeRequest(otherHeader, resealed)), /invite not valid/)
 
@@ -91,7 +96,7 @@ describe('the join endpoint against a real Consul agent', () => {
     assert.equal(reply.address, '10.99.0.3')
   })
 
-  test('a named invite is only for that name, and an invite can\'t take a name in use', async () => {
+  test("a named invite is only for that name, and an invite can't take a name in use", async () => {
     const named = await invite({ name: 'printer' })
     await assert.rejects(redeemInvite(named, { name: 'other', publicKey: key, addresses: [], port: 655 }), { message: /this invite is for "printer"/ })
     const any = await invite()
@@ -108,12 +113,16 @@ describe('the join endpoint against a real Consul agent', () => {
     await new Promise((r) => dead.close(r))
     const inv = await invite()
     const tried: string[] = []
-    const reply = await redeemInvite({ ...inv, endpoints: [`127.0.0.1:${deadPort}`, endpoint] }, { name: 'phone', publicKey: rsaPublicPem(), addresses: [], port: 655 }, { onTry: (ep, err) => void tried.push(`${ep}${err ? ' failed' : ''}`) })
+    const reply = await redeemInvite(
+      { ...inv, endpoints: [`127.0.0.1:${deadPort}`, endpoint] },
+      { name: 'phone', publicKey: rsaPublicPem(), addresses: [], port: 655 },
+      { onTry: (ep, err) => void tried.push(`${ep}${err ? ' failed' : ''}`) },
+    )
     assert.equal(reply.endpoint, endpoint)
     assert.deepEqual(tried, [`127.0.0.1:${deadPort}`, `127.0.0.1:${deadPort} failed`, endpoint])
   })
 
-  test('a joiner gets no host file for a record squatting on another node\'s address, nor for a revoked key written back', async () => {
+  test("a joiner gets no host file for a record squatting on another node's address, nor for a revoked key written back", async () => {
     // squatter holds 10.99.0.70, but its record (which its own token may write) claims hub's address.
     await admin.kvPut(layout.ipam('10.99.0.70'), JSON.stringify({ name: 'squatter', at: '2026-11-21T00:00:00.000Z' }))
     await admin.kvPut(layout.node('squatter'), JSON.stringify(nodeRecord('squatter', 1)))
@@ -129,7 +138,7 @@ describe('the join endpoint against a real Consul agent', () => {
     assert.deepEqual(Object.keys(reply.hostFiles).sort(), members)
   })
 
-  test('a name that differs from an established node\'s only in case is refused before anything is written', async () => {
+  test("a name that differs from an established node's only in case is refused before anything is written", async () => {
     const inv = await invite()
     await assert.rejects(redeemInvite(inv, { name: 'HUB', publicKey: rsaPublicPem(), addresses: [], port: 655 }), { message: /differs from the existing node "hub" only in case/ })
     assert.equal((await keys(layout.nodesPrefix)).includes('HUB'), false)

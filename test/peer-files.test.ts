@@ -93,7 +93,7 @@ describe('one network writer and one judge for init and joins, against a real Co
     await assert.rejects(createNetwork(admin, broken, NETWORK), { code: 'NETWORK_UNREADABLE' })
   })
 
-  test('a squatter\'s record and a revoked key are left out; what is handed out is what the daemon renders', async () => {
+  test("a squatter's record and a revoked key are left out; what is handed out is what the daemon renders", async () => {
     const judged = await peerHostFiles(admin, layout, NETWORK, { name: 'newbie' })
     assert.deepEqual(Object.keys(judged.files), ['hub', 'peer'])
     for (const r of [hub, peer]) {
@@ -114,16 +114,34 @@ describe('one network writer and one judge for init and joins, against a real Co
   test('a failed or ACL-filtered read of nodes/, ipam/ or revoked/ is an error, never a skipped check', async () => {
     for (const prefix of [layout.nodesPrefix, layout.ipamPrefix, layout.revokedPrefix]) {
       for (const how of ['fail', 'filtered'] as const) {
-        await assert.rejects(peerHostFiles(faulty(admin, prefix, how), layout, NETWORK, { name: 'newbie' }), (err: Error & { code?: string }) => err.code === 'PEERS_UNREADABLE' && err.message.includes(prefix), `${how} read of ${prefix}`)
+        await assert.rejects(
+          peerHostFiles(faulty(admin, prefix, how), layout, NETWORK, { name: 'newbie' }),
+          (err: Error & { code?: string }) => err.code === 'PEERS_UNREADABLE' && err.message.includes(prefix),
+          `${how} read of ${prefix}`,
+        )
       }
     }
   })
 
   test('init on a new network writes every marker key; init on this one writes no file for the squatter or the revoked node', async () => {
-    const base = { domain: 'mesh', addresses: ['198.18.0.40'], port: 655, keyBits: 2048, consulUrl: consul.url, runDir: join(root, 'run'), joinPort: 0, force: false, splitDns: false, progress: () => undefined }
+    const base = {
+      domain: 'mesh',
+      addresses: ['198.18.0.40'],
+      port: 655,
+      keyBits: 2048,
+      consulUrl: consul.url,
+      runDir: join(root, 'run'),
+      joinPort: 0,
+      force: false,
+      splitDns: false,
+      progress: () => undefined,
+    }
     const made = await initNode({ ...base, net: 'made', name: 'first', cidr: '10.98.0.0/24', root: join(root, 'made'), configDir: join(root, 'made-etc') })
     assert.equal(made.createdNetwork, true)
-    assert.deepEqual((await keys(admin, kvLayout('made').prefix)).filter((k) => k.endsWith('/')), ['aliases/', 'ipam/', 'revoked/'])
+    assert.deepEqual(
+      (await keys(admin, kvLayout('made').prefix)).filter((k) => k.endsWith('/')),
+      ['aliases/', 'ipam/', 'revoked/'],
+    )
 
     const steps: string[] = []
     const res = await initNode({ ...base, net: 'judge', name: 'newbie', root: join(root, 'judge'), configDir: join(root, 'judge-etc'), progress: (s) => void steps.push(s) })
@@ -131,6 +149,9 @@ describe('one network writer and one judge for init and joins, against a real Co
     assert.deepEqual((await readdir(join(res.dir, 'hosts'))).sort(), ['hub', 'newbie', 'peer'])
     const judged = await peerHostFiles(admin, layout, NETWORK, { name: 'newbie' })
     assert.equal(await readFile(join(res.dir, 'hosts', 'hub'), 'utf8'), judged.files.hub)
-    assert.ok(steps.some((s) => /left out .*squatter/.test(s)), `init did not say what it left out: ${steps.join(' | ')}`)
+    assert.ok(
+      steps.some((s) => /left out .*squatter/.test(s)),
+      `init did not say what it left out: ${steps.join(' | ')}`,
+    )
   })
 })

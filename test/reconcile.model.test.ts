@@ -56,7 +56,17 @@ type Read = { mode: 'full' | 'unreadable' | 'filtered' | 'empty'; mask: number; 
 
 const stepArb: fc.Arbitrary<Step> = fc.record({
   event: fc.oneof(
-    { weight: 6, arbitrary: fc.record({ t: fc.constant('put' as const), name: fc.constantFrom(...NAMES), key: fc.integer({ min: 0, max: 4 }), octet: fc.constantFrom(...OCTETS), weight: fc.integer({ min: 0, max: 2 }), allocate: fc.boolean() }) },
+    {
+      weight: 6,
+      arbitrary: fc.record({
+        t: fc.constant('put' as const),
+        name: fc.constantFrom(...NAMES),
+        key: fc.integer({ min: 0, max: 4 }),
+        octet: fc.constantFrom(...OCTETS),
+        weight: fc.integer({ min: 0, max: 2 }),
+        allocate: fc.boolean(),
+      }),
+    },
     { weight: 1, arbitrary: fc.record({ t: fc.constant('bad' as const), name: fc.constantFrom(...BAD_KEYS), variant: fc.constantFrom('json' as const, 'schema' as const, 'mismatch' as const) }) },
     { weight: 2, arbitrary: fc.record({ t: fc.constant('del' as const), name: fc.constantFrom(...NAMES) }) },
     { weight: 1, arbitrary: fc.record({ t: fc.constant('ipam' as const), octet: fc.constantFrom(...OCTETS), holder: fc.option(fc.constantFrom(...NAMES), { nil: null }) }) },
@@ -106,7 +116,11 @@ function put(world: World, name: string, bytes: Buffer, record: NodeRecord | und
 
 function initialWorld(ipamMode: boolean): World {
   const world: World = { ipamMode, kv: new Map(), nextIndex: 1, ipam: new Map(), revoked: new Set(), pins: new Map() }
-  for (const [name, key, octet] of [[SELF, 0, 1], ['ann', 1, 2], ['bob', 2, 3]] as const) {
+  for (const [name, key, octet] of [
+    [SELF, 0, 1],
+    ['ann', 1, 2],
+    ['bob', 2, 3],
+  ] as const) {
     const g = goodRecord(name, key, octet, 0)
     put(world, name, g.bytes, g.record)
     if (ipamMode) world.ipam.set(vpn(octet), name)
@@ -159,7 +173,7 @@ function consulApply(world: World, read: Read): Apply {
   names.forEach((name, i) => {
     const stored = world.kv.get(name)
     if (!stored || read.mode === 'empty') return
-    const lost = ((read.mask >> i % 6) & 1) === 1
+    const lost = ((read.mask >> (i % 6)) & 1) === 1
     if (lost && read.mode === 'filtered') return
     if (lost && read.mode === 'unreadable') {
       nodes.set(LAYOUT.nodesPrefix + name, { state: 'unreadable', reason: 'HTTP 429' })
@@ -279,7 +293,8 @@ function rank(j: Judge, name: string): [number, string] {
 }
 
 const before = (a: [number, string], b: [number, string]) => a[0] < b[0] || (a[0] === b[0] && a[1] < b[1])
-const conflicts = (a: Identity, b: Identity) => a.name !== b.name && (a.record.vpnAddress === b.record.vpnAddress || a.record.fingerprint === b.record.fingerprint || a.name.toLowerCase() === b.name.toLowerCase())
+const conflicts = (a: Identity, b: Identity) =>
+  a.name !== b.name && (a.record.vpnAddress === b.record.vpnAddress || a.record.fingerprint === b.record.fingerprint || a.name.toLowerCase() === b.name.toLowerCase())
 
 /** A peer in the view that takes something `x` (under `name`) claims and is senior to `name`. */
 function seniorRival(j: Judge, name: string, x: Identity): string | undefined {
@@ -293,7 +308,11 @@ function seniorRival(j: Judge, name: string, x: Identity): string | undefined {
 function checkView(j: Judge): void {
   const { view } = j.result
   const { input } = j.apply
-  const taken = new Map<string, string>([[`a${SELF_ID.vpnAddress}`, SELF], [`k${SELF_ID.fingerprint}`, SELF], [`n${SELF}`, SELF]])
+  const taken = new Map<string, string>([
+    [`a${SELF_ID.vpnAddress}`, SELF],
+    [`k${SELF_ID.fingerprint}`, SELF],
+    [`n${SELF}`, SELF],
+  ])
   for (const [name, peer] of view.peers) {
     assert.ok(isTincName(name) && name !== SELF && name !== KEEP, `${name} must never be in the view`)
     assert.equal(peer.record.name, name)
@@ -365,7 +384,8 @@ function checkOutputs(j: Judge, again: boolean): void {
   if (again) assert.equal(summary(reconcile(j.previous, { ...j.apply.input, memo: undefined })), summary(result), 'deterministic, memo or not')
 }
 
-const summary = (r: ReconcileResult) => JSON.stringify([[...r.view.peers].map(([n, p]) => [n, p.createIndex, p.record, p.options, p.publicKey, p.dropped]), r.refusals, r.newPins, r.removed, r.pending])
+const summary = (r: ReconcileResult) =>
+  JSON.stringify([[...r.view.peers].map(([n, p]) => [n, p.createIndex, p.record, p.options, p.publicKey, p.dropped]), r.refusals, r.newPins, r.removed, r.pending])
 
 /** Every file in hosts/ is ours to have written from the view, a file we may not touch, or one left while its name waits. */
 function checkDisk(j: Judge, was: Disk, now: Disk, owned: boolean): void {
@@ -388,7 +408,10 @@ function checkDisk(j: Judge, was: Disk, now: Disk, owned: boolean): void {
 }
 
 function checkConf(view: MeshView, conf: string): void {
-  assert.deepEqual(readManagedBlock(conf), [...view.peers.keys()].sort().map((n) => `ConnectTo = ${n}`))
+  assert.deepEqual(
+    readManagedBlock(conf),
+    [...view.peers.keys()].sort().map((n) => `ConnectTo = ${n}`),
+  )
 }
 
 // ---------------------------------------------------------------- the run
@@ -496,7 +519,10 @@ test(`model: ${RUNS} random sequences of KV events and read faults keep hosts/ r
       } catch (err) {
         failed = true
         const cause = (err as Error).cause
-        throw new Error(`${(err as Error).message}\nGot error: ${cause instanceof Error ? (cause.stack ?? cause.message) : String(cause)}\nReplay: MODEL_SEED=${base + i} MODEL_PATH=<path above> node --import tsx --test test/reconcile.model.test.ts`, { cause: err })
+        throw new Error(
+          `${(err as Error).message}\nGot error: ${cause instanceof Error ? (cause.stack ?? cause.message) : String(cause)}\nReplay: MODEL_SEED=${base + i} MODEL_PATH=<path above> node --import tsx --test test/reconcile.model.test.ts`,
+          { cause: err },
+        )
       }
     }),
   )

@@ -21,7 +21,13 @@ const hidden = nodeRecord('hidden', 5, rsaPublicPem())
 
 /** A view of these records, as the reconciler builds it (here nobody is "self", so any name can be in it). */
 function viewOf(...records: Array<typeof alpha>): MeshView {
-  const r = reconcile(undefined, reconcileInput(records.map((x, i) => [x.name, nodeEntry(x, i + 1)]), { self: { name: 'nobody' } }))
+  const r = reconcile(
+    undefined,
+    reconcileInput(
+      records.map((x, i) => [x.name, nodeEntry(x, i + 1)]),
+      { self: { name: 'nobody' } },
+    ),
+  )
   assert.deepEqual([...r.view.peers.keys()].sort(), records.map((x) => x.name).sort())
   return r.view
 }
@@ -89,7 +95,10 @@ test('removed names go at once, pending ones stay, and a name back in the view i
   await renderTinc(viewOf(alpha, beta, hidden), opts(dir, { written }))
   const r = await renderTinc(viewOf(alpha), opts(dir, { written, removed: ['alpha', 'beta', 'hidden'], pending: ['hidden'] }))
   assert.deepEqual(r.deleted, ['beta'])
-  assert.deepEqual(r.reasons.filter((x) => x.includes('removed')), ['beta was removed'])
+  assert.deepEqual(
+    r.reasons.filter((x) => x.includes('removed')),
+    ['beta was removed'],
+  )
   const left = await readdir(hosts)
   assert.ok(left.includes('alpha') && left.includes('hidden') && !left.includes('beta'))
   // beta coming back is written again even though `written` once had it.

@@ -104,7 +104,7 @@ const entry = (service: string, node: string, address: string, port: number, ext
 })
 
 describe('healthy instances from Consul are judged against the mesh view', () => {
-  test('an instance must sit on a mesh node, at that node\'s VPN address; malformed entries are refused, not fatal', () => {
+  test("an instance must sit on a mesh node, at that node's VPN address; malformed entries are refused, not fatal", () => {
     const view = fakeView({ n1: '10.99.0.1', n2: '10.99.0.2' })
     const raw = new Map<string, unknown[]>([
       ['web', [entry('web', 'n1', '10.99.0.1', 80), entry('web', 'n2', '10.99.0.1', 80), entry('web', 'ghost', '10.99.0.9', 80), { Service: { ID: 'x', Port: 'eighty' } }, null]],
@@ -122,7 +122,12 @@ describe('healthy instances from Consul are judged against the mesh view', () =>
     )
     assert.deepEqual(
       refused.map((r) => r.reason),
-      ['malformed entry: Service.Service Invalid input: expected string, received undefined', 'malformed entry: Invalid input: expected object, received null', 'address 10.99.0.1 is not n2\'s VPN address 10.99.0.2', 'node "ghost" is not in the mesh'],
+      [
+        'malformed entry: Service.Service Invalid input: expected string, received undefined',
+        'malformed entry: Invalid input: expected object, received null',
+        "address 10.99.0.1 is not n2's VPN address 10.99.0.2",
+        'node "ghost" is not in the mesh',
+      ],
     )
     // The zone serves one A per address even when a name has both a tcp and a udp service.
     const zone = buildZone(zoneInputFrom({ view, aliases: [], services }, { self: 'n1', ttl: { node: 30, service: 5, negative: 5 } }, 1))
@@ -173,7 +178,13 @@ describe('the registrar keeps a real Consul agent equal to the services director
     assert.equal(svc.Meta?.['mesh-node'], 'n1')
     assert.equal(svc.Meta?.['mesh-proto'], 'tcp')
     assert.deepEqual(Object.keys(await mine()), [serviceId('home', 'web')])
-    assert.match(reg.problems().map((p) => p.message).join('\n'), /^broken\.yaml: not valid YAML/)
+    assert.match(
+      reg
+        .problems()
+        .map((p) => p.message)
+        .join('\n'),
+      /^broken\.yaml: not valid YAML/,
+    )
     await waitFor('the http check to pass', async () => ((await checkStatus('web')) === 'passing' ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 })
 
     // A changed port is re-registered.
@@ -210,7 +221,13 @@ describe('the registrar keeps a real Consul agent equal to the services director
     writeFileSync(join(dir, 'login.toml'), `port = ${webPort}\n[check]\ntype = "http"\nstatus = 401\ninterval = "1s"\n`)
     writeFileSync(join(dir, 'job.toml'), `port = 9\n[check]\ntype = "script"\ncommand = ["${script}"]\ninterval = "1s"\n`)
     reg = await startServices({ dir, who, consulUrl: consul.url, allowScripts: false, deregisterOnExit: true, resyncMs: 200, log: quiet })
-    assert.match(reg.problems().map((p) => p.message).join('\n'), /job\.toml: check\.type: script checks run commands on this node and are off/)
+    assert.match(
+      reg
+        .problems()
+        .map((p) => p.message)
+        .join('\n'),
+      /job\.toml: check\.type: script checks run commands on this node and are off/,
+    )
     webStatus = 200
     const login = async () => (await agentChecks(client()))[checkId(serviceId('home', 'login'))]
     await waitFor('login to have run', async () => ((await login())?.Output ? true : undefined), { timeoutMs: 10_000, intervalMs: 100 })
@@ -238,7 +255,11 @@ describe('the registrar keeps a real Consul agent equal to the services director
 
   test('the health watch sees only passing instances of this network, and follows the catalog', async () => {
     const c = client()
-    await c.request('PUT', '/v1/agent/service/register', registrationFor({ stem: 'tt', file: 'tt.toml', name: 'tt', port: 5, protocol: 'tcp', tags: [], meta: {}, check: { type: 'ttl', ttlMs: 60_000, deregisterAfterMs: 600_000 } }, who))
+    await c.request(
+      'PUT',
+      '/v1/agent/service/register',
+      registrationFor({ stem: 'tt', file: 'tt.toml', name: 'tt', port: 5, protocol: 'tcp', tags: [], meta: {}, check: { type: 'ttl', ttlMs: 60_000, deregisterAfterMs: 600_000 } }, who),
+    )
     await c.request('PUT', '/v1/agent/service/register', { ID: 'elsewhere', Name: 'tt', Port: 6, Meta: { 'mesh-net': 'work', 'mesh-node': 'n1' } })
     let latest: ReadonlyMap<string, unknown[]> = new Map()
     const w = watchHealth({ client: client(), filter: serviceFilters('home'), waitSeconds: 5, log: quiet, onChange: (m) => (latest = new Map(m)) })
@@ -248,7 +269,7 @@ describe('the registrar keeps a real Consul agent equal to the services director
       assert.deepEqual(ids(), [], 'a TTL check starts critical')
       await c.request('PUT', `/v1/agent/check/pass/${encodeURIComponent(checkId(serviceId('home', 'tt')))}`)
       await waitFor('tt to pass', async () => (ids().length === 1 ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })
-      assert.deepEqual(ids(), [serviceId('home', 'tt')], 'the other network\'s instance is filtered out')
+      assert.deepEqual(ids(), [serviceId('home', 'tt')], "the other network's instance is filtered out")
       await c.request('PUT', `/v1/agent/check/fail/${encodeURIComponent(checkId(serviceId('home', 'tt')))}`)
       await waitFor('tt to fail', async () => (ids().length === 0 ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })
       await deregisterService(c, serviceId('home', 'tt'))
@@ -261,7 +282,11 @@ describe('the registrar keeps a real Consul agent equal to the services director
 
   test('the service command: add writes a file the daemon accepts, ls shows health, ttl reports, rm deletes', async () => {
     const cdir = mkdtempSync(join(tmpdir(), 'tinc-consul-svc-cli-'))
-    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'service', ...args, '--net', 'home', '--services-dir', cdir, '--consul', consul.url], { encoding: 'utf8', env: { ...process.env, TINC_CONSUL_CONFIG_DIR: cdir } })
+    const cli = (...args: string[]) =>
+      spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'service', ...args, '--net', 'home', '--services-dir', cdir, '--consul', consul.url], {
+        encoding: 'utf8',
+        env: { ...process.env, TINC_CONSUL_CONFIG_DIR: cdir },
+      })
     try {
       let r = cli('add', 'cron-job', '--port', '873', '--check', 'ttl', '--ttl', '2m', '--tag', 'a', '--tag', 'b,c', '--meta', 'owner=alice')
       assert.equal(r.status, 0, r.stderr)
@@ -279,13 +304,19 @@ describe('the registrar keeps a real Consul agent equal to the services director
       reg = await startServices({ dir: cdir, who, consulUrl: consul.url, allowScripts: false, deregisterOnExit: true, resyncMs: 200, log: quiet })
       r = cli('ls', '--json')
       assert.equal(r.status, 0, r.stderr)
-      assert.deepEqual(JSON.parse(r.stdout).services.map((s: { name: string; health: string }) => [s.name, s.health]), [['cron-job', 'critical']])
+      assert.deepEqual(
+        JSON.parse(r.stdout).services.map((s: { name: string; health: string }) => [s.name, s.health]),
+        [['cron-job', 'critical']],
+      )
       r = cli('ttl', 'cron-job', 'pass', '--note', 'backup done')
       assert.equal(r.status, 0, r.stderr)
       r = cli('ls')
       assert.match(r.stdout, /^SERVICE\s+PORT\s+PROTO\s+CHECK\s+HEALTH\s+FILE\ncron-job\s+873\s+tcp\s+ttl\s+passing\s+cron-job\.toml$/m)
       r = cli('ls', '--all', '--json')
-      assert.deepEqual(JSON.parse(r.stdout).map((e: { name: string; node: string; port: number }) => [e.name, e.node, e.port]), [['cron-job', 'n1', 873]])
+      assert.deepEqual(
+        JSON.parse(r.stdout).map((e: { name: string; node: string; port: number }) => [e.name, e.node, e.port]),
+        [['cron-job', 'n1', 873]],
+      )
       r = cli('rm', 'cron-job')
       assert.equal(r.status, 0, r.stderr)
       await waitFor('cron-job to be deregistered', async () => (!(await mine())[serviceId('home', 'cron-job')] ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })

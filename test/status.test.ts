@@ -21,12 +21,30 @@ const view = (peers: Record<string, { address: string; public: boolean }>): Mesh
     peers: new Map(Object.entries(peers).map(([name, p]) => [name, { record: { name, vpnAddress: p.address, addresses: p.public ? ['198.18.0.1'] : [], fingerprint: `sha256:${'0'.repeat(64)}` } }])),
   }) as unknown as MeshView
 
-const node = (name: string, o: Partial<NonNullable<TincDump['nodes']>[number]> = {}) => ({ name, address: '198.18.0.9', port: 655, status: 0x1a, reachable: true, nexthop: name, via: name, pmtu: 1451, minPmtu: 1451, options: 12, ...o })
+const node = (name: string, o: Partial<NonNullable<TincDump['nodes']>[number]> = {}) => ({
+  name,
+  address: '198.18.0.9',
+  port: 655,
+  status: 0x1a,
+  reachable: true,
+  nexthop: name,
+  via: name,
+  pmtu: 1451,
+  minPmtu: 1451,
+  options: 12,
+  ...o,
+})
 
 const DUMP: TincDump = {
   bytesIn: 12345,
   bytesOut: 67890,
-  nodes: [node('alpha', { address: '198.18.0.1' }), node('beta', { address: '198.18.0.2' }), node('laptop', { nexthop: 'alpha', via: 'alpha' }), node('phone', { reachable: false, status: 0, address: undefined, port: undefined }), node('home')],
+  nodes: [
+    node('alpha', { address: '198.18.0.1' }),
+    node('beta', { address: '198.18.0.2' }),
+    node('laptop', { nexthop: 'alpha', via: 'alpha' }),
+    node('phone', { reachable: false, status: 0, address: undefined, port: undefined }),
+    node('home'),
+  ],
   edges: [
     { from: 'home', to: 'alpha', address: '198.18.0.1', port: 655, weight: 3 },
     { from: 'alpha', to: 'home', address: '198.18.0.5', port: 655, weight: 3 },
@@ -46,7 +64,13 @@ function inputs(o: Partial<StatusInputs> = {}): StatusInputs {
     net: 'home',
     self: 'home',
     iface: 'tinc-home',
-    view: view({ home: { address: '10.99.0.5', public: false }, alpha: { address: '10.99.0.1', public: true }, beta: { address: '10.99.0.2', public: true }, laptop: { address: '10.99.0.7', public: false }, phone: { address: '10.99.0.8', public: false } }),
+    view: view({
+      home: { address: '10.99.0.5', public: false },
+      alpha: { address: '10.99.0.1', public: true },
+      beta: { address: '10.99.0.2', public: true },
+      laptop: { address: '10.99.0.7', public: false },
+      phone: { address: '10.99.0.8', public: false },
+    }),
     links: new Map([
       ['alpha', { up: true, since: new Date('2026-11-22T01:00:00Z'), remote: '198.18.0.1' }],
       ['phone', { up: false, since: new Date('2026-11-22T01:30:00Z') }],
@@ -65,7 +89,7 @@ function inputs(o: Partial<StatusInputs> = {}): StatusInputs {
 }
 
 describe('the status picture', () => {
-  test('every node: direct, relayed and via whom, unreachable; tincd\'s dump wins over the hooks', () => {
+  test("every node: direct, relayed and via whom, unreachable; tincd's dump wins over the hooks", () => {
     const s = buildStatus(inputs())
     assert.deepEqual(
       s.nodes.map((n) => [n.name, n.address, n.reachable, n.path, n.via]),
@@ -112,7 +136,7 @@ describe('the status picture', () => {
     )
   })
 
-  test('/tincstat has exactly tincstat\'s field names and types', () => {
+  test("/tincstat has exactly tincstat's field names and types", () => {
     const t = tincstat(buildStatus(inputs()))
     assert.deepEqual(Object.keys(t), ['total_bytes_in', 'total_bytes_out', 'connections'])
     assert.ok(Number.isInteger(t.total_bytes_in) && Number.isInteger(t.total_bytes_out))

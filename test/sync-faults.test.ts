@@ -59,7 +59,8 @@ describe('sync under faults in single Consul reads', () => {
     await stop(first) // writes the cache, with beta in it
     for (const status of [500, 429]) {
       // beta's own read fails every time; the listing and every other key answer.
-      proxy.rule = (method, url) => (method === 'GET' && url.pathname === betaKey ? { status, body: status === 429 ? 'Your IP is issuing too many concurrent connections' : 'rpc error: No cluster leader' } : 'pass')
+      proxy.rule = (method, url) =>
+        method === 'GET' && url.pathname === betaKey ? { status, body: status === 429 ? 'Your IP is issuing too many concurrent connections' : 'rpc error: No cluster leader' } : 'pass'
       const again = await start('alpha', 1, proxy.url, first.tincDir)
       await again.until(() => again.events.some((e) => e.source === 'consul') && again.daemon.pending().includes('beta'), `an apply from consul with beta unreadable (${status})`)
       assert.equal(await file(again, 'beta'), before, `a failed read (${status}) changed or deleted beta's host file`)
@@ -154,7 +155,7 @@ describe('two daemons with one name', () => {
       const d = await inKv()
       return d.ok && ((a.daemon.conflict()?.gaveUp === true && d.value.fingerprint === fpB) || (b.daemon.conflict()?.gaveUp === true && d.value.fingerprint === fpA))
     }
-    await Promise.race([a.until(settledNow, 'one side gave up and the other\'s record stands'), b.until(settledNow, 'one side gave up and the other\'s record stands')])
+    await Promise.race([a.until(settledNow, "one side gave up and the other's record stands"), b.until(settledNow, "one side gave up and the other's record stands")])
     const settled = (await admin.kvGet(layout.node('twin')))?.modifyIndex
     // Something else happens in the mesh; both daemons see it, and neither writes twin again.
     await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 60)))

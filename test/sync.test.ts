@@ -37,7 +37,7 @@ describe('sync against a real Consul agent', () => {
     if (root) await rm(root, { recursive: true, force: true })
   })
 
-  test('every node gets every peer\'s host file and a ConnectTo for every public peer', async () => {
+  test("every node gets every peer's host file and a ConnectTo for every public peer", async () => {
     const [alpha, beta, laptop] = nodes as [TestNode, TestNode, TestNode]
     for (const n of nodes) await n.until(async () => (await readdir(join(n.tincDir, 'hosts'))).length === 3, 'all three host files present')
     assert.deepEqual(await connectTo(alpha), ['ConnectTo = beta'])
@@ -62,7 +62,11 @@ describe('sync against a real Consul agent', () => {
       [layout.node('binary'), Buffer.from([0xff, 0xfe, 0x00, 0x7b])],
     ]
     // Through a transaction, so keys like nodes/../x are stored exactly as written.
-    await admin.request('PUT', '/v1/txn', writes.map(([Key, v]) => ({ KV: { Verb: 'set', Key, Value: Buffer.from(v).toString('base64') } })))
+    await admin.request(
+      'PUT',
+      '/v1/txn',
+      writes.map(([Key, v]) => ({ KV: { Verb: 'set', Key, Value: Buffer.from(v).toString('base64') } })),
+    )
     // Near Consul's 512 KiB value limit; too big for a transaction, so a plain PUT.
     const garbage = await fetch(new URL(`/v1/kv/${layout.node('garbage')}`, consul.url), { method: 'PUT', body: new Uint8Array(500 * 1024).fill(0x41) })
     assert.equal(garbage.status, 200)
@@ -73,14 +77,23 @@ describe('sync against a real Consul agent', () => {
     assert.deepEqual(hosts, ['alpha', 'beta', 'laptop', 'proxyline'])
     assert.equal(existsSync(join(alpha.tincDir, 'x')), false)
     assert.doesNotMatch((await file(alpha, 'proxyline')) ?? '', /Proxy/)
-    assert.equal(await file(alpha, 'beta'), betaBefore, 'the pinned node\'s host file changed')
+    assert.equal(await file(alpha, 'beta'), betaBefore, "the pinned node's host file changed")
     // Five of the six are refused every time. The swapped beta key races beta's own daemon,
     // which writes its real record back at once: alpha may never read the swap at all (its
     // host file for beta staying the same is asserted above either way).
     assert.ok(alpha.daemon.stats.refusedTotal - refusedBefore >= 5, `only ${alpha.daemon.stats.refusedTotal - refusedBefore} refusals counted`)
     // beta's own daemon sees a record under its name that isn't its own and writes the real one back.
-    await beta.until(async () => alpha.daemon.view()?.peers.get('beta')?.record.fingerprint !== undefined && (await admin.kvGet(layout.node('beta')))?.value.includes(alpha.daemon.view()?.peers.get('beta')?.record.fingerprint ?? '-') === true, 'beta republished its real key')
-    await admin.request('PUT', '/v1/txn', ['../x', 'x-up', 'stealer', 'garbage', 'binary'].map((k) => ({ KV: { Verb: 'delete', Key: `${layout.nodesPrefix}${k}` } })))
+    await beta.until(
+      async () =>
+        alpha.daemon.view()?.peers.get('beta')?.record.fingerprint !== undefined &&
+        (await admin.kvGet(layout.node('beta')))?.value.includes(alpha.daemon.view()?.peers.get('beta')?.record.fingerprint ?? '-') === true,
+      'beta republished its real key',
+    )
+    await admin.request(
+      'PUT',
+      '/v1/txn',
+      ['../x', 'x-up', 'stealer', 'garbage', 'binary'].map((k) => ({ KV: { Verb: 'delete', Key: `${layout.nodesPrefix}${k}` } })),
+    )
   })
 
   test('an empty read of nodes/ never deletes host files; a confirmed removal does', async () => {
@@ -116,7 +129,12 @@ describe('sync against a real Consul agent', () => {
   test('once addresses are allocated, a record may only use its own allocation', async () => {
     const [, beta] = nodes as [TestNode, TestNode]
     const at = '2026-11-21T00:00:00.000Z'
-    for (const [ip, name] of [['10.99.0.1', 'alpha'], ['10.99.0.2', 'beta'], ['10.99.0.3', 'laptop']] as const) await admin.kvPut(layout.ipam(ip), JSON.stringify({ name, at }))
+    for (const [ip, name] of [
+      ['10.99.0.1', 'alpha'],
+      ['10.99.0.2', 'beta'],
+      ['10.99.0.3', 'laptop'],
+    ] as const)
+      await admin.kvPut(layout.ipam(ip), JSON.stringify({ name, at }))
     await beta.until(async () => beta.daemon.allocations().size === 3, 'beta read the allocations')
     // A node that can write its own record still can't move onto alpha's address.
     await admin.kvPut(layout.node('squatter'), JSON.stringify(nodeRecord('squatter', 1)))
@@ -140,4 +158,3 @@ describe('sync against a real Consul agent', () => {
     assert.equal(offline.events[0]?.source, 'cache')
   })
 })
-

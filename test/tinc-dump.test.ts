@@ -158,15 +158,22 @@ test('lines inside a section that fail to parse or validate are skipped and coun
 })
 
 test('an unterminated trailing section is ignored and the previous complete one kept', () => {
-  const truncated = SAMPLE + logged('06:00:00', ['Nodes:', ' z at 198.18.0.26 port 655 cipher 0 digest 0 maclength 0 compression 0 options 0 status 0010 nexthop z via z pmtu 1 (min 1 max 1)', ' y at 198.18'])
+  const truncated =
+    SAMPLE + logged('06:00:00', ['Nodes:', ' z at 198.18.0.26 port 655 cipher 0 digest 0 maclength 0 compression 0 options 0 status 0010 nexthop z via z pmtu 1 (min 1 max 1)', ' y at 198.18'])
   const dump = parseDump(truncated)
-  assert.deepEqual(dump.nodes?.map((n) => n.name), ['a', 'b', 'c', 'd'])
+  assert.deepEqual(
+    dump.nodes?.map((n) => n.name),
+    ['a', 'b', 'c', 'd'],
+  )
   assert.equal(dump.skipped, 0, 'lines of the unfinished section are not counted')
   assert.deepEqual(dump.at, new Date(2026, 10, 22, 2, 4, 37))
 
   // A section cut short by a new header (tincd restarted mid-dump) is dropped too.
   const restarted = logged('07:00:00', ['Edges:', ' a to c at 198.18.0.3 port 655 options c weight 4', 'Edges:', ' c to a at 198.18.0.1 port 655 options c weight 4', 'End of edges.'])
-  assert.deepEqual(parseDump(restarted).edges?.map((e) => e.from), ['c'])
+  assert.deepEqual(
+    parseDump(restarted).edges?.map((e) => e.from),
+    ['c'],
+  )
 
   // Statistics with only the "in" line are unfinished.
   const halfStats = logged('08:00:00', ['Statistics for Linux tun/tap device (tun mode) /dev/net/tun:', ' total bytes in:  5'])
@@ -244,7 +251,11 @@ test('random and mutated input never throws and never yields invalid fields', ()
   assert.ok(performance.now() - t0 < 1000)
   assert.deepEqual(parseDump(undefined as unknown as string), { skipped: 0 })
   // Log text that names Object.prototype members must not be taken for headers or End lines.
-  assert.deepEqual(parseDump(logged('02:04:36', ['constructor', '__proto__', 'toString', 'Edges:', 'hasOwnProperty', 'End of edges.'])), { edges: [], skipped: 1, at: new Date(2026, 10, 22, 2, 4, 36) })
+  assert.deepEqual(parseDump(logged('02:04:36', ['constructor', '__proto__', 'toString', 'Edges:', 'hasOwnProperty', 'End of edges.'])), {
+    edges: [],
+    skipped: 1,
+    at: new Date(2026, 10, 22, 2, 4, 36),
+  })
 })
 
 async function withDir(fn: (dir: string) => Promise<void>) {
@@ -338,9 +349,15 @@ test('the reader signals USR2 and USR1, reads only what tincd wrote after that, 
     assert.equal(r1.pid, 4242)
     assert.equal(r1.dump.skipped, 0)
     assert.equal(r1.dump.bytesIn, 738)
-    assert.deepEqual(r1.dump.nodes?.map((n) => n.name), ['a', 'b', 'c', 'd'])
+    assert.deepEqual(
+      r1.dump.nodes?.map((n) => n.name),
+      ['a', 'b', 'c', 'd'],
+    )
     assert.deepEqual(r1.dump.subnets?.length, 4)
-    assert.deepEqual(r1.dump.connections?.map((c) => c.name), ['c'])
+    assert.deepEqual(
+      r1.dump.connections?.map((c) => c.name),
+      ['c'],
+    )
     assert.deepEqual(r1.dump.at, new Date(2026, 10, 22, 9, 0, 0))
 
     const r3 = await read()
@@ -356,7 +373,7 @@ test('the reader signals USR2 and USR1, reads only what tincd wrote after that, 
   })
 })
 
-test('USR1 goes out only after USR2\'s dump has ended, and other signals to that tincd wait for both', async () => {
+test("USR1 goes out only after USR2's dump has ended, and other signals to that tincd wait for both", async () => {
   await withDir(async (dir) => {
     const logFile = join(dir, 'tinc.log')
     const pidFile = join(dir, 'tinc.pid')
@@ -410,7 +427,11 @@ test('a tincd that writes nothing, or only half, gives timeout after timeoutMs',
     assert.equal(r2.state, 'timeout')
     if (r2.state !== 'timeout') return
     assert.match(r2.reason, /within 200 ms/)
-    assert.deepEqual(r2.dump?.nodes?.map((n) => n.name), ['a', 'b', 'c', 'd'], 'what did arrive is handed back')
+    assert.deepEqual(
+      r2.dump?.nodes?.map((n) => n.name),
+      ['a', 'b', 'c', 'd'],
+      'what did arrive is handed back',
+    )
     assert.equal(r2.dump?.connections, undefined)
   })
 })

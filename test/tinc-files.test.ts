@@ -42,15 +42,28 @@ test('atomic writes report whether the bytes changed and never leave temp files'
   assert.deepEqual((await readdir(dir)).sort(), ['hosts_a', 'other'])
 })
 
-test('a fresh node setup: full tinc.conf, scripts that never block, idempotent rewrite that keeps the operator\'s lines', async () => {
+test("a fresh node setup: full tinc.conf, scripts that never block, idempotent rewrite that keeps the operator's lines", async () => {
   const dir = await mkdtemp(join(tmpdir(), 'tc-setup-'))
   try {
     const publicKey = await generateKey(dir, 'alpha', 1024)
     assert.equal((await stat(join(dir, 'rsa_key.priv'))).mode & 0o777, 0o600)
-    const setup = { net: 'home', name: 'alpha', address: '10.99.0.5', prefixLength: 24, port: 655, publicAddresses: ['198.18.0.5'], publicKey, connectTo: ['hub'], peerHostFiles: {}, interface: 'tinc-home', eventsFile: join(dir, 'events', 'tinc-events') }
+    const setup = {
+      net: 'home',
+      name: 'alpha',
+      address: '10.99.0.5',
+      prefixLength: 24,
+      port: 655,
+      publicAddresses: ['198.18.0.5'],
+      publicKey,
+      connectTo: ['hub'],
+      peerHostFiles: {},
+      interface: 'tinc-home',
+      eventsFile: join(dir, 'events', 'tinc-events'),
+    }
     await writeSetup(dir, setup)
     const conf = await readFile(join(dir, 'tinc.conf'), 'utf8')
-    for (const line of ['Name = alpha', 'Mode = router', 'Interface = tinc-home', 'StrictSubnets = yes', 'KeyExpire = 60', 'PingInterval = 10', 'ConnectTo = hub']) assert.ok(conf.includes(line), `tinc.conf lacks "${line}":\n${conf}`)
+    for (const line of ['Name = alpha', 'Mode = router', 'Interface = tinc-home', 'StrictSubnets = yes', 'KeyExpire = 60', 'PingInterval = 10', 'ConnectTo = hub'])
+      assert.ok(conf.includes(line), `tinc.conf lacks "${line}":\n${conf}`)
     assert.match(await readFile(join(dir, 'hosts', 'alpha'), 'utf8'), /Subnet = 10\.99\.0\.5\/32[\s\S]*BEGIN RSA PUBLIC KEY/)
     assert.match(await readFile(join(dir, 'tinc-up'), 'utf8'), /ip addr add 10\.99\.0\.5\/24 dev "\$INTERFACE"/)
     // A hook with no events directory exits 0 at once and writes nothing.

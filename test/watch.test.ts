@@ -19,15 +19,24 @@ test('index rules: backwards resets to 0, 0 is never blocked on', () => {
   assert.equal(nextIndex(5, Number.NaN), 0)
 })
 
-test('the HTTP timeout outlasts wait plus Consul\'s wait/16 jitter', () => {
+test("the HTTP timeout outlasts wait plus Consul's wait/16 jitter", () => {
   assert.ok(blockingTimeoutMs(300) > 300_000 + 300_000 / 16)
   assert.ok(blockingTimeoutMs(1) > 1000 + 1000 / 16)
 })
 
 test('backoff grows, is capped, and never drops below half its base', () => {
-  assert.equal(backoffMs(1, 250, 30_000, () => 0), 125)
-  assert.equal(backoffMs(3, 250, 30_000, () => 1), 1000)
-  assert.equal(backoffMs(30, 250, 30_000, () => 1), 30_000)
+  assert.equal(
+    backoffMs(1, 250, 30_000, () => 0),
+    125,
+  )
+  assert.equal(
+    backoffMs(3, 250, 30_000, () => 1),
+    1000,
+  )
+  assert.equal(
+    backoffMs(30, 250, 30_000, () => 1),
+    30_000,
+  )
 })
 
 /** A scripted stand-in for the KV endpoint: each request gets the next reply. */
@@ -73,7 +82,18 @@ test('a watch delivers changes only when the index moves, and follows the index 
     async (url, requests, done) => {
       const seen: KvListResult[] = []
       const errors: number[] = []
-      const w = watchPrefix({ client: createConsulClient({ url }), prefix: 'p/nodes/', waitSeconds: 30, ratePerSecond: 1000, burst: 100, backoffMinMs: 1, backoffMaxMs: 5, log, onChange: (r) => void seen.push(r), onError: (_e, n) => void errors.push(n) })
+      const w = watchPrefix({
+        client: createConsulClient({ url }),
+        prefix: 'p/nodes/',
+        waitSeconds: 30,
+        ratePerSecond: 1000,
+        burst: 100,
+        backoffMinMs: 1,
+        backoffMaxMs: 5,
+        log,
+        onChange: (r) => void seen.push(r),
+        onError: (_e, n) => void errors.push(n),
+      })
       await done
       await w.stop()
       assert.deepEqual(

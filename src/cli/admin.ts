@@ -32,7 +32,11 @@ export const revokeCommand = defineCommand({
       console.log(gone.length ? `deleted ${name}'s Consul token${gone.length > 1 ? 's' : ''} (${gone.join(', ')})` : `${name} had no Consul token left to delete`)
     } catch (err) {
       // The revocation above stands; only the token clean-up needs more rights.
-      throw new TincConsulError('TOKENS_LEFT', `${name} is revoked, but its Consul tokens could not be deleted (${err instanceof Error ? err.message : String(err)}): with a management token, run \`consul acl token list\` and \`consul acl token delete -id <accessor>\` for "tinc-consul node ${name}"`, { cause: err })
+      throw new TincConsulError(
+        'TOKENS_LEFT',
+        `${name} is revoked, but its Consul tokens could not be deleted (${err instanceof Error ? err.message : String(err)}): with a management token, run \`consul acl token list\` and \`consul acl token delete -id <accessor>\` for "tinc-consul node ${name}"`,
+        { cause: err },
+      )
     }
   },
 })
@@ -41,7 +45,7 @@ const pinReset = defineCommand({
   meta: { name: 'reset', description: 'Forget the pinned key for a node, so its next record is trusted again (for a legitimate key rotation)' },
   args: {
     net: consulArgs.net,
-    'state-dir': { type: 'string', description: described('The daemon\'s state directory (default /var/lib/tinc-consul/<net>)', 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
+    'state-dir': { type: 'string', description: described("The daemon's state directory (default /var/lib/tinc-consul/<net>)", 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
     name: { type: 'positional', description: 'Node whose pin to drop', required: true },
   },
   async run({ args }) {

@@ -44,7 +44,9 @@ export const resolveCommand = defineCommand({
     if (!(timeoutMs > 0)) throw new UsageError('BAD_FLAG', `--timeout must be a positive number of seconds, got ${JSON.stringify(args.timeout)}`)
     const res = await query(name, type, { server: args.server, port, tcp: args.tcp, timeoutMs })
     if (args.verbose) {
-      const f = Object.entries(res.flags).filter(([, on]) => on).map(([k]) => k)
+      const f = Object.entries(res.flags)
+        .filter(([, on]) => on)
+        .map(([k]) => k)
       console.log(`;; ${rcodeName(res.rcode)} over ${res.transport}, flags: ${f.join(' ')}`)
     }
     for (const rr of res.answer) console.log(line(rr))
@@ -53,19 +55,26 @@ export const resolveCommand = defineCommand({
       for (const rr of res.additional.filter((r) => r.type !== 41)) console.log(`;; additional: ${line(rr)}`)
     }
     if (res.rcode === RCODE.NXDOMAIN) throw new TincConsulError('DNS_NXDOMAIN', `${name}: no such name`)
-    if (res.rcode !== RCODE.NOERROR) throw new TincConsulError('DNS_ERROR', `${name}: the server answered ${rcodeName(res.rcode)}${res.rcode === RCODE.REFUSED ? ' (it only answers for the mesh\'s own zone)' : res.rcode === RCODE.SERVFAIL ? ' (the daemon has no view of the mesh yet)' : ''}`)
+    if (res.rcode !== RCODE.NOERROR)
+      throw new TincConsulError(
+        'DNS_ERROR',
+        `${name}: the server answered ${rcodeName(res.rcode)}${res.rcode === RCODE.REFUSED ? " (it only answers for the mesh's own zone)" : res.rcode === RCODE.SERVFAIL ? ' (the daemon has no view of the mesh yet)' : ''}`,
+      )
     if (res.answer.length === 0) throw new TincConsulError('DNS_NODATA', `${name} exists but has no ${typeArg} record`)
   },
 })
 
 export const hostsCommand = defineCommand({
-  meta: { name: 'hosts', description: 'Write the mesh\'s names into a managed block of a hosts file, from the daemon\'s last view (for machines without systemd-resolved or dnsmasq); `run --hosts-file` keeps it current' },
+  meta: {
+    name: 'hosts',
+    description: "Write the mesh's names into a managed block of a hosts file, from the daemon's last view (for machines without systemd-resolved or dnsmasq); `run --hosts-file` keeps it current",
+  },
   args: {
     net: consulArgs.net,
     'config-dir': consulArgs['config-dir'],
     file: { type: 'string', description: described('The hosts file', 'hosts-file'), default: envDefault('hosts-file', '/etc/hosts') },
-    'state-dir': { type: 'string', description: described('The daemon\'s state directory (default /var/lib/tinc-consul/<net>)', 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
-    remove: { type: 'boolean', description: 'Remove this network\'s block instead', default: false },
+    'state-dir': { type: 'string', description: described("The daemon's state directory (default /var/lib/tinc-consul/<net>)", 'state-dir'), default: process.env.TINC_CONSUL_STATE_DIR },
+    remove: { type: 'boolean', description: "Remove this network's block instead", default: false },
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -77,7 +86,10 @@ export const hostsCommand = defineCommand({
     const dir = args['state-dir'] ?? defaultStateDir(net)
     const cached = await loadCache(dir)
     if (!cached) throw new TincConsulError('NO_VIEW', `no view of the mesh in ${dir} yet; start \`tinc-consul run --net ${net}\` first (or pass --state-dir)`)
-    const lines = hostsLines(cached.network.domain, cached.records.map((r) => ({ name: r.name, address: r.vpnAddress })))
+    const lines = hostsLines(
+      cached.network.domain,
+      cached.records.map((r) => ({ name: r.name, address: r.vpnAddress })),
+    )
     const changed = await writeHostsBlock(args.file, net, lines)
     console.log(`${changed ? 'wrote' : 'kept'} ${lines.length} names in ${args.file}`)
   },
@@ -95,7 +107,11 @@ async function networkDomain(client: ReturnType<typeof createConsulClient>, key:
 
 const aliasSet = defineCommand({
   meta: { name: 'set', description: 'Make NAME.<domain> an alias (CNAME) of a node or service: `alias set files nas`, `alias set media jellyfin.service`' },
-  args: { ...aliasArgs, name: { type: 'positional', description: 'The new name (one DNS label)', required: true }, target: { type: 'positional', description: 'A node name or SVC.service', required: true } },
+  args: {
+    ...aliasArgs,
+    name: { type: 'positional', description: 'The new name (one DNS label)', required: true },
+    target: { type: 'positional', description: 'A node name or SVC.service', required: true },
+  },
   async run({ args }) {
     const layout = kvLayout(requireNet(args.net), args.prefix || undefined)
     const client = createConsulClient({ url: args.consul, token: args.token || undefined })

@@ -10,13 +10,13 @@ import { requireNet } from './run.ts'
 import { setupArgs, setupFrom } from './setup-args.ts'
 
 export const initCommand = defineCommand({
-  meta: { name: 'init', description: 'Create a network in Consul (or add a public node to it): key, address, tinc config, scripts, tokens, and this node\'s record. Safe to run again.' },
+  meta: { name: 'init', description: "Create a network in Consul (or add a public node to it): key, address, tinc config, scripts, tokens, and this node's record. Safe to run again." },
   args: {
     ...consulArgs,
-    name: { type: 'string', description: described('This node\'s tinc name (default: the hostname, with anything but letters, digits and _ as _)', 'name'), default: process.env.TINC_CONSUL_NAME },
+    name: { type: 'string', description: described("This node's tinc name (default: the hostname, with anything but letters, digits and _ as _)", 'name'), default: process.env.TINC_CONSUL_NAME },
     cidr: { type: 'string', description: described('VPN range, needed to create the network (e.g. 10.99.0.0/24)', 'cidr'), default: process.env.TINC_CONSUL_CIDR },
     domain: { type: 'string', description: described('DNS domain for node names', 'domain'), default: envDefault('domain', 'mesh') },
-    'join-port': { type: 'string', description: described('Port this node serves joins on; 0: it doesn\'t', 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
+    'join-port': { type: 'string', description: described("Port this node serves joins on; 0: it doesn't", 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
     ...setupArgs,
   },
   async run({ args }) {

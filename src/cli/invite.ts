@@ -12,7 +12,11 @@ import { requireNet } from './run.ts'
 // Invites live where node tokens can't reach: use the join-server token init wrote, if any.
 const inviteConsulArgs = {
   ...consulArgs,
-  token: { ...consulArgs.token, description: described('Consul token that may write invites/ (default: the join-server token init wrote, else TINC_CONSUL_TOKEN / CONSUL_HTTP_TOKEN)', 'join-token'), default: process.env.TINC_CONSUL_JOIN_TOKEN ?? consulArgs.token.default },
+  token: {
+    ...consulArgs.token,
+    description: described('Consul token that may write invites/ (default: the join-server token init wrote, else TINC_CONSUL_TOKEN / CONSUL_HTTP_TOKEN)', 'join-token'),
+    default: process.env.TINC_CONSUL_JOIN_TOKEN ?? consulArgs.token.default,
+  },
 } as const
 
 const createArgs = {
@@ -37,7 +41,16 @@ const create = defineCommand({
       if (!d.ok || !d.value.joinPort) return []
       return d.value.addresses.map((a) => `${a.includes(':') ? `[${a}]` : a}:${d.value.joinPort}`)
     })
-    const res = await createInvite({ client, layout, net, endpoints: endpoints.slice(0, 16), name: args.name || undefined, ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000), createdBy: hostname().slice(0, 64), serveJoins: args['serve-joins'] })
+    const res = await createInvite({
+      client,
+      layout,
+      net,
+      endpoints: endpoints.slice(0, 16),
+      name: args.name || undefined,
+      ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000),
+      createdBy: hostname().slice(0, 64),
+      serveJoins: args['serve-joins'],
+    })
     console.log(res.invite)
     console.error(`invite ${res.id.slice(0, 8)} for ${args.name || 'any name'}, valid until ${res.expiresAt.toISOString()}, single use. On the new machine: tinc-consul join <invite>`)
   },
@@ -51,7 +64,8 @@ const list = defineCommand({
     const all = await listInvites(createConsulClient({ url: args.consul, token: args.token || undefined }), kvLayout(net, args.prefix || undefined))
     if (all.length === 0) return console.log('no open invites')
     console.log(['ID'.padEnd(10), 'NAME'.padEnd(20), 'EXPIRES'.padEnd(26), 'STATE'].join(' '))
-    for (const i of all) console.log([i.id.slice(0, 8).padEnd(10), (i.invite?.name ?? '(any)').padEnd(20), (i.invite?.expiresAt ?? '?').padEnd(26), i.invite ? (i.expired ? 'expired' : 'open') : 'unreadable'].join(' '))
+    for (const i of all)
+      console.log([i.id.slice(0, 8).padEnd(10), (i.invite?.name ?? '(any)').padEnd(20), (i.invite?.expiresAt ?? '?').padEnd(26), i.invite ? (i.expired ? 'expired' : 'open') : 'unreadable'].join(' '))
   },
 })
 

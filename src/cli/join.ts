@@ -7,10 +7,10 @@ import { described, envDefault } from './env.ts'
 import { setupArgs, setupFrom } from './setup-args.ts'
 
 export const joinCommand = defineCommand({
-  meta: { name: 'join', description: 'Join a network with a one-time invite: makes a key, redeems the invite at a public node, and writes the tinc config and the daemon\'s settings' },
+  meta: { name: 'join', description: "Join a network with a one-time invite: makes a key, redeems the invite at a public node, and writes the tinc config and the daemon's settings" },
   args: {
     invite: { type: 'positional', description: 'The invite (one line, from `tinc-consul invite`)', required: true },
-    name: { type: 'string', description: described('This node\'s tinc name (default: the invite\'s, else the hostname)', 'name'), default: process.env.TINC_CONSUL_NAME },
+    name: { type: 'string', description: described("This node's tinc name (default: the invite's, else the hostname)", 'name'), default: process.env.TINC_CONSUL_NAME },
     consul: { type: 'string', description: described('The local Consul agent the daemon will use', 'consul'), default: envDefault('consul', 'http://127.0.0.1:8500') },
     ...setupArgs,
   },

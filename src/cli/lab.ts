@@ -30,10 +30,14 @@ const provisionCmd = defineCommand({
 const upArgs = {
   nodes: { type: 'string', description: described('Number of tinc nodes', 'lab-nodes'), default: envDefault('lab-nodes', '3') },
   nat: { type: 'string', description: described('How many of them sit behind their own NAT router', 'lab-nat'), default: envDefault('lab-nat', '1') },
-  'consul-servers': { type: 'string', description: described('Consul servers: 1 or 3 (0: no Consul at all, for installing it by hand)', 'lab-consul-servers'), default: envDefault('lab-consul-servers', '1') },
+  'consul-servers': {
+    type: 'string',
+    description: described('Consul servers: 1 or 3 (0: no Consul at all, for installing it by hand)', 'lab-consul-servers'),
+    default: envDefault('lab-consul-servers', '1'),
+  },
   acl: { type: 'boolean', description: described('Enable Consul ACLs (default deny); the lab keeps the management token', 'lab-acl'), default: envFlag('lab-acl') },
   tinc: { type: 'boolean', description: described('Start tincd with hand-written host files (--no-tinc for bare nodes)', 'lab-tinc'), default: envFlag('lab-tinc', true) },
-  'host-files': { type: 'string', description: described('Host files each node starts with: all, or seed (its own plus node1\'s)', 'lab-host-files'), default: envDefault('lab-host-files', 'all') },
+  'host-files': { type: 'string', description: described("Host files each node starts with: all, or seed (its own plus node1's)", 'lab-host-files'), default: envDefault('lab-host-files', 'all') },
 } as const
 
 function labOptionsFrom(args: { nodes: string; nat: string; 'consul-servers': string; acl: boolean; tinc: boolean; 'host-files': string }) {
@@ -88,7 +92,7 @@ const statusCmd = defineCommand({
 })
 
 const execCmd = defineCommand({
-  meta: { name: 'exec', description: 'Run a command inside a node\'s namespace: lab exec NODE -- CMD…  (NODE: node1…, nat1…, consul1…, hub)' },
+  meta: { name: 'exec', description: "Run a command inside a node's namespace: lab exec NODE -- CMD…  (NODE: node1…, nat1…, consul1…, hub)" },
   args: { ...idArg, node: { type: 'positional', description: 'Node name', required: true } },
   run({ args, rawArgs }) {
     const dash = rawArgs.indexOf('--')
@@ -122,13 +126,16 @@ const healCmd = defineCommand({
 })
 
 const demoCmd = defineCommand({
-  meta: { name: 'demo', description: 'The story end to end: a lab with no tinc config, `init` on node1, an invite and a `join` for every other node (some behind NAT), a ping matrix and join-to-ping times; then teardown' },
+  meta: {
+    name: 'demo',
+    description: 'The story end to end: a lab with no tinc config, `init` on node1, an invite and a `join` for every other node (some behind NAT), a ping matrix and join-to-ping times; then teardown',
+  },
   args: {
     nodes: { type: 'string', description: described('Number of nodes', 'demo-nodes'), default: envDefault('demo-nodes', '5') },
     nat: { type: 'string', description: described('How many sit behind their own NAT router (the last ones)', 'demo-nat'), default: envDefault('demo-nat', '3') },
     'consul-servers': upArgs['consul-servers'],
     acl: { type: 'boolean', description: described('Consul ACLs on (--no-acl to turn them off)', 'demo-acl'), default: envFlag('demo-acl', true) },
-    'key-size': { type: 'string', description: described('RSA key size for the demo\'s nodes', 'demo-key-size'), default: envDefault('demo-key-size', '2048') },
+    'key-size': { type: 'string', description: described("RSA key size for the demo's nodes", 'demo-key-size'), default: envDefault('demo-key-size', '2048') },
   },
   async run({ args }) {
     const opts = labOptionsFrom({ nodes: args.nodes, nat: args.nat, 'consul-servers': args['consul-servers'], acl: args.acl, tinc: false, 'host-files': 'all' })

@@ -27,7 +27,23 @@ export const main = defineCommand({
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
-  subCommands: { init: initCommand, invite: inviteCommand, join: joinCommand, run: runDaemon, revoke: revokeCommand, pin: pinCommand, resolve: resolveName, alias: aliasCommand, hosts: hostsCommand, service: serviceCommand, status: statusCommand, graph: graphCommand, install: installCommand, uninstall: uninstallCommand, lab: labCommand },
+  subCommands: {
+    init: initCommand,
+    invite: inviteCommand,
+    join: joinCommand,
+    run: runDaemon,
+    revoke: revokeCommand,
+    pin: pinCommand,
+    resolve: resolveName,
+    alias: aliasCommand,
+    hosts: hostsCommand,
+    service: serviceCommand,
+    status: statusCommand,
+    graph: graphCommand,
+    install: installCommand,
+    uninstall: uninstallCommand,
+    lab: labCommand,
+  },
 })
 
 /** Follows argv through subcommands so `tinc-consul lab up --help` shows the help for `lab up`. */

@@ -20,7 +20,10 @@ export function parseDurationFlag(name: string, value: string | undefined, maxMs
 
 /** --address may be repeated or comma-separated: HOST[:PORT] each. Returns hosts and the first explicit port. */
 export function parseAddressFlags(value: string | string[] | undefined): { hosts: string[]; port?: number } {
-  const all = (Array.isArray(value) ? value : value ? [value] : []).flatMap((v) => v.split(',')).map((v) => v.trim()).filter(Boolean)
+  const all = (Array.isArray(value) ? value : value ? [value] : [])
+    .flatMap((v) => v.split(','))
+    .map((v) => v.trim())
+    .filter(Boolean)
   const hosts: string[] = []
   let port: number | undefined
   for (const a of all) {
@@ -34,7 +37,10 @@ export function parseAddressFlags(value: string | string[] | undefined): { hosts
 
 /** A comma-separated list of IPv4 addresses to listen on ("" for none). */
 export function listFlag(name: string, value: string | undefined): string[] {
-  const list = (value ?? '').split(',').map((s) => s.trim()).filter(Boolean)
+  const list = (value ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)
   for (const h of list) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--${name} takes IPv4 addresses, got ${JSON.stringify(h)}`)
   return list
 }

@@ -124,7 +124,13 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
         if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
       }
       const file = s.dns.hostsFile
-      if (file) hostsWrite = hostsWrite.then(() => writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(() => undefined, (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block')))
+      if (file)
+        hostsWrite = hostsWrite.then(() =>
+          writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(
+            () => undefined,
+            (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block'),
+          ),
+        )
     }
     const daemon = await startSync({
       net,
@@ -170,9 +176,13 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     // What tincd reports through its hooks: who is reachable right now, for status.
     const links = new Map<string, PeerLink>()
     const tincLog = log.child({ component: 'tinc' })
-    const events = await watchEvents(eventsFileFor(s.runDir, net), (e) => {
-      if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
-    }, tincLog)
+    const events = await watchEvents(
+      eventsFileFor(s.runDir, net),
+      (e) => {
+        if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
+      },
+      tincLog,
+    )
     closers.push(() => events.stop())
     let status: StatusServer | undefined
     if (s.status) {
@@ -191,29 +201,116 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
 
 const runArgs = {
   ...consulArgs,
-  dir: { type: 'string', description: described('tinc\'s config root; the network lives in <dir>/<net>', 'dir'), get default() { return envDefault('dir', '/etc/tinc') } },
-  'state-dir': { type: 'string', description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'), get default() { return process.env.TINC_CONSUL_STATE_DIR } },
-  pidfile: { type: 'string', description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'), get default() { return process.env.TINC_CONSUL_PIDFILE } },
-  wait: { type: 'string', description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'), get default() { return envDefault('wait', '300') } },
+  dir: {
+    type: 'string',
+    description: described("tinc's config root; the network lives in <dir>/<net>", 'dir'),
+    get default() {
+      return envDefault('dir', '/etc/tinc')
+    },
+  },
+  'state-dir': {
+    type: 'string',
+    description: described('Where pins and the cached view live (default /var/lib/tinc-consul/<net>)', 'state-dir'),
+    get default() {
+      return process.env.TINC_CONSUL_STATE_DIR
+    },
+  },
+  pidfile: {
+    type: 'string',
+    description: described('tincd pidfile to send SIGHUP to (default /var/run/tinc.<net>.pid)', 'pidfile'),
+    get default() {
+      return process.env.TINC_CONSUL_PIDFILE
+    },
+  },
+  wait: {
+    type: 'string',
+    description: described('Blocking-query wait in seconds (Consul caps it at 600)', 'wait'),
+    get default() {
+      return envDefault('wait', '300')
+    },
+  },
   'record-watch-limit': {
     type: 'string',
-    description: described('Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads', 'record-watch-limit'),
+    description: described(
+      'Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads',
+      'record-watch-limit',
+    ),
     get default() {
       return envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT))
     },
   },
-  'keep-file': { type: 'string', description: described('Peers the daemon never writes or removes in hosts/, one tinc name per line (default <config-dir>/<net>.keep)', 'keep-file'), get default() { return process.env.TINC_CONSUL_KEEP_FILE } },
-  'join-port': { type: 'string', description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'), get default() { return envDefault('join-port', String(DEFAULT_JOIN_PORT)) } },
-  'join-listen': { type: 'string', description: described('Address the join endpoint listens on', 'join-listen'), get default() { return envDefault('join-listen', '0.0.0.0') } },
-  'run-dir': { type: 'string', description: described('Runtime directory; tinc\'s hook scripts report to <run-dir>/<net>/tinc-events', 'run-dir'), get default() { return envDefault('run-dir', '/run/tinc-consul') } },
-  'gossip-key': { type: 'string', description: described('Consul gossip key the join endpoint hands to new nodes (install --consul-server writes it)', 'gossip-key'), get default() { return process.env.TINC_CONSUL_GOSSIP_KEY } },
-  'join-token': { type: 'string', description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'), get default() { return process.env.TINC_CONSUL_JOIN_TOKEN } },
+  'keep-file': {
+    type: 'string',
+    description: described('Peers the daemon never writes or removes in hosts/, one tinc name per line (default <config-dir>/<net>.keep)', 'keep-file'),
+    get default() {
+      return process.env.TINC_CONSUL_KEEP_FILE
+    },
+  },
+  'join-port': {
+    type: 'string',
+    description: described('TCP port for the join endpoint on public nodes; 0 turns it off', 'join-port'),
+    get default() {
+      return envDefault('join-port', String(DEFAULT_JOIN_PORT))
+    },
+  },
+  'join-listen': {
+    type: 'string',
+    description: described('Address the join endpoint listens on', 'join-listen'),
+    get default() {
+      return envDefault('join-listen', '0.0.0.0')
+    },
+  },
+  'run-dir': {
+    type: 'string',
+    description: described("Runtime directory; tinc's hook scripts report to <run-dir>/<net>/tinc-events", 'run-dir'),
+    get default() {
+      return envDefault('run-dir', '/run/tinc-consul')
+    },
+  },
+  'gossip-key': {
+    type: 'string',
+    description: described('Consul gossip key the join endpoint hands to new nodes (install --consul-server writes it)', 'gossip-key'),
+    get default() {
+      return process.env.TINC_CONSUL_GOSSIP_KEY
+    },
+  },
+  'join-token': {
+    type: 'string',
+    description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'),
+    get default() {
+      return process.env.TINC_CONSUL_JOIN_TOKEN
+    },
+  },
   ...dnsArgs,
   ...serviceRunArgs,
-  status: { type: 'boolean', description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'), get default() { return envFlag('status', true) } },
-  'status-port': { type: 'string', description: described('Status HTTP port (tincstat used 9000 too)', 'status-port'), get default() { return envDefault('status-port', String(DEFAULT_STATUS_PORT)) } },
-  'status-listen': { type: 'string', description: described('Addresses to serve status on besides the VPN address, comma-separated ("" for none)', 'status-listen'), get default() { return envDefault('status-listen', '127.0.0.1') } },
-  'tinc-log': { type: 'string', description: described('tincd\'s log file, where its state dumps land (start tincd with --logfile; default /var/log/tinc.<net>.log)', 'tinc-log'), get default() { return process.env.TINC_CONSUL_TINC_LOG } },
+  status: {
+    type: 'boolean',
+    description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'),
+    get default() {
+      return envFlag('status', true)
+    },
+  },
+  'status-port': {
+    type: 'string',
+    description: described('Status HTTP port (tincstat used 9000 too)', 'status-port'),
+    get default() {
+      return envDefault('status-port', String(DEFAULT_STATUS_PORT))
+    },
+  },
+  'status-listen': {
+    type: 'string',
+    description: described('Addresses to serve status on besides the VPN address, comma-separated ("" for none)', 'status-listen'),
+    get default() {
+      return envDefault('status-listen', '127.0.0.1')
+    },
+  },
+  'tinc-log': {
+    type: 'string',
+    description: described("tincd's log file, where its state dumps land (start tincd with --logfile; default /var/log/tinc.<net>.log)", 'tinc-log'),
+    get default() {
+      return process.env.TINC_CONSUL_TINC_LOG
+    },
+  },
 } as const
 
 type RunArgs = ParsedArgs<typeof runArgs>
@@ -233,7 +330,7 @@ function exitOnUnhandled(log: Logger): void {
 }
 
 export const runCommand = defineCommand({
-  meta: { name: 'run', description: 'Run the sidecar: publish this node\'s record, keep every peer\'s host file and the ConnectTo block in sync, reload tincd when needed' },
+  meta: { name: 'run', description: "Run the sidecar: publish this node's record, keep every peer's host file and the ConnectTo block in sync, reload tincd when needed" },
   args: runArgs,
   async run({ args, rawArgs }) {
     // The daemon's logs go to stdout for journald; every other command keeps stdout for its output.

@@ -5,13 +5,37 @@ import { described, envDefault, envFlag } from './env.ts'
 export const defaultServicesDir = (configDir: string, net: string): string => join(configDir, `${net}.services.d`)
 
 export const servicesDirArg = {
-  'services-dir': { type: 'string', description: described('Directory of service definitions (.toml, .yaml, .json; default <config-dir>/<net>.services.d)', 'services-dir'), get default() { return process.env.TINC_CONSUL_SERVICES_DIR } },
+  'services-dir': {
+    type: 'string',
+    description: described('Directory of service definitions (.toml, .yaml, .json; default <config-dir>/<net>.services.d)', 'services-dir'),
+    get default() {
+      return process.env.TINC_CONSUL_SERVICES_DIR
+    },
+  },
 } as const
 
 /** The service flags of `run`. */
 export const serviceRunArgs = {
   ...servicesDirArg,
-  'script-checks': { type: 'boolean', description: described('Allow script checks in service files; the daemon runs them (the agent never needs script checks on)', 'script-checks'), get default() { return envFlag('script-checks', false) } },
-  'deregister-on-exit': { type: 'boolean', description: described('Deregister this node\'s services when the daemon stops cleanly (default: leave it to the health checks)', 'deregister-on-exit'), get default() { return envFlag('deregister-on-exit', false) } },
-  'services-resync': { type: 'string', description: described('Seconds between comparing the agent\'s services with the files (re-registers after an agent restart)', 'services-resync'), get default() { return envDefault('services-resync', '10') } },
+  'script-checks': {
+    type: 'boolean',
+    description: described('Allow script checks in service files; the daemon runs them (the agent never needs script checks on)', 'script-checks'),
+    get default() {
+      return envFlag('script-checks', false)
+    },
+  },
+  'deregister-on-exit': {
+    type: 'boolean',
+    description: described("Deregister this node's services when the daemon stops cleanly (default: leave it to the health checks)", 'deregister-on-exit'),
+    get default() {
+      return envFlag('deregister-on-exit', false)
+    },
+  },
+  'services-resync': {
+    type: 'string',
+    description: described("Seconds between comparing the agent's services with the files (re-registers after an agent restart)", 'services-resync'),
+    get default() {
+      return envDefault('services-resync', '10')
+    },
+  },
 } as const

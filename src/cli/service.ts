@@ -43,7 +43,10 @@ export function repeated(rawArgs: string[], flag: string): string[] {
     if (a === `--${flag}`) out.push(rawArgs[++i] ?? '')
     else if (a.startsWith(`--${flag}=`)) out.push(a.slice(flag.length + 3))
   }
-  return out.flatMap((v) => v.split(',')).map((v) => v.trim()).filter(Boolean)
+  return out
+    .flatMap((v) => v.split(','))
+    .map((v) => v.trim())
+    .filter(Boolean)
 }
 
 /** `--check tcp|udp|ttl|http|http:/path` as the file's [check] table. */
@@ -127,7 +130,8 @@ const add = defineCommand({
       throw err
     }
     const existing = await filesFor(dir, args.name)
-    if (existing.length && !args.force) throw new UsageError('SERVICE_EXISTS', `${existing.map((d) => join(dir, d.file)).join(', ')} already defines ${args.name}; edit it, or pass --force to replace it`)
+    if (existing.length && !args.force)
+      throw new UsageError('SERVICE_EXISTS', `${existing.map((d) => join(dir, d.file)).join(', ')} already defines ${args.name}; edit it, or pass --force to replace it`)
     await mkdir(dir, { recursive: true, mode: 0o755 })
     for (const d of existing) if (d.file !== file) await rm(join(dir, d.file))
     const text = `# ${args.name}: written by \`tinc-consul service add\`; edit freely, the daemon picks changes up.\n${toToml(data)}`
@@ -138,7 +142,7 @@ const add = defineCommand({
 })
 
 const remove = defineCommand({
-  meta: { name: 'rm', description: 'Delete a service\'s definition file; a running daemon deregisters it' },
+  meta: { name: 'rm', description: "Delete a service's definition file; a running daemon deregisters it" },
   args: { ...serviceArgs, name: { type: 'positional', description: 'The service (or its file name without extension)', required: true } },
   async run({ args }) {
     const dir = dirOf(args, requireNet(args.net))
@@ -182,7 +186,11 @@ async function localRows(args: Common, net: string): Promise<{ rows: LocalRow[];
     const c = checks[checkId(id)]
     return c ? { health: c.Status, output: c.Output.trim().split('\n')[0] } : { health: 'no check' }
   }
-  const rows: LocalRow[] = files.map((f) => (f.def ? { name: f.def.name, file: f.file, port: f.def.port, protocol: f.def.protocol, check: f.def.check.type, ...status(serviceId(net, f.def.stem)) } : { name: f.file.replace(/\.[^.]+$/, ''), file: f.file, health: 'invalid', error: f.error }))
+  const rows: LocalRow[] = files.map((f) =>
+    f.def
+      ? { name: f.def.name, file: f.file, port: f.def.port, protocol: f.def.protocol, check: f.def.check.type, ...status(serviceId(net, f.def.stem)) }
+      : { name: f.file.replace(/\.[^.]+$/, ''), file: f.file, health: 'invalid', error: f.error },
+  )
   // Registered by us but without a file any more: the daemon isn't running, or hasn't caught up.
   const known = new Set(files.map((f) => f.file))
   for (const s of Object.values(onAgent ?? {})) {
@@ -203,7 +211,7 @@ async function meshRows(args: Common, net: string): Promise<HealthyEntry[]> {
 
 const listArgs = { ...serviceArgs, all: { type: 'boolean', description: 'Every healthy instance on every node, as DNS serves them', default: false } } as const
 const list = defineCommand({
-  meta: { name: 'ls', description: 'This node\'s services with their health; with --all, every healthy instance in the mesh' },
+  meta: { name: 'ls', description: "This node's services with their health; with --all, every healthy instance in the mesh" },
   args: listArgs,
   async run({ args }) {
     const net = requireNet(args.net)
@@ -229,7 +237,7 @@ const ttl = defineCommand({
     ...serviceArgs,
     name: { type: 'positional', description: 'The service', required: true },
     status: { type: 'positional', description: 'pass, warn or fail', required: false, default: 'pass' },
-    note: { type: 'string', description: described('Text shown with the check\'s status', 'ttl-note'), default: process.env.TINC_CONSUL_TTL_NOTE },
+    note: { type: 'string', description: described("Text shown with the check's status", 'ttl-note'), default: process.env.TINC_CONSUL_TTL_NOTE },
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -239,12 +247,17 @@ const ttl = defineCommand({
     if (defs.length === 0) throw new UsageError('NO_SERVICE', `no definition for ${JSON.stringify(args.name)} in ${dirOf(args, net)}`)
     if (defs.length > 1) throw new UsageError('AMBIGUOUS', `${defs.length} files define ${args.name}: ${defs.map((d) => d.file).join(', ')}; name one by its file name without extension`)
     const def = defs[0] as ServiceDefinition
-    if (def.check.type !== 'ttl') throw new UsageError('NOT_TTL', `${def.file} has a ${def.check.type} check, which ${def.check.type === 'script' || def.check.type === 'http' ? 'is run for you' : 'Consul runs'}; only ttl checks take reports`)
+    if (def.check.type !== 'ttl')
+      throw new UsageError(
+        'NOT_TTL',
+        `${def.file} has a ${def.check.type} check, which ${def.check.type === 'script' || def.check.type === 'http' ? 'is run for you' : 'Consul runs'}; only ttl checks take reports`,
+      )
     const id = checkId(serviceId(net, def.stem))
     try {
       await updateTtlCheck(clientOf(args), id, status, args.note ?? `${args.status} from tinc-consul service ttl at ${new Date().toISOString()}`)
     } catch (err) {
-      if ((err as { status?: number }).status === 404 || /unknown check/i.test((err as Error).message)) throw new TincConsulError('NOT_REGISTERED', `${def.name} is not registered on the agent yet; is \`tinc-consul run --net ${net}\` running?`, { cause: err })
+      if ((err as { status?: number }).status === 404 || /unknown check/i.test((err as Error).message))
+        throw new TincConsulError('NOT_REGISTERED', `${def.name} is not registered on the agent yet; is \`tinc-consul run --net ${net}\` running?`, { cause: err })
       throw err
     }
     if (args.json) console.log(JSON.stringify({ service: def.name, check: id, status }))
@@ -253,7 +266,7 @@ const ttl = defineCommand({
 })
 
 export const serviceCommand = defineCommand({
-  meta: { name: 'service', description: 'Declare this node\'s services (files the daemon registers in Consul with health checks) and list the mesh\'s healthy ones' },
+  meta: { name: 'service', description: "Declare this node's services (files the daemon registers in Consul with health checks) and list the mesh's healthy ones" },
   // `service --net NET` lists, like `service ls`.
   args: listArgs,
   subCommands: { add, rm: remove, ls: list, ttl },

@@ -66,7 +66,9 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
   const paint = (c: keyof typeof ANSI, t: string) => (opts.colour ? `${ANSI[c]}${t}${ANSI.reset}` : t)
   const tincd = s.tincd.state === 'up' ? paint('green', `tincd up (pid ${s.tincd.pid ?? '?'})`) : paint('red', `tincd ${s.tincd.state}: ${s.tincd.reason ?? ''}`.trim())
   // A blocking query answers only when something changes: while Consul is reachable, "last answer" says nothing.
-  const consul = s.consul.reachable ? paint('green', `consul ok (index ${s.consul.index})`) : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
+  const consul = s.consul.reachable
+    ? paint('green', `consul ok (index ${s.consul.index})`)
+    : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
   const head = [
     `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface})  ${tincd}  ${consul}`,
     `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}`,
@@ -90,7 +92,7 @@ export const statusCommand = defineCommand({
   meta: { name: 'status', description: 'Show the mesh as this node sees it: who is reachable, directly or through a relay, traffic, Consul and tincd (from the running daemon)' },
   args: {
     ...statusArgs,
-    json: { type: 'boolean', description: 'Print the daemon\'s /status JSON', default: false },
+    json: { type: 'boolean', description: "Print the daemon's /status JSON", default: false },
     watch: { type: 'boolean', description: 'Redraw every --interval seconds until interrupted', default: false },
     interval: { type: 'string', description: 'Seconds between redraws with --watch', default: '2' },
   },

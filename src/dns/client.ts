@@ -39,7 +39,10 @@ export async function query(name: string, type: number, opts: QueryOptions): Pro
 function udpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const sock = createSocket('udp4')
-    const timer = setTimeout(() => done(new TincConsulError('DNS_TIMEOUT', `no answer from ${opts.server}:${opts.port} over UDP within ${opts.timeoutMs ?? 2000} ms (is \`tinc-consul run\` serving DNS there?)`)), opts.timeoutMs ?? 2000)
+    const timer = setTimeout(
+      () => done(new TincConsulError('DNS_TIMEOUT', `no answer from ${opts.server}:${opts.port} over UDP within ${opts.timeoutMs ?? 2000} ms (is \`tinc-consul run\` serving DNS there?)`)),
+      opts.timeoutMs ?? 2000,
+    )
     const done = (err?: Error, reply?: Buffer) => {
       clearTimeout(timer)
       sock.close()

@@ -10,9 +10,7 @@ import { uniqueNodes } from './zone.ts'
  * of the file is never touched.
  */
 export function hostsLines(domain: string, nodes: Array<{ name: string; address: string }>): string[] {
-  return [...uniqueNodes(nodes).byLabel]
-    .sort(([a], [b]) => a.localeCompare(b))
-    .map(([label, n]) => `${n.address}\t${label}.${domain}`)
+  return [...uniqueNodes(nodes).byLabel].sort(([a], [b]) => a.localeCompare(b)).map(([label, n]) => `${n.address}\t${label}.${domain}`)
 }
 
 /**

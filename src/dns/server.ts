@@ -189,8 +189,7 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
     const exited = [...children].filter((c) => c.exitCode === null && c.signalCode === null).map((c) => new Promise<void>((r) => c.once('exit', () => r())))
     for (const child of children) child.kill('SIGTERM')
     for (const c of conns) c.destroy()
-    await Promise.all([
-      ...exited,...[...udp.values()].map((s) => new Promise<void>((r) => s.close(() => r()))), ...[...tcp.values()].map((s) => new Promise<void>((r) => s.close(() => r())))])
+    await Promise.all([...exited, ...[...udp.values()].map((s) => new Promise<void>((r) => s.close(() => r()))), ...[...tcp.values()].map((s) => new Promise<void>((r) => s.close(() => r())))])
   }
 
   try {
@@ -198,7 +197,8 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<DnsServer>
   } catch (err) {
     await closeAll()
     const code = (err as NodeJS.ErrnoException).code
-    const hint = code === 'EADDRINUSE' ? ' (something else serves DNS there; pick another --dns-port or --dns-listen)' : code === 'EACCES' ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''
+    const hint =
+      code === 'EADDRINUSE' ? ' (something else serves DNS there; pick another --dns-port or --dns-listen)' : code === 'EACCES' ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''
     throw new TincConsulError('DNS_LISTEN', `cannot serve DNS on port ${port}: ${(err as Error).message}${hint}`, { cause: err })
   }
   for (let i = 0; i < wanted; i++) spawnWorker()

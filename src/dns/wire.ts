@@ -281,7 +281,7 @@ export function decodeMessage(msg: Uint8Array): DecodedMessage {
       case TYPE.TXT:
       case TYPE.HINFO: {
         const parts: string[] = []
-        for (let i = 0; i < rd.length; ) {
+        for (let i = 0; i < rd.length;) {
           const n = rd[i] as number
           parts.push(JSON.stringify(rd.toString('utf8', i + 1, i + 1 + n)))
           i += 1 + n

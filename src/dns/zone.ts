@@ -93,7 +93,15 @@ export function uniqueNodes<N extends { name: string }>(nodes: N[]): { byLabel: 
   for (const [label, group] of groups) {
     if (label === 'service') for (const g of group) skipped.push({ name: g.name, reason: '"service" is reserved for services' })
     else if (group.length === 1 && group[0]) byLabel.set(label, group[0])
-    else for (const g of group) skipped.push({ name: g.name, reason: `collides with ${group.filter((o) => o !== g).map((o) => o.name).join(', ')} as ${label}` })
+    else
+      for (const g of group)
+        skipped.push({
+          name: g.name,
+          reason: `collides with ${group
+            .filter((o) => o !== g)
+            .map((o) => o.name)
+            .join(', ')} as ${label}`,
+        })
   }
   return { byLabel, skipped }
 }
@@ -174,7 +182,10 @@ export function buildZone(input: ZoneInput): Zone {
     addInstances(`_${label}._${svc.protocol}.${serviceApex}`, healthy)
     for (const tag of new Set(healthy.flatMap((i) => i.tags.map((t) => t.toLowerCase())))) {
       if (!isDnsLabel(tag)) continue
-      addInstances(`${tag}.${label}.${serviceApex}`, healthy.filter((i) => i.tags.some((t) => t.toLowerCase() === tag)))
+      addInstances(
+        `${tag}.${label}.${serviceApex}`,
+        healthy.filter((i) => i.tags.some((t) => t.toLowerCase() === tag)),
+      )
     }
   }
 

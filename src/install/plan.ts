@@ -15,8 +15,7 @@ import { isTincName } from '../tinc/names.ts'
  */
 export type Step =
   /** owner: the network a file belongs to, 'shared' (the sidecar template) or 'consul'; uninstall goes by it. */
-  | { kind: 'file'; path: string; content: string; mode: number; why: string; owner: string }
-  | { kind: 'command'; argv: string[]; why: string }
+  { kind: 'file'; path: string; content: string; mode: number; why: string; owner: string } | { kind: 'command'; argv: string[]; why: string }
 
 const repoFile = (rel: string) => fileURLToPath(new URL(`../../${rel}`, import.meta.url))
 
@@ -67,7 +66,8 @@ function checkInput(i: InstallInput): void {
   if (i.node && !isTincName(i.node.name)) throw new UsageError('BAD_NAME', `not a tinc node name: ${JSON.stringify(i.node.name)}`)
   if (i.node?.vpnAddress !== undefined && !ipaddr.IPv4.isValidFourPartDecimal(i.node.vpnAddress)) throw new UsageError('BAD_ADDRESS', `not an IPv4 address: ${JSON.stringify(i.node.vpnAddress)}`)
   for (const p of [i.bin, i.consulBin, i.unitDir, i.tincRoot, i.settingsDir, i.consul?.dataDir, i.consul?.configDir, i.consul?.fileDir]) {
-    if (p !== undefined && (!p.startsWith('/') || /["\s\\%$]/.test(p))) throw new UsageError('BAD_PATH', `paths in units and configs must be absolute, without spaces, quotes, % or $: ${JSON.stringify(p)}`)
+    if (p !== undefined && (!p.startsWith('/') || /["\s\\%$]/.test(p)))
+      throw new UsageError('BAD_PATH', `paths in units and configs must be absolute, without spaces, quotes, % or $: ${JSON.stringify(p)}`)
   }
   const c = i.consul
   if (!c) return
@@ -95,12 +95,26 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
       .replaceAll('/etc/tinc-consul/', `${i.settingsDir}/`)
       .replace('ReadWritePaths=/etc/tinc/%i', `ReadWritePaths=${i.tincRoot}/%i`)
     steps.push({ kind: 'file', path: unit('tinc-consul@.service'), content, mode: 0o644, why: 'the sidecar unit (one instance per network)', owner: 'shared' })
-    steps.push({ kind: 'file', path: unit(`tinc@${i.net}.service.d/tinc-consul.conf`), content: await readFile(repoFile('systemd/tinc@.service.d/tinc-consul.conf'), 'utf8'), mode: 0o644, why: 'tincd logs to a file, where its state dumps can be read', owner: i.net })
+    steps.push({
+      kind: 'file',
+      path: unit(`tinc@${i.net}.service.d/tinc-consul.conf`),
+      content: await readFile(repoFile('systemd/tinc@.service.d/tinc-consul.conf'), 'utf8'),
+      mode: 0o644,
+      why: 'tincd logs to a file, where its state dumps can be read',
+      owner: i.net,
+    })
   }
   const c = i.consul
   if (c) {
     const tmpl = await readFile(repoFile('systemd/consul.service'), 'utf8')
-    steps.push({ kind: 'file', path: unit('consul.service'), content: tmpl.replaceAll('/usr/local/bin/consul', i.consulBin).replaceAll('-config-dir=/etc/consul.d', `-config-dir=${c.configDir}`), mode: 0o644, why: 'the Consul agent unit', owner: 'consul' })
+    steps.push({
+      kind: 'file',
+      path: unit('consul.service'),
+      content: tmpl.replaceAll('/usr/local/bin/consul', i.consulBin).replaceAll('-config-dir=/etc/consul.d', `-config-dir=${c.configDir}`),
+      mode: 0o644,
+      why: 'the Consul agent unit',
+      owner: 'consul',
+    })
     const server = c.role !== 'client'
     const values = {
       net: i.net ?? '(none yet)',
@@ -109,7 +123,10 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
       data_dir: c.dataDir,
       // Before init there is no VPN address: the first server starts on loopback, alone.
       bind: c.role === 'bootstrap' ? '127.0.0.1' : (i.node?.vpnAddress ?? ''),
-      retry_join: c.servers.filter((s) => s !== i.node?.vpnAddress).map((s) => `"${s}"`).join(', '),
+      retry_join: c.servers
+        .filter((s) => s !== i.node?.vpnAddress)
+        .map((s) => `"${s}"`)
+        .join(', '),
       bootstrap_expect: String(c.role === 'bootstrap' ? 1 : c.bootstrapExpect),
       encrypt: c.gossipKey,
       agent_token: c.agentToken,
@@ -122,13 +139,25 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
       steps.push({ kind: 'file', path: join(c.fileDir, CONSUL_BOOTSTRAP_FILE), content: boot, mode: 0o640, why: 'the management token for the new cluster', owner: 'consul' })
     }
     if (i.systemctl) {
-      steps.push({ kind: 'command', argv: ['sh', '-c', 'getent passwd consul >/dev/null || useradd --system --home-dir /var/lib/consul --shell /usr/sbin/nologin consul'], why: 'Consul runs as its own user' })
-      steps.push({ kind: 'command', argv: ['chgrp', 'consul', join(c.fileDir, CONSUL_CONFIG_FILE), ...(c.managementToken ? [join(c.fileDir, CONSUL_BOOTSTRAP_FILE)] : [])], why: 'the agent reads its config' })
+      steps.push({
+        kind: 'command',
+        argv: ['sh', '-c', 'getent passwd consul >/dev/null || useradd --system --home-dir /var/lib/consul --shell /usr/sbin/nologin consul'],
+        why: 'Consul runs as its own user',
+      })
+      steps.push({
+        kind: 'command',
+        argv: ['chgrp', 'consul', join(c.fileDir, CONSUL_CONFIG_FILE), ...(c.managementToken ? [join(c.fileDir, CONSUL_BOOTSTRAP_FILE)] : [])],
+        why: 'the agent reads its config',
+      })
     }
   }
   if (i.systemctl) {
     steps.push({ kind: 'command', argv: ['systemctl', 'daemon-reload'], why: 'systemd reads the new units' })
-    if (c) steps.push({ kind: 'command', argv: ['systemctl', 'enable', 'consul.service'], why: 'the agent starts at boot' }, { kind: 'command', argv: ['systemctl', 'restart', 'consul.service'], why: 'the agent runs with this config' })
+    if (c)
+      steps.push(
+        { kind: 'command', argv: ['systemctl', 'enable', 'consul.service'], why: 'the agent starts at boot' },
+        { kind: 'command', argv: ['systemctl', 'restart', 'consul.service'], why: 'the agent runs with this config' },
+      )
     if (i.net && i.node?.vpnAddress) {
       const units = [`tinc@${i.net}.service`, `tinc-consul@${i.net}.service`]
       steps.push({ kind: 'command', argv: ['systemctl', 'enable', ...units], why: 'tincd and the sidecar start at boot' })

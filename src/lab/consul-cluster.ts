@@ -39,7 +39,15 @@ function agentConfig(plan: LabPlan, runDir: string, name: string, ip: string, se
     performance: { raft_multiplier: 1 },
     leave_on_terminate: !server,
     ...(plan.options.acl
-      ? { acl: { enabled: true, default_policy: 'deny', down_policy: 'extend-cache', enable_token_persistence: false, tokens: { ...(tokens.initial ? { initial_management: tokens.initial } : {}), ...(tokens.agent ? { agent: tokens.agent } : {}) } } }
+      ? {
+          acl: {
+            enabled: true,
+            default_policy: 'deny',
+            down_policy: 'extend-cache',
+            enable_token_persistence: false,
+            tokens: { ...(tokens.initial ? { initial_management: tokens.initial } : {}), ...(tokens.agent ? { agent: tokens.agent } : {}) },
+          },
+        }
       : {}),
   }
 }

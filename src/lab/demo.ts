@@ -66,14 +66,24 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
     const address = /^Joined \S+ as \S+ with address (\S+)\.$/m.exec(res.stdout)?.[1] ?? '?'
     await startNode(n.name)
     const peers = joined.map((j) => j.address)
-    await Promise.all(peers.map((ip) => waitFor(`${n.name} to ping ${ip}`, async () => ((await lab.exec(n.name, ['ping', '-c1', '-W1', ip], { allowFailure: true })).code === 0 ? true : undefined), { timeoutMs: 60_000, intervalMs: 50 })))
+    await Promise.all(
+      peers.map((ip) =>
+        waitFor(`${n.name} to ping ${ip}`, async () => ((await lab.exec(n.name, ['ping', '-c1', '-W1', ip], { allowFailure: true })).code === 0 ? true : undefined), {
+          timeoutMs: 60_000,
+          intervalMs: 50,
+        }),
+      ),
+    )
     const ms = performance.now() - keygenDone
     opts.step(`${n.name} reaches all ${peers.length} peers ${(ms / 1000).toFixed(2)} s after its key was generated`)
     joined.push({ name: n.name, address, behindNat: n.behindNat, via: `invite from ${inviter}`, joinToPingMs: ms })
   }
 
   console.log('\nnodes:')
-  for (const j of joined) console.log(`  ${j.name.padEnd(8)} ${j.address.padEnd(12)} ${(j.behindNat ? 'behind NAT' : 'public').padEnd(11)} ${j.via.padEnd(20)} ${j.joinToPingMs === undefined ? '' : `join → ping all: ${(j.joinToPingMs / 1000).toFixed(2)} s`}`)
+  for (const j of joined)
+    console.log(
+      `  ${j.name.padEnd(8)} ${j.address.padEnd(12)} ${(j.behindNat ? 'behind NAT' : 'public').padEnd(11)} ${j.via.padEnd(20)} ${j.joinToPingMs === undefined ? '' : `join → ping all: ${(j.joinToPingMs / 1000).toFixed(2)} s`}`,
+    )
 
   console.log('\nping over the VPN (rows ping columns):')
   console.log(`  ${''.padEnd(8)}${joined.map((j) => j.name.padEnd(9)).join('')}`)
@@ -83,12 +93,15 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
     failures += cells.filter((c) => c === 'FAIL').length
     console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(9)).join('')}`)
   }
-  console.log('\nnames over the VPN: each row asks its own DNS server (dig @its VPN address) for each column\'s NODE.mesh')
+  console.log("\nnames over the VPN: each row asks its own DNS server (dig @its VPN address) for each column's NODE.mesh")
   console.log(`  ${''.padEnd(8)}${joined.map((j) => j.name.padEnd(9)).join('')}`)
   for (const a of joined) {
     // The newest node's daemon may still be binding its VPN address (it appears when tinc-up runs): wait a little, like the pings do.
-    const answers = async (b: Joined) => (await lab.exec(a.name, ['dig', '+short', '+time=1', `@${a.address}`, `${b.name.replace(/_/g, '-')}.mesh`], { allowFailure: true })).stdout.trim() === b.address
-    const cells = await Promise.all(joined.map((b) => waitFor(`${a.name} to resolve ${b.name}`, async () => ((await answers(b)) ? 'ok' : undefined), { timeoutMs: 15_000, intervalMs: 100 }).catch(() => 'FAIL')))
+    const answers = async (b: Joined) =>
+      (await lab.exec(a.name, ['dig', '+short', '+time=1', `@${a.address}`, `${b.name.replace(/_/g, '-')}.mesh`], { allowFailure: true })).stdout.trim() === b.address
+    const cells = await Promise.all(
+      joined.map((b) => waitFor(`${a.name} to resolve ${b.name}`, async () => ((await answers(b)) ? 'ok' : undefined), { timeoutMs: 15_000, intervalMs: 100 }).catch(() => 'FAIL')),
+    )
     failures += cells.filter((c) => c === 'FAIL').length
     console.log(`  ${a.name.padEnd(8)}${cells.map((c) => c.padEnd(9)).join('')}`)
   }
@@ -112,7 +125,9 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
   }
   const times = joined.flatMap((j) => (j.joinToPingMs === undefined ? [] : [j.joinToPingMs]))
   const worst = Math.max(...times)
-  console.log(`\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`)
+  console.log(
+    `\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`,
+  )
   return { joined, failures }
 }
 
@@ -133,8 +148,15 @@ async function servicesDemo(lab: Lab, joined: Joined[], show: (node: string, arg
   console.log(`\n${host.name}# (a web server on ${host.address}:8080)`)
   await lab.spawn(host.name, 'demo-web', [process.execPath, '-e', server])
   const askerFlags = ['--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, asker.name)]
-  const seen = await waitFor(`${asker.name} to resolve web.service.mesh`, async () => ((await lab.cli(asker.name, ['resolve', 'web.service.mesh', '--type', 'SRV', ...askerFlags], { allowFailure: true })).code === 0 ? true : undefined), { timeoutMs: 30_000, intervalMs: 250 }).catch(() => false)
-  for (const argv of [['resolve', 'web.service.mesh', '--type', 'SRV', '--verbose'], ['service', 'ls', '--all']]) {
+  const seen = await waitFor(
+    `${asker.name} to resolve web.service.mesh`,
+    async () => ((await lab.cli(asker.name, ['resolve', 'web.service.mesh', '--type', 'SRV', ...askerFlags], { allowFailure: true })).code === 0 ? true : undefined),
+    { timeoutMs: 30_000, intervalMs: 250 },
+  ).catch(() => false)
+  for (const argv of [
+    ['resolve', 'web.service.mesh', '--type', 'SRV', '--verbose'],
+    ['service', 'ls', '--all'],
+  ]) {
     show(asker.name, argv)
     indent((await lab.cli(asker.name, [...argv, ...askerFlags], { allowFailure: true })).stdout)
   }

@@ -34,7 +34,21 @@ export async function startDevConsul(opts: { managementToken?: string; maxConnsP
   const bin = await requireConsul()
   const dir = await mkdtemp(join(tmpdir(), 'tinc-consul-dev-'))
   const [http, dns, serfLan, serfWan, server] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()]
-  const args = ['agent', '-dev', '-bind=127.0.0.1', '-client=127.0.0.1', `-http-port=${http}`, `-dns-port=${dns}`, `-serf-lan-port=${serfLan}`, `-serf-wan-port=${serfWan}`, `-server-port=${server}`, '-grpc-port=-1', '-grpc-tls-port=-1', '-log-level=warn', `-hcl=disable_update_check = true`]
+  const args = [
+    'agent',
+    '-dev',
+    '-bind=127.0.0.1',
+    '-client=127.0.0.1',
+    `-http-port=${http}`,
+    `-dns-port=${dns}`,
+    `-serf-lan-port=${serfLan}`,
+    `-serf-wan-port=${serfWan}`,
+    `-server-port=${server}`,
+    '-grpc-port=-1',
+    '-grpc-tls-port=-1',
+    '-log-level=warn',
+    `-hcl=disable_update_check = true`,
+  ]
   // Consul allows 200 connections per client IP; a benchmark running many daemons on one
   // agent (each holding three blocking queries) needs more than a real node ever would.
   if (opts.maxConnsPerClient) args.push(`-hcl=limits { http_max_conns_per_client = ${opts.maxConnsPerClient} }`)
@@ -56,10 +70,14 @@ export async function startDevConsul(opts: { managementToken?: string; maxConnsP
   }
   try {
     const client = createConsulClient({ url, token: opts.managementToken, timeoutMs: 2000 })
-    await waitFor('the dev Consul agent to elect itself', async () => {
-      if (exited) throw new LabError('DEV_CONSUL_EXITED', `consul exited: ${logTail(logFile)}`)
-      return (await client.leader()) || undefined
-    }, { timeoutMs: 30_000, intervalMs: 100 })
+    await waitFor(
+      'the dev Consul agent to elect itself',
+      async () => {
+        if (exited) throw new LabError('DEV_CONSUL_EXITED', `consul exited: ${logTail(logFile)}`)
+        return (await client.leader()) || undefined
+      },
+      { timeoutMs: 30_000, intervalMs: 100 },
+    )
   } catch (err) {
     await stop()
     throw err

@@ -93,7 +93,6 @@ export function labRoot(env: NodeJS.ProcessEnv = process.env): string {
 const LAB_NS_RE = new RegExp(`^${NS_PREFIX}[0-9a-f]{4,8}-`)
 const HOST_LINK_RE = new RegExp(`^${NS_PREFIX}[0-9a-f]{4,8}-h$`)
 
-
 export function readLabStates(root = labRoot()): LabState[] {
   if (!existsSync(root)) return []
   const states: LabState[] = []
@@ -215,7 +214,9 @@ function makeLab(state: LabState): Lab {
       const pairs = plan.nodes.flatMap((a) => plan.nodes.filter((b) => b !== a).map((b) => [a, b] as const))
       await Promise.all(
         pairs.map(([a, b]) =>
-          waitFor(`${a.name} to ping ${b.name} (${b.vpnIp}) over tinc`, async () => ((await run(['ping', '-c1', '-W1', b.vpnIp], { netns: a.ns, allowFailure: true })).code === 0 ? true : undefined), { timeoutMs }),
+          waitFor(`${a.name} to ping ${b.name} (${b.vpnIp}) over tinc`, async () => ((await run(['ping', '-c1', '-W1', b.vpnIp], { netns: a.ns, allowFailure: true })).code === 0 ? true : undefined), {
+            timeoutMs,
+          }),
         ),
       )
     },
@@ -226,7 +227,26 @@ function makeLab(state: LabState): Lab {
     async startSidecar(name) {
       const node = findNode(plan, name)
       const files = tincPaths(state.runDir, node)
-      const argv = [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', files.root, '--state-dir', sidecarStateDir(state.runDir, node), '--pidfile', files.pidFile, '--consul', 'http://127.0.0.1:8500', '--config-dir', labConfigDir(state.runDir, node.name), '--run-dir', labEventsDir(state.runDir, node.name), '--tinc-log', files.logFile]
+      const argv = [
+        ...cliArgv(),
+        'run',
+        '--net',
+        LAB_NETNAME,
+        '--dir',
+        files.root,
+        '--state-dir',
+        sidecarStateDir(state.runDir, node),
+        '--pidfile',
+        files.pidFile,
+        '--consul',
+        'http://127.0.0.1:8500',
+        '--config-dir',
+        labConfigDir(state.runDir, node.name),
+        '--run-dir',
+        labEventsDir(state.runDir, node.name),
+        '--tinc-log',
+        files.logFile,
+      ]
       // The token goes through the environment, not argv, where any user could read it.
       // Nodes set up by init/join have their token in their own config file instead.
       const token = state.nodeTokens[name]

@@ -80,7 +80,10 @@ export async function buildNetwork(plan: LabPlan): Promise<void> {
 /** Drops (or restores) underlay traffic between two nodes, in both directions. */
 export async function setCut(a: LabNodePlan, b: LabNodePlan, cut: boolean): Promise<void> {
   if (a.name === b.name) throw new LabError('LAB_CUT_SELF', 'cannot cut a node from itself')
-  for (const [self, peer] of [[a, b], [b, a]] as const) {
+  for (const [self, peer] of [
+    [a, b],
+    [b, a],
+  ] as const) {
     const r = await run(['nft', cut ? 'add' : 'delete', 'element', 'inet', 'tcl_cut', 'peers', `{ ${peer.publicIp} }`], { netns: self.ns, allowFailure: true })
     if (r.code !== 0 && cut) throw new LabError('LAB_CUT', `cannot cut ${self.name} from ${peer.name}: ${r.stderr.trim()}`)
     // Deleting an absent element fails; healing a pair that was never cut is not an error.
@@ -116,7 +119,6 @@ export function pidsIn(ns: string): number[] {
     .map((l) => Number(l.trim()))
     .filter((n) => Number.isInteger(n) && n > 0)
 }
-
 
 function sleepSync(ms: number): void {
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms)

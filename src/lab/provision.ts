@@ -95,7 +95,11 @@ export async function ensureDebianTools(opts: ProvisionOptions): Promise<Record<
     const hint = `apt-get install -y ${pkgs.join(' ')}`
     if (!opts.install) throw new ProvisionError('TOOLS_MISSING', `missing ${missing.map((t) => t.command).join(', ')}; install with: ${hint}`)
     if (process.getuid?.() !== 0) throw new ProvisionError('TOOLS_MISSING', `missing ${missing.map((t) => t.command).join(', ')}; as root run: ${hint}`)
-    if (!(await which('apt-get'))) throw new ProvisionError('TOOLS_MISSING', `missing ${missing.map((t) => t.command).join(', ')} and apt-get is not available; install the packages ${pkgs.join(', ')} with your distribution's package manager`)
+    if (!(await which('apt-get')))
+      throw new ProvisionError(
+        'TOOLS_MISSING',
+        `missing ${missing.map((t) => t.command).join(', ')} and apt-get is not available; install the packages ${pkgs.join(', ')} with your distribution's package manager`,
+      )
     say(`installing Debian packages: ${pkgs.join(' ')}`)
     const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }
     await run(['apt-get', 'update', '-qq'], { env, timeoutMs: 600_000 }).catch((err: unknown) => {
@@ -149,7 +153,11 @@ async function moduleProxyOnly(go: string): Promise<string> {
 /** The `exclude` block of Consul's own go.mod; a requiring module must repeat it. */
 export function excludeBlock(goMod: string): string {
   const block = /^exclude\s*\(([\s\S]*?)^\)/m.exec(goMod)
-  const lines = block?.[1]?.split('\n').map((l) => l.replace(/\/\/.*$/, '').trim()).filter(Boolean) ?? []
+  const lines =
+    block?.[1]
+      ?.split('\n')
+      .map((l) => l.replace(/\/\/.*$/, '').trim())
+      .filter(Boolean) ?? []
   const single = [...goMod.matchAll(/^exclude\s+([^\s(].*)$/gm)].map((m) => (m[1] ?? '').replace(/\/\/.*$/, '').trim())
   const all = [...lines, ...single].filter(Boolean)
   return all.length ? `exclude (\n${all.map((l) => `\t${l}`).join('\n')}\n)\n` : ''

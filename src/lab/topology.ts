@@ -69,7 +69,7 @@ export function validateLabOptions(o: LabOptions): void {
     throw new UsageError('LAB_OPTIONS', `--nat must be 0-${o.nodes - 1} (at least one node must be public so others can reach it), got ${o.nat}`)
   }
   if (![0, 1, 3].includes(o.consulServers)) throw new UsageError('LAB_OPTIONS', `--consul-servers must be 0, 1 or 3, got ${String(o.consulServers)}`)
-  if (o.consulServers === 0 && o.acl) throw new UsageError('LAB_OPTIONS', 'ACLs need the lab\'s Consul servers: --acl with --consul-servers 0')
+  if (o.consulServers === 0 && o.acl) throw new UsageError('LAB_OPTIONS', "ACLs need the lab's Consul servers: --acl with --consul-servers 0")
   const m = /^10\.(\d{1,3})\.(\d{1,3})\.0\/24$/.exec(o.vpnCidr)
   if (!m || Number(m[1]) > 255 || Number(m[2]) > 255) throw new UsageError('LAB_OPTIONS', `the lab's VPN CIDR must be a 10.x.y.0/24, got ${o.vpnCidr}`)
 }

@@ -55,9 +55,6 @@ export async function removeAlias(client: ConsulClient, layout: KvLayout, name: 
   const key = layout.alias(name)
   const current = await client.kvGet(key)
   if (!current) throw new UsageError('NO_ALIAS', `there is no alias ${JSON.stringify(name)}`)
-  const res = await client.txn([
-    { KV: { Verb: 'delete-cas', Key: key, Index: current.modifyIndex } },
-    { KV: { Verb: 'set', Key: layout.aliasesPrefix, Value: '' } },
-  ])
+  const res = await client.txn([{ KV: { Verb: 'delete-cas', Key: key, Index: current.modifyIndex } }, { KV: { Verb: 'set', Key: layout.aliasesPrefix, Value: '' } }])
   if (!res.ok) throw new TincConsulError('ALIAS_RACED', `the alias ${JSON.stringify(name)} changed while it was being removed; run alias rm again`)
 }

@@ -11,7 +11,13 @@ import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRec
  * cached, and they are checked again on load like anything else.
  */
 // The same checks as aliases read from Consul (src/mesh/aliases.ts): the cache is read back like any input.
-const aliasSchema = z.object({ name: z.string().refine(isDnsLabel), target: z.string().max(253).refine((t) => t.split('.').every(isDnsLabel)) })
+const aliasSchema = z.object({
+  name: z.string().refine(isDnsLabel),
+  target: z
+    .string()
+    .max(253)
+    .refine((t) => t.split('.').every(isDnsLabel)),
+})
 // Fields were added over time; each is optional so an older cache still loads, and unknown
 // ones are dropped so a newer release's cache doesn't stop this one.
 const cacheSchema = z.object({

@@ -71,7 +71,8 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
 
   const dir = tincDirFor(o.root, o.net)
   const existing = await existingNode(dir)
-  if (existing && existing.name !== o.name && !o.force) throw new TincConsulError('DIR_IN_USE', `${dir} already belongs to node "${existing.name}"; use --name ${existing.name}, or --force to replace it (the old directory is kept beside it)`)
+  if (existing && existing.name !== o.name && !o.force)
+    throw new TincConsulError('DIR_IN_USE', `${dir} already belongs to node "${existing.name}"; use --name ${existing.name}, or --force to replace it (the old directory is kept beside it)`)
   const reuse = existing?.name === o.name && !o.force
   const staging = reuse ? undefined : await stagingDir(dir)
   try {
@@ -171,7 +172,8 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
     hostRange(record.cidr)
   }
   const res = await createNetwork(client, layout, record)
-  if (!res.created && o.cidr && res.network.cidr !== o.cidr) throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
+  if (!res.created && o.cidr && res.network.cidr !== o.cidr)
+    throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
   return res
 }
 

@@ -75,7 +75,15 @@ export interface Invite {
 }
 
 export function encodeInvite(inv: Invite): string {
-  const body = { v: 1, net: inv.net, ...(inv.prefix ? { prefix: inv.prefix } : {}), endpoints: inv.endpoints, token: Buffer.from(inv.token).toString('base64url'), ...(inv.name ? { name: inv.name } : {}), exp: inv.expiresAt.toISOString() }
+  const body = {
+    v: 1,
+    net: inv.net,
+    ...(inv.prefix ? { prefix: inv.prefix } : {}),
+    endpoints: inv.endpoints,
+    token: Buffer.from(inv.token).toString('base64url'),
+    ...(inv.name ? { name: inv.name } : {}),
+    exp: inv.expiresAt.toISOString(),
+  }
   return INVITE_PREFIX + Buffer.from(JSON.stringify(body)).toString('base64url')
 }
 
@@ -119,13 +127,22 @@ export interface CreateInviteOptions {
 }
 
 export async function createInvite(opts: CreateInviteOptions): Promise<{ invite: string; id: string; expiresAt: Date }> {
-  if (opts.endpoints.length === 0) throw new TincConsulError('NO_JOIN_ENDPOINTS', 'no node in this network serves joins yet: start `tinc-consul run` on a public node (it serves joins on port 8655 unless --join-port 0)')
+  if (opts.endpoints.length === 0)
+    throw new TincConsulError('NO_JOIN_ENDPOINTS', 'no node in this network serves joins yet: start `tinc-consul run` on a public node (it serves joins on port 8655 unless --join-port 0)')
   if (opts.name !== undefined && !isTincName(opts.name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(opts.name)} (letters, digits and _ only)`)
   const now = opts.now ?? new Date()
   const token = randomBytes(TOKEN_BYTES)
   const { id, key } = deriveInvite(token)
   const expiresAt = new Date(now.getTime() + opts.ttlMs)
-  const stored: StoredInvite = { v: 1, ...(opts.name ? { name: opts.name } : {}), createdAt: now.toISOString(), expiresAt: expiresAt.toISOString(), createdBy: opts.createdBy, ...(opts.serveJoins ? { serveJoins: true } : {}), key: Buffer.from(key).toString('base64') }
+  const stored: StoredInvite = {
+    v: 1,
+    ...(opts.name ? { name: opts.name } : {}),
+    createdAt: now.toISOString(),
+    expiresAt: expiresAt.toISOString(),
+    createdBy: opts.createdBy,
+    ...(opts.serveJoins ? { serveJoins: true } : {}),
+    key: Buffer.from(key).toString('base64'),
+  }
   const res = await opts.client.txn([{ KV: { Verb: 'cas', Key: opts.layout.invite(id), Value: b64(JSON.stringify(stored)), Index: 0 } }])
   if (!res.ok) throw new TincConsulError('INVITE_COLLISION', 'could not store the invite; try again')
   const prefix = opts.layout.prefix === defaultPrefix(opts.net) ? undefined : opts.layout.prefix

@@ -42,7 +42,9 @@ export interface IpRange {
 }
 
 export function ipToInt(ip: string): number {
-  return ipaddr.IPv4.parse(ip).toByteArray().reduce((n, b) => n * 256 + b, 0)
+  return ipaddr.IPv4.parse(ip)
+    .toByteArray()
+    .reduce((n, b) => n * 256 + b, 0)
 }
 
 export function intToIp(n: number): string {

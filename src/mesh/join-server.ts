@@ -11,20 +11,7 @@ import type { Logger } from '../log.ts'
 import { peerHostFiles } from './peer-files.ts'
 import { allocateAddress, hostRange, intToIp } from './ipam.ts'
 import { deriveInvite, open, seal, storedInviteSchema } from './invite.ts'
-import {
-  GENERIC_REFUSAL,
-  MAX_FRAME,
-  STATUS_ERROR,
-  STATUS_OK,
-  decodeRequest,
-  frame,
-  joinHeaderSchema,
-  joinRequestSchema,
-  readFrame,
-  replyAad,
-  requestAad,
-  type JoinReply,
-} from './join-wire.ts'
+import { GENERIC_REFUSAL, MAX_FRAME, STATUS_ERROR, STATUS_OK, decodeRequest, frame, joinHeaderSchema, joinRequestSchema, readFrame, replyAad, requestAad, type JoinReply } from './join-wire.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { decodeJson, networkRecordSchema } from './record.ts'
 
@@ -156,7 +143,7 @@ export async function startJoinServer(opts: JoinServerOptions): Promise<JoinServ
     // Everything the reply needs is read before the transaction: once it has spent the invite,
     // a failed read could only leave the joiner with a used invite and a taken name.
     const judged = await peerHostFiles(opts.client, opts.layout, network.value, { name: h.name, fingerprint: keyFingerprint(req.value.publicKey) })
-    if (judged.refusals.length) log.info({ name: h.name, left: judged.refusals.map((r) => `${r.key}: ${r.reason}`) }, 'records left out of a joiner\'s host files')
+    if (judged.refusals.length) log.info({ name: h.name, left: judged.refusals.map((r) => `${r.key}: ${r.reason}`) }, "records left out of a joiner's host files")
     // Peers refuse a newcomer whose name differs from an established one only in case.
     const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())
     if (clash) throw new Refusal(`the name "${h.name}" differs from the existing node "${clash}" only in case, and peers would refuse it; join with another --name`)

@@ -57,7 +57,9 @@ export const joinReplySchema = z
     prefix: z.string().max(200),
     /** Host-file text of every other node, by name; checked again by the joiner before writing. */
     hostFiles: z.record(z.string(), z.string().max(6000)),
-    consul: z.object({ token: z.string().max(128).optional(), joinToken: z.string().max(128).optional(), servers: z.array(z.string().max(300)).max(16), gossipKey: z.string().refine(isGossipKey).optional() }).strict(),
+    consul: z
+      .object({ token: z.string().max(128).optional(), joinToken: z.string().max(128).optional(), servers: z.array(z.string().max(300)).max(16), gossipKey: z.string().refine(isGossipKey).optional() })
+      .strict(),
   })
   .strict()
 export type JoinReply = z.infer<typeof joinReplySchema>

@@ -67,11 +67,16 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
   try {
     o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
     const publicKey = await generateKey(staging.dir, name, o.keyBits)
-    const reply = await redeemInvite(inv, { name, publicKey, addresses: o.addresses, port: o.port }, { onTry: (ep, err) => o.progress(err ? `${ep} did not answer (${err.message})` : `redeeming the invite at ${ep}`) })
+    const reply = await redeemInvite(
+      inv,
+      { name, publicKey, addresses: o.addresses, port: o.port },
+      { onTry: (ep, err) => o.progress(err ? `${ep} did not answer (${err.message})` : `redeeming the invite at ${ep}`) },
+    )
     // The invite says where the network lives; a reply naming another prefix is refused rather
     // than written into this node's settings.
     const prefix = inv.prefix ?? defaultPrefix(inv.net)
-    if (reply.prefix !== prefix) throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix ${JSON.stringify(reply.prefix.slice(0, 200))}, but the invite is for ${JSON.stringify(prefix)}`)
+    if (reply.prefix !== prefix)
+      throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix ${JSON.stringify(reply.prefix.slice(0, 200))}, but the invite is for ${JSON.stringify(prefix)}`)
     o.progress(`joined as ${name} with address ${reply.address}`)
     const peers: Record<string, string> = {}
     for (const [peer, text] of Object.entries(reply.hostFiles)) {

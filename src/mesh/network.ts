@@ -28,7 +28,10 @@ export const markerKeys = (layout: KvLayout): string[] => [layout.revokedPrefix,
  */
 export async function createNetwork(client: ConsulClient, layout: KvLayout, record: NetworkRecord): Promise<NetworkWrite> {
   for (let attempt = 0; attempt < 3; attempt++) {
-    const ops: TxnOp[] = [{ KV: { Verb: 'cas', Key: layout.network, Value: Buffer.from(JSON.stringify(record)).toString('base64'), Index: 0 } }, ...markerKeys(layout).map((Key): TxnOp => ({ KV: { Verb: 'set', Key, Value: '' } }))]
+    const ops: TxnOp[] = [
+      { KV: { Verb: 'cas', Key: layout.network, Value: Buffer.from(JSON.stringify(record)).toString('base64'), Index: 0 } },
+      ...markerKeys(layout).map((Key): TxnOp => ({ KV: { Verb: 'set', Key, Value: '' } })),
+    ]
     const res = await client.txn(ops)
     if (res.ok) return { created: true, network: record }
     const found = await readNetwork(client, layout)

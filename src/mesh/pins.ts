@@ -26,13 +26,15 @@ export async function loadPins(stateDir: string): Promise<Pins> {
     throw new TincConsulError('PINS_UNREADABLE', `cannot read ${pinsPath(stateDir)}: ${(err as Error).message}`, { cause: err })
   }
   // A corrupt pin file must stop us: silently starting empty would re-trust every key.
-  const parsed = pinsSchema.safeParse((() => {
-    try {
-      return JSON.parse(text)
-    } catch {
-      return undefined
-    }
-  })())
+  const parsed = pinsSchema.safeParse(
+    (() => {
+      try {
+        return JSON.parse(text)
+      } catch {
+        return undefined
+      }
+    })(),
+  )
   if (!parsed.success) throw new TincConsulError('PINS_CORRUPT', `${pinsPath(stateDir)} is corrupt; fix or remove it (removing re-trusts every current key)`)
   return new Map(Object.entries(parsed.data))
 }

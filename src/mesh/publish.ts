@@ -38,10 +38,30 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
 }
 
 /** A record from its parts, with the host file rendered from the allow-list. */
-export function makeRecord(p: { name: string; vpnAddress: string; addresses: string[]; port: number; options?: Array<{ key: string; value: string }>; publicKey: string; joinPort?: number; now?: Date }): NodeRecord {
+export function makeRecord(p: {
+  name: string
+  vpnAddress: string
+  addresses: string[]
+  port: number
+  options?: Array<{ key: string; value: string }>
+  publicKey: string
+  joinPort?: number
+  now?: Date
+}): NodeRecord {
   const subnets = [`${p.vpnAddress}/32`]
   const hostFile = renderHostFile({ addresses: p.addresses, port: p.port, subnets, options: p.options ?? [], publicKey: p.publicKey })
-  return { v: RECORD_VERSION, name: p.name, vpnAddress: p.vpnAddress, subnets, addresses: p.addresses, port: p.port, hostFile, fingerprint: keyFingerprint(p.publicKey), ...(p.joinPort ? { joinPort: p.joinPort } : {}), updatedAt: (p.now ?? new Date()).toISOString() }
+  return {
+    v: RECORD_VERSION,
+    name: p.name,
+    vpnAddress: p.vpnAddress,
+    subnets,
+    addresses: p.addresses,
+    port: p.port,
+    hostFile,
+    fingerprint: keyFingerprint(p.publicKey),
+    ...(p.joinPort ? { joinPort: p.joinPort } : {}),
+    updatedAt: (p.now ?? new Date()).toISOString(),
+  }
 }
 
 /**

@@ -110,7 +110,20 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     return b
   }
   const cache = cacheWriter(opts.stateDir, log)
-  const core = meshCore({ tincDir: opts.tincDir, pidFile: opts.pidFile, stateDir: opts.stateDir, log, ctx, inputs, feed, cache, stats, onApplied: opts.onApplied, takeBytes, own: () => owner.own().catch(() => undefined) })
+  const core = meshCore({
+    tincDir: opts.tincDir,
+    pidFile: opts.pidFile,
+    stateDir: opts.stateDir,
+    log,
+    ctx,
+    inputs,
+    feed,
+    cache,
+    stats,
+    onApplied: opts.onApplied,
+    takeBytes,
+    own: () => owner.own().catch(() => undefined),
+  })
 
   const cached = await loadCache(opts.stateDir)
   if (cached) {
@@ -236,12 +249,15 @@ function watchLocalFiles(opts: SyncOptions, ctx: JudgeContext, core: Core, owner
   const own = chokidarWatch(ownHostFile, { ignoreInitial: true })
   own.on('all', () => {
     log.info({ file: ownHostFile }, 'our host file changed; publishing again')
-    void owner.publish({ reset: true }).then(async () => {
-      // Our address and key are ours alone in the reconciler: follow them.
-      const mine = await owner.own()
-      ctx.self = { name: ctx.self.name, vpnAddress: mine.vpnAddress, fingerprint: mine.fingerprint }
-      await core.schedule()
-    }).catch((err: unknown) => log.error({ err }, 'could not read our changed host file'))
+    void owner
+      .publish({ reset: true })
+      .then(async () => {
+        // Our address and key are ours alone in the reconciler: follow them.
+        const mine = await owner.own()
+        ctx.self = { name: ctx.self.name, vpnAddress: mine.vpnAddress, fingerprint: mine.fingerprint }
+        await core.schedule()
+      })
+      .catch((err: unknown) => log.error({ err }, 'could not read our changed host file'))
   })
   own.on('error', (err) => log.error({ err, file: ownHostFile }, 'watching our host file failed; restart the daemon to publish changes to it'))
   return {

@@ -100,8 +100,12 @@ const checkSchema = z.strictObject({
   type: z.enum(['tcp', 'http', 'udp', 'ttl', 'script'], { message: 'expected one of tcp, http, udp, ttl, script' }).optional(),
   interval: duration(1000).optional(),
   timeout: duration(100).optional(),
-  deregister_critical_after: duration(MIN_DEREGISTER_MS, ', Consul\'s minimum').optional(),
-  path: z.string().regex(/^\/[\x21-\x7e]*$/, 'expected a URL path starting with "/", without spaces').max(1024).optional(),
+  deregister_critical_after: duration(MIN_DEREGISTER_MS, ", Consul's minimum").optional(),
+  path: z
+    .string()
+    .regex(/^\/[\x21-\x7e]*$/, 'expected a URL path starting with "/", without spaces')
+    .max(1024)
+    .optional(),
   status: z.number().int().min(100).max(599).optional(),
   scheme: z.enum(['http', 'https']).optional(),
   tls_skip_verify: z.boolean().optional(),
@@ -110,14 +114,18 @@ const checkSchema = z.strictObject({
     .array(z.string().min(1).max(4096))
     .min(1, 'expected the program and its arguments, e.g. ["/usr/local/bin/check-nfs"]')
     .max(64)
-    .refine((c) => c[0]?.startsWith('/') ?? false, 'the program must be an absolute path: the daemon\'s PATH is not yours')
+    .refine((c) => c[0]?.startsWith('/') ?? false, "the program must be an absolute path: the daemon's PATH is not yours")
     .optional(),
 })
 
 const META_KEY = /^[A-Za-z0-9_-]{1,128}$/
 const fileSchema = z.strictObject({
   name: label('name').optional(),
-  port: z.number({ error: (iss) => (iss.input === undefined ? 'required: the port the service listens on' : undefined) }).int('expected a whole number').min(1, 'expected 1 to 65535').max(65535, 'expected 1 to 65535'),
+  port: z
+    .number({ error: (iss) => (iss.input === undefined ? 'required: the port the service listens on' : undefined) })
+    .int('expected a whole number')
+    .min(1, 'expected 1 to 65535')
+    .max(65535, 'expected 1 to 65535'),
   protocol: z.enum(['tcp', 'udp'], { message: 'expected tcp or udp' }).optional(),
   tags: z.array(label('a tag')).max(32).optional(),
   meta: z
@@ -166,7 +174,8 @@ export function definitionFrom(data: unknown, file: string, opts: ParseOptions):
     if ((c as Record<string, unknown>)[field] !== undefined && !types.includes(type)) throw new DefinitionError(name, `check.${field}: not used by a ${type} check (only ${types.join(', ')})`)
   }
   if (type === 'udp' && protocol !== 'udp') throw new DefinitionError(name, 'check.type: a udp check needs protocol = "udp"')
-  if (type === 'script' && !opts.allowScripts) throw new DefinitionError(name, 'check.type: script checks run commands on this node and are off; start the daemon with --script-checks (TINC_CONSUL_SCRIPT_CHECKS=1) to allow them')
+  if (type === 'script' && !opts.allowScripts)
+    throw new DefinitionError(name, 'check.type: script checks run commands on this node and are off; start the daemon with --script-checks (TINC_CONSUL_SCRIPT_CHECKS=1) to allow them')
   if (type === 'script' && !c.command) throw new DefinitionError(name, 'check.command: required for a script check')
   const deregisterAfterMs = c.deregister_critical_after ?? DEFAULTS.deregisterAfterMs
   const intervalMs = c.interval ?? DEFAULTS.intervalMs
@@ -174,7 +183,17 @@ export function definitionFrom(data: unknown, file: string, opts: ParseOptions):
   if (type !== 'ttl' && timeoutMs > intervalMs) throw new DefinitionError(name, `check.timeout: longer than the interval (${formatDuration(timeoutMs)} > ${formatDuration(intervalMs)})`)
   let check: CheckDefinition
   if (type === 'ttl') check = { type, ttlMs: c.ttl ?? DEFAULTS.ttlMs, deregisterAfterMs }
-  else if (type === 'http') check = { type, path: c.path ?? '/', scheme: c.scheme ?? 'http', tlsSkipVerify: c.tls_skip_verify ?? false, ...(c.status !== undefined ? { status: c.status } : {}), intervalMs, timeoutMs, deregisterAfterMs }
+  else if (type === 'http')
+    check = {
+      type,
+      path: c.path ?? '/',
+      scheme: c.scheme ?? 'http',
+      tlsSkipVerify: c.tls_skip_verify ?? false,
+      ...(c.status !== undefined ? { status: c.status } : {}),
+      intervalMs,
+      timeoutMs,
+      deregisterAfterMs,
+    }
   else if (type === 'script') check = { type, command: c.command ?? [], intervalMs, timeoutMs, deregisterAfterMs }
   else check = { type, intervalMs, timeoutMs, deregisterAfterMs }
   return { stem, file: name, name: serviceName, port: v.port, protocol, tags: [...new Set((v.tags ?? []).map((t) => t.toLowerCase()))], meta: v.meta ?? {}, check }

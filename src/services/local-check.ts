@@ -29,14 +29,19 @@ export function runLocalCheck(def: ServiceDefinition, address: string): Promise<
 function runScript(command: string[], timeoutMs: number): Promise<CheckResult> {
   const [file, ...args] = command
   return new Promise((resolve) => {
-    execFile(file ?? '', args, { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 1024, env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' } }, (err, stdout, stderr) => {
-      const output = `${stdout}${stderr}`.slice(0, MAX_OUTPUT)
-      if (!err) return resolve({ status: 'passing', output })
-      const e = err as Error & { killed?: boolean; code?: number | string; signal?: string | null }
-      if (e.killed) return resolve({ status: 'critical', output: `timed out after ${timeoutMs} ms\n${output}`.slice(0, MAX_OUTPUT) })
-      if (typeof e.code === 'string') return resolve({ status: 'critical', output: `could not run ${file}: ${e.message}` })
-      resolve({ status: e.code === 1 ? 'warning' : 'critical', output: `exit ${e.code ?? e.signal ?? '?'}\n${output}`.slice(0, MAX_OUTPUT) })
-    })
+    execFile(
+      file ?? '',
+      args,
+      { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 1024, env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' } },
+      (err, stdout, stderr) => {
+        const output = `${stdout}${stderr}`.slice(0, MAX_OUTPUT)
+        if (!err) return resolve({ status: 'passing', output })
+        const e = err as Error & { killed?: boolean; code?: number | string; signal?: string | null }
+        if (e.killed) return resolve({ status: 'critical', output: `timed out after ${timeoutMs} ms\n${output}`.slice(0, MAX_OUTPUT) })
+        if (typeof e.code === 'string') return resolve({ status: 'critical', output: `could not run ${file}: ${e.message}` })
+        resolve({ status: e.code === 1 ? 'warning' : 'critical', output: `exit ${e.code ?? e.signal ?? '?'}\n${output}`.slice(0, MAX_OUTPUT) })
+      },
+    )
   })
 }
 

@@ -179,7 +179,11 @@ export async function startServices(opts: ServicesOptions): Promise<ServicesRegi
       if (previous?.reg.Meta[META.hash] !== reg.Meta[META.hash]) void sync()
     } catch (err) {
       const message = (err as Error).message
-      if (problems.get(file) !== message) log.error({ file, err: { message, code: (err as { code?: string }).code } }, desired.has(file) ? 'invalid service file; keeping its last good registration' : 'invalid service file; not registered')
+      if (problems.get(file) !== message)
+        log.error(
+          { file, err: { message, code: (err as { code?: string }).code } },
+          desired.has(file) ? 'invalid service file; keeping its last good registration' : 'invalid service file; not registered',
+        )
       problems.set(file, message)
     }
   }

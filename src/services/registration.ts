@@ -53,7 +53,8 @@ export function registrationFor(def: ServiceDefinition, who: NodeIdentity): Regi
   const check: Record<string, unknown> = { CheckID: checkId(id), Name: `${def.name} (${c.type})`, DeregisterCriticalServiceAfter: formatDuration(c.deregisterAfterMs) }
   if (isLocalCheck(def)) {
     check.TTL = formatDuration(localTtlMs(def))
-    check.Notes = c.type === 'script' ? `run by tinc-consul: ${(c as { command: string[] }).command.join(' ')}` : `run by tinc-consul: ${checkUrl(def, who.address)} expecting ${(c as { status?: number }).status}`
+    check.Notes =
+      c.type === 'script' ? `run by tinc-consul: ${(c as { command: string[] }).command.join(' ')}` : `run by tinc-consul: ${checkUrl(def, who.address)} expecting ${(c as { status?: number }).status}`
     // Critical until the first run says otherwise: a new service isn't announced before it is checked.
     check.Status = 'critical'
   } else if (c.type === 'ttl') {

@@ -21,7 +21,11 @@ export function renderDot(s: Status): string {
   ]
   for (const n of s.nodes) {
     const colour = COLOURS[n.path]
-    const detail = [n.address, n.public === undefined ? undefined : n.public ? 'public' : 'behind NAT', n.path === 'relayed' && n.via ? `via ${n.via}` : n.path === 'self' ? 'this node' : n.path].filter(Boolean)
+    const detail = [
+      n.address,
+      n.public === undefined ? undefined : n.public ? 'public' : 'behind NAT',
+      n.path === 'relayed' && n.via ? `via ${n.via}` : n.path === 'self' ? 'this node' : n.path,
+    ].filter(Boolean)
     const style = n.path === 'self' ? ', fillcolor="#dbe8f5", penwidth=3' : n.path === 'unreachable' ? ', style="rounded,dashed"' : ''
     // Real newlines become DOT's \n after quoting, so quoting can't double their backslash.
     lines.push(`  ${q(n.name)} [label=${q([n.name, ...detail].join('\n')).replace(/\n/g, '\\n')}, color=${q(colour)}${style}];`)
@@ -41,7 +45,8 @@ export function renderDot(s: Status): string {
     lines.push(`  ${q(a)} -- ${q(b)}${colour ? ` [color=${q(colour)}, penwidth=2]` : ''};`)
   }
   for (const n of s.nodes) {
-    if (n.path === 'relayed' && n.via && known.has(n.via)) lines.push(`  ${q(s.node.name)} -- ${q(n.name)} [style=dashed, color=${q(COLOURS.relayed)}, fontcolor=${q(COLOURS.relayed)}, label=${q(`via ${n.via}`)}, len=3];`)
+    if (n.path === 'relayed' && n.via && known.has(n.via))
+      lines.push(`  ${q(s.node.name)} -- ${q(n.name)} [style=dashed, color=${q(COLOURS.relayed)}, fontcolor=${q(COLOURS.relayed)}, label=${q(`via ${n.via}`)}, len=3];`)
   }
   lines.push('}')
   return `${lines.join('\n')}\n`

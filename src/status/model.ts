@@ -70,7 +70,17 @@ export interface Status {
   edges: NonNullable<TincDump['edges']>
   subnets: NonNullable<TincDump['subnets']>
   connections: NonNullable<TincDump['connections']>
-  consul: { reachable: boolean; lastSyncAt?: string; index: number; failures: number; refusedTotal: number; refused: Array<{ key: string; reason: string }>; pending: string[]; servicesRefusedTotal: number; emptyReadsIgnored: number }
+  consul: {
+    reachable: boolean
+    lastSyncAt?: string
+    index: number
+    failures: number
+    refusedTotal: number
+    refused: Array<{ key: string; reason: string }>
+    pending: string[]
+    servicesRefusedTotal: number
+    emptyReadsIgnored: number
+  }
   dns?: DnsStats & { byHelpers: number }
   services: MeshService[]
   allocations: Array<{ address: string; node: string }>
@@ -125,7 +135,13 @@ export function buildStatus(i: StatusInputs): Status {
   const c = i.consul
   return {
     at: i.now.toISOString(),
-    node: { name: i.self, net: i.net, interface: i.iface, ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}), ...(i.conflict ? { nameConflict: i.conflict } : {}) },
+    node: {
+      name: i.self,
+      net: i.net,
+      interface: i.iface,
+      ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}),
+      ...(i.conflict ? { nameConflict: i.conflict } : {}),
+    },
     tincd: { state: i.tinc.state, ...(i.tinc.state === 'up' ? { pid: i.tinc.pid } : { reason: i.tinc.reason }), skippedLines: dump?.skipped ?? 0 },
     bytes: fromTinc ? { in: dump.bytesIn, out: dump.bytesOut, source: 'tincd' } : i.counters ? { in: i.counters.rxBytes, out: i.counters.txBytes, source: 'interface' } : { source: 'none' },
     ...(i.counters ? { interface: i.counters } : {}),

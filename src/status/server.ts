@@ -57,7 +57,8 @@ export async function startStatusServer(opts: StatusServerOptions): Promise<Stat
     if (path === '/graph.dot') return send(res, 200, 'text/vnd.graphviz; charset=utf-8', dot)
     const svg = await renderSvg(dot, opts.dotBin)
     if (svg.ok) return send(res, 200, 'image/svg+xml', svg.svg)
-    if (svg.missing) return json(res, 501, { error: 'Graphviz is not installed here', hint: 'install it (Debian: apt install graphviz), or fetch /graph.dot and render it elsewhere: dot -Tsvg graph.dot > mesh.svg' })
+    if (svg.missing)
+      return json(res, 501, { error: 'Graphviz is not installed here', hint: 'install it (Debian: apt install graphviz), or fetch /graph.dot and render it elsewhere: dot -Tsvg graph.dot > mesh.svg' })
     log.warn({ err: svg.error }, 'rendering the graph failed')
     return json(res, 500, { error: svg.error })
   }

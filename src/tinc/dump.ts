@@ -84,8 +84,7 @@ const PREFIX_RE = /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2}) tinc(?:\.[^\
 // Detail lines come from fixed printf formats (node.c, edge.c, subnet.c,
 // connection.c in tinc 1.0.36). "at %s" is sockaddr2hostname(), which is
 // "<addr> port <port>" or a placeholder such as "unknown port unknown".
-const NODE_RE =
-  /^ (\S+) at (.+?) cipher (\d+) digest (\d+) maclength (\d+) compression (\d+) options ([0-9a-fA-F]+) status ([0-9a-fA-F]+) nexthop (\S+) via (\S+) pmtu (\d+) \(min (\d+) max (\d+)\)$/
+const NODE_RE = /^ (\S+) at (.+?) cipher (\d+) digest (\d+) maclength (\d+) compression (\d+) options ([0-9a-fA-F]+) status ([0-9a-fA-F]+) nexthop (\S+) via (\S+) pmtu (\d+) \(min (\d+) max (\d+)\)$/
 const EDGE_RE = /^ (\S+) to (\S+) at (.+?) options ([0-9a-fA-F]+) weight (-?\d+)$/
 const SUBNET_RE = /^ ([^\s#]+)(?:#(-?\d+))? owner (\S+)$/
 const CONN_RE = /^ (\S+) at (.+?) options ([0-9a-fA-F]+) socket (-?\d+) status ([0-9a-fA-F]+) outbuf (\d+\/\d+\/\d+)$/
@@ -313,8 +312,7 @@ function hex(s: string | undefined): number | undefined {
 function localTime(m: RegExpExecArray): Date | undefined {
   const [y, mo, d, h, mi, s] = m.slice(1, 7).map(Number) as [number, number, number, number, number, number]
   const date = new Date(y, mo - 1, d, h, mi, s)
-  const ok =
-    date.getFullYear() === y && date.getMonth() === mo - 1 && date.getDate() === d && date.getHours() === h && date.getMinutes() === mi && date.getSeconds() === s
+  const ok = date.getFullYear() === y && date.getMonth() === mo - 1 && date.getDate() === d && date.getHours() === h && date.getMinutes() === mi && date.getSeconds() === s
   return ok ? date : undefined
 }
 

@@ -103,7 +103,7 @@ export interface RenderHostFile {
 /** Writes a host file from validated parts only; the text is ours, never the record's. */
 export function renderHostFile(h: RenderHostFile): string {
   const lines = [
-    '# Written by tinc-consul from this node\'s record in Consul. Local edits are overwritten.',
+    "# Written by tinc-consul from this node's record in Consul. Local edits are overwritten.",
     ...h.addresses.map((a) => `Address = ${a}`),
     `Port = ${h.port}`,
     ...h.subnets.map((s) => `Subnet = ${s}`),
@@ -132,7 +132,9 @@ export function hostFileFields(h: ParsedHostFile): HostFileFields {
     return k && ALLOWED_OPTIONS[k]?.test(e.value) ? [{ key: k, value: e.value }] : []
   })
   return {
-    addresses: values('address').map((a) => a.split(/\s+/)[0] ?? '').filter(Boolean),
+    addresses: values('address')
+      .map((a) => a.split(/\s+/)[0] ?? '')
+      .filter(Boolean),
     port: Number(values('port')[0] ?? 655),
     subnets: values('subnet').map((v) => v.split('#')[0]?.trim() ?? ''),
     options,

@@ -91,7 +91,10 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
     .filter((p) => !untouchable(p.record.name) && p.record.addresses.length > 0)
     .map((p) => p.record.name)
     .sort()
-  const next = replaceManagedBlock(conf, result.connectTo.map((n) => `ConnectTo = ${n}`))
+  const next = replaceManagedBlock(
+    conf,
+    result.connectTo.map((n) => `ConnectTo = ${n}`),
+  )
   if (next !== conf && (await writeFileAtomic(confPath, next, (await stat(confPath)).mode & 0o7777))) {
     result.confChanged = true
     result.hupNeeded = true
@@ -149,5 +152,8 @@ async function nodeFiles(dir: string): Promise<string[]> {
     if (err.code === 'ENOENT') return []
     throw err
   })
-  return entries.filter((e) => (e.isFile() || e.isSymbolicLink()) && isTincName(e.name)).map((e) => e.name).sort()
+  return entries
+    .filter((e) => (e.isFile() || e.isSymbolicLink()) && isTincName(e.name))
+    .map((e) => e.name)
+    .sort()
 }

@@ -68,7 +68,10 @@ export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 
 export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo' | 'timers'>, previous?: string): string {
   if (previous !== undefined) {
     // Re-running keeps everything the operator added; only our block changes.
-    return replaceManagedBlock(previous, s.connectTo.map((n) => `ConnectTo = ${n}`))
+    return replaceManagedBlock(
+      previous,
+      s.connectTo.map((n) => `ConnectTo = ${n}`),
+    )
   }
   const head = [
     '# Written by tinc-consul. Lines outside the managed block are yours: the daemon only rewrites the block.',
@@ -81,7 +84,10 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
     ...tincTimerLines(s.timers),
     '',
   ].join('\n')
-  return replaceManagedBlock(head, s.connectTo.map((n) => `ConnectTo = ${n}`))
+  return replaceManagedBlock(
+    head,
+    s.connectTo.map((n) => `ConnectTo = ${n}`),
+  )
 }
 
 const sh = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`
@@ -104,7 +110,7 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'e
   return {
     'tinc-up': [
       '#!/bin/sh',
-      '# Written by tinc-consul: gives the VPN interface this node\'s address.',
+      "# Written by tinc-consul: gives the VPN interface this node's address.",
       // The hooks write only into an existing directory, and /run starts empty at boot, where tincd
       // starts before the daemon: made here, the first host-up events are kept for it to replay.
       `mkdir -p ${sh(dirname(s.eventsFile))} 2>/dev/null`,
@@ -144,7 +150,10 @@ function splitDnsDown(s: Pick<NodeSetup, 'splitDns'>): string[] {
 }
 
 export function renderOwnHostFile(s: Pick<NodeSetup, 'publicAddresses' | 'port' | 'address' | 'publicKey'>): string {
-  return renderHostFile({ addresses: s.publicAddresses, port: s.port, subnets: [`${s.address}/32`], options: [], publicKey: s.publicKey }).replace(/^# Written by tinc-consul from this node's record in Consul\. Local edits are overwritten\.\n/, '# This node\'s own host file, written by tinc-consul init/join. The daemon publishes it; edits are published too.\n')
+  return renderHostFile({ addresses: s.publicAddresses, port: s.port, subnets: [`${s.address}/32`], options: [], publicKey: s.publicKey }).replace(
+    /^# Written by tinc-consul from this node's record in Consul\. Local edits are overwritten\.\n/,
+    "# This node's own host file, written by tinc-consul init/join. The daemon publishes it; edits are published too.\n",
+  )
 }
 
 /** Writes every file of the setup into `dir` (which exists). Returns the paths that changed. */
@@ -199,7 +208,10 @@ export async function existingNode(dir: string): Promise<{ name: string; publicK
   const publicKey = await readPublicKey(dir, name).catch(() => undefined)
   if (!publicKey) return undefined
   const own = parseHostFile(await readFile(join(dir, 'hosts', name), 'utf8'))
-  const subnet = own.entries.find((e) => e.key.toLowerCase() === 'subnet')?.value.split('#')[0]?.trim()
+  const subnet = own.entries
+    .find((e) => e.key.toLowerCase() === 'subnet')
+    ?.value.split('#')[0]
+    ?.trim()
   return { name, publicKey, address: subnet?.replace(/\/32$/, '') }
 }
 

@@ -51,9 +51,7 @@ export async function findTincd(pidFile: string, comm: (pid: number) => string |
     text = await readFile(pidFile, 'utf8')
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code
-    return code === 'ENOENT'
-      ? { missing: true, reason: `not running (no pidfile at ${pidFile})` }
-      : { missing: false, reason: `cannot read pidfile ${pidFile}: ${code ?? String(err)}` }
+    return code === 'ENOENT' ? { missing: true, reason: `not running (no pidfile at ${pidFile})` } : { missing: false, reason: `cannot read pidfile ${pidFile}: ${code ?? String(err)}` }
   }
   // tinc 1.0 writes "<pid>\n"; 1.1 appends a cookie and address, so take the first field.
   const pid = Number(text.trim().split(/\s+/)[0])

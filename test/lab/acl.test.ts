@@ -22,7 +22,13 @@ describe('lab: three Consul servers with ACLs on (default deny)', () => {
   labTest('an anonymous KV write is refused; the management token the lab kept may write', async () => {
     const lab = get()
     await assert.rejects(lab.consul('node1', { token: null }).kvPut('acl/anon', 'x'), (err: unknown) => err instanceof ConsulError && err.code === 'CONSUL_FORBIDDEN')
-    assert.equal(await lab.consul('node1', { token: null }).kvGet('acl/anon').catch((e: unknown) => e instanceof ConsulError && e.code), 'CONSUL_FORBIDDEN')
+    assert.equal(
+      await lab
+        .consul('node1', { token: null })
+        .kvGet('acl/anon')
+        .catch((e: unknown) => e instanceof ConsulError && e.code),
+      'CONSUL_FORBIDDEN',
+    )
     assert.match(lab.state.managementToken ?? '', /^[0-9a-f-]{36}$/)
     assert.equal(await lab.consul('node1').kvPut('acl/admin', 'ok'), true)
     assert.equal((await lab.consul('node2').kvGet('acl/admin'))?.value, 'ok')

@@ -14,7 +14,6 @@ const NODES = ['node1', 'node2', 'node3', 'node4']
 const vpn = (n: string) => `10.99.0.${n.replace('node', '')}`
 const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'dns-fuzz.ts')
 
-
 describe('lab, ACLs on: every node answers *.mesh on its VPN address from its own view', () => {
   // node1..node3 public, node4 behind NAT.
   const get = useLab({ nodes: 4, nat: 1, consulServers: 1, acl: true, tinc: true, hostFiles: 'seed' })
@@ -25,7 +24,12 @@ describe('lab, ACLs on: every node answers *.mesh on its VPN address from its ow
     for (const n of NODES) await lab.startSidecar(n)
     await withLogs(lab, NODES, () => lab.waitForMesh())
     for (const at of NODES) {
-      await withLogs(lab, [at], () => waitFor(`${at} to serve DNS with every node`, async () => ((await dig(lab, at, `@${vpn(at)}`, '+short', 'node4.mesh')).trim() === vpn('node4') ? true : undefined), { timeoutMs: 30_000, intervalMs: 200 }))
+      await withLogs(lab, [at], () =>
+        waitFor(`${at} to serve DNS with every node`, async () => ((await dig(lab, at, `@${vpn(at)}`, '+short', 'node4.mesh')).trim() === vpn('node4') ? true : undefined), {
+          timeoutMs: 30_000,
+          intervalMs: 200,
+        }),
+      )
       for (const other of NODES) {
         assert.equal((await dig(lab, at, `@${vpn(at)}`, '+short', `${other}.mesh`)).trim(), vpn(other), `${at} over UDP for ${other}`)
         assert.equal((await dig(lab, at, `@${vpn(at)}`, '+tcp', '+short', `${other}.mesh`)).trim(), vpn(other), `${at} over TCP for ${other}`)
@@ -57,18 +61,29 @@ describe('lab, ACLs on: every node answers *.mesh on its VPN address from its ow
     const lab = get()
     const admin = lab.consul('node1', { token: lab.state.managementToken ?? null })
     await lab.cli('node1', ['alias', 'set', 'gateway', 'node2', '--net', LAB_NETNAME], { env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
-    for (const at of NODES) await waitFor(`${at} to serve the alias`, async () => (/^node2\.mesh\.\n10\.99\.0\.2$/m.test(await dig(lab, at, `@${vpn(at)}`, '+short', 'gateway.mesh')) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    for (const at of NODES)
+      await waitFor(`${at} to serve the alias`, async () => (/^node2\.mesh\.\n10\.99\.0\.2$/m.test(await dig(lab, at, `@${vpn(at)}`, '+short', 'gateway.mesh')) ? true : undefined), {
+        timeoutMs: 30_000,
+        intervalMs: 100,
+      })
 
     // A rename leaves the old name behind in KV: here, a record that comes and goes.
     await admin.kvPut(layout.node('latecomer'), JSON.stringify(nodeRecord('latecomer', 40)))
-    for (const at of NODES) await waitFor(`${at} to serve latecomer`, async () => ((await dig(lab, at, `@${vpn(at)}`, '+short', 'latecomer.mesh')).trim() === '10.99.0.40' ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    for (const at of NODES)
+      await waitFor(`${at} to serve latecomer`, async () => ((await dig(lab, at, `@${vpn(at)}`, '+short', 'latecomer.mesh')).trim() === '10.99.0.40' ? true : undefined), {
+        timeoutMs: 30_000,
+        intervalMs: 100,
+      })
     const gone = async (name: string, change: () => Promise<unknown>) => {
       const started = Date.now()
       await change()
       const took: number[] = []
       await Promise.all(
         NODES.filter((n) => n !== name).map(async (at) => {
-          await waitFor(`${name} to leave ${at}'s DNS`, async () => (/status: NXDOMAIN/.test(await dig(lab, at, `@${vpn(at)}`, `${name}.mesh`)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 50 })
+          await waitFor(`${name} to leave ${at}'s DNS`, async () => (/status: NXDOMAIN/.test(await dig(lab, at, `@${vpn(at)}`, `${name}.mesh`)) ? true : undefined), {
+            timeoutMs: 30_000,
+            intervalMs: 50,
+          })
           took.push(Date.now() - started)
         }),
       )
@@ -83,7 +98,10 @@ describe('lab, ACLs on: every node answers *.mesh on its VPN address from its ow
   labTest('with Consul stopped, every node keeps answering from its last view', async () => {
     const lab = get()
     lab.stopConsulServer('consul1')
-    await waitFor('the sidecars to notice', async () => (NODES.every((n) => readFileSync(join(lab.state.runDir, n, 'sidecar.log'), 'utf8').includes('consul read failed')) ? true : undefined), { timeoutMs: 60_000, intervalMs: 200 })
+    await waitFor('the sidecars to notice', async () => (NODES.every((n) => readFileSync(join(lab.state.runDir, n, 'sidecar.log'), 'utf8').includes('consul read failed')) ? true : undefined), {
+      timeoutMs: 60_000,
+      intervalMs: 200,
+    })
     for (const at of ['node1', 'node2', 'node3']) {
       assert.equal((await dig(lab, at, `@${vpn(at)}`, '+short', 'node1.mesh')).trim(), vpn('node1'))
       assert.match(await dig(lab, at, `@${vpn(at)}`, '+short', 'gateway.mesh'), /10\.99\.0\.2/)

@@ -33,7 +33,9 @@ export function labTest(name: string, fn: (t: TestContext) => Promise<void> | vo
   }
   if (!warned) {
     warned = true
-    process.stderr.write(`\n${'!'.repeat(72)}\n!! SKIPPING network-namespace lab tests: ${reason}.\n!! Run as root (sudo npm test) to run them; CI sets REQUIRE_NETNS=1 so they can't skip there.\n${'!'.repeat(72)}\n\n`)
+    process.stderr.write(
+      `\n${'!'.repeat(72)}\n!! SKIPPING network-namespace lab tests: ${reason}.\n!! Run as root (sudo npm test) to run them; CI sets REQUIRE_NETNS=1 so they can't skip there.\n${'!'.repeat(72)}\n\n`,
+    )
   }
   test(name, { skip: `lab unavailable: ${reason}` }, () => {})
 }

@@ -54,18 +54,26 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
   const get = useLab({ nodes: 6, nat: 4, consulServers: 1, acl: true, tinc: false })
   const members = ['node1', 'node2', 'node3', 'node4', 'node5']
 
-  labTest('node1 inits, node2 joins from node1\'s invite, node3-5 join behind NAT from node1 or node2: every pair pings, every node has every host file, addresses are unique', async () => {
+  labTest("node1 inits, node2 joins from node1's invite, node3-5 join behind NAT from node1 or node2: every pair pings, every node has every host file, addresses are unique", async () => {
     const lab = get()
-    const init = await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--address', node(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')], { env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
+    const init = await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--address', node(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')], {
+      env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' },
+    })
     assert.match(init.stdout, /This node has address 10\.99\.0\.1/)
     // Idempotent: a second run changes nothing and keeps the key.
-    const again = await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--address', node(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')], { env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
+    const again = await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--address', node(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')], {
+      env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' },
+    })
     assert.match(again.stdout, /reusing the key/)
     await start(lab, 'node1')
 
     await joinNode(lab, 'node2', await invite(lab, 'node1', ['--name', 'node2', '--serve-joins']))
     await start(lab, 'node2')
-    for (const [name, from] of [['node3', 'node1'], ['node4', 'node2'], ['node5', 'node2']] as const) {
+    for (const [name, from] of [
+      ['node3', 'node1'],
+      ['node4', 'node2'],
+      ['node5', 'node2'],
+    ] as const) {
       const out = await joinNode(lab, name, await invite(lab, from))
       assert.match(out.stdout, new RegExp(`Joined lab as ${name}`))
       await start(lab, name)
@@ -74,13 +82,20 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const records = (await lab.consul('node1').kvList(layout.nodesPrefix)).items.map((i) => JSON.parse(Buffer.from(i.value).toString()) as { name: string; vpnAddress: string })
     const addresses = records.map((r) => r.vpnAddress)
     assert.equal(new Set(addresses).size, members.length, `addresses are not unique: ${addresses.join(' ')}`)
-    await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    await waitFor('every node to hold every host file', async () => (members.every((m) => JSON.stringify(hosts(lab, m)) === JSON.stringify(members)) ? true : undefined), {
+      timeoutMs: 30_000,
+      intervalMs: 100,
+    })
     // Joiners start with one ConnectTo (the node that let them in); their daemon adds the other public node.
     const connectTo = (n: string) => readManagedBlock(readFileSync(join(lab.tincFiles(n).dir, 'tinc.conf'), 'utf8'))
-    await waitFor('every node to ConnectTo every other public node', async () => (members.every((m) => JSON.stringify(connectTo(m)) === JSON.stringify(['node1', 'node2'].filter((p) => p !== m).map((p) => `ConnectTo = ${p}`))) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
+    await waitFor(
+      'every node to ConnectTo every other public node',
+      async () => (members.every((m) => JSON.stringify(connectTo(m)) === JSON.stringify(['node1', 'node2'].filter((p) => p !== m).map((p) => `ConnectTo = ${p}`))) ? true : undefined),
+      { timeoutMs: 30_000, intervalMs: 100 },
+    )
     // tincd's hooks told node1's daemon about the nodes that came up after it started.
     const events = () => readFileSync(join(labEventsDir(lab.state.runDir, 'node1'), LAB_NETNAME, 'tinc-events'), 'utf8')
-    await waitFor('node1\'s hooks to report node3 reachable', async () => (/ host-up node3 /.test(events()) ? true : undefined), { timeoutMs: 30_000 })
+    await waitFor("node1's hooks to report node3 reachable", async () => (/ host-up node3 /.test(events()) ? true : undefined), { timeoutMs: 30_000 })
     await withLogs(lab, members, async () => {
       for (const from of members) {
         for (const r of records) {
@@ -91,8 +106,14 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     })
     // node5's tincd reached its peers before its daemon started; tinc-up kept their host-up
     // events for it, so the status knows since when each one is up.
-    const st = JSON.parse((await lab.cli('node5', ['status', '--json', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node5')])).stdout) as { nodes: Array<{ name: string; path: string; lastChange?: string }> }
-    assert.deepEqual(st.nodes.filter((n) => n.path !== 'self' && !n.lastChange).map((n) => n.name), [], 'peers with no host-up on file at node5')
+    const st = JSON.parse((await lab.cli('node5', ['status', '--json', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node5')])).stdout) as {
+      nodes: Array<{ name: string; path: string; lastChange?: string }>
+    }
+    assert.deepEqual(
+      st.nodes.filter((n) => n.path !== 'self' && !n.lastChange).map((n) => n.name),
+      [],
+      'peers with no host-up on file at node5',
+    )
   })
 
   labTest('a used, expired, wrong, tampered or 10 MiB join is refused; nothing crashes and nothing is left behind', async () => {
@@ -106,7 +127,9 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     const used = await invite(lab, 'node1')
     await joinNode(lab, 'node6', used)
     // Take node6 back out to try again: revoke it, and move its files away.
-    await lab.cli('node1', ['revoke', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node1'), 'node6'], { env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
+    await lab.cli('node1', ['revoke', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node1'), 'node6'], {
+      env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' },
+    })
     await lab.exec('node6', ['rm', '-rf', lab.tincFiles('node6').root])
     const afterFirst = await state()
 
@@ -136,13 +159,18 @@ describe('lab, ACLs on: init on one node, invites and joins for the rest', () =>
     assert.match(ok.stdout, /Joined lab as node6/)
     // node6 was revoked and re-joined under its name: it gets its old address back.
     assert.match(ok.stdout, /address 10\.99\.0\.6/)
-    await lab.cli('node1', ['revoke', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node1'), 'node6'], { env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
+    await lab.cli('node1', ['revoke', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node1'), 'node6'], {
+      env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' },
+    })
   })
 
   labTest('with node1 fully stopped, a new node still joins through node2 and reaches the rest', async () => {
     const lab = get()
     const inv = await invite(lab, 'node2')
-    assert.ok(decodeInvite(inv).endpoints.some((e) => e.startsWith(node(lab, 'node1').publicIp)), 'the invite should list node1 too')
+    assert.ok(
+      decodeInvite(inv).endpoints.some((e) => e.startsWith(node(lab, 'node1').publicIp)),
+      'the invite should list node1 too',
+    )
     lab.stopNode('node1')
     await lab.exec('node6', ['rm', '-rf', lab.tincFiles('node6').root])
     const out = await joinNode(lab, 'node6', inv)

@@ -28,9 +28,15 @@ async function everyNode(lab: Lab, what: string, args: string[], want: (out: str
 }
 
 const tokenEnv = (lab: Lab, node: string) => ({ ...process.env, TINC_CONSUL_TOKEN: lab.state.nodeTokens[node] ?? '' })
-const listAll = async (lab: Lab, at: string) => JSON.parse((await lab.cli(at, ['service', 'ls', '--all', '--json', '--net', LAB_NETNAME, '--config-dir', join(lab.servicesDir(at), '..')], { env: tokenEnv(lab, at) })).stdout) as Array<{ name: string; node: string; address: string; port: number }>
+const listAll = async (lab: Lab, at: string) =>
+  JSON.parse((await lab.cli(at, ['service', 'ls', '--all', '--json', '--net', LAB_NETNAME, '--config-dir', join(lab.servicesDir(at), '..')], { env: tokenEnv(lab, at) })).stdout) as Array<{
+    name: string
+    node: string
+    address: string
+    port: number
+  }>
 
-describe('lab, ACLs on: services on the mesh, health-checked by Consul, served by every node\'s DNS', () => {
+describe("lab, ACLs on: services on the mesh, health-checked by Consul, served by every node's DNS", () => {
   // node1 and node2 public, node3 behind NAT.
   const get = useLab({ nodes: 3, nat: 1, consulServers: 1, acl: true, tinc: true, hostFiles: 'seed' })
   const listeners = new Map<string, Daemon>()
@@ -57,18 +63,20 @@ describe('lab, ACLs on: services on the mesh, health-checked by Consul, served b
       await everyNode(lab, 'files.service.mesh', ['+short', 'files.service.mesh'], (o) => o.trim() === vpn('node1'))
       await everyNode(lab, 'web.service.mesh', ['+short', 'web.service.mesh'], (o) => o.trim() === vpn('node2'))
     })
-    await withLogs(lab, NODES, async () => { for (const at of NODES) {
-      assert.equal((await dig(lab, at, '+short', '_files._tcp.service.mesh', 'SRV')).trim(), '1 1 7001 node1.mesh.')
-      assert.equal((await dig(lab, at, '+short', 'web.service.mesh', 'SRV')).trim(), '1 1 8080 node2.mesh.')
-      assert.equal((await dig(lab, at, '+short', 'share.files.service.mesh')).trim(), vpn('node1'), 'by tag')
-      // The SRV target's address comes along in the additional section.
-      assert.match(await dig(lab, at, 'web.service.mesh', 'SRV'), /ADDITIONAL SECTION:\nnode2\.mesh\.\s+30\s+IN\s+A\s+10\.99\.0\.2/)
-      assert.deepEqual(
-        (await listAll(lab, at)).map((e) => `${e.name} ${e.node} ${e.address}:${e.port}`),
-        ['files node1 10.99.0.1:7001', 'web node2 10.99.0.2:8080'],
-        `${at}: service ls --all`,
-      )
-    }})
+    await withLogs(lab, NODES, async () => {
+      for (const at of NODES) {
+        assert.equal((await dig(lab, at, '+short', '_files._tcp.service.mesh', 'SRV')).trim(), '1 1 7001 node1.mesh.')
+        assert.equal((await dig(lab, at, '+short', 'web.service.mesh', 'SRV')).trim(), '1 1 8080 node2.mesh.')
+        assert.equal((await dig(lab, at, '+short', 'share.files.service.mesh')).trim(), vpn('node1'), 'by tag')
+        // The SRV target's address comes along in the additional section.
+        assert.match(await dig(lab, at, 'web.service.mesh', 'SRV'), /ADDITIONAL SECTION:\nnode2\.mesh\.\s+30\s+IN\s+A\s+10\.99\.0\.2/)
+        assert.deepEqual(
+          (await listAll(lab, at)).map((e) => `${e.name} ${e.node} ${e.address}:${e.port}`),
+          ['files node1 10.99.0.1:7001', 'web node2 10.99.0.2:8080'],
+          `${at}: service ls --all`,
+        )
+      }
+    })
     const mine = await lab.cli('node2', ['service', 'ls', '--net', LAB_NETNAME, '--config-dir', join(lab.servicesDir('node2'), '..')], { env: tokenEnv(lab, 'node2') })
     assert.match(mine.stdout, /^web\s+8080\s+tcp\s+http\s+passing\s+web\.yaml$/m)
   })
@@ -82,7 +90,12 @@ describe('lab, ACLs on: services on the mesh, health-checked by Consul, served b
     const gone = await withLogs(lab, NODES, () => everyNode(lab, 'files to leave DNS', ['files.service.mesh'], (o) => /status: NXDOMAIN/.test(o)))
     // Reported, not asserted: no timed assertions. The check runs every 1 s.
     t.diagnostic(`files left DNS on every node ${gone} ms after its listener died (check interval 1 s, dig polling every 100 ms)`)
-    for (const at of NODES) assert.deepEqual((await listAll(lab, at)).map((e) => e.name), ['web'], `${at}: service ls --all without files`)
+    for (const at of NODES)
+      assert.deepEqual(
+        (await listAll(lab, at)).map((e) => e.name),
+        ['web'],
+        `${at}: service ls --all without files`,
+      )
     await listen(lab, 'node1', 'tcp', 7001)
     const returned = await everyNode(lab, 'files to come back', ['+short', 'files.service.mesh'], (o) => o.trim() === vpn('node1'))
     t.diagnostic(`files was back on every node ${returned} ms after its listener restarted (${Date.now() - started} ms for the round trip)`)
@@ -99,7 +112,10 @@ describe('lab, ACLs on: services on the mesh, health-checked by Consul, served b
     const lab = get()
     write(lab, 'node1', 'broken.toml', 'name = "broken"\nport = "seven"\n')
     const log = join(lab.state.runDir, 'node1', 'sidecar.log')
-    await waitFor('the sidecar to report broken.toml', async () => (/"file":"broken\.toml".*invalid service file/.test(readFileSync(log, 'utf8')) ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 })
+    await waitFor('the sidecar to report broken.toml', async () => (/"file":"broken\.toml".*invalid service file/.test(readFileSync(log, 'utf8')) ? true : undefined), {
+      timeoutMs: 15_000,
+      intervalMs: 100,
+    })
     const ls = await lab.cli('node1', ['service', 'ls', '--net', LAB_NETNAME, '--config-dir', join(lab.servicesDir('node1'), '..')], { env: tokenEnv(lab, 'node1') })
     assert.match(ls.stdout, /^broken\s+-\s+-\s+-\s+invalid\s+broken\.toml$/m)
     assert.match(ls.stdout, /^broken\.toml: port: /m)
@@ -109,7 +125,7 @@ describe('lab, ACLs on: services on the mesh, health-checked by Consul, served b
     for (const at of NODES) assert.equal((await dig(lab, at, '+short', 'files.service.mesh')).trim(), vpn('node1'), `${at} still serves files`)
   })
 
-  labTest('an agent that restarts knowing nothing gets the node\'s services back', async (t) => {
+  labTest("an agent that restarts knowing nothing gets the node's services back", async (t) => {
     const lab = get()
     const started = Date.now()
     await lab.restartConsulAgent('node2', { forgetServices: true })

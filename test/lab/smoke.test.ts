@@ -21,10 +21,14 @@ describe('lab: three nodes (one behind NAT) with hand-written tinc host files an
     // can already ping through node2 while node3's own attempt to node1 waits out tincd's retry
     // backoff (its first try can race node1's start), so wait for the connection itself.
     const established = () => lab.exec('node1', ['ss', '-Htn', 'state', 'established', '( sport = :655 )'])
-    const ss = await waitFor('node3 to hold a meta connection to node1', async () => {
-      const out = (await established()).stdout
-      return /198\.18\.0\.101:\d+/.test(out) ? out : undefined
-    }, { timeoutMs: 60_000, intervalMs: 500 })
+    const ss = await waitFor(
+      'node3 to hold a meta connection to node1',
+      async () => {
+        const out = (await established()).stdout
+        return /198\.18\.0\.101:\d+/.test(out) ? out : undefined
+      },
+      { timeoutMs: 60_000, intervalMs: 500 },
+    )
     assert.doesNotMatch(ss, /198\.18\.1\.2:/)
     // Even a node that knows the inside network can't reach it: the router forwards replies only.
     await lab.exec('node1', ['ip', 'route', 'add', '198.18.1.0/24', 'via', '198.18.0.101'])
@@ -34,15 +38,21 @@ describe('lab: three nodes (one behind NAT) with hand-written tinc host files an
     assert.equal(outbound.code, 0, 'the NAT node could not reach a public node')
   })
 
-  labTest('Consul has a leader and every node\'s agent is an alive member', async () => {
+  labTest("Consul has a leader and every node's agent is an alive member", async () => {
     const lab = get()
     assert.match(await lab.consul('node2').leader(), /^198\.19\.0\.201:8300$/)
     const members = await lab.consul('node3').members()
-    assert.deepEqual(members.filter((m) => m.status === MEMBER_ALIVE).map((m) => m.name).sort(), ['consul1', 'node1', 'node2', 'node3'])
+    assert.deepEqual(
+      members
+        .filter((m) => m.status === MEMBER_ALIVE)
+        .map((m) => m.name)
+        .sort(),
+      ['consul1', 'node1', 'node2', 'node3'],
+    )
     assert.equal(members.find((m) => m.name === 'consul1')?.role, 'server')
   })
 
-  labTest('a KV write through one node\'s agent is read through another\'s', async () => {
+  labTest("a KV write through one node's agent is read through another's", async () => {
     const lab = get()
     const value = `from node3 ${Date.now()}`
     assert.equal(await lab.consul('node3').kvPut('smoke/key', value), true)

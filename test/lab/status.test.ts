@@ -24,20 +24,28 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
   // node1..node3 public, node4 and node5 behind NAT.
   const get5 = useLab({ nodes: 5, nat: 2, consulServers: 1, acl: true, tinc: true, hostFiles: 'seed' })
 
-  labTest('/tincstat has tincstat\'s exact field names and types; /status shows every node reachable', async () => {
+  labTest("/tincstat has tincstat's exact field names and types; /status shows every node reachable", async () => {
     const lab = get5()
     await lab.writeNetwork()
     for (const n of NODES) await lab.startSidecar(n)
     await withLogs(lab, NODES, () => lab.waitForMesh())
-    await withLogs(lab, NODES, () => waitFor('node4 to report every node reachable', async () => ((await status(lab, 'node4')).nodes.every((n) => n.reachable) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 }))
+    await withLogs(lab, NODES, () =>
+      waitFor('node4 to report every node reachable', async () => ((await status(lab, 'node4')).nodes.every((n) => n.reachable) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 }),
+    )
     // The sidecar adds node4's ConnectTos to the other public nodes after start-up; tinc needs a moment to connect.
     const metaTo = (t: Record<string, unknown>) => [...new Set((t.connections as Array<{ name?: unknown }>).map((c) => c.name))].sort()
-    const t = await withLogs(lab, ['node4'], () => waitFor('node4 to hold meta connections to every public node', async () => {
-      const r = await get(lab, 'node4', '/tincstat')
-      assert.equal(r.status, 200)
-      const body = JSON.parse(r.body) as Record<string, unknown>
-      return metaTo(body).length === 3 ? body : undefined
-    }, { timeoutMs: 30_000, intervalMs: 500 }))
+    const t = await withLogs(lab, ['node4'], () =>
+      waitFor(
+        'node4 to hold meta connections to every public node',
+        async () => {
+          const r = await get(lab, 'node4', '/tincstat')
+          assert.equal(r.status, 200)
+          const body = JSON.parse(r.body) as Record<string, unknown>
+          return metaTo(body).length === 3 ? body : undefined
+        },
+        { timeoutMs: 30_000, intervalMs: 500 },
+      ),
+    )
     assert.deepEqual(Object.keys(t), ['total_bytes_in', 'total_bytes_out', 'connections'])
     assert.ok(Number.isInteger(t.total_bytes_in) && (t.total_bytes_in as number) > 0, 'total_bytes_in is a positive integer')
     assert.ok(Number.isInteger(t.total_bytes_out) && (t.total_bytes_out as number) > 0, 'total_bytes_out is a positive integer')
@@ -53,7 +61,10 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
     const s = await status(lab, 'node4')
     assert.equal(s.tincd.state, 'up')
     assert.equal(s.consul.reachable, true)
-    assert.deepEqual(s.nodes.map((n) => [n.name, n.address, n.public]), NODES.map((n) => [n, `10.99.0.${n.slice(4)}`, Number(n.slice(4)) <= 3]))
+    assert.deepEqual(
+      s.nodes.map((n) => [n.name, n.address, n.public]),
+      NODES.map((n) => [n, `10.99.0.${n.slice(4)}`, Number(n.slice(4)) <= 3]),
+    )
     assert.equal(row(s, 'node1')?.path, 'direct')
     assert.equal(row(s, 'node4')?.path, 'self')
     const table = (await lab.cli('node4', ['status'])).stdout
@@ -107,11 +118,15 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
       assert.ok(relayed.via && ['node1', 'node2', 'node3'].includes(relayed.via), `relayed through a public node, not ${relayed.via}`)
       // The replies need node5 to give up its own direct path to node4, which it does on its own clock.
       const back = await withLogs(lab, ['node4', 'node5'], () =>
-        waitFor('node5 to report node4 relayed', async () => {
-          await lab.exec('node5', ['ping', '-c1', '-W1', '10.99.0.4'], { allowFailure: true })
-          const r = row(await status(lab, 'node5'), 'node4')
-          return r?.path === 'relayed' ? r : undefined
-        }, { timeoutMs: 150_000, intervalMs: 1000 }),
+        waitFor(
+          'node5 to report node4 relayed',
+          async () => {
+            await lab.exec('node5', ['ping', '-c1', '-W1', '10.99.0.4'], { allowFailure: true })
+            const r = row(await status(lab, 'node5'), 'node4')
+            return r?.path === 'relayed' ? r : undefined
+          },
+          { timeoutMs: 150_000, intervalMs: 1000 },
+        ),
       )
       t.diagnostic(`node5 reports node4 relayed via ${back.via} ${((performance.now() - t1) / 1000).toFixed(1)} s after the cut`)
       await waitFor('a ping from node4 to node5 through the relay', async () => ((await ping()) ? true : undefined), { timeoutMs: 30_000, intervalMs: 500 })
@@ -131,17 +146,23 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
     const files = lab.tincFiles('node2')
     const pid = Number(readFileSync(files.pidFile, 'utf8').trim())
     process.kill(pid, 'SIGTERM')
-    await waitFor('node2\'s tincd to exit', async () => (pidAlive(pid) ? undefined : true), { timeoutMs: 10_000, intervalMs: 100 })
+    await waitFor("node2's tincd to exit", async () => (pidAlive(pid) ? undefined : true), { timeoutMs: 10_000, intervalMs: 100 })
     // The dump reader caches for a second: ask until it asks tincd again.
-    const down = await waitFor('node2 to report tincd down', async () => {
-      const s = await status(lab, 'node2')
-      return s.tincd.state === 'down' ? s : undefined
-    }, { timeoutMs: 10_000, intervalMs: 300 })
+    const down = await waitFor(
+      'node2 to report tincd down',
+      async () => {
+        const s = await status(lab, 'node2')
+        return s.tincd.state === 'down' ? s : undefined
+      },
+      { timeoutMs: 10_000, intervalMs: 300 },
+    )
     assert.match(down.tincd.reason ?? '', /^not running \(no pidfile at .*tinc\.pid\)$/)
     assert.equal(row(down, 'node2')?.path, 'self')
     assert.equal((await get(lab, 'node2', '/tincstat')).status, 200, 'tincstat still answers')
     assert.match((await lab.cli('node2', ['status'])).stdout, /tincd down/)
     await lab.restartTincd('node2')
-    await withLogs(lab, ['node2'], () => waitFor('node2 to report tincd up again', async () => ((await status(lab, 'node2')).tincd.state === 'up' ? true : undefined), { timeoutMs: 30_000, intervalMs: 300 }))
+    await withLogs(lab, ['node2'], () =>
+      waitFor('node2 to report tincd up again', async () => ((await status(lab, 'node2')).tincd.state === 'up' ? true : undefined), { timeoutMs: 30_000, intervalMs: 300 }),
+    )
   })
 })

@@ -35,11 +35,16 @@ describe('lab, ACLs on: four nodes that start knowing only the seed, synced by t
     await lab.writeNetwork()
     for (const n of NODES) await lab.startSidecar(n)
     const wantConnectTo = (n: string) => ['node1', 'node2', 'node3'].filter((p) => p !== n).map((p) => `ConnectTo = ${p}`)
-    await everywhere(lab, NODES, 'all four host files and a ConnectTo for every other public node', (n) => hosts(lab, n).length === 4 && JSON.stringify(connectTo(lab, n)) === JSON.stringify(wantConnectTo(n)))
+    await everywhere(
+      lab,
+      NODES,
+      'all four host files and a ConnectTo for every other public node',
+      (n) => hosts(lab, n).length === 4 && JSON.stringify(connectTo(lab, n)) === JSON.stringify(wantConnectTo(n)),
+    )
     await lab.waitForMesh()
   })
 
-  labTest('a node\'s token cannot overwrite another node\'s record', async () => {
+  labTest("a node's token cannot overwrite another node's record", async () => {
     const lab = get()
     const node2 = lab.consul('node2', { token: lab.state.nodeTokens.node2 ?? null })
     await assert.rejects(node2.kvPut(layout.node('node1'), 'hijacked'), (e: unknown) => e instanceof ConsulError && e.code === 'CONSUL_FORBIDDEN')
@@ -58,7 +63,11 @@ describe('lab, ACLs on: four nodes that start knowing only the seed, synced by t
       [layout.node('thief'), JSON.stringify({ ...nodeRecord('thief', 24), subnets: ['10.99.0.1/32'] })],
       [layout.node('node2'), JSON.stringify(nodeRecord('node2', 2, rsaPublicPem()))],
     ]
-    await admin.request('PUT', '/v1/txn', bad.map(([Key, v]) => ({ KV: { Verb: 'set', Key, Value: Buffer.from(v).toString('base64') } })))
+    await admin.request(
+      'PUT',
+      '/v1/txn',
+      bad.map(([Key, v]) => ({ KV: { Verb: 'set', Key, Value: Buffer.from(v).toString('base64') } })),
+    )
     await admin.request('PUT', `/v1/kv/${layout.node('junk')}`, 'A'.repeat(400_000))
     await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 30)))
     await everywhere(lab, NODES, 'canary arrived (so every earlier write was judged)', (n) => hosts(lab, n).includes('canary'))
@@ -73,8 +82,15 @@ describe('lab, ACLs on: four nodes that start knowing only the seed, synced by t
     assert.equal(existsSync('/tmp/tc-pwned'), false)
     // node2's own daemon sees a record that isn't its own and writes the real one back.
     const realKey = parseHostFile(readFileSync(join(lab.tincFiles('node2').dir, 'hosts', 'node2'), 'utf8')).publicKey ?? ''
-    await waitFor('node2 to restore its own record', async () => ((await admin.kvGet(layout.node('node2')))?.value.includes(keyFingerprint(realKey)) ? true : undefined), { timeoutMs: 30_000, intervalMs: 100 })
-    await admin.request('PUT', '/v1/txn', [...bad.map(([k]) => k).filter((k) => k !== layout.node('node2')), layout.node('junk'), layout.node('canary')].map((Key) => ({ KV: { Verb: 'delete', Key } })))
+    await waitFor('node2 to restore its own record', async () => ((await admin.kvGet(layout.node('node2')))?.value.includes(keyFingerprint(realKey)) ? true : undefined), {
+      timeoutMs: 30_000,
+      intervalMs: 100,
+    })
+    await admin.request(
+      'PUT',
+      '/v1/txn',
+      [...bad.map(([k]) => k).filter((k) => k !== layout.node('node2')), layout.node('junk'), layout.node('canary')].map((Key) => ({ KV: { Verb: 'delete', Key } })),
+    )
     await everywhere(lab, NODES, 'canary and proxy removed again', (n) => hosts(lab, n).length === 4)
   })
 
@@ -84,9 +100,22 @@ describe('lab, ACLs on: four nodes that start knowing only the seed, synced by t
     lab.stopConsulServer('consul1')
     // Wait until every sidecar has hit the outage, then check nothing was touched.
     await everywhere(lab, NODES, 'sidecars noticed the outage', (n) => readFileSync(join(lab.state.runDir, n, 'sidecar.log'), 'utf8').includes('consul read failed'))
-    assert.deepEqual(NODES.map((n) => hosts(lab, n).join(',')), before)
+    assert.deepEqual(
+      NODES.map((n) => hosts(lab, n).join(',')),
+      before,
+    )
     await lab.startConsulServer('consul1')
-    await waitFor('KV writes accepted again', async () => ((await lab.consul('node1').kvPut(layout.node('latecomer'), JSON.stringify(nodeRecord('latecomer', 40))).catch(() => false)) ? true : undefined), { timeoutMs: 60_000 })
+    await waitFor(
+      'KV writes accepted again',
+      async () =>
+        (await lab
+          .consul('node1')
+          .kvPut(layout.node('latecomer'), JSON.stringify(nodeRecord('latecomer', 40)))
+          .catch(() => false))
+          ? true
+          : undefined,
+      { timeoutMs: 60_000 },
+    )
     await everywhere(lab, NODES, 'latecomer arrived after the outage', (n) => hosts(lab, n).includes('latecomer'))
     await lab.consul('node1').request('DELETE', `/v1/kv/${layout.node('latecomer')}`)
   })

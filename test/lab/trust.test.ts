@@ -87,7 +87,7 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
     await everywhere(lab, RUNNING, 'every node to hold every host file', (n) => JSON.stringify(hosts(lab, n)) === JSON.stringify(RUNNING))
   })
 
-  labTest('a squatting record written with a node\'s own token never reaches a new joiner\'s disk', async () => {
+  labTest("a squatting record written with a node's own token never reaches a new joiner's disk", async () => {
     const lab = get()
     const node2 = await record(lab, 'node2')
     const honest = await lab.consul('node1').kvGet(layout.node('node3'))
@@ -103,7 +103,12 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
     const onDisk = hosts(lab, 'node4')
     assert.ok(onDisk.includes('node1') && onDisk.includes('node2'), `node4's hosts/: ${onDisk.join(' ')}`)
     assert.equal(onDisk.includes('node3'), false, 'the joiner got a host file for the squatting record')
-    for (const f of onDisk.filter((f) => f !== 'node2')) assert.doesNotMatch(readFileSync(join(hostsDir(lab, 'node4'), f), 'utf8'), new RegExp(`^Subnet = ${node2.vpnAddress.replaceAll('.', '\\.')}/32$`, 'm'), `node4's hosts/${f} claims node2's address`)
+    for (const f of onDisk.filter((f) => f !== 'node2'))
+      assert.doesNotMatch(
+        readFileSync(join(hostsDir(lab, 'node4'), f), 'utf8'),
+        new RegExp(`^Subnet = ${node2.vpnAddress.replaceAll('.', '\\.')}/32$`, 'm'),
+        `node4's hosts/${f} claims node2's address`,
+      )
     // The running daemons never took it either.
     for (const n of ['node1', 'node2']) assert.doesNotMatch(readFileSync(join(hostsDir(lab, n), 'node3'), 'utf8'), new RegExp(`Subnet = ${node2.vpnAddress.replaceAll('.', '\\.')}/`))
 
@@ -130,20 +135,20 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
     await lab.cli('node1', ['alias', 'set', 'gateway', 'node2', '--net', LAB_NETNAME], adminEnv(lab))
     await everywhere(lab, all, 'every node to serve gateway.mesh', async (n) => /^gateway\.mesh\.\s.*\sCNAME\s+node2\.mesh\.$/m.test(await ask(n))).catch(explained)
     await lab.cli('node1', ['alias', 'rm', 'gateway', '--net', LAB_NETNAME], adminEnv(lab))
-    await everywhere(lab, all, 'gateway.mesh to leave every node\'s DNS', async (n) => /status: NXDOMAIN/.test(await ask(n))).catch(explained)
+    await everywhere(lab, all, "gateway.mesh to leave every node's DNS", async (n) => /status: NXDOMAIN/.test(await ask(n))).catch(explained)
   })
 
-  labTest('a node down while another is revoked, restarted without its cache, drops the revoked node\'s file', async () => {
+  labTest("a node down while another is revoked, restarted without its cache, drops the revoked node's file", async () => {
     const lab = get()
     assert.ok(hosts(lab, 'node4').includes('node3'))
     await stopSidecar(lab, 'node4')
     await lab.cli('node1', ['revoke', '--net', LAB_NETNAME, '--config-dir', labConfigDir(lab.state.runDir, 'node1'), 'node3'], adminEnv(lab))
     await stopSidecar(lab, 'node3')
-    await everywhere(lab, ['node1', 'node2'], 'node3\'s host file to leave the running nodes', (n) => !hosts(lab, n).includes('node3'))
+    await everywhere(lab, ['node1', 'node2'], "node3's host file to leave the running nodes", (n) => !hosts(lab, n).includes('node3'))
     rmSync(join(sidecarStateDir(lab.state.runDir, plan(lab, 'node4')), 'cache.json'), { force: true })
     assert.ok(hosts(lab, 'node4').includes('node3'), 'node4 lost the file while down')
     await start(lab, 'node4')
-    await everywhere(lab, ['node4'], 'node4 to drop node3\'s file after its first complete read', (n) => !hosts(lab, n).includes('node3'), 60_000)
+    await everywhere(lab, ['node4'], "node4 to drop node3's file after its first complete read", (n) => !hosts(lab, n).includes('node3'), 60_000)
     assert.deepEqual(hosts(lab, 'node4'), ['node1', 'node2', 'node4'])
   })
 
@@ -151,7 +156,29 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
     const lab = get()
     const real = await record(lab, 'node2')
     const clone = await cloneOf(lab, 'node2', 'node3')
-    const d = await lab.spawn('node3', 'clone-of-node2', [...cliArgv(), 'run', '--net', LAB_NETNAME, '--dir', clone.root, '--state-dir', join(clone.base, 'state'), '--pidfile', join(clone.base, 'tinc.pid'), '--consul', 'http://127.0.0.1:8500', '--config-dir', clone.configDir, '--run-dir', join(clone.base, 'run'), '--tinc-log', join(clone.base, 'tinc.log'), '--no-dns', '--join-port', '0'])
+    const d = await lab.spawn('node3', 'clone-of-node2', [
+      ...cliArgv(),
+      'run',
+      '--net',
+      LAB_NETNAME,
+      '--dir',
+      clone.root,
+      '--state-dir',
+      join(clone.base, 'state'),
+      '--pidfile',
+      join(clone.base, 'tinc.pid'),
+      '--consul',
+      'http://127.0.0.1:8500',
+      '--config-dir',
+      clone.configDir,
+      '--run-dir',
+      join(clone.base, 'run'),
+      '--tinc-log',
+      join(clone.base, 'tinc.log'),
+      '--no-dns',
+      '--join-port',
+      '0',
+    ])
     type Conflict = { ours?: string; theirs?: string; attempts?: number; gaveUp?: boolean }
     const conflictAt = async (node: string): Promise<Conflict | undefined> => {
       const script = "fetch('http://127.0.0.1:9000/status').then(async (r) => process.stdout.write(JSON.stringify((await r.json()).node?.nameConflict ?? null)))"
@@ -164,13 +191,23 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
       { node: 'node2', ours: real.fingerprint, theirs: clone.fingerprint },
       { node: 'node3', ours: clone.fingerprint, theirs: real.fingerprint },
     ]
-    const seen = await withLogs(lab, ['node2'], () => waitFor('a daemon to report the name conflict and give up', async () => {
-      for (const side of sides) {
-        const c = await conflictAt(side.node)
-        if (c?.gaveUp) return { ...side, c }
-      }
-      return undefined
-    }, { timeoutMs: 120_000, intervalMs: 500, daemons: [d] }), [d.logFile])
+    const seen = await withLogs(
+      lab,
+      ['node2'],
+      () =>
+        waitFor(
+          'a daemon to report the name conflict and give up',
+          async () => {
+            for (const side of sides) {
+              const c = await conflictAt(side.node)
+              if (c?.gaveUp) return { ...side, c }
+            }
+            return undefined
+          },
+          { timeoutMs: 120_000, intervalMs: 500, daemons: [d] },
+        ),
+      [d.logFile],
+    )
     t.diagnostic(`${seen.node === 'node2' ? 'node2' : 'the clone'} gave up: ${JSON.stringify(seen.c)}`)
     assert.equal(seen.c.ours, seen.ours)
     assert.equal(seen.c.theirs, seen.theirs)
@@ -179,14 +216,18 @@ describe('lab, ACLs on, a network made by init/invite/join: squatters, revocatio
     // Two 10 s blocking reads in a row come back at the same ModifyIndex (the old loop rewrote
     // it about 40 times a second; the back-off retries within seconds).
     const admin = lab.consul('node1')
-    const still = await waitFor('node2\'s record to stop changing', async () => {
-      const now = await admin.kvGetOne(layout.node('node2'))
-      const after = await admin.kvGetOne(layout.node('node2'), { index: now.item?.modifyIndex ?? 0, waitSeconds: 10 })
-      return after.item?.modifyIndex === now.item?.modifyIndex ? after.item?.modifyIndex : undefined
-    }, { timeoutMs: 120_000, daemons: [d] })
+    const still = await waitFor(
+      "node2's record to stop changing",
+      async () => {
+        const now = await admin.kvGetOne(layout.node('node2'))
+        const after = await admin.kvGetOne(layout.node('node2'), { index: now.item?.modifyIndex ?? 0, waitSeconds: 10 })
+        return after.item?.modifyIndex === now.item?.modifyIndex ? after.item?.modifyIndex : undefined
+      },
+      { timeoutMs: 120_000, daemons: [d] },
+    )
     t.diagnostic(`after: node2 ${JSON.stringify(await conflictAt('node2'))}, the clone ${JSON.stringify(await conflictAt('node3'))}`)
     const later = await admin.kvGetOne(layout.node('node2'), { index: still ?? 0, waitSeconds: 10 })
-    assert.equal(later.item?.modifyIndex, still, 'node2\'s record kept being rewritten')
+    assert.equal(later.item?.modifyIndex, still, "node2's record kept being rewritten")
     await lab.kill(d)
   })
 })

@@ -133,7 +133,11 @@ export function meshCore(o: CoreOptions): Core {
 async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: AppliedEvent['source']): Promise<void> {
   const { ctx, log } = o
   // A read that failed is not a refusal of the record: it is counted apart, as unreadable.
-  noteRefusals(o, st, j.refusals.filter((r) => r.kind !== 'unreadable'))
+  noteRefusals(
+    o,
+    st,
+    j.refusals.filter((r) => r.kind !== 'unreadable'),
+  )
   const unreadable = j.refusals.flatMap((r) => (r.kind === 'unreadable' && r.name ? [r.name] : []))
   for (const [name, fp] of j.newPins) ctx.pins.set(name, fp)
   if (j.newPins.length) await savePins(o.stateDir, ctx.pins)

@@ -84,21 +84,39 @@ export function watchInputs(opts: WatchSetOptions): WatchSet {
         await opts.onChange('nodes')
       },
     }),
-    markedPrefixWatch(opts, 'ipam', layout.ipamPrefix, (items) => activeHolders(parseIpam(items, layout)), (next) => {
-      if (sameMap(inputs.allocations, next)) return false
-      inputs.allocations = next
-      return true
-    }),
+    markedPrefixWatch(
+      opts,
+      'ipam',
+      layout.ipamPrefix,
+      (items) => activeHolders(parseIpam(items, layout)),
+      (next) => {
+        if (sameMap(inputs.allocations, next)) return false
+        inputs.allocations = next
+        return true
+      },
+    ),
     // An empty revoked/ without its marker wakes on every write near it; only a real change matters.
-    markedPrefixWatch(opts, 'revoked', layout.revokedPrefix, (items) => revokedFrom(items, layout), (next) => {
-      if (sameSet(inputs.revoked, next)) return false
-      inputs.revoked = next
-      return true
-    }),
-    markedPrefixWatch(opts, 'aliases', layout.aliasesPrefix, (items) => items, (items) => {
-      inputs.aliasItems = items
-      return true
-    }),
+    markedPrefixWatch(
+      opts,
+      'revoked',
+      layout.revokedPrefix,
+      (items) => revokedFrom(items, layout),
+      (next) => {
+        if (sameSet(inputs.revoked, next)) return false
+        inputs.revoked = next
+        return true
+      },
+    ),
+    markedPrefixWatch(
+      opts,
+      'aliases',
+      layout.aliasesPrefix,
+      (items) => items,
+      (items) => {
+        inputs.aliasItems = items
+        return true
+      },
+    ),
   ]
   if (opts.services) {
     const onChange = (entries: ReadonlyMap<string, unknown[]>) => {

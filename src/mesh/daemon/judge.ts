@@ -36,7 +36,8 @@ export function consulInput(inputs: MeshInputs, ctx: JudgeContext): ReconcileInp
   const { network, nodes, allocations, revoked } = inputs
   if (!network || !nodes || !allocations || !revoked) return undefined
   const entries = new Map<string, NodeEntry>()
-  for (const [key, read] of nodes.keys) entries.set(key, read.state === 'value' ? { state: 'value', value: read.item.value, createIndex: read.item.createIndex } : { state: 'unreadable', reason: read.reason })
+  for (const [key, read] of nodes.keys)
+    entries.set(key, read.state === 'value' ? { state: 'value', value: read.item.value, createIndex: read.item.createIndex } : { state: 'unreadable', reason: read.reason })
   // Our own record is always there in a healthy store: an empty listing proves nothing.
   const complete = !nodes.filtered && nodes.keys.size > 0
   return { ...base(ctx), network, nodes: entries, complete, allocations, revoked, trustNewKeys: true }

@@ -111,7 +111,11 @@ export function ownRecordKeeper(opts: OwnRecordOptions): OwnRecordKeeper {
     conflict = nextConflict(conflict, (await own()).fingerprint, theirs.ok ? theirs.value.fingerprint : `unreadable (${theirs.reason})`, new Date())
     clearTimeout(retry)
     if (conflict.gaveUp) {
-      if (!was?.gaveUp) log.error({ ours: conflict.ours, theirs: conflict.theirs, attempts: conflict.attempts }, 'another daemon keeps writing a different record under our name (a cloned machine?); no longer rewriting it. Stop the other one, or give one of them a new name, then restart this daemon')
+      if (!was?.gaveUp)
+        log.error(
+          { ours: conflict.ours, theirs: conflict.theirs, attempts: conflict.attempts },
+          'another daemon keeps writing a different record under our name (a cloned machine?); no longer rewriting it. Stop the other one, or give one of them a new name, then restart this daemon',
+        )
       return
     }
     const delay = backoffMs(conflict.attempts, 1000, 30_000)
