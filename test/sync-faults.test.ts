@@ -6,12 +6,14 @@ import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { writeNetworkRecord } from '../src/mesh/network.ts'
-import { NETWORK, nodeRecord } from './helpers-keys.ts'
+import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { decodeJson, nodeRecordSchema } from '../src/mesh/record.ts'
 import { keyFingerprint, parseHostFile } from '../src/tinc/hostfile.ts'
 import { startFaultProxy, startNode, tempRoot, type FaultProxy, type TestNode } from './sync-fixture.ts'
 
 const layout = kvLayout('test')
+// One key for the canary across its rewrites: a new key under a pinned name would be refused.
+const canaryPem = rsaPublicPem()
 const betaKey = `/v1/kv/${layout.node('beta')}`
 
 /**
@@ -82,13 +84,22 @@ describe('sync under faults in single Consul reads', () => {
       const keys = (JSON.parse(a.body.toString()) as string[]).filter((k) => !k.endsWith('/gamma'))
       return { ...a, headers: { ...a.headers, 'x-consul-results-filtered-by-acls': 'true' }, body: Buffer.from(JSON.stringify(keys)) }
     }
-    await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 40)))
+    await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 40, canaryPem)))
     await alpha.until(async () => (await file(alpha, 'canary')) !== undefined, 'canary arrived through the filtered listing')
     assert.ok((await file(alpha, 'gamma')) !== undefined, 'a filtered listing deleted gamma')
+    // A listing cut short without saying so (a server catching up): gamma is read directly first.
+    proxy.rewrite = (url, a) => {
+      if (!url.searchParams.has('keys') || !url.pathname.endsWith('/nodes/')) return a
+      return { ...a, body: Buffer.from(JSON.stringify((JSON.parse(a.body.toString()) as string[]).filter((k) => !k.endsWith('/gamma')))) }
+    }
+    await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 42, canaryPem)))
+    await alpha.until(async () => (await file(alpha, 'canary'))?.includes('198.18.0.42') === true, 'canary changed through the short listing')
+    assert.ok((await file(alpha, 'gamma')) !== undefined, 'a listing that left gamma out deleted it')
+    assert.ok(alpha.daemon.pending().includes('gamma'))
     // A blank listing (a stale read during a leader change): nobody is removed either.
     proxy.rewrite = (url, a) => (url.searchParams.has('keys') && url.pathname.endsWith('/nodes/') ? { ...a, body: Buffer.from('[]') } : a)
     const ignored = alpha.daemon.stats.emptyReadsIgnored
-    await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 41)))
+    await admin.kvPut(layout.node('canary'), JSON.stringify(nodeRecord('canary', 41, canaryPem)))
     await alpha.until(() => alpha.daemon.stats.emptyReadsIgnored > ignored, 'the blank listing was seen')
     for (const peer of ['beta', 'gamma', 'canary']) assert.ok((await file(alpha, peer)) !== undefined, `a blank listing deleted ${peer}`)
     proxy.rewrite = (_url, a) => a

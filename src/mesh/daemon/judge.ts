@@ -53,8 +53,40 @@ export function cacheInput(cached: CachedView, ctx: JudgeContext): ReconcileInpu
 
 const base = (ctx: JudgeContext) => ({ layout: ctx.layout, self: ctx.self, pins: ctx.pins, keep: ctx.keep, memo: ctx.memo })
 
+/** Above this many vanished records, one listing confirms them instead of one read each. */
+const CONFIRM_ONE_BY_ONE = 8
+
 /**
- * Runs the reconciler, asking Consul again where a watch may simply be behind another:
+ * A peer that vanished from a listing is gone only if Consul says so when asked about it: a
+ * listing cut short or served stale by a server that is catching up looks just like a
+ * deletion. Each vanished key is read directly (a 404 confirms it); one that is still there, or
+ * can't be read, counts as unreadable for this apply and keeps its copy.
+ */
+async function confirmAbsence(previous: MeshView | undefined, input: ReconcileInput, removed: string[], ctx: JudgeContext): Promise<ReconcileInput> {
+  const vanished = removed.filter((name) => previous?.peers.has(name) && !input.nodes.has(ctx.layout.node(name)))
+  if (vanished.length === 0) return input
+  const stillThere = new Map<string, string>()
+  if (vanished.length > CONFIRM_ONE_BY_ONE) {
+    const listing = await ctx.client.kvKeys(ctx.layout.nodesPrefix).catch(() => undefined)
+    const keys = new Set(listing?.keys ?? [])
+    for (const name of vanished) if (!listing || listing.filtered || keys.has(ctx.layout.node(name))) stillThere.set(name, listing ? 'still listed when asked again' : 'the confirming listing failed')
+  } else {
+    for (const name of vanished) {
+      const read = await ctx.client.kvGetOne(ctx.layout.node(name)).catch(() => undefined)
+      if (!read || read.item) stillThere.set(name, read ? 'still there when read directly' : 'the confirming read failed')
+    }
+  }
+  if (stillThere.size === 0) return input
+  ctx.log.warn({ names: [...stillThere.keys()] }, 'records missing from a listing are still in consul (or could not be checked); keeping them')
+  const nodes = new Map(input.nodes)
+  for (const [name, reason] of stillThere) nodes.set(ctx.layout.node(name), { state: 'unreadable', reason: `missing from a listing, but ${reason}` })
+  return { ...input, nodes }
+}
+
+/**
+ * Runs the reconciler, asking Consul again where a read may be short or one watch simply
+ * behind another:
+ * - a record missing from a listing is read directly before its file goes (confirmAbsence);
  * - a join writes a record and its ipam/ entry together, but they arrive through separate
  *   watches: a record refused over its address is judged again against a fresh ipam/ read;
  * - the revoked/ watch can lag the nodes/ watch: before a key is trusted for the first time,
@@ -64,7 +96,14 @@ export async function judge(previous: MeshView | undefined, input: ReconcileInpu
   let current = input
   let result = reconcile(previous, current)
   let retry = false
-  if (fresh && result.refusals.some((r) => r.kind === 'ownership' && /ipam|allocat/i.test(r.reason))) {
+  if (fresh) {
+    const confirmed = await confirmAbsence(previous, current, result.removed, ctx)
+    if (confirmed !== current) {
+      current = confirmed
+      result = reconcile(previous, current)
+    }
+  }
+  if (fresh && result.refusals.some((r) => r.kind === 'ownership' && /was never allocated/.test(r.reason))) {
     const read = await ctx.client.kvList(ctx.layout.ipamPrefix).catch(() => undefined)
     const allocations = read && read.items.length > 0 ? activeHolders(parseIpam(read.items, ctx.layout)) : undefined
     if (allocations) {
