@@ -152,7 +152,8 @@ export function watchBlocking<R extends { index: number }>(opts: BlockingWatchOp
   const failed = async (err: unknown) => {
     failures++
     opts.onError?.(err, failures)
-    opts.log.warn({ err, key: opts.label, attempt: failures }, 'consul read failed; keeping current state and retrying')
+    // A probe retries every second through an outage: the first failures say so, then one line a minute or so.
+    if (failures <= 3 || failures % 60 === 0) opts.log.warn({ err, key: opts.label, attempt: failures }, 'consul read failed; keeping current state and retrying')
     const ms = backoffMs(failures, opts.backoffMinMs ?? 250, opts.backoffMaxMs ?? 30_000)
     wokeEarly = (await pause(ms, signal, wokeEarly ? undefined : opts.client.reach)) === 'recovered'
   }
