@@ -159,6 +159,17 @@ describe('the status picture', () => {
     assert.ok(renderStatus(s, { colour: true }).includes('\x1b[33mlaptop'), 'relayed rows are yellow on a terminal')
   })
 
+  test('a cloned node and unreadable records are shown, not hidden', () => {
+    const conflict = { ours: `sha256:${'a'.repeat(64)}`, theirs: `sha256:${'b'.repeat(64)}`, attempts: 3, gaveUp: true, since: '2026-01-01T00:00:00.000Z' }
+    const s = buildStatus(inputs({ conflict, pending: ['beta'] }))
+    assert.deepEqual(s.node.nameConflict, conflict)
+    assert.deepEqual(s.consul.pending, ['beta'])
+    const plain = renderStatus(s, { colour: false })
+    assert.match(plain, /1 record\(s\) unreadable/)
+    assert.match(plain, /another daemon writes a different record under this node's name \(ours sha256:aaaaaaaaaaaa…, theirs sha256:bbbbbbbbbbbb…\); gave up rewriting it after 3 tries/)
+    assert.equal(buildStatus(inputs()).node.nameConflict, undefined)
+  })
+
   test('the DOT graph parses with Graphviz; relayed peers get a dashed line to their relay', () => {
     const dot = renderDot(buildStatus(inputs()))
     assert.match(dot, /"home" -- "laptop" \[style=dashed, color="#ef6c00", fontcolor="#ef6c00", label="via alpha"/)
