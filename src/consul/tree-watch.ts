@@ -172,6 +172,8 @@ class Tree {
   /** A new key listing (at or under the per-key limit): start and stop per-key watches to match. */
   async listing(r: KvKeysResult): Promise<void> {
     this.bytes += r.bytes
+    // A listing that stops (or starts) being filtered changes what absence proves, even with the same keys.
+    const filterChanged = this.filtered !== r.filtered
     this.filtered = r.filtered
     const next = [...r.keys].sort()
     const keep = new Set(next)
@@ -190,7 +192,7 @@ class Tree {
     const firstList = this.listed === undefined
     this.listed = next
     // A value change wakes this watch too (the prefix's index moved); the key's own watch delivers it.
-    if (firstList || removed.length > 0 || refusedNew || next.length === 0) await this.deliver()
+    if (firstList || removed.length > 0 || refusedNew || filterChanged || next.length === 0) await this.deliver()
   }
 
   /** Above the per-key limit: one `?recurse` read stands for every key. */
