@@ -2,6 +2,7 @@ import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
 import { createSocket } from 'node:dgram'
+import { connect } from 'node:net'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -40,6 +41,65 @@ function useServer(input: ZoneInput, workers: number) {
   }
   const dig = async (...args: string[]) => (await exec('dig', ['@127.0.0.1', '-p', String(server().port), '+time=2', '+tries=1', ...args])).stdout
   return { server, dig }
+}
+
+/** Sends one raw packet to the server and returns the raw reply, over UDP or TCP (2-byte length prefix). */
+async function exchange(port: number, packet: Buffer, transport: 'udp' | 'tcp'): Promise<Buffer> {
+  if (transport === 'udp') {
+    const sock = createSocket('udp4')
+    try {
+      return await new Promise<Buffer>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('no UDP reply')), 2000)
+        sock.on('message', (m) => {
+          clearTimeout(timer)
+          resolve(m)
+        })
+        sock.send(packet, port, '127.0.0.1')
+      })
+    } finally {
+      sock.close()
+    }
+  }
+  const conn = connect(port, '127.0.0.1')
+  try {
+    return await new Promise<Buffer>((resolve, reject) => {
+      let buf = Buffer.alloc(0)
+      const timer = setTimeout(() => reject(new Error('no TCP reply')), 2000)
+      conn.on('error', reject)
+      conn.on('data', (chunk) => {
+        buf = Buffer.concat([buf, chunk])
+        if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
+          clearTimeout(timer)
+          resolve(buf.subarray(2, 2 + buf.readUInt16BE(0)))
+        }
+      })
+      conn.write(Buffer.concat([Buffer.from([packet.length >> 8, packet.length & 0xff]), packet]))
+    })
+  } finally {
+    conn.destroy()
+  }
+}
+
+/**
+ * A query for NAME, type A, with RD and an OPT record spelled out byte by byte:
+ * root name, type 41, UDP size 4096, then the TTL field (extended RCODE 0, the
+ * version, the flags with DO = 0x80 in the high byte) and no options.
+ */
+const ednsQuery = (id: number, name: string, opt: { version: number; dnssecOk: boolean }) =>
+  Buffer.concat([
+    Buffer.from([id >> 8, id & 0xff, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]),
+    encodeName(name),
+    Buffer.from([0, 1, 0, 1]),
+    Buffer.from([0, 0, 41, 0x10, 0x00, 0, opt.version, opt.dnssecOk ? 0x80 : 0, 0, 0, 0]),
+  ])
+
+/** The reply's OPT record, which the server always puts last: its UDP size, TTL bytes and DO bit. */
+function replyOpt(reply: Buffer) {
+  assert.ok(reply.readUInt16BE(10) >= 1, 'the reply has no additional records')
+  const opt = reply.subarray(reply.length - 11)
+  assert.deepEqual([...opt.subarray(0, 3)], [0, 0, 41], 'the last record is not an OPT record for the root')
+  assert.equal(opt.readUInt16BE(9), 0, 'the OPT record carries options')
+  return { udp: opt.readUInt16BE(3), extendedRcode: opt[5] ?? -1, version: opt[6] ?? -1, dnssecOk: ((opt[7] ?? 0) & 0x80) !== 0, otherFlags: ((opt[7] ?? 0) & 0x7f) | (opt[8] ?? 0) }
 }
 
 describe('the DNS server, asked by dig', () => {
@@ -106,6 +166,66 @@ describe('the DNS server, asked by dig', () => {
       'a garbage query got a large reply',
     )
     assert.match(await dig('+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
+  })
+
+  test('the DO bit of a query is echoed in the OPT record of the reply, and only then (RFC 3225)', async () => {
+    for (const transport of ['udp', 'tcp'] as const) {
+      // An answer, NXDOMAIN with the SOA, and REFUSED: every reply to an EDNS query has an OPT record.
+      for (const [name, rcode] of [
+        ['hub.mesh', RCODE.NOERROR],
+        ['nobody.mesh', RCODE.NXDOMAIN],
+        ['example.com', RCODE.REFUSED],
+      ] as const) {
+        for (const dnssecOk of [true, false]) {
+          const what = `${name} over ${transport}, DO ${dnssecOk ? 'set' : 'clear'}`
+          const reply = await exchange(server().port, ednsQuery(0x4242, name, { version: 0, dnssecOk }), transport)
+          assert.equal(reply.readUInt16BE(0), 0x4242, what)
+          assert.equal((reply[3] ?? 0) & 0x0f, rcode, what)
+          assert.deepEqual(replyOpt(reply), { udp: 1232, extendedRcode: 0, version: 0, dnssecOk, otherFlags: 0 }, what)
+        }
+      }
+    }
+    assert.match(await dig('+dnssec', 'hub.mesh'), /; EDNS: version: 0, flags: do; udp: 1232\n/)
+    assert.match(await dig('hub.mesh'), /; EDNS: version: 0, flags:; udp: 1232\n/)
+  })
+
+  test('a query with an EDNS version above 0 gets BADVERS, a version-0 OPT record and no answer (RFC 6891 §6.1.3)', async () => {
+    for (const transport of ['udp', 'tcp'] as const) {
+      for (const [name, version, dnssecOk] of [
+        ['hub.mesh', 1, false],
+        ['hub.mesh', 255, true],
+        // Before anything else: a name we'd refuse is BADVERS too, so the client retries with 0 first.
+        ['example.com', 1, false],
+      ] as const) {
+        const what = `${name}, EDNS version ${version}, over ${transport}`
+        const query = ednsQuery(0x1701, name, { version, dnssecOk })
+        const reply = await exchange(server().port, query, transport)
+        const questionEnd = query.length - 11
+        assert.equal(reply.readUInt16BE(0), 0x1701, what)
+        assert.equal((reply[2] ?? 0) & 0x80, 0x80, `${what}: QR`)
+        // BADVERS is 16: 0 in the header's RCODE, 1 in the OPT TTL's high byte.
+        assert.equal((reply[3] ?? 0) & 0x0f, 0, `${what}: header RCODE`)
+        assert.deepEqual([reply.readUInt16BE(4), reply.readUInt16BE(6), reply.readUInt16BE(8), reply.readUInt16BE(10)], [1, 0, 0, 1], `${what}: counts`)
+        assert.deepEqual(reply.subarray(12, questionEnd), query.subarray(12, questionEnd), `${what}: the question is echoed`)
+        assert.equal(reply.length, questionEnd + 11, `${what}: nothing but the question and the OPT record`)
+        const opt = replyOpt(reply)
+        assert.deepEqual(opt, { udp: 1232, extendedRcode: 1, version: 0, dnssecOk, otherFlags: 0 }, what)
+        assert.equal((opt.extendedRcode << 4) | ((reply[3] ?? 0) & 0x0f), RCODE.BADVERS)
+      }
+    }
+    // Version 0 still answers; a malformed OPT is still a bare FORMERR, whatever its version says.
+    assert.equal(decodeMessage(await exchange(server().port, ednsQuery(1, 'hub.mesh', { version: 0, dnssecOk: false }), 'udp')).answer[0]?.data, '10.99.0.1')
+    const cut = ednsQuery(2, 'hub.mesh', { version: 1, dnssecOk: false })
+    cut.writeUInt16BE(4, cut.length - 2)
+    const formerr = await exchange(server().port, cut, 'udp')
+    assert.equal(formerr.length, 12)
+    assert.equal((formerr[3] ?? 0) & 0x0f, RCODE.FORMERR)
+    // dig shows the status, and with its default negotiation retries with version 0 and gets the answer.
+    const badvers = await dig('+edns=1', '+noednsnegotiation', 'hub.mesh')
+    assert.match(badvers, /status: BADVERS/)
+    assert.match(badvers, /ANSWER: 0, AUTHORITY: 0, ADDITIONAL: 1/)
+    assert.match(badvers, /; EDNS: version: 0, flags:; udp: 1232\n/)
+    assert.match(await dig('+edns=1', '+short', 'hub.mesh'), /^10\.99\.0\.1$/m)
   })
 })
 

@@ -65,6 +65,9 @@ export function answer(msg: Uint8Array, zone: Zone | undefined, transport: 'udp'
     // A reply is only as long as the header it echoes: no amplification from garbage.
     return msg.length >= 12 && !((msg[2] ?? 0) & 0x80) ? errorReply(msg, RCODE.FORMERR) : undefined
   }
+  // We speak EDNS version 0 only: a later one gets BADVERS before anything else is looked at,
+  // and the client falls back to 0 (RFC 6891 §6.1.3).
+  if (q.ednsVersion > 0) return errorReply(msg, RCODE.BADVERS, q)
   if (q.opcode !== 0) return errorReply(msg, RCODE.NOTIMP, q)
   if (q.class !== CLASS_IN) {
     stats.refused++

@@ -5,7 +5,11 @@
  * table of pre-encoded answers, and copies bytes.
  */
 export const TYPE = { A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, HINFO: 13, TXT: 16, AAAA: 28, SRV: 33, OPT: 41, ANY: 255 } as const
-export const RCODE = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5 } as const
+/**
+ * BADVERS is an extended RCODE (RFC 6891): its low 4 bits go in the header,
+ * the upper 8 in the OPT record's TTL, so it can only be sent with an OPT record.
+ */
+export const RCODE = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5, BADVERS: 16 } as const
 export const CLASS_IN = 1
 export const DEFAULT_DNS_PORT = 53
 
@@ -20,6 +24,10 @@ export interface Question {
   rd: boolean
   /** The client's EDNS UDP size, or undefined without EDNS. */
   ednsSize?: number
+  /** The EDNS version the client asked for (0 without EDNS); we speak only 0. */
+  ednsVersion: number
+  /** The OPT record's DO bit (RFC 3225), which the reply's OPT record echoes. */
+  dnssecOk: boolean
 }
 
 export class FormError extends Error {
@@ -64,16 +72,21 @@ export function parseQuery(msg: Uint8Array): Question {
   const klass = (msg[p + 2] as number) * 256 + (msg[p + 3] as number)
   const end = p + 4
   let ednsSize: number | undefined
+  let ednsVersion = 0
+  let dnssecOk = false
   if (ar === 1) {
     // Only an OPT record may follow: root name, type 41, class = UDP size.
     if (end + 11 > msg.length || msg[end] !== 0) throw new FormError('bad additional record')
     const rtype = (msg[end + 1] as number) * 256 + (msg[end + 2] as number)
     if (rtype !== TYPE.OPT) throw new FormError('additional record is not OPT')
     ednsSize = Math.max(512, (msg[end + 3] as number) * 256 + (msg[end + 4] as number))
+    // The TTL field holds the extended RCODE (ignored in a query), the version and the flags.
+    ednsVersion = msg[end + 6] as number
+    dnssecOk = ((msg[end + 7] as number) & 0x80) !== 0
     const rdlen = (msg[end + 9] as number) * 256 + (msg[end + 10] as number)
     if (end + 11 + rdlen > msg.length) throw new FormError('OPT runs past the end')
   }
-  return { name: labels.join('.'), type, class: klass, end, opcode: (flags >> 11) & 0xf, rd: (flags & 0x0100) !== 0, ednsSize }
+  return { name: labels.join('.'), type, class: klass, end, opcode: (flags >> 11) & 0xf, rd: (flags & 0x0100) !== 0, ednsSize, ednsVersion, dnssecOk }
 }
 
 /** Encodes a dotted name as labels (no compression). */
@@ -139,9 +152,20 @@ export function prepare(rcode: number, answer: RR[], authority: RR[] = [], addit
   return { rcode, an: answer.length, ns: authority.length, ar: additional.length, body: Buffer.concat([...answer, ...authority, ...additional].map(encodeRR)) }
 }
 
-/** The OPT record we send back to EDNS clients: our UDP size, no options. */
+/** The OPT record we send back to EDNS clients: our UDP size, version 0, no options. */
 export const OPT_RR = Buffer.from([0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0])
 export const OUR_EDNS_SIZE = 1232
+
+/**
+ * Writes our OPT record at `o`, with the upper bits of an extended RCODE and
+ * the query's DO bit copied back (RFC 3225). In place, so a reply still costs
+ * one allocation.
+ */
+function writeOpt(out: Buffer, o: number, rcode: number, dnssecOk: boolean): void {
+  OPT_RR.copy(out, o)
+  out[o + 5] = rcode >> 4
+  out[o + 7] = dnssecOk ? 0x80 : 0
+}
 
 /**
  * Builds the reply: the query's ID, opcode, RD bit and question bytes, AA set,
@@ -168,21 +192,31 @@ export function reply(query: Uint8Array, q: Question, p: Prepared, limit: number
     p.body.copy(out, o)
     o += p.body.length
   }
-  if (withOpt) OPT_RR.copy(out, o)
+  if (withOpt) writeOpt(out, o, p.rcode, q.dnssecOk)
   return out
 }
 
-/** An error reply (FORMERR, REFUSED, NOTIMP) that echoes whatever of the question could be read. */
+/**
+ * An error reply (FORMERR, REFUSED, NOTIMP, SERVFAIL, BADVERS) that echoes
+ * whatever of the question could be read. A query that parsed with EDNS gets
+ * our OPT record too, which carries the upper bits of an extended RCODE; a
+ * FORMERR for an unreadable packet is the bare header.
+ */
 export function errorReply(query: Uint8Array, rcode: number, q?: Question): Buffer {
   if (query.length < 12) return Buffer.alloc(0)
   const end = q ? q.end : 12
-  const out = Buffer.alloc(end)
+  const withOpt = q?.ednsSize !== undefined
+  const out = Buffer.alloc(end + (withOpt ? OPT_RR.length : 0))
   out[0] = query[0] as number
   out[1] = query[1] as number
   out[2] = 0x80 | ((query[2] ?? 0) & 0x79)
-  out[3] = rcode
+  out[3] = rcode & 0x0f
   out.writeUInt16BE(q ? 1 : 0, 4)
   if (q) out.set(query.subarray(12, q.end), 12)
+  if (q && withOpt) {
+    out.writeUInt16BE(1, 10)
+    writeOpt(out, end, rcode, q.dnssecOk)
+  }
   return out
 }
 
