@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import { renderStatus } from '../src/cli/status.ts'
 import type { MeshView } from '../src/mesh/view.ts'
-import { renderDot } from '../src/status/graph.ts'
+import { createSvgCache, renderDot, renderSvg, type SvgResult } from '../src/status/graph.ts'
 import { buildStatus, tincstat, type Status, type StatusInputs } from '../src/status/model.ts'
 import { startStatusServer, type StatusServer } from '../src/status/server.ts'
 import type { TincDump } from '../src/tinc/dump.ts'
@@ -179,6 +179,77 @@ describe('the status picture', () => {
     assert.equal(r.status, 0, r.stderr)
     assert.match(r.stdout, /<svg[\s\S]*laptop[\s\S]*<\/svg>/)
   })
+
+  test('the DOT depends on the topology only: not on the time, the byte counters, or the order of the dump', () => {
+    const dot = renderDot(buildStatus(inputs()))
+    const later = buildStatus(
+      inputs({
+        now: new Date('2026-11-22T03:17:42Z'),
+        counters: { rxBytes: 9e9, txBytes: 9e9, rxPackets: 9e6, txPackets: 9e6 },
+        tinc: { state: 'up', pid: 42, dump: { ...DUMP, bytesIn: 1, bytesOut: 2, edges: [...(DUMP.edges ?? [])].reverse() } },
+      }),
+    )
+    assert.equal(renderDot(later), dot)
+    assert.match(dot, /label="home as seen from home";/)
+    const moved = buildStatus(inputs({ tinc: { state: 'up', pid: 42, dump: { ...DUMP, nodes: (DUMP.nodes ?? []).map((n) => (n.name === 'phone' ? node('phone') : n)) } } }))
+    assert.notEqual(renderDot(moved), dot, 'a peer coming up is a new picture')
+  })
+})
+
+/** A stand-in for Graphviz that counts its runs and how many overlap, and takes `ms` for each. */
+function countingRenderer(ms: number, result?: (dot: string) => SvgResult) {
+  const c = { runs: [] as string[], active: 0, maxActive: 0 }
+  const render = async (dot: string): Promise<SvgResult> => {
+    c.runs.push(dot)
+    c.maxActive = Math.max(c.maxActive, ++c.active)
+    try {
+      await new Promise((r) => setTimeout(r, ms))
+      return result ? result(dot) : await renderSvg(dot)
+    } finally {
+      c.active--
+    }
+  }
+  return Object.assign(c, { render })
+}
+
+describe('the SVG cache', () => {
+  test('a failed render is answered from the cache until the DOT changes or the retry time passes', async () => {
+    let fail = true
+    let t = 0
+    const r = countingRenderer(1, () => (fail ? { ok: false, missing: false, error: 'boom' } : { ok: true, svg: '<svg/>' }))
+    const cache = createSvgCache({ render: r.render, retryFailedAfterMs: 30_000, now: () => t })
+    assert.deepEqual(await cache.svg('graph a {}'), { ok: false, missing: false, error: 'boom' })
+    t = 29_999
+    assert.equal((await cache.svg('graph a {}')).ok, false)
+    assert.equal(r.runs.length, 1, 'the same failing DOT is not rendered again at once')
+    fail = false
+    assert.equal((await cache.svg('graph b {}')).ok, true, 'a new DOT is rendered')
+    assert.equal((await cache.svg('graph a {}')).ok, true, 'and so is the old one again')
+    assert.equal(r.runs.length, 3)
+    const cache2 = createSvgCache({ render: r.render, retryFailedAfterMs: 30_000, now: () => t })
+    fail = true
+    await cache2.svg('graph c {}')
+    fail = false
+    t += 30_000
+    assert.deepEqual(await cache2.svg('graph c {}'), { ok: true, svg: '<svg/>' }, 'the same DOT is retried once the retry time has passed')
+  })
+
+  test('renders run one at a time; a render superseded before its turn is skipped and its requests get the newer picture', async () => {
+    const r = countingRenderer(30, (dot) => ({ ok: true, svg: `<svg>${dot}</svg>` }))
+    const cache = createSvgCache({ render: r.render })
+    const a = [cache.svg('A'), cache.svg('A')]
+    await new Promise((res) => setTimeout(res, 5))
+    assert.equal(r.active, 1, 'A is being rendered')
+    const later = ['B', 'C', 'D'].flatMap((d) => [cache.svg(d), cache.svg(d)])
+    const results = await Promise.all([...a, ...later])
+    assert.equal(r.maxActive, 1)
+    // B and C were replaced by a newer DOT before A finished; D runs after A.
+    assert.deepEqual(r.runs, ['A', 'D'])
+    assert.deepEqual(
+      results.map((x) => (x.ok ? x.svg : x.error)),
+      ['A', 'A', 'D', 'D', 'D', 'D', 'D', 'D'].map((d) => `<svg>${d}</svg>`),
+    )
+  })
 })
 
 /** A strict reading of the Prometheus text format: every line is a comment, blank, or NAME{LABELS} VALUE. */
@@ -243,6 +314,48 @@ describe('the status server', () => {
       assert.match(((await r.json()) as { hint: string }).hint, /apt install graphviz/)
     } finally {
       await noDot.close()
+    }
+  })
+
+  test('/graph.svg runs Graphviz once per view, however many requests come, and one at a time', async () => {
+    const r = countingRenderer(50)
+    let view = buildStatus(inputs())
+    const counted = await startStatusServer({ hosts: ['127.0.0.1'], port: 0, snapshot: () => Promise.resolve(view), log: quiet, renderSvg: r.render })
+    const svg = async () => {
+      const res = await fetch(`http://127.0.0.1:${counted.port}/graph.svg`)
+      assert.equal(res.status, 200)
+      assert.equal(res.headers.get('content-type'), 'image/svg+xml')
+      return res.text()
+    }
+    try {
+      const first = await Promise.all(Array.from({ length: 20 }, svg))
+      for (let i = 0; i < 20; i++) {
+        // New snapshots with the same topology: a later time and other byte counters.
+        view = buildStatus(inputs({ now: new Date(Date.parse('2026-11-22T02:00:00Z') + i * 1000), counters: { rxBytes: i, txBytes: i, rxPackets: i, txPackets: i } }))
+        assert.equal(await svg(), first[0])
+      }
+      assert.equal(new Set(first).size, 1)
+      assert.match(first[0] ?? '', /<svg[\s\S]*laptop/)
+      assert.equal(r.runs.length, 1, 'one render for 40 requests of one view')
+
+      view = buildStatus(inputs({ tinc: { state: 'up', pid: 42, dump: { ...DUMP, nodes: (DUMP.nodes ?? []).map((n) => (n.name === 'phone' ? node('phone') : n)) } } }))
+      const second = await Promise.all(Array.from({ length: 20 }, svg))
+      for (let i = 0; i < 20; i++) assert.equal(await svg(), second[0])
+      assert.notEqual(second[0], first[0])
+      assert.equal(r.runs.length, 2, 'one more render after the view changed')
+
+      // Views changing under concurrent requests: still never two Graphviz processes at once.
+      let n = 0
+      const views = [inputs(), inputs({ tinc: { state: 'down', reason: 'stopped' } })].map((i) => buildStatus(i))
+      await Promise.all(
+        Array.from({ length: 20 }, async () => {
+          view = views[n++ % 2] as Status
+          return svg()
+        }),
+      )
+      assert.equal(r.maxActive, 1)
+    } finally {
+      await counted.close()
     }
   })
 

@@ -6,6 +6,10 @@ import type { Status } from './model.ts'
  * reports (its edge list, both directions folded into one line), and how this
  * node reaches each peer. Green: direct. Orange: relayed, with a dashed line
  * to the relay. Red: unreachable.
+ *
+ * The text depends on the topology alone (names, addresses, paths, relays,
+ * links), never on the time or byte counters, so the same view gives the same
+ * bytes and the rendered SVG can be cached by it (createSvgCache).
  */
 const COLOURS = { self: '#1f4e79', direct: '#2e7d32', relayed: '#ef6c00', unreachable: '#c62828', unknown: '#757575' } as const
 
@@ -14,7 +18,7 @@ const q = (s: string) => `"${s.replace(/["\\]/g, '\\$&')}"`
 export function renderDot(s: Status): string {
   const lines = [
     `graph ${q(`tinc-consul ${s.node.net}`)} {`,
-    `  label=${q(`${s.node.net} as seen from ${s.node.name} at ${s.at.replace('T', ' ').slice(0, 19)} UTC`)};`,
+    `  label=${q(`${s.node.net} as seen from ${s.node.name}`)};`,
     '  labelloc=t; fontname="Helvetica"; fontsize=12; layout=neato; overlap=false; splines=true; sep="+12";',
     '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, fillcolor="#ffffff", penwidth=2];',
     '  edge [fontname="Helvetica", fontsize=9, color="#9e9e9e", len=2];',
@@ -31,13 +35,14 @@ export function renderDot(s: Status): string {
     lines.push(`  ${q(n.name)} [label=${q([n.name, ...detail].join('\n')).replace(/\n/g, '\\n')}, color=${q(colour)}${style}];`)
   }
   // tinc lists every edge once per direction; one line per pair reads better.
+  // Sorted, so a dump that lists the same edges in another order gives the same text.
   const pairs = new Map<string, { a: string; b: string }>()
   for (const e of s.edges) {
     const [a, b] = [e.from, e.to].sort() as [string, string]
     pairs.set(`${a}\0${b}`, { a, b })
   }
   const known = new Set(s.nodes.map((n) => n.name))
-  for (const { a, b } of pairs.values()) {
+  for (const [, { a, b }] of [...pairs].sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))) {
     if (!known.has(a) || !known.has(b)) continue
     const mine = a === s.node.name ? b : b === s.node.name ? a : undefined
     const peer = mine ? s.nodes.find((n) => n.name === mine) : undefined
@@ -70,4 +75,63 @@ export function renderSvg(dot: string, bin = 'dot', timeoutMs = 10_000): Promise
     child.stdin.on('error', () => {})
     child.stdin.end(dot)
   })
+}
+
+export interface SvgCacheOptions {
+  /** Renders one DOT text; by default Graphviz through renderSvg. Tests count calls here. */
+  render?: (dot: string) => Promise<SvgResult>
+  /** How long a failed render is answered from the cache before the same DOT is tried again. */
+  retryFailedAfterMs?: number
+  now?: () => number
+}
+
+export interface SvgCache {
+  svg(dot: string): Promise<SvgResult>
+}
+
+interface Entry {
+  dot: string
+  result: Promise<SvgResult | typeof SUPERSEDED>
+  failedAt?: number
+}
+
+const SUPERSEDED = Symbol('superseded')
+
+/**
+ * The SVG of the latest DOT, rendered once per change of it. Requests for the
+ * DOT being rendered wait for that one render; renders run one at a time, each
+ * queued behind the one before it. A render still waiting its turn when a newer
+ * DOT arrives is skipped, and its requests get the newer picture. A failure is
+ * answered from the cache until the DOT changes or retryFailedAfterMs passes,
+ * so a missing or broken Graphviz is not run for every request but is retried.
+ * Only one picture is kept: the status has one current view.
+ */
+export function createSvgCache(opts: SvgCacheOptions = {}): SvgCache {
+  const render = opts.render ?? ((dot: string) => renderSvg(dot))
+  const retryMs = opts.retryFailedAfterMs ?? 30_000
+  const now = opts.now ?? Date.now
+  let latest: Entry | undefined
+  // Settles when the last queued render has finished: the next one starts after it.
+  let queue: Promise<unknown> = Promise.resolve()
+
+  const start = (dot: string): Entry => {
+    const entry: Entry = { dot, result: Promise.resolve(SUPERSEDED) }
+    entry.result = queue.then(async () => {
+      if (latest !== entry) return SUPERSEDED
+      const r = await render(dot).catch((err: unknown): SvgResult => ({ ok: false, missing: false, error: (err as Error).message }))
+      if (!r.ok) entry.failedAt = now()
+      return r
+    })
+    queue = entry.result
+    latest = entry
+    return entry
+  }
+
+  const svg = async (dot: string): Promise<SvgResult> => {
+    const fresh = latest?.dot === dot && (latest.failedAt === undefined || now() - latest.failedAt < retryMs)
+    const r = await (fresh && latest ? latest : start(dot)).result
+    // Superseded: a newer view is queued (its DOT is `latest`'s), and that is the picture to send.
+    return r === SUPERSEDED ? svg((latest as Entry).dot) : r
+  }
+  return { svg }
 }

@@ -2,7 +2,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { bindAll, listenOn, type Binding } from '../util/listen.ts'
-import { renderDot, renderSvg } from './graph.ts'
+import { createSvgCache, renderDot, renderSvg, type SvgResult } from './graph.ts'
 import { createMetrics } from './metrics.ts'
 import { tincstat, type Status } from './model.ts'
 
@@ -10,7 +10,9 @@ import { tincstat, type Status } from './model.ts'
  * The read-only status endpoints, on 127.0.0.1 and the VPN address only:
  * /tincstat (tincstat's exact shape), /status, /metrics, /graph.dot and
  * /graph.svg. Nothing here changes anything, so every method but GET and HEAD
- * is refused.
+ * is refused. Any VPN peer may ask for /graph.svg, so Graphviz runs only when
+ * the graph changes, one process at a time, and the bytes are served from a
+ * cache (createSvgCache).
  */
 export const DEFAULT_STATUS_PORT = 9000
 
@@ -21,6 +23,8 @@ export interface StatusServerOptions {
   snapshot(): Promise<Status>
   log: Logger
   dotBin?: string
+  /** For tests: renders DOT to SVG in place of Graphviz, e.g. to count renders. */
+  renderSvg?: (dot: string) => Promise<SvgResult>
 }
 
 export interface StatusServer {
@@ -33,6 +37,15 @@ const PATHS = ['/tincstat', '/status', '/metrics', '/graph.dot', '/graph.svg'] a
 export async function startStatusServer(opts: StatusServerOptions): Promise<StatusServer> {
   const log = opts.log.child({ component: 'status' })
   const metrics = createMetrics()
+  const render = opts.renderSvg ?? ((dot: string) => renderSvg(dot, opts.dotBin))
+  const graph = createSvgCache({
+    // Logged here, once per render, rather than once for every request the cached failure answers.
+    render: async (dot) => {
+      const r = await render(dot)
+      if (!r.ok && !r.missing) log.warn({ err: r.error }, 'rendering the graph failed')
+      return r
+    },
+  })
   const servers: Server[] = []
   let port = opts.port
 
@@ -55,11 +68,10 @@ export async function startStatusServer(opts: StatusServerOptions): Promise<Stat
     if (path === '/metrics') return send(res, 200, metrics.registry.contentType, await metrics.render(s))
     const dot = renderDot(s)
     if (path === '/graph.dot') return send(res, 200, 'text/vnd.graphviz; charset=utf-8', dot)
-    const svg = await renderSvg(dot, opts.dotBin)
+    const svg = await graph.svg(dot)
     if (svg.ok) return send(res, 200, 'image/svg+xml', svg.svg)
     if (svg.missing)
       return json(res, 501, { error: 'Graphviz is not installed here', hint: 'install it (Debian: apt install graphviz), or fetch /graph.dot and render it elsewhere: dot -Tsvg graph.dot > mesh.svg' })
-    log.warn({ err: svg.error }, 'rendering the graph failed')
     return json(res, 500, { error: svg.error })
   }
 
