@@ -1,13 +1,15 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
 import { connect, createServer } from 'node:net'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
+import { ConsulError } from '../src/errors.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { createInvite, decodeInvite, deriveInvite, encodeInvite, seal } from '../src/mesh/invite.ts'
 import { JoinRefusedError, redeemInvite, sanitizeHostFile } from '../src/mesh/join-client.ts'
 import { startJoinServer, type JoinServer } from '../src/mesh/join-server.ts'
-import { GENERIC_REFUSAL, encodeRequest, frame, readFrame, requestAad } from '../src/mesh/join-wire.ts'
+import { GENERIC_REFUSAL, STATUS_ERROR, encodeRequest, frame, readFrame, requestAad } from '../src/mesh/join-wire.ts'
 import { writeNetworkRecord } from '../src/mesh/network.ts'
 import { revokeNode } from '../src/mesh/revoke.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
@@ -81,11 +83,11 @@ describe('the join endpoint against a real Consul agent', () => {
     const otherHeader = Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'swapped', id }))
     assert.match(await rawExchange(server.port, encodeRequest(otherHeader, resealed)), /invite not valid/)
 
-    // 10 MiB: refused from the 8-byte head, never buffered.
-    assert.match(await rawExchange(server.port, frame(Buffer.alloc(10 * 1024 * 1024, 0x41))), /over the 65536-byte limit/)
+    // 10 MiB: refused from the 8-byte head, never buffered, and with nothing but the generic refusal.
+    assert.equal(await rawExchange(server.port, frame(Buffer.alloc(10 * 1024 * 1024, 0x41))), GENERIC_REFUSAL)
 
     // Not our protocol at all.
-    assert.match(await rawExchange(server.port, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')), /not a tinc-consul join message/)
+    assert.equal(await rawExchange(server.port, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')), GENERIC_REFUSAL)
 
     // A request peers would refuse (an address that is no host name) is refused before anything is written.
     await assert.rejects(redeemInvite(good, { name: 'badaddr', publicKey: key, addresses: ['not a host!'], port: 655 }), { message: /would be refused by peers/ })
@@ -120,6 +122,104 @@ describe('the join endpoint against a real Consul agent', () => {
     )
     assert.equal(reply.endpoint, endpoint)
     assert.deepEqual(tried, [`127.0.0.1:${deadPort}`, `127.0.0.1:${deadPort} failed`, endpoint])
+  })
+
+  test('before the token checks out, a request for another network, a bad header or a bad body hears exactly the generic refusal', async () => {
+    const good = await invite()
+    const { id, key: sealKey } = deriveInvite(good.token)
+    const body = (token: Uint8Array) => Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))
+    const request = (h: object, k: Uint8Array, b: Buffer) => {
+      const header = Buffer.from(JSON.stringify(h))
+      return encodeRequest(header, seal(k, requestAad(header), b))
+    }
+    const refusals = [
+      // Another network, an unknown invite: the old endpoint named its own network here.
+      await rawExchange(server.port, request({ v: 1, net: 'othernet', name: 'probe', id: randomBytes(16).toString('hex') }, randomBytes(32), body(randomBytes(32)))),
+      // Another network, this network's invite id, but no token.
+      await rawExchange(server.port, request({ v: 1, net: 'othernet', name: 'probe', id }, randomBytes(32), body(randomBytes(32)))),
+      // A header that isn't one.
+      await rawExchange(server.port, encodeRequest(Buffer.from('{"v":1,"net":"x\u001b[31m"}'), Buffer.alloc(64))),
+      // The right key (as whoever reads invites/ holds it), but a body that isn't a request.
+      await rawExchange(server.port, request({ v: 1, net: 'test', name: 'probe', id }, sealKey, Buffer.from('{"v":2}'))),
+      // The right key, but not the token.
+      await rawExchange(server.port, request({ v: 1, net: 'test', name: 'probe', id }, sealKey, body(randomBytes(32)))),
+    ]
+    assert.deepEqual(
+      refusals,
+      refusals.map(() => GENERIC_REFUSAL),
+    )
+    assert.equal((await redeemInvite(good, { name: 'probed', publicKey: rsaPublicPem(), addresses: [], port: 655 })).name, 'probed', 'the probes spent the invite')
+  })
+
+  // The timeout: a rate-limited connection used to stay open after its client closed, so close() never returned.
+  test('a rate-limited address and a failed Consul read hear the generic refusal too', { timeout: 15_000 }, async () => {
+    const limited = await startJoinServer({ net: 'test', layout, client: admin, url: consul.url, acl: false, host: '127.0.0.1', port: 0, log: quiet, burst: 1, refillMs: 3_600_000 })
+    const broken = await startJoinServer({
+      net: 'test',
+      layout,
+      client: { ...admin, kvGet: () => Promise.reject(new ConsulError('CONSUL_UNREACHABLE', 'consul is down')) },
+      url: consul.url,
+      acl: false,
+      host: '127.0.0.1',
+      port: 0,
+      log: quiet,
+    })
+    try {
+      const probe = encodeRequest(Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'probe', id: randomBytes(16).toString('hex') })), Buffer.alloc(64))
+      assert.equal(await rawExchange(limited.port, probe), GENERIC_REFUSAL)
+      assert.equal(await rawExchange(limited.port, probe), GENERIC_REFUSAL)
+      assert.equal(limited.stats.rateLimited, 1)
+      assert.equal(await rawExchange(broken.port, probe), GENERIC_REFUSAL)
+    } finally {
+      await limited.close()
+      await broken.close()
+    }
+  })
+
+  test('a refusal from an endpoint that is not a join server moves the joiner on to the next, real one', async () => {
+    const hostile = await refusingEndpoint('invite not valid (wrong, expired or already used)')
+    try {
+      const inv = await invite()
+      const tried: string[] = []
+      const reply = await redeemInvite(
+        { ...inv, endpoints: [hostile.endpoint, endpoint] },
+        { name: 'relayed', publicKey: rsaPublicPem(), addresses: [], port: 655 },
+        { onTry: (ep, err) => void tried.push(`${ep}${err ? ` ${err.code}` : ''}`) },
+      )
+      assert.equal(reply.endpoint, endpoint)
+      assert.equal(reply.name, 'relayed')
+      assert.equal(hostile.requests(), 1)
+      assert.deepEqual(tried, [hostile.endpoint, `${hostile.endpoint} JOIN_REFUSED`, endpoint])
+    } finally {
+      await hostile.close()
+    }
+  })
+
+  test("when every endpoint refuses, the error lists each reason once, with the network's control characters gone", async () => {
+    const nasty = `\x1b[31mred\x1b[0m \x1b]0;owned\x07\x1b]52;c;cm0gLXJmIH4=\x1b\\bell\x07 cr\r\n  127.0.0.1:1: forged line \u009b2J del\x7f nul\x00 \u202eevil ${'A'.repeat(5000)}`
+    const a = await refusingEndpoint(nasty)
+    const b = await refusingEndpoint(nasty)
+    try {
+      const inv = await invite()
+      await redeemInvite(inv, { name: 'spent', publicKey: rsaPublicPem(), addresses: [], port: 655 })
+      const err = await redeemInvite({ ...inv, endpoints: [a.endpoint, endpoint, b.endpoint] }, { name: 'spent2', publicKey: rsaPublicPem(), addresses: [], port: 655 }).then(
+        () => assert.fail('a spent invite was redeemed'),
+        (e: unknown) => e as JoinRefusedError,
+      )
+      assert.ok(err instanceof JoinRefusedError)
+      assert.equal(err.code, 'JOIN_REFUSED')
+      const lines = err.message.split('\n')
+      assert.equal(lines.length, 3, err.message)
+      assert.ok(lines[1]?.startsWith(`  ${a.endpoint}, ${b.endpoint} refused: red `), lines[1])
+      assert.equal(lines[2], `  ${endpoint} refused: ${GENERIC_REFUSAL}`)
+      // eslint-disable-next-line no-control-regex -- looking for control characters is the point
+      assert.doesNotMatch(err.message.replaceAll('\n  ', ' '), /[\x00-\x1f\x7f-\x9f\u202a-\u202e]/)
+      for (const gone of ['[31m', '[0m', 'owned', 'cm0gLXJmIH4=', '2J']) assert.ok(!err.message.includes(gone), `"${gone}" got through`)
+      assert.ok(err.message.length < 600, `the refusal text was not capped: ${err.message.length} characters`)
+    } finally {
+      await a.close()
+      await b.close()
+    }
   })
 
   test("a joiner gets no host file for a record squatting on another node's address, nor for a revoked key written back", async () => {
@@ -165,4 +265,25 @@ async function rawExchange(port: number, bytes: Buffer): Promise<string> {
   socket.destroy()
   assert.equal(reply[0], 1, 'expected an error reply')
   return reply.subarray(1).toString('utf8')
+}
+
+/** A TCP server that speaks the join framing and refuses every request with `text`, as a squatting node would. */
+async function refusingEndpoint(text: string): Promise<{ endpoint: string; requests(): number; close(): Promise<void> }> {
+  let requests = 0
+  const srv = createServer((socket) => {
+    socket.on('error', () => undefined)
+    readFrame(socket).then(
+      () => {
+        requests++
+        socket.end(frame(Buffer.concat([Buffer.from([STATUS_ERROR]), Buffer.from(text)])))
+      },
+      () => socket.destroy(),
+    )
+  })
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
+  return {
+    endpoint: `127.0.0.1:${(srv.address() as { port: number }).port}`,
+    requests: () => requests,
+    close: () => new Promise<void>((r) => srv.close(() => r())),
+  }
 }

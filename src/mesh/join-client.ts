@@ -6,6 +6,7 @@ import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { deriveInvite, open, seal, type Invite } from './invite.ts'
 import { STATUS_OK, encodeRequest, joinReplySchema, readFrame, replyAad, requestAad, type JoinReply } from './join-wire.ts'
 import { decodeJson, type NetworkRecord } from './record.ts'
+import { printable, printableBytes } from '../util/text.ts'
 
 /** The largest reply we accept: the host files of every public node. */
 const MAX_REPLY = 1024 * 1024
@@ -17,47 +18,93 @@ export interface RedeemRequest {
   port: number
 }
 
+/** What one endpoint did with a join request, in words safe to print. */
+export interface EndpointOutcome {
+  endpoint: string
+  /** It answered with a refusal (unauthenticated), rather than failing to answer usefully. */
+  refused: boolean
+  reason: string
+}
+
+/** Every endpoint refused the join or failed, and at least one refused. */
 export class JoinRefusedError extends TincConsulError {
   override name = 'JoinRefusedError'
-  constructor(endpoint: string, message: string) {
-    super('JOIN_REFUSED', `${endpoint} refused the join: ${message}`)
+  readonly outcomes: readonly EndpointOutcome[]
+  constructor(outcomes: readonly EndpointOutcome[]) {
+    super('JOIN_REFUSED', `no join endpoint accepted the invite:\n  ${summarize(outcomes).join('\n  ')}`)
+    this.outcomes = outcomes
   }
 }
 
+type Attempt = { ok: true; reply: JoinReply } | { ok: false; outcome: EndpointOutcome }
+
 /**
- * Redeems an invite at the first endpoint that answers. An endpoint that can't
- * be reached is skipped; a refusal ends the attempt, since every endpoint
- * consults the same invite.
+ * Redeems an invite at the first endpoint that accepts it, asking each in turn.
+ * A refusal travels outside the seal, so anyone who can answer on an endpoint's
+ * address (or a node that listed itself as one) can send it: it rules out that
+ * endpoint only. The attempt fails when every endpoint refused or failed, and
+ * the error lists each one's reason. A refusal that concerns the joiner (a name
+ * that is taken) comes from every endpoint alike and is listed once.
  */
-export async function redeemInvite(inv: Invite, req: RedeemRequest, opts: { timeoutMs?: number; onTry?(endpoint: string, err?: Error): void } = {}): Promise<JoinReply & { endpoint: string }> {
+export async function redeemInvite(
+  inv: Invite,
+  req: RedeemRequest,
+  /** `onTry` hears of each endpoint before it is asked, and again with the reason (printable; code JOIN_REFUSED for a refusal) when it didn't let us in. */
+  opts: { timeoutMs?: number; onTry?(endpoint: string, err?: TincConsulError): void } = {},
+): Promise<JoinReply & { endpoint: string }> {
   const { id, key } = deriveInvite(inv.token)
   const header = Buffer.from(JSON.stringify({ v: 1, net: inv.net, name: req.name, id }))
   const body = Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(inv.token).toString('base64url'), publicKey: req.publicKey, addresses: req.addresses, port: req.port }))
   const message = encodeRequest(header, seal(key, requestAad(header), body))
-  const failures: string[] = []
+  const outcomes: EndpointOutcome[] = []
   for (const endpoint of inv.endpoints) {
     opts.onTry?.(endpoint)
-    let payload: Buffer
-    try {
-      payload = await exchange(endpoint, message, opts.timeoutMs ?? 15_000)
-    } catch (err) {
-      failures.push(`${endpoint}: ${(err as Error).message}`)
-      opts.onTry?.(endpoint, err as Error)
-      continue
-    }
-    if (payload[0] !== STATUS_OK) throw new JoinRefusedError(endpoint, payload.subarray(1, 300).toString('utf8'))
-    let plain: Uint8Array
-    try {
-      plain = open(key, replyAad(header), payload.subarray(1))
-    } catch {
-      throw new TincConsulError('JOIN_BAD_REPLY', `${endpoint} sent a reply that does not open with this invite's key (tampered with, or not a tinc-consul endpoint)`)
-    }
-    const d = decodeJson(plain, joinReplySchema, MAX_REPLY)
-    if (!d.ok) throw new TincConsulError('JOIN_BAD_REPLY', `${endpoint} sent a malformed reply: ${d.reason}`)
-    if (d.value.name !== req.name) throw new TincConsulError('JOIN_BAD_REPLY', `${endpoint} answered for "${d.value.name}", not "${req.name}"`)
-    return { ...d.value, endpoint }
+    const attempt = await tryEndpoint(endpoint, { message, key, header, name: req.name, timeoutMs: opts.timeoutMs ?? 15_000 })
+    if (attempt.ok) return { ...attempt.reply, endpoint }
+    outcomes.push(attempt.outcome)
+    opts.onTry?.(endpoint, new TincConsulError(attempt.outcome.refused ? 'JOIN_REFUSED' : 'JOIN_UNREACHABLE', attempt.outcome.reason))
   }
-  throw new TincConsulError('JOIN_UNREACHABLE', `no join endpoint answered:\n  ${failures.join('\n  ')}`)
+  if (outcomes.some((o) => o.refused)) throw new JoinRefusedError(outcomes)
+  throw new TincConsulError('JOIN_UNREACHABLE', `no join endpoint answered:\n  ${summarize(outcomes).join('\n  ')}`)
+}
+
+/**
+ * One endpoint's answer. Only a reply that opens with the invite's key comes
+ * from a holder of the invite: a malformed one then ends the attempt, since the
+ * invite is likely spent and other endpoints could only refuse it.
+ */
+async function tryEndpoint(endpoint: string, x: { message: Buffer; key: Uint8Array; header: Buffer; name: string; timeoutMs: number }): Promise<Attempt> {
+  const shown = printable(endpoint)
+  const failed = (reason: string, refused = false): Attempt => ({ ok: false, outcome: { endpoint: shown, refused, reason } })
+  let payload: Buffer
+  try {
+    payload = await exchange(endpoint, x.message, x.timeoutMs)
+  } catch (err) {
+    return failed(printable((err as Error).message))
+  }
+  if (payload[0] !== STATUS_OK) return failed(printableBytes(payload.subarray(1)) || '(no reason given)', true)
+  let plain: Uint8Array
+  try {
+    plain = open(x.key, replyAad(x.header), payload.subarray(1))
+  } catch {
+    return failed("its reply does not open with this invite's key (tampered with, or not a tinc-consul endpoint)")
+  }
+  const d = decodeJson(plain, joinReplySchema, MAX_REPLY)
+  if (!d.ok) throw new TincConsulError('JOIN_BAD_REPLY', `${shown} sent a malformed reply: ${printable(d.reason)}`)
+  if (d.value.name !== x.name) throw new TincConsulError('JOIN_BAD_REPLY', `${shown} answered for "${printable(d.value.name)}", not "${x.name}"`)
+  return { ok: true, reply: d.value }
+}
+
+/** One line per distinct reason, naming every endpoint that gave it, in the order first seen. */
+function summarize(outcomes: readonly EndpointOutcome[]): string[] {
+  const groups = new Map<string, { endpoints: string[]; outcome: EndpointOutcome }>()
+  for (const o of outcomes) {
+    const k = `${o.refused}\0${o.reason}`
+    const g = groups.get(k)
+    if (g) g.endpoints.push(o.endpoint)
+    else groups.set(k, { endpoints: [o.endpoint], outcome: o })
+  }
+  return [...groups.values()].map(({ endpoints, outcome }) => `${endpoints.join(', ')}${outcome.refused ? ' refused' : ''}: ${outcome.reason}`)
 }
 
 function exchange(endpoint: string, message: Buffer, timeoutMs: number): Promise<Buffer> {

@@ -12,7 +12,9 @@ import { networkRecordSchema } from './record.ts'
  *   request = u16 header length | header JSON | nonce(24) | XChaCha20-Poly1305 ciphertext
  *   reply   = u8 status | body
  *             status 0: nonce(24) | ciphertext of the reply JSON
- *             status 1: a short UTF-8 error message
+ *             status 1: a short UTF-8 error message, outside the seal: the
+ *                       endpoint sends GENERIC_REFUSAL for anything before the
+ *                       token checks out, and the joiner prints none of it raw
  *
  * The header (net, name, invite id) travels in the clear because the server
  * needs it to find the key, and it is bound to the ciphertext as associated
@@ -24,8 +26,13 @@ export const MAGIC = Buffer.from('TCJ1')
 export const MAX_FRAME = 64 * 1024
 export const STATUS_OK = 0
 export const STATUS_ERROR = 1
-/** What every wrong, expired or used token hears: nothing about which invites exist. */
-export const GENERIC_REFUSAL = 'invite not valid (wrong, expired or already used)'
+/**
+ * The only reply an endpoint gives before the sender has proved it holds the
+ * invite: a wrong, expired or used token, a request for another network, a
+ * malformed or oversized frame, a rate-limited address and a failed Consul read
+ * all hear this, so it says nothing about the network or which invites exist.
+ */
+export const GENERIC_REFUSAL = "invite not valid (wrong, expired or already used), or this endpoint can't take it now"
 
 export const joinHeaderSchema = z
   .object({
@@ -48,6 +55,9 @@ export const joinRequestSchema = z
   .strict()
 export type JoinRequest = z.infer<typeof joinRequestSchema>
 
+/** A Consul server's host name or IP address, as `join` prints it and writes it into the settings. */
+const consulServer = z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/)
+
 export const joinReplySchema = z
   .object({
     v: z.literal(1),
@@ -58,7 +68,7 @@ export const joinReplySchema = z
     /** Host-file text of every other node, by name; checked again by the joiner before writing. */
     hostFiles: z.record(z.string(), z.string().max(6000)),
     consul: z
-      .object({ token: z.string().max(128).optional(), joinToken: z.string().max(128).optional(), servers: z.array(z.string().max(300)).max(16), gossipKey: z.string().refine(isGossipKey).optional() })
+      .object({ token: z.string().max(128).optional(), joinToken: z.string().max(128).optional(), servers: z.array(consulServer).max(16), gossipKey: z.string().refine(isGossipKey).optional() })
       .strict(),
   })
   .strict()

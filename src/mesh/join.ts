@@ -9,6 +9,7 @@ import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
+import { printable } from '../util/text.ts'
 
 export interface JoinOptions {
   invite: string
@@ -70,13 +71,12 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     const reply = await redeemInvite(
       inv,
       { name, publicKey, addresses: o.addresses, port: o.port },
-      { onTry: (ep, err) => o.progress(err ? `${ep} did not answer (${err.message})` : `redeeming the invite at ${ep}`) },
+      { onTry: (ep, err) => o.progress(!err ? `redeeming the invite at ${ep}` : err.code === 'JOIN_REFUSED' ? `${ep} refused the join: ${err.message}` : `${ep} did not answer (${err.message})`) },
     )
     // The invite says where the network lives; a reply naming another prefix is refused rather
     // than written into this node's settings.
     const prefix = inv.prefix ?? defaultPrefix(inv.net)
-    if (reply.prefix !== prefix)
-      throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix ${JSON.stringify(reply.prefix.slice(0, 200))}, but the invite is for ${JSON.stringify(prefix)}`)
+    if (reply.prefix !== prefix) throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix "${printable(reply.prefix)}", but the invite is for "${printable(prefix)}"`)
     o.progress(`joined as ${name} with address ${reply.address}`)
     const peers: Record<string, string> = {}
     for (const [peer, text] of Object.entries(reply.hostFiles)) {
