@@ -7,7 +7,7 @@ const CACHE_DELAY_MS = 1000
 export interface CacheWriter {
   /** The newest state to cache; written a moment later. */
   set(view: CachedView): void
-  /** Writes what is pending now (on stop). */
+  /** Writes the newest state now (on stop), whether or not it was written before. */
   flush(): Promise<void>
 }
 
@@ -18,6 +18,9 @@ export interface CacheWriter {
  */
 export function cacheWriter(stateDir: string, log: Logger): CacheWriter {
   let dirty: CachedView | undefined
+  // The newest state, written or not: the last flush writes it again (unchanged bytes cost a
+  // read), so a cache removed or damaged since the last write is back after a clean stop.
+  let latest: CachedView | undefined
   let saving: Promise<void> | undefined
   let timer: NodeJS.Timeout | undefined
   const flush = (): Promise<void> => {
@@ -38,12 +41,14 @@ export function cacheWriter(stateDir: string, log: Logger): CacheWriter {
   return {
     set(view) {
       dirty = view
+      latest = view
       if (timer) return
       timer = setTimeout(() => void flush(), CACHE_DELAY_MS)
       timer.unref()
     },
     async flush() {
       await saving
+      dirty ??= latest
       await flush()
     },
   }
