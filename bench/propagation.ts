@@ -19,7 +19,7 @@ import { pino } from 'pino'
 import { createConsulClient } from '../src/consul/client.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
-import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync, type AppliedEvent, type SyncDaemon } from '../src/mesh/sync.ts'
 import { keyFingerprint, renderHostFile } from '../src/tinc/hostfile.ts'
 
@@ -71,7 +71,7 @@ const peer = (round: number) => {
 async function measure(consul: DevConsul, root: string, net: string, recordWatchLimit: number): Promise<Figures> {
   const layout = kvLayout(net)
   const admin = createConsulClient({ url: consul.url })
-  await writeNetworkRecord(admin, layout, { v: 1, cidr: '10.200.0.0/16', domain: 'mesh', createdAt: new Date().toISOString() })
+  await createNetwork(admin, layout, { v: 1, cidr: '10.200.0.0/16', domain: 'mesh', createdAt: new Date().toISOString() })
   const daemons: SyncDaemon[] = []
   const listeners: Array<(e: AppliedEvent, i: number) => void> = []
   try {

@@ -9,7 +9,7 @@ import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { freePort, startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { prettyLine } from '../src/log.ts'
 import { cachePath } from '../src/mesh/cache.ts'
-import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 import { NETWORK, nodeRecord } from './helpers-keys.ts'
 import { makeTincDir, tempRoot } from './sync-fixture.ts'
 
@@ -109,7 +109,7 @@ describe('the daemon as a process: logs, SIGHUP, SIGTERM, a restart without Cons
     root = await tempRoot()
     const admin = createConsulClient({ url: consul.url })
     const layout = kvLayout(NET)
-    await writeNetworkRecord(admin, layout, NETWORK)
+    await createNetwork(admin, layout, NETWORK)
     await admin.kvPut(layout.node('beta'), JSON.stringify(nodeRecord('beta', 2)))
     await makeTincDir(root, 'alpha', 1, true)
     const configDir = join(root, 'etc-tinc-consul')

@@ -10,7 +10,7 @@ import { createInvite, decodeInvite, deriveInvite, encodeInvite, seal } from '..
 import { JoinRefusedError, redeemInvite, sanitizeHostFile } from '../src/mesh/join-client.ts'
 import { startJoinServer, type JoinServer } from '../src/mesh/join-server.ts'
 import { GENERIC_REFUSAL, STATUS_ERROR, encodeRequest, frame, readFrame, requestAad } from '../src/mesh/join-wire.ts'
-import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 import { revokeNode } from '../src/mesh/revoke.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { quiet } from './sync-fixture.ts'
@@ -30,7 +30,7 @@ describe('the join endpoint against a real Consul agent', () => {
   before(async () => {
     consul = await startDevConsul()
     admin = createConsulClient({ url: consul.url })
-    await writeNetworkRecord(admin, layout, NETWORK)
+    await createNetwork(admin, layout, NETWORK)
     // A public node already in the network: joiners get its host file.
     await admin.kvPut(layout.node('hub'), JSON.stringify(nodeRecord('hub', 1)))
     await admin.kvPut(layout.ipam('10.99.0.1'), JSON.stringify({ name: 'hub', at: '2026-11-21T00:00:00.000Z' }))

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
-import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { decodeJson, nodeRecordSchema } from '../src/mesh/record.ts'
 import { keyFingerprint, parseHostFile } from '../src/tinc/hostfile.ts'
@@ -43,7 +43,7 @@ describe('sync under faults in single Consul reads', () => {
     admin = createConsulClient({ url: consul.url })
     proxy = await startFaultProxy(consul.url)
     root = await tempRoot()
-    await writeNetworkRecord(admin, layout, NETWORK)
+    await createNetwork(admin, layout, NETWORK)
     await admin.kvPut(layout.node('beta'), JSON.stringify(nodeRecord('beta', 2)))
     await admin.kvPut(layout.node('gamma'), JSON.stringify(nodeRecord('gamma', 3)))
   })
@@ -144,7 +144,7 @@ describe('two daemons with one name', () => {
   before(async () => {
     consul = await startDevConsul()
     root = await tempRoot()
-    await writeNetworkRecord(createConsulClient({ url: consul.url }), layout, NETWORK)
+    await createNetwork(createConsulClient({ url: consul.url }), layout, NETWORK)
   })
   after(async () => {
     for (const n of nodes) await n.daemon.stop()

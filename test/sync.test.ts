@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
-import { writeNetworkRecord } from '../src/mesh/network.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 import { revokeNode } from '../src/mesh/revoke.ts'
 import { readManagedBlock } from '../src/tinc/conf-block.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
@@ -26,7 +26,7 @@ describe('sync against a real Consul agent', () => {
     consul = await startDevConsul()
     admin = createConsulClient({ url: consul.url })
     root = await tempRoot()
-    await writeNetworkRecord(admin, layout, NETWORK)
+    await createNetwork(admin, layout, NETWORK)
     nodes.push(await startNode({ root, name: 'alpha', octet: 1, isPublic: true, consulUrl: consul.url }))
     nodes.push(await startNode({ root, name: 'beta', octet: 2, isPublic: true, consulUrl: consul.url }))
     nodes.push(await startNode({ root, name: 'laptop', octet: 3, isPublic: false, consulUrl: consul.url }))

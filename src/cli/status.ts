@@ -71,7 +71,7 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
   const head = [
     `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface})  ${tincd}  ${consul}`,
-    `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}`,
+    `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending?.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}`,
     ...(s.node.nameConflict ? [paint('red', conflictText(s.node.nameConflict))] : []),
     '',
   ]

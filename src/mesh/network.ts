@@ -56,8 +56,3 @@ export async function readNetwork(client: ConsulClient, layout: KvLayout): Promi
 async function addMissingMarkers(client: ConsulClient, layout: KvLayout): Promise<void> {
   for (const key of markerKeys(layout)) await client.kvPut(key, '', { cas: 0 })
 }
-
-/** Writes a network's record and its marker keys unless a network is there already (see createNetwork). */
-export async function writeNetworkRecord(client: ConsulClient, layout: KvLayout, record: NetworkRecord): Promise<NetworkWrite> {
-  return createNetwork(client, layout, record)
-}

@@ -2,7 +2,7 @@ import type { Logger } from '../../log.ts'
 import { renderTinc, type RenderOptions, type RenderResult } from '../../tinc/render.ts'
 import { signalTincd } from '../../tinc/signal.ts'
 import type { CachedView } from '../cache.ts'
-import { checkPeer, type NodeRecord } from '../record.ts'
+import { checkPeer, type AcceptedPeer, type NetworkRecord, type NodeRecord } from '../record.ts'
 import { savePins } from '../pins.ts'
 import type { Refusal } from '../reconcile.ts'
 import { viewRecords, type MeshView } from '../view.ts'
@@ -76,6 +76,8 @@ interface CoreState {
   /** The last judgement from Consul: what the cache holds. */
   last: Judgement | undefined
   written: RenderOptions['written']
+  /** Our own record as a peer, for the view DNS and status read. */
+  self?: { record: NodeRecord; network: NetworkRecord; peer: AcceptedPeer | undefined }
 }
 
 /**
@@ -145,7 +147,7 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
   const render = await renderTinc(j.view, { tincDir: o.tincDir, self: ctx.self.name, keep: ctx.keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written })
   st.judged = j.view
-  st.view = await withSelf(j.view, o)
+  st.view = await withSelf(j.view, o, st)
   st.pending = [...new Set([...j.pending, ...unreadable])].sort()
   o.stats.applies++
   if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
@@ -164,12 +166,16 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
  * The view with this node in it, as its own files describe it: DNS answers our own name and
  * status shows our address before (and whatever) Consul says about us. Never rendered as a host file.
  */
-async function withSelf(view: MeshView, o: CoreOptions): Promise<MeshView> {
+async function withSelf(view: MeshView, o: CoreOptions, st: CoreState): Promise<MeshView> {
   const own = await o.own()
   if (!own) return view
-  const checked = checkPeer(own, { network: view.network, keyName: own.name })
-  if (!checked.ok) return view
-  return { network: view.network, peers: new Map([...view.peers, [own.name, { ...checked.value, createIndex: 0 }]]) }
+  // Checked once per own record and network, not at every apply: it parses and hashes the key.
+  if (st.self?.record !== own || st.self.network !== view.network) {
+    const checked = checkPeer(own, { network: view.network, keyName: own.name })
+    st.self = { record: own, network: view.network, peer: checked.ok ? { ...checked.value, createIndex: 0 } : undefined }
+  }
+  const peer = st.self.peer
+  return peer ? { network: view.network, peers: new Map([...view.peers, [own.name, peer]]) } : view
 }
 
 /** Counts and logs a refusal when its reason first appears, not at every apply. */
