@@ -167,10 +167,23 @@ function writeOpt(out: Buffer, o: number, rcode: number, dnssecOk: boolean): voi
   out[o + 7] = dnssecOk ? 0x80 : 0
 }
 
+/** Writes the reply's header and the question at `at`: the query's ID, opcode, RD bit and question bytes, AA set. */
+function writeHead(out: Buffer, at: number, query: Uint8Array, q: Question, p: Prepared, truncated: boolean): void {
+  out[at] = query[0] as number
+  out[at + 1] = query[1] as number
+  out[at + 2] = 0x80 | (q.opcode << 3) | 0x04 | (truncated ? 0x02 : 0) | (q.rd ? 1 : 0)
+  out[at + 3] = p.rcode
+  out.writeUInt16BE(1, at + 4)
+  out.writeUInt16BE(truncated ? 0 : p.an, at + 6)
+  out.writeUInt16BE(truncated ? 0 : p.ns, at + 8)
+  out.writeUInt16BE((truncated ? 0 : p.ar) + (q.ednsSize !== undefined ? 1 : 0), at + 10)
+  out.set(query.subarray(12, q.end), at + 12)
+}
+
 /**
- * Builds the reply: the query's ID, opcode, RD bit and question bytes, AA set,
- * then the prepared sections. Over UDP, an answer longer than the client can
- * take is cut to the question with TC set, so the client retries over TCP.
+ * Builds the reply: header and question, then the prepared sections. Over
+ * UDP, an answer longer than the client can take is cut to the question with
+ * TC set, so the client retries over TCP.
  */
 export function reply(query: Uint8Array, q: Question, p: Prepared, limit: number): Buffer {
   const withOpt = q.ednsSize !== undefined
@@ -178,15 +191,7 @@ export function reply(query: Uint8Array, q: Question, p: Prepared, limit: number
   const truncated = full > limit
   const size = truncated ? q.end + (withOpt ? OPT_RR.length : 0) : full
   const out = Buffer.allocUnsafe(size)
-  out[0] = query[0] as number
-  out[1] = query[1] as number
-  out[2] = 0x80 | (q.opcode << 3) | 0x04 | (truncated ? 0x02 : 0) | (q.rd ? 1 : 0)
-  out[3] = p.rcode
-  out.writeUInt16BE(1, 4)
-  out.writeUInt16BE(truncated ? 0 : p.an, 6)
-  out.writeUInt16BE(truncated ? 0 : p.ns, 8)
-  out.writeUInt16BE((truncated ? 0 : p.ar) + (withOpt ? 1 : 0), 10)
-  out.set(query.subarray(12, q.end), 12)
+  writeHead(out, 0, query, q, p, truncated)
   let o = q.end
   if (!truncated) {
     p.body.copy(out, o)
@@ -194,6 +199,37 @@ export function reply(query: Uint8Array, q: Question, p: Prepared, limit: number
   }
   if (withOpt) writeOpt(out, o, p.rcode, q.dnssecOk)
   return out
+}
+
+/** A 2-byte TCP length prefix. */
+export function lengthPrefix(n: number): Buffer {
+  const head = Buffer.allocUnsafe(2)
+  head.writeUInt16BE(n)
+  return head
+}
+
+/**
+ * The reply `reply` would build, framed for TCP, as pieces to write together:
+ * the length prefix with header and question in one new buffer, then the
+ * zone's own pre-encoded records, never copied, then the OPT record. A
+ * connection's write queue then holds references to answers the zone keeps
+ * anyway, not a copy of each. The zone keeps every answer within 64 KiB; one
+ * that isn't is copied and cut the way `reply` cuts it.
+ */
+export function tcpReply(query: Uint8Array, q: Question, p: Prepared): Buffer[] {
+  const withOpt = q.ednsSize !== undefined
+  const full = q.end + p.body.length + (withOpt ? OPT_RR.length : 0)
+  if (full > 65535) {
+    const out = reply(query, q, p, 65535)
+    return [lengthPrefix(out.length), out]
+  }
+  const head = Buffer.allocUnsafe(2 + q.end + (withOpt ? OPT_RR.length : 0))
+  head.writeUInt16BE(full, 0)
+  writeHead(head, 2, query, q, p, false)
+  if (!withOpt) return [head, p.body]
+  // The OPT record goes last: write it into the same allocation and send it as a view of it.
+  writeOpt(head, 2 + q.end, p.rcode, q.dnssecOk)
+  return [head.subarray(0, 2 + q.end), p.body, head.subarray(2 + q.end)]
 }
 
 /**
@@ -254,14 +290,8 @@ export interface DecodedMessage {
   additional: DecodedRR[]
 }
 
-/**
- * Decodes a whole message, for the `resolve` command and the tests. Unlike the
- * server's parser it follows compression pointers, each only backwards, so a
- * pointer loop ends in an error instead of a hang.
- */
-export function decodeMessage(msg: Uint8Array): DecodedMessage {
-  const buf = Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength)
-  if (buf.length < 12) throw new FormError('short header')
+/** Bounds checks and name reading over one whole message, for decodeMessage. */
+function messageReader(buf: Buffer) {
   const need = (p: number, n: number) => {
     if (p + n > buf.length) throw new FormError('message runs past the end')
   }
@@ -292,40 +322,56 @@ export function decodeMessage(msg: Uint8Array): DecodedMessage {
     }
     return { name: labels.join('.'), end: end < 0 ? p : end }
   }
-  const present = (type: number, p: number, len: number): string => {
-    const rd = buf.subarray(p, p + len)
-    switch (type) {
-      case TYPE.A:
-        return len === 4 ? [...rd].join('.') : rd.toString('hex')
-      case TYPE.AAAA:
-        return len === 16 ? (rd.toString('hex').match(/.{4}/g) ?? []).join(':') : rd.toString('hex')
-      case TYPE.NS:
-      case TYPE.CNAME:
-      case TYPE.PTR:
-        return `${readName(p).name}.`
-      case TYPE.SRV:
-        need(p, 6)
-        return `${buf.readUInt16BE(p)} ${buf.readUInt16BE(p + 2)} ${buf.readUInt16BE(p + 4)} ${readName(p + 6).name}.`
-      case TYPE.SOA: {
-        const m = readName(p)
-        const r = readName(m.end)
-        need(r.end, 20)
-        return `${m.name}. ${r.name}. ${[0, 4, 8, 12, 16].map((o) => buf.readUInt32BE(r.end + o)).join(' ')}`
-      }
-      case TYPE.TXT:
-      case TYPE.HINFO: {
-        const parts: string[] = []
-        for (let i = 0; i < rd.length;) {
-          const n = rd[i] as number
-          parts.push(JSON.stringify(rd.toString('utf8', i + 1, i + 1 + n)))
-          i += 1 + n
-        }
-        return parts.join(' ')
-      }
-      default:
-        return rd.toString('hex')
+  return { buf, need, readName }
+}
+
+/** One record's data in presentation form (see DecodedRR.data). */
+function present(r: ReturnType<typeof messageReader>, type: number, p: number, len: number): string {
+  const { buf, need, readName } = r
+  const rd = buf.subarray(p, p + len)
+  switch (type) {
+    case TYPE.A:
+      return len === 4 ? [...rd].join('.') : rd.toString('hex')
+    case TYPE.AAAA:
+      return len === 16 ? (rd.toString('hex').match(/.{4}/g) ?? []).join(':') : rd.toString('hex')
+    case TYPE.NS:
+    case TYPE.CNAME:
+    case TYPE.PTR:
+      return `${readName(p).name}.`
+    case TYPE.SRV:
+      need(p, 6)
+      return `${buf.readUInt16BE(p)} ${buf.readUInt16BE(p + 2)} ${buf.readUInt16BE(p + 4)} ${readName(p + 6).name}.`
+    case TYPE.SOA: {
+      const m = readName(p)
+      const rname = readName(m.end)
+      need(rname.end, 20)
+      return `${m.name}. ${rname.name}. ${[0, 4, 8, 12, 16].map((o) => buf.readUInt32BE(rname.end + o)).join(' ')}`
     }
+    case TYPE.TXT:
+    case TYPE.HINFO: {
+      const parts: string[] = []
+      for (let i = 0; i < rd.length;) {
+        const n = rd[i] as number
+        parts.push(JSON.stringify(rd.toString('utf8', i + 1, i + 1 + n)))
+        i += 1 + n
+      }
+      return parts.join(' ')
+    }
+    default:
+      return rd.toString('hex')
   }
+}
+
+/**
+ * Decodes a whole message, for the `resolve` command and the tests. Unlike the
+ * server's parser it follows compression pointers, each only backwards, so a
+ * pointer loop ends in an error instead of a hang.
+ */
+export function decodeMessage(msg: Uint8Array): DecodedMessage {
+  const buf = Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength)
+  if (buf.length < 12) throw new FormError('short header')
+  const reader = messageReader(buf)
+  const { need, readName } = reader
   const qd = buf.readUInt16BE(4)
   const counts = [buf.readUInt16BE(6), buf.readUInt16BE(8), buf.readUInt16BE(10)] as const
   let p = 12
@@ -344,7 +390,13 @@ export function decodeMessage(msg: Uint8Array): DecodedMessage {
       const type = buf.readUInt16BE(n.end)
       const len = buf.readUInt16BE(n.end + 8)
       need(n.end + 10, len)
-      ;(sections[s] as DecodedRR[]).push({ name: n.name, type, class: buf.readUInt16BE(n.end + 2), ttl: buf.readUInt32BE(n.end + 4), data: type === TYPE.OPT ? '' : present(type, n.end + 10, len) })
+      ;(sections[s] as DecodedRR[]).push({
+        name: n.name,
+        type,
+        class: buf.readUInt16BE(n.end + 2),
+        ttl: buf.readUInt32BE(n.end + 4),
+        data: type === TYPE.OPT ? '' : present(reader, type, n.end + 10, len),
+      })
       p = n.end + 10 + len
     }
   })

@@ -7,6 +7,7 @@
 import type { Socket } from 'node:dgram'
 import { createLogger } from '../log.ts'
 import { newStats, serveUdp } from './server.ts'
+import type { AnswerLimits } from './limits.ts'
 import { buildZone, type Zone, type ZoneInput } from './zone.ts'
 
 const log = createLogger().child({ component: 'dns-helper', pid: process.pid })
@@ -17,9 +18,10 @@ if (!process.send) {
   process.stderr.write('this is a helper of `tinc-consul run`, not a command\n')
   process.exit(2)
 }
-process.on('message', (m: { t?: string; input?: ZoneInput }, handle: unknown) => {
+// The daemon sends its answer limits with every zone, so both build the same answers.
+process.on('message', (m: { t?: string; input?: ZoneInput; limits?: AnswerLimits }, handle: unknown) => {
   try {
-    if (m?.t === 'zone' && m.input) zone = buildZone(m.input)
+    if (m?.t === 'zone' && m.input) zone = buildZone(m.input, m.limits)
     else if (m?.t === 'udp' && handle) serveUdp(handle as Socket, () => zone, stats, log)
   } catch (err) {
     log.error({ err }, 'could not apply a message from the daemon')
