@@ -1,10 +1,12 @@
-import { readFile, stat } from 'node:fs/promises'
+import { constants, type Stats } from 'node:fs'
+import { open, type FileHandle } from 'node:fs/promises'
 import { basename, extname } from 'node:path'
 import { parse as parseToml, TomlError } from 'smol-toml'
 import { parse as parseYaml, YAMLParseError } from 'yaml'
 import { z } from 'zod'
 import { TincConsulError } from '../errors.ts'
 import { isDnsLabel } from '../dns/zone.ts'
+import { modeProblem, scriptCheckProblem, scriptRefusal } from './strict-modes.ts'
 
 /**
  * One service a node declares, as read from a file in its services directory.
@@ -36,6 +38,8 @@ export interface ServiceDefinition {
   /** The file's name without its extension; the service's ID on the agent is built from it. */
   stem: string
   file: string
+  /** The path it was read from (unset when parsed from text): a script check re-verifies it before each run. */
+  path?: string
   name: string
   port: number
   protocol: Protocol
@@ -47,8 +51,8 @@ export interface ServiceDefinition {
 export class DefinitionError extends TincConsulError {
   override name = 'DefinitionError'
   readonly file: string
-  constructor(file: string, message: string, options?: { cause?: unknown }) {
-    super('BAD_SERVICE_FILE', `${file}: ${message}`, options)
+  constructor(file: string, message: string, options?: { cause?: unknown; code?: string }) {
+    super(options?.code ?? 'BAD_SERVICE_FILE', `${file}: ${message}`, options)
     this.file = file
   }
 }
@@ -231,15 +235,44 @@ function syntaxMessage(err: unknown): string {
 export async function readDefinition(path: string, opts: ParseOptions): Promise<ServiceDefinition> {
   const name = basename(path)
   if (!isServiceFile(name)) throw new DefinitionError(name, `not a service file name (letters, digits, "_", "-", "." ending in ${SERVICE_FILE_EXTENSIONS.join(', ')})`)
-  let text: string
+  let file: { text: string; st: Stats; link: boolean }
   try {
-    const st = await stat(path)
-    if (!st.isFile()) throw new DefinitionError(name, 'not a regular file')
-    if (st.size > MAX_FILE_BYTES) throw new DefinitionError(name, `larger than ${MAX_FILE_BYTES / 1024} KiB`)
-    text = await readFile(path, 'utf8')
+    file = await readOpen(path, name)
   } catch (err) {
     if (err instanceof DefinitionError) throw err
     throw new DefinitionError(name, `cannot read: ${(err as Error).message}`, { cause: err })
   }
-  return parseDefinitionText(text, name, opts)
+  const def = { ...parseDefinitionText(file.text, name, opts), path }
+  if (def.check.type === 'script') {
+    // The file we read (by its descriptor), then the path and the program as they stand now.
+    const problem = file.link ? `${path} is a symbolic link` : (modeProblem(path, file.st) ?? (await scriptCheckProblem(path, def.check.command)))
+    if (problem) throw new DefinitionError(name, scriptRefusal(path, problem), { code: 'INSECURE_SCRIPT_CHECK' })
+  }
+  return def
+}
+
+/**
+ * Reads through one descriptor, so the checks see the very file whose text was parsed. It is
+ * opened without following a link first, to know whether it is one (a link is still read, as
+ * only script checks are refused for it), and non-blocking, so a FIFO can't hang the daemon.
+ */
+async function readOpen(path: string, name: string): Promise<{ text: string; st: Stats; link: boolean }> {
+  const flags = constants.O_RDONLY | constants.O_NONBLOCK
+  let link = false
+  let fh: FileHandle
+  try {
+    fh = await open(path, flags | constants.O_NOFOLLOW)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ELOOP') throw err
+    link = true
+    fh = await open(path, flags)
+  }
+  try {
+    const st = await fh.stat()
+    if (!st.isFile()) throw new DefinitionError(name, 'not a regular file')
+    if (st.size > MAX_FILE_BYTES) throw new DefinitionError(name, `larger than ${MAX_FILE_BYTES / 1024} KiB`)
+    return { text: await fh.readFile('utf8'), st, link }
+  } finally {
+    await fh.close()
+  }
 }

@@ -4,6 +4,7 @@ import https from 'node:https'
 import type { CheckStatus } from '../consul/agent.ts'
 import type { ServiceDefinition } from './definition.ts'
 import { checkUrl } from './registration.ts'
+import { scriptCheckProblem, scriptRefusal } from './strict-modes.ts'
 
 /**
  * The checks the daemon runs itself and reports to a TTL check on the agent:
@@ -14,15 +15,31 @@ import { checkUrl } from './registration.ts'
 export interface CheckResult {
   status: CheckStatus
   output: string
+  /** Set when a script check was not run because its file or program can't be trusted (see strict-modes.ts). */
+  refused?: string
 }
 
 const MAX_OUTPUT = 4096
 
 export function runLocalCheck(def: ServiceDefinition, address: string): Promise<CheckResult> {
   const c = def.check
-  if (c.type === 'script') return runScript(c.command, c.timeoutMs)
+  if (c.type === 'script') return runTrustedScript(def.path, c.command, c.timeoutMs)
   if (c.type === 'http' && c.status !== undefined) return runHttp(checkUrl(def, address) ?? '', c.status, c.timeoutMs, c.tlsSkipVerify)
   return Promise.resolve({ status: 'critical', output: `a ${c.type} check is run by Consul, not by tinc-consul` })
+}
+
+/**
+ * The checks made when the file was read, made again before every run: a definition file,
+ * a directory or the program loosened or swapped since then turns the check critical (so the
+ * service leaves DNS) instead of running. A few lstat calls per run, at most once a second.
+ */
+async function runTrustedScript(definitionPath: string | undefined, command: string[], timeoutMs: number): Promise<CheckResult> {
+  const problem = definitionPath === undefined ? 'it was not read from a file' : await scriptCheckProblem(definitionPath, command)
+  if (problem !== undefined) {
+    const refused = scriptRefusal(definitionPath ?? '(no file)', problem)
+    return { status: 'critical', output: refused, refused }
+  }
+  return runScript(command, timeoutMs)
 }
 
 /** Nagios' convention, as Consul uses it: 0 passes, 1 warns, anything else is critical. */
