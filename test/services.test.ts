@@ -17,6 +17,7 @@ import type { MeshView } from '../src/mesh/view.ts'
 import { DefinitionError, parseDefinitionText, readDefinition } from '../src/services/definition.ts'
 import { checkId, registrationFor, serviceId } from '../src/services/registration.ts'
 import { startServices, type ServicesRegistrar } from '../src/services/registrar.ts'
+import { serviceNaming } from '../src/services/naming.ts'
 import { waitFor } from '../src/lab/daemon.ts'
 import { TYPE } from '../src/dns/wire.ts'
 
@@ -255,11 +256,8 @@ describe('the registrar keeps a real Consul agent equal to the services director
 
   test('the health watch sees only passing instances of this network, and follows the catalog', async () => {
     const c = client()
-    await c.request(
-      'PUT',
-      '/v1/agent/service/register',
-      registrationFor({ stem: 'tt', file: 'tt.toml', name: 'tt', port: 5, protocol: 'tcp', tags: [], meta: {}, check: { type: 'ttl', ttlMs: 60_000, deregisterAfterMs: 600_000 } }, who),
-    )
+    const ttDef = { stem: 'tt', file: 'tt.toml', name: 'tt', port: 5, protocol: 'tcp' as const, tags: [], meta: {}, check: { type: 'ttl' as const, ttlMs: 60_000, deregisterAfterMs: 600_000 } }
+    await c.request('PUT', '/v1/agent/service/register', registrationFor(ttDef, who))
     await c.request('PUT', '/v1/agent/service/register', { ID: 'elsewhere', Name: 'tt', Port: 6, Meta: { 'mesh-net': 'work', 'mesh-node': 'n1' } })
     let latest: ReadonlyMap<string, unknown[]> = new Map()
     const w = watchHealth({ client: client(), filter: serviceFilters('home'), waitSeconds: 5, log: quiet, onChange: (m) => (latest = new Map(m)) })
@@ -270,6 +268,11 @@ describe('the registrar keeps a real Consul agent equal to the services director
       await c.request('PUT', `/v1/agent/check/pass/${encodeURIComponent(checkId(serviceId('home', 'tt')))}`)
       await waitFor('tt to pass', async () => (ids().length === 1 ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })
       assert.deepEqual(ids(), [serviceId('home', 'tt')], "the other network's instance is filtered out")
+      // A new port with the same TTL check: only the check's notes (the registration hash) change,
+      // and that is what wakes the one query on every check (the next full re-read is minutes away).
+      const port = () => (latest.get('tt') ?? []).map((e) => (e as { Service: { Port: number } }).Service.Port)
+      await c.request('PUT', '/v1/agent/service/register', registrationFor({ ...ttDef, port: 7 }, who))
+      await waitFor('the new port', async () => (port()[0] === 7 ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })
       await c.request('PUT', `/v1/agent/check/fail/${encodeURIComponent(checkId(serviceId('home', 'tt')))}`)
       await waitFor('tt to fail', async () => (ids().length === 0 ? true : undefined), { timeoutMs: 10_000, intervalMs: 50 })
       await deregisterService(c, serviceId('home', 'tt'))
@@ -326,6 +329,29 @@ describe('the registrar keeps a real Consul agent equal to the services director
       await reg?.stop()
       reg = undefined
       rmSync(cdir, { recursive: true, force: true })
+    }
+  })
+
+  test("the node's own scoped names on the agent; a node over its cap has the excess refused and reported, and registered again when under it", async () => {
+    const sdir = mkdtempSync(join(tmpdir(), 'tinc-consul-svc-cap-'))
+    for (const n of ['a', 'b', 'c']) writeFileSync(join(sdir, `${n}.toml`), 'port = 9\n[check]\ntype = "ttl"\n')
+    const scoped = serviceNaming('home', 'scoped')
+    const opts = { dir: sdir, who, consulUrl: consul.url, allowScripts: false, deregisterOnExit: true, resyncMs: 200, naming: () => scoped, log: quiet }
+    let capped = await startServices({ ...opts, maxServices: 2 })
+    try {
+      const names = async () => Object.values(await mine()).map((s) => `${s.ID} ${s.Service}`)
+      assert.deepEqual((await names()).sort(), [`${serviceId('home', 'a')} tinc-home--n1--a`, `${serviceId('home', 'b')} tinc-home--n1--b`])
+      assert.deepEqual(capped.limits(), { max: 2, registered: 2, refused: [{ file: 'c.toml', service: 'c', reason: "over this node's cap of 2 services (--max-services)" }] })
+      await capped.stop()
+      capped = await startServices({ ...opts, maxServices: 3 })
+      assert.deepEqual(
+        (await names()).sort(),
+        ['a', 'b', 'c'].map((n) => `${serviceId('home', n)} tinc-home--n1--${n}`),
+      )
+      assert.deepEqual(capped.limits().refused, [])
+    } finally {
+      await capped.stop()
+      rmSync(sdir, { recursive: true, force: true })
     }
   })
 })

@@ -9,6 +9,7 @@ import { pino } from 'pino'
 import { renderStatus } from '../src/cli/status.ts'
 import type { MeshView } from '../src/mesh/view.ts'
 import { createSvgCache, renderDot, renderSvg, type SvgResult } from '../src/status/graph.ts'
+import { createMetrics } from '../src/status/metrics.ts'
 import { buildStatus, tincstat, type Status, type StatusInputs } from '../src/status/model.ts'
 import { startStatusServer, type StatusServer } from '../src/status/server.ts'
 import type { TincDump } from '../src/tinc/dump.ts'
@@ -168,6 +169,27 @@ describe('the status picture', () => {
     assert.match(plain, /1 record\(s\) unreadable/)
     assert.match(plain, /another daemon writes a different record under this node's name \(ours sha256:aaaaaaaaaaaa…, theirs sha256:bbbbbbbbbbbb…\); gave up rewriting it after 3 tries/)
     assert.equal(buildStatus(inputs()).node.nameConflict, undefined)
+  })
+
+  test("refused services show in /status, the table and the metrics: other nodes' instances, and this node's files over its cap", async () => {
+    const over = { file: 'z.toml', service: 'z', reason: "over this node's cap of 2 services (--max-services)" }
+    const s = buildStatus(
+      inputs({
+        servicesRefused: [{ service: 'web', id: 'mesh-home-web', reason: 'node "alpha" has more than 2 services (--max-services)' }],
+        localServices: { max: 2, registered: 2, refused: [over] },
+      }),
+    )
+    assert.deepEqual(s.consul.servicesRefused, [{ service: 'web', id: 'mesh-home-web', reason: 'node "alpha" has more than 2 services (--max-services)' }])
+    assert.deepEqual(s.localServices, { max: 2, registered: 2, refused: [over] })
+    const plain = renderStatus(s, { colour: false })
+    assert.match(plain, /^traffic: .* {3}1 service instance\(s\) refused$/m)
+    assert.match(plain, /^1 of this node's services not registered \(2 registered, cap 2\): z\.toml: over this node's cap of 2 services \(--max-services\)$/m)
+    const text = await createMetrics().render(s)
+    assert.match(text, /^tinc_consul_service_instances_refused 1$/m)
+    assert.match(text, /^tinc_consul_local_services\{state="refused"\} 1$/m)
+    assert.match(text, /^tinc_consul_local_services\{state="registered"\} 2$/m)
+    assert.match(text, /^tinc_consul_local_services_max 2$/m)
+    assert.doesNotMatch(renderStatus(buildStatus(inputs()), { colour: false }), /service instance|not registered/, 'nothing said when nothing is refused')
   })
 
   test('the DOT graph parses with Graphviz; relayed peers get a dashed line to their relay', () => {

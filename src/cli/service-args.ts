@@ -1,4 +1,5 @@
 import { join } from 'node:path'
+import { DEFAULT_MAX_SERVICES } from '../services/registration.ts'
 import { described, envDefault, envFlag } from './env.ts'
 
 /** Where a network's service definitions live: beside its <net>.env, in the `<file>.d` habit. */
@@ -36,6 +37,16 @@ export const serviceRunArgs = {
     description: described("Seconds between comparing the agent's services with the files (re-registers after an agent restart)", 'services-resync'),
     get default() {
       return envDefault('services-resync', '10')
+    },
+  },
+  'max-services': {
+    type: 'string',
+    description: described(
+      'Most services one node may have: this node registers at most this many of its files (in file-name order), and takes at most this many instances from any other node; give every node the same value',
+      'max-services',
+    ),
+    get default() {
+      return envDefault('max-services', String(DEFAULT_MAX_SERVICES))
     },
   },
 } as const

@@ -6,7 +6,10 @@ import { agentChecks, agentServices, metaFilter, updateTtlCheck, type AgentCheck
 import { createConsulClient } from '../consul/client.ts'
 import { catalogServices, passingInstances } from '../consul/health.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
+import { readNetwork } from '../mesh/network.ts'
 import { parseHealthEntries, serviceFilters, type HealthyEntry } from '../mesh/services.ts'
+import { namingFor, type ServiceNaming } from '../services/naming.ts'
 import { definitionFrom, DefinitionError, isServiceFile, readDefinition, type ServiceDefinition } from '../services/definition.ts'
 import { checkId, META, serviceId } from '../services/registration.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
@@ -28,9 +31,12 @@ interface Common {
   'services-dir'?: string
   consul: string
   token?: string
+  prefix?: string
 }
 const dirOf = (args: Common, net: string) => args['services-dir'] || defaultServicesDir(args['config-dir'], net)
 const clientOf = (args: Common) => createConsulClient({ url: args.consul, token: args.token || undefined })
+/** How the network names its services in Consul, from its record (src/services/naming.ts). */
+const namingOf = async (args: Common, net: string) => namingFor(net, (await readNetwork(clientOf(args), kvLayout(net, args.prefix || undefined))) ?? {})
 /** The daemon decides whether script checks run; the commands only need to read such files. */
 const READ_ANY = { allowScripts: true }
 
@@ -174,9 +180,12 @@ async function localRows(args: Common, net: string): Promise<{ rows: LocalRow[];
   let onAgent: Awaited<ReturnType<typeof agentServices>> | undefined
   let checks: Record<string, AgentCheck> = {}
   let agentError: string | undefined
+  let naming: ServiceNaming | undefined
   try {
     onAgent = await agentServices(client, metaFilter('Meta', META.net, net))
     checks = await agentChecks(client)
+    // Only to show a deleted file's service under its mesh name: without the record, its Consul name.
+    naming = await namingOf(args, net).catch(() => undefined)
   } catch (err) {
     agentError = (err as Error).message
   }
@@ -195,7 +204,7 @@ async function localRows(args: Common, net: string): Promise<{ rows: LocalRow[];
   const known = new Set(files.map((f) => f.file))
   for (const s of Object.values(onAgent ?? {})) {
     const file = s.Meta?.[META.file] ?? ''
-    if (!known.has(file)) rows.push({ name: s.Service, file: `(${file || 'no file'}, deleted)`, port: s.Port, protocol: s.Meta?.[META.protocol], ...status(s.ID) })
+    if (!known.has(file)) rows.push({ name: naming?.toMesh(s.Service) ?? s.Service, file: `(${file || 'no file'}, deleted)`, port: s.Port, protocol: s.Meta?.[META.protocol], ...status(s.ID) })
   }
   return { rows, agentError }
 }
@@ -203,9 +212,12 @@ async function localRows(args: Common, net: string): Promise<{ rows: LocalRow[];
 async function meshRows(args: Common, net: string): Promise<HealthyEntry[]> {
   const client = clientOf(args)
   const filters = serviceFilters(net)
+  const naming = await namingOf(args, net)
   const { names } = await catalogServices(client, { filter: filters.catalog })
   const out: HealthyEntry[] = []
-  for (const service of names) out.push(...parseHealthEntries(service, (await passingInstances(client, { service, filter: filters.health })).entries, net).entries)
+  // One read at a time: a command, not a daemon, and never more than one connection to the agent.
+  for (const service of names.filter((n) => naming.toMesh(n) !== undefined))
+    out.push(...parseHealthEntries(service, (await passingInstances(client, { service, filter: filters.health })).entries, net, naming).entries)
   return out.sort((a, b) => a.name.localeCompare(b.name) || a.node.localeCompare(b.node) || a.port - b.port)
 }
 

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { fileURLToPath } from 'node:url'
-import { ConsulError } from '../errors.ts'
+import { ConsulError, TincConsulError } from '../errors.ts'
 import type { ConsulClient } from './client.ts'
 
 /**
@@ -13,13 +13,30 @@ export interface PolicyScope {
   node(name: string): string
 }
 
+/**
+ * A node policy's scope: where the network's keys live, and the service name prefixes, which
+ * the domain derives from the network record (src/services/naming.ts): the network's, which
+ * every node may read (`tinc-home--`), and each node's own, the only one it may write
+ * (`tinc-home--node1--`). Both are '' when the network asks for bare names.
+ */
+export interface NodePolicyScope extends PolicyScope {
+  services: string
+  nodeServices(name: string): string
+}
+
 export const NODE_POLICY_TEMPLATE = fileURLToPath(new URL('../../consul/node-policy.hcl.tmpl', import.meta.url))
 
 /** The per-node policy rules, from the template in consul/. Name and prefix are validated by the scope's node(). */
-export async function nodePolicyRules(layout: PolicyScope, name: string): Promise<string> {
-  layout.node(name) // throws on a bad name before it reaches a policy
+export async function nodePolicyRules(scope: NodePolicyScope, name: string): Promise<string> {
+  scope.node(name) // throws on a bad name before it reaches a policy
+  const services = scope.services
+  const own = scope.nodeServices(name)
+  // DNS label characters only: nothing that could end the quoted HCL string. The node's own
+  // prefix must sit inside the network's, or the read rule wouldn't be the narrower grant.
+  for (const p of [services, own]) if (!/^[a-z0-9-]*$/.test(p)) throw new TincConsulError('BAD_SERVICE_PREFIX', `not a service name prefix: ${JSON.stringify(p)}`)
+  if (!own.startsWith(services)) throw new TincConsulError('BAD_SERVICE_PREFIX', `${JSON.stringify(own)} is not inside ${JSON.stringify(services)}`)
   const tmpl = await readFile(NODE_POLICY_TEMPLATE, 'utf8')
-  return tmpl.replaceAll('{{prefix}}', layout.prefix).replaceAll('{{name}}', name)
+  return tmpl.replaceAll('{{prefix}}', scope.prefix).replaceAll('{{name}}', name).replaceAll('{{services}}', services).replaceAll('{{node_services}}', own)
 }
 
 export const JOIN_POLICY_TEMPLATE = fileURLToPath(new URL('../../consul/join-server-policy.hcl.tmpl', import.meta.url))
@@ -48,8 +65,8 @@ const joinPolicyName = (layout: PolicyScope) => `${policyBase(layout)}join-serve
 const joinDescription = (name: string) => `tinc-consul join server (${name})`
 
 /** Creates (or reuses) the node's policy and returns a new token for it. */
-export async function createNodeToken(admin: ConsulClient, layout: PolicyScope, name: string): Promise<CreatedToken> {
-  return tokenFor(admin, nodePolicyName(layout, name), `tinc-consul node ${name}`, await nodePolicyRules(layout, name))
+export async function createNodeToken(admin: ConsulClient, scope: NodePolicyScope, name: string): Promise<CreatedToken> {
+  return tokenFor(admin, nodePolicyName(scope, name), `tinc-consul node ${name}`, await nodePolicyRules(scope, name))
 }
 
 /**

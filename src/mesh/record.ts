@@ -39,6 +39,13 @@ export const networkRecordSchema = z
     cidr: z.string().refine(isIpv4Cidr, 'not an IPv4 CIDR'),
     domain: z.string().regex(/^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*$/),
     createdAt: z.iso.datetime(),
+    /**
+     * How service names look in Consul (src/services/naming.ts): `scoped` (`tinc-<net>--<node>--nfs`,
+     * each node's policy grants only its own prefix) or `bare` (`nfs`, any name). Optional, so records of
+     * older releases still read: without it, names are bare, as those releases registered them.
+     * Older releases drop the field and register bare names, which a scoped policy refuses.
+     */
+    serviceNames: z.enum(['scoped', 'bare']).optional(),
   })
   .strip()
 

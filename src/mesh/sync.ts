@@ -17,7 +17,8 @@ import { kvLayout } from './kv-layout.ts'
 import { loadPins, pinsPath } from './pins.ts'
 import { readTincName } from './publish.ts'
 import type { MeshView } from './view.ts'
-import type { MeshService } from './services.ts'
+import type { MeshService, ServiceRefusal } from './services.ts'
+import type { NetworkRecord } from './record.ts'
 
 export { DEFAULT_RECORD_WATCH_LIMIT }
 export type { AppliedEvent, MeshState, NameConflict, SyncStats }
@@ -53,6 +54,8 @@ export interface SyncOptions {
   onState?(state: MeshState): void
   /** Keep the healthy instances of this network's services (default true). */
   services?: boolean
+  /** Most service instances taken from one node (default DEFAULT_MAX_SERVICES, `--max-services`). */
+  maxServicesPerNode?: number
 }
 
 export interface ConsulHealth {
@@ -70,6 +73,10 @@ export interface SyncDaemon {
   view(): MeshView | undefined
   aliases(): ZoneAlias[]
   services(): MeshService[]
+  /** Service instances refused at the last judgement (not on a mesh node, wrong address, over the per-node cap). */
+  servicesRefused(): ServiceRefusal[]
+  /** The network record: from Consul, or from the cache until Consul answers. */
+  network(): NetworkRecord | undefined
   /** Who holds each VPN address, as last read from ipam/. */
   allocations(): ReadonlyMap<string, string>
   /** Records refused right now, by key, with the reason (pinning, validation, revocation, identity). */
@@ -102,7 +109,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const mine = await owner.own().catch((err: unknown) => void log.error({ err }, 'cannot build our own record from our host file; publishing waits for it'))
   const pins = await loadPins(opts.stateDir)
   const ctx: JudgeContext = { client, layout, self: { name: self, vpnAddress: mine?.vpnAddress, fingerprint: mine?.fingerprint }, pins, keep: keep?.names ?? new Set(), log, memo: new Map() }
-  const feed = stateFeed(layout, opts.net, log, opts.onState)
+  const feed = stateFeed(layout, opts.net, log, opts.onState, opts.maxServicesPerNode)
   let pendingBytes = 0
   const takeBytes = () => {
     const b = pendingBytes
@@ -157,6 +164,8 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     view: core.view,
     aliases: feed.aliases,
     services: feed.services,
+    servicesRefused: feed.servicesRefused,
+    network: () => inputs.network ?? core.view()?.network,
     allocations: () => inputs.allocations ?? new Map(),
     refusals: core.refusals,
     pending: core.pending,

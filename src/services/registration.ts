@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto'
 import { formatDuration, type ServiceDefinition } from './definition.ts'
+import { MAX_CONSUL_NAME, type ServiceNaming } from './naming.ts'
 
 /**
  * What a definition becomes on the local Consul agent. The `mesh-*` meta keys
@@ -47,7 +48,8 @@ export interface Registration {
   Check: Record<string, unknown>
 }
 
-export function registrationFor(def: ServiceDefinition, who: NodeIdentity): Registration {
+/** `consulName` is the name in Consul (src/services/naming.ts); the definition's own name by default. */
+export function registrationFor(def: ServiceDefinition, who: NodeIdentity, consulName = def.name): Registration {
   const id = serviceId(who.net, def.stem)
   const c = def.check
   const check: Record<string, unknown> = { CheckID: checkId(id), Name: `${def.name} (${c.type})`, DeregisterCriticalServiceAfter: formatDuration(c.deregisterAfterMs) }
@@ -73,7 +75,7 @@ export function registrationFor(def: ServiceDefinition, who: NodeIdentity): Regi
   }
   const base = {
     ID: id,
-    Name: def.name,
+    Name: consulName,
     Address: who.address,
     Port: def.port,
     Tags: def.tags,
@@ -81,5 +83,50 @@ export function registrationFor(def: ServiceDefinition, who: NodeIdentity): Regi
     Check: check,
   }
   const hash = createHash('sha256').update(JSON.stringify(base)).digest('hex').slice(0, 16)
-  return { ...base, Meta: { ...base.Meta, [META.hash]: hash } }
+  // The hash goes into the check's notes too: Consul bumps a check's index when its notes change,
+  // and readers watch checks (one query for every service, src/consul/health.ts), so a changed
+  // port or tag wakes them even for a check whose definition didn't change (ttl).
+  const notes = typeof check.Notes === 'string' ? `${check.Notes}; ${META.hash} ${hash}` : `${META.hash} ${hash}`
+  return { ...base, Meta: { ...base.Meta, [META.hash]: hash }, Check: { ...check, Notes: notes } }
+}
+
+/** The default of `--max-services`: registrations one node may have, and readers take from one node. */
+export const DEFAULT_MAX_SERVICES = 32
+
+export interface LocalRefusal {
+  file: string
+  service: string
+  reason: string
+}
+
+/**
+ * Which definitions this node registers: each under its Consul name for this node, and at most
+ * `max` of them, taken in file-name order so that the same files win on every run. The rest are refused, not
+ * registered: every reader takes at most that many instances from one node anyway, and each
+ * registration costs every daemon in the mesh a read.
+ */
+export function planRegistrations<E extends { def: ServiceDefinition }>(
+  entries: Iterable<E>,
+  who: NodeIdentity,
+  naming: ServiceNaming,
+  max: number,
+): { wanted: Map<string, E & { reg: Registration }>; refused: LocalRefusal[] } {
+  const wanted = new Map<string, E & { reg: Registration }>()
+  const refused: LocalRefusal[] = []
+  for (const e of [...entries].sort((a, b) => a.def.file.localeCompare(b.def.file))) {
+    const { def } = e
+    const name = naming.toConsul(who.node, def.name)
+    if (name.length > MAX_CONSUL_NAME)
+      refused.push({
+        file: def.file,
+        service: def.name,
+        reason: `"${name}" is longer than ${MAX_CONSUL_NAME} characters, one DNS label: this node's service names may have at most ${MAX_CONSUL_NAME - naming.nodePrefix(who.node).length} characters`,
+      })
+    else if (wanted.size >= max) refused.push({ file: def.file, service: def.name, reason: `over this node's cap of ${max} services (--max-services)` })
+    else {
+      const reg = registrationFor(def, who, name)
+      wanted.set(reg.ID, { ...e, reg })
+    }
+  }
+  return { wanted, refused }
 }

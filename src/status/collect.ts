@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { DnsServer } from '../dns/server.ts'
 import type { SyncDaemon } from '../mesh/sync.ts'
+import type { LocalLimits } from '../services/registrar.ts'
 import { dumpReader, type DumpResult } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
@@ -23,6 +24,8 @@ export interface CollectorOptions {
   logFile: string
   sync: SyncDaemon
   dns?: DnsServer
+  /** This node's services registrar, when it runs. */
+  services?: { limits(): LocalLimits }
   links: ReadonlyMap<string, PeerLink>
   /** For tests: a stand-in for signalling tincd. */
   readDump?: () => Promise<DumpResult>
@@ -72,6 +75,8 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
         sync: opts.sync.stats,
         dns: opts.dns?.stats(),
         services: opts.sync.services(),
+        servicesRefused: opts.sync.servicesRefused(),
+        localServices: opts.services?.limits(),
         allocations: opts.sync.allocations(),
         conflict: opts.sync.conflict(),
         pending: opts.sync.pending(),

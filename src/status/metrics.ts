@@ -36,7 +36,10 @@ export function createMetrics(): Metrics {
     lastSync: g('consul_last_sync_timestamp_seconds', 'When Consul last answered'),
     refused: c('records_refused_total', 'Node records refused (pinning, validation, revocation)'),
     refusedNow: g('records_refused', 'Node records refused right now'),
-    servicesRefused: c('service_instances_refused_total', 'Service instances refused (not on a mesh node, wrong address)'),
+    servicesRefused: c('service_instances_refused_total', 'Service instances refused (not on a mesh node, wrong address, over the per-node cap)'),
+    servicesRefusedNow: g('service_instances_refused', "Other nodes' service instances refused right now"),
+    localServices: g('local_services', "This node's service definitions: registered, or refused (over --max-services, name too long)", ['state']),
+    localServicesMax: g('local_services_max', 'The per-node cap on services (--max-services)'),
     healthy: g('service_healthy_instances', 'Healthy instances per service', ['service', 'protocol']),
     dns: c('dns_queries_total', 'DNS queries answered, by outcome', ['outcome']),
   }
@@ -68,6 +71,13 @@ export function createMetrics(): Metrics {
       m.conflict.set(s.node.nameConflict ? 1 : 0)
       m.pending.set(s.consul.pending.length)
       setCounter(m.servicesRefused, s.consul.servicesRefusedTotal)
+      m.servicesRefusedNow.set(s.consul.servicesRefused.length)
+      m.localServices.reset()
+      if (s.localServices) {
+        m.localServices.set({ state: 'registered' }, s.localServices.registered)
+        m.localServices.set({ state: 'refused' }, s.localServices.refused.length)
+        m.localServicesMax.set(s.localServices.max)
+      }
       m.healthy.reset()
       for (const svc of s.services) m.healthy.set({ service: svc.name, protocol: svc.protocol }, svc.instances.length)
       m.dns.reset()

@@ -1,5 +1,6 @@
 import type { DnsStats } from '../dns/server.ts'
-import type { MeshService } from '../mesh/services.ts'
+import type { MeshService, ServiceRefusal } from '../mesh/services.ts'
+import type { LocalLimits } from '../services/registrar.ts'
 import type { ConsulHealth, NameConflict, SyncStats } from '../mesh/sync.ts'
 import type { MeshView } from '../mesh/view.ts'
 import type { DumpResult, TincDump } from '../tinc/dump.ts'
@@ -30,6 +31,10 @@ export interface StatusInputs {
   sync: SyncStats
   dns?: DnsStats & { byHelpers: number }
   services: MeshService[]
+  /** Service instances refused right now (not on a mesh node, wrong address, over the per-node cap). */
+  servicesRefused?: readonly ServiceRefusal[]
+  /** This node's registrar: its cap, and its definitions not registered. */
+  localServices?: LocalLimits
   allocations: ReadonlyMap<string, string>
   /** Another writer keeps rewriting our record (a cloned machine). */
   conflict?: NameConflict
@@ -79,10 +84,14 @@ export interface Status {
     refused: Array<{ key: string; reason: string }>
     pending: string[]
     servicesRefusedTotal: number
+    /** Other nodes' service instances refused right now, each with the reason. */
+    servicesRefused: ServiceRefusal[]
     emptyReadsIgnored: number
   }
   dns?: DnsStats & { byHelpers: number }
   services: MeshService[]
+  /** This node's own services: the cap (--max-services), how many are registered, and the files refused. */
+  localServices?: LocalLimits
   allocations: Array<{ address: string; node: string }>
 }
 
@@ -158,10 +167,12 @@ export function buildStatus(i: StatusInputs): Status {
       refused: [...i.refusals].map(([key, reason]) => ({ key, reason })),
       pending: [...(i.pending ?? [])],
       servicesRefusedTotal: i.sync.servicesRefusedTotal,
+      servicesRefused: [...(i.servicesRefused ?? [])],
       emptyReadsIgnored: i.sync.emptyReadsIgnored,
     },
     ...(i.dns ? { dns: i.dns } : {}),
     services: i.services,
+    ...(i.localServices ? { localServices: i.localServices } : {}),
     allocations: [...i.allocations].map(([address, node]) => ({ address, node })).sort((a, b) => a.address.localeCompare(b.address, undefined, { numeric: true })),
   }
 }

@@ -79,6 +79,10 @@ describe("lab, ACLs on: services on the mesh, health-checked by Consul, served b
     })
     const mine = await lab.cli('node2', ['service', 'ls', '--net', LAB_NETNAME, '--config-dir', join(lab.servicesDir('node2'), '..')], { env: tokenEnv(lab, 'node2') })
     assert.match(mine.stdout, /^web\s+8080\s+tcp\s+http\s+passing\s+web\.yaml$/m)
+    // In Consul they carry the network's and their node's prefix (the lab's network asks for scoped
+    // names), which is all each node's token may write; DNS and the listings above use the mesh names.
+    const inConsul = Object.keys(await lab.consul('consul1').request<Record<string, string[]>>('GET', '/v1/catalog/services'))
+    assert.deepEqual(inConsul.filter((n) => n.endsWith('files') || n.endsWith('web')).sort(), [`tinc-${LAB_NETNAME}--node1--files`, `tinc-${LAB_NETNAME}--node2--web`])
   })
 
   labTest('a listener that dies leaves DNS and the listing on every node, and comes back when restarted', async (t) => {

@@ -14,6 +14,8 @@ import { serviceFilters } from '../services.ts'
 /**
  * Consul recommends a blocking query per key only up to a point: each holds a connection to
  * the agent, which allows 200 per client address by default (limits.http_max_conns_per_client).
+ * The other inputs take a fixed few: one each, and at most 6 for services however many names
+ * exist (src/consul/health.ts).
  */
 export const DEFAULT_RECORD_WATCH_LIMIT = 150
 

@@ -3,7 +3,7 @@ import type { ZoneAlias } from '../../dns/zone.ts'
 import type { Logger } from '../../log.ts'
 import { parseAliases } from '../aliases.ts'
 import type { KvLayout } from '../kv-layout.ts'
-import { meshServices, type MeshService } from '../services.ts'
+import { meshServices, type MeshService, type ServiceRefusal } from '../services.ts'
 import type { MeshView } from '../view.ts'
 
 export interface MeshState {
@@ -23,6 +23,8 @@ export interface StateFeed {
   /** Emits the state for `view` (DNS, the hosts block); services are judged against it here. */
   emit(view: MeshView | undefined, rawServices: ReadonlyMap<string, unknown[]>): void
   readonly servicesRefusedTotal: number
+  /** Service instances refused at the last emit, with the reason (shown by status). */
+  servicesRefused(): ServiceRefusal[]
 }
 
 /**
@@ -31,11 +33,12 @@ export interface StateFeed {
  * makes that service appear without another read. A refusal is logged when its reason first
  * appears, not at every emit.
  */
-export function stateFeed(layout: KvLayout, net: string, log: Logger, onState: ((s: MeshState) => void) | undefined): StateFeed {
+export function stateFeed(layout: KvLayout, net: string, log: Logger, onState: ((s: MeshState) => void) | undefined, maxServicesPerNode?: number): StateFeed {
   let aliases: ZoneAlias[] = []
   let services: MeshService[] = []
   let lastAliasRefusals = ''
   let lastServiceRefusals = new Set<string>()
+  let servicesRefused: ServiceRefusal[] = []
   let servicesRefusedTotal = 0
   return {
     aliases: () => aliases,
@@ -43,6 +46,7 @@ export function stateFeed(layout: KvLayout, net: string, log: Logger, onState: (
     get servicesRefusedTotal() {
       return servicesRefusedTotal
     },
+    servicesRefused: () => servicesRefused,
     setAliasItems(items, domain) {
       const read = parseAliases(items, layout, domain)
       const refusedNow = JSON.stringify(read.refused)
@@ -57,7 +61,7 @@ export function stateFeed(layout: KvLayout, net: string, log: Logger, onState: (
     },
     emit(view, rawServices) {
       if (!view) return
-      const judged = meshServices(rawServices, view, net)
+      const judged = meshServices(rawServices, view, net, maxServicesPerNode)
       const now = new Set(judged.refused.map((r) => `${r.service}\0${r.id}\0${r.reason}`))
       for (const r of judged.refused) {
         if (lastServiceRefusals.has(`${r.service}\0${r.id}\0${r.reason}`)) continue
@@ -65,6 +69,7 @@ export function stateFeed(layout: KvLayout, net: string, log: Logger, onState: (
         log.warn({ service: r.service, id: r.id, reason: r.reason }, 'refused a service instance from consul')
       }
       lastServiceRefusals = now
+      servicesRefused = judged.refused
       services = judged.services
       onState?.({ view, aliases, services })
     },
