@@ -6,10 +6,11 @@ import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
 import { ConsulError } from '../src/errors.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
-import { createInvite, decodeInvite, deriveInvite, encodeInvite, seal } from '../src/mesh/invite.ts'
+import { createInvite, decodeInvite, deriveInvite, encodeInvite, open, seal } from '../src/mesh/invite.ts'
 import { JoinRefusedError, redeemInvite, sanitizeHostFile } from '../src/mesh/join-client.ts'
 import { startJoinServer, type JoinServer } from '../src/mesh/join-server.ts'
-import { GENERIC_REFUSAL, STATUS_ERROR, encodeRequest, frame, readFrame, requestAad } from '../src/mesh/join-wire.ts'
+import { ephemeral } from '../src/mesh/join-crypto.ts'
+import { GENERIC_REFUSAL, STATUS_ERROR, STATUS_OK, decodeRequest, encodeRequest, frame, readFrame, replyAad, requestAad } from '../src/mesh/join-wire.ts'
 import { createNetwork } from '../src/mesh/network.ts'
 import { revokeNode } from '../src/mesh/revoke.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
@@ -34,7 +35,7 @@ describe('the join endpoint against a real Consul agent', () => {
     // A public node already in the network: joiners get its host file.
     await admin.kvPut(layout.node('hub'), JSON.stringify(nodeRecord('hub', 1)))
     await admin.kvPut(layout.ipam('10.99.0.1'), JSON.stringify({ name: 'hub', at: '2026-11-21T00:00:00.000Z' }))
-    server = await startJoinServer({ net: 'test', layout, client: admin, url: consul.url, acl: false, host: '127.0.0.1', port: 0, log: quiet, burst: 1000 })
+    server = await startJoinServer({ net: 'test', layout, client: admin, acl: false, host: '127.0.0.1', port: 0, log: quiet, burst: 1000 })
     endpoint = `127.0.0.1:${server.port}`
   })
   after(async () => {
@@ -69,19 +70,25 @@ describe('the join endpoint against a real Consul agent', () => {
     await assert.rejects(redeemInvite({ ...expired, expiresAt: new Date(Date.now() + 1000) }, { name: 'late', publicKey: key, addresses: [], port: 655 }), { message: /invite not valid/ })
     assert.deepEqual(await keys(layout.invitesPrefix), [deriveInvite(good.token).id], 'an expired invite should be cleaned up when presented')
 
-    // Tampered ciphertext, sent by hand.
+    // Tampered ciphertext, sent by hand. The untampered request is accepted (below), so these
+    // refusals come from the tampering and not from a malformed hand-made request.
     const { id, key: sealKey } = deriveInvite(good.token)
-    const header = Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'tamper', id }))
-    const sealed = Buffer.from(seal(sealKey, requestAad(header), Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(good.token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))))
+    const header = Buffer.from(JSON.stringify({ v: 2, net: 'test', name: 'tamper', id }))
+    const plain = Buffer.from(
+      JSON.stringify({ v: 2, token: Buffer.from(good.token).toString('base64url'), epk: ephemeral().publicKey.toString('base64url'), publicKey: key, addresses: [], port: 655 }),
+    )
+    const sealed = Buffer.from(seal(sealKey, requestAad(header), plain))
     sealed.writeUInt8((sealed[sealed.length - 5] ?? 0) ^ 0x40, sealed.length - 5)
     assert.match(await rawExchange(server.port, encodeRequest(header, sealed)), /invite not valid/)
 
     // The same sealed request under another name: the name is associated data.
-    const resealed = Buffer.from(
-      seal(sealKey, requestAad(header), Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(good.token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))),
-    )
-    const otherHeader = Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'swapped', id }))
-    assert.match(await rawExchange(server.port, encodeRequest(otherHeader, resealed)), /invite not valid/)
+    const otherHeader = Buffer.from(JSON.stringify({ v: 2, net: 'test', name: 'swapped', id }))
+    assert.match(await rawExchange(server.port, encodeRequest(otherHeader, seal(sealKey, requestAad(header), plain))), /invite not valid/)
+
+    // A version-1 request (no ephemeral key) gets the generic refusal, not a reply sealed with the invite key alone.
+    const v1 = Buffer.from(JSON.stringify({ v: 1, net: 'test', name: 'old', id }))
+    const v1body = Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(good.token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))
+    assert.equal(await rawExchange(server.port, encodeRequest(v1, seal(sealKey, requestAad(v1), v1body))), GENERIC_REFUSAL)
 
     // 10 MiB: refused from the 8-byte head, never buffered, and with nothing but the generic refusal.
     assert.equal(await rawExchange(server.port, frame(Buffer.alloc(10 * 1024 * 1024, 0x41))), GENERIC_REFUSAL)
@@ -96,6 +103,67 @@ describe('the join endpoint against a real Consul agent', () => {
     // The invite survived all of that and still works for its holder.
     const reply = await redeemInvite(good, { name: 'honest', publicKey: rsaPublicPem(), addresses: ['198.18.0.9'], port: 655 })
     assert.equal(reply.address, '10.99.0.3')
+  })
+
+  test('a recorded exchange stays sealed when the invite string leaks afterwards', async () => {
+    const inv = await invite()
+    const tap = await recordingProxy(server.port)
+    try {
+      const reply = await redeemInvite({ ...inv, endpoints: [tap.endpoint] }, { name: 'recorded', publicKey: rsaPublicPem(), addresses: [], port: 655 })
+      assert.equal(reply.name, 'recorded')
+    } finally {
+      await tap.close()
+    }
+    // The eavesdropper now finds the invite string: it opens the request...
+    const { key: leaked } = deriveInvite(inv.token)
+    const { header, sealed } = decodeRequest(tap.sent().subarray(8))
+    const request = JSON.parse(Buffer.from(open(leaked, requestAad(header), sealed)).toString()) as { token: string; epk: string }
+    assert.equal(request.token, Buffer.from(inv.token).toString('base64url'))
+    // ...but not the reply, which holds the node's Consul token and the gossip key.
+    const replied = tap.received().subarray(8)
+    assert.equal(replied[0], STATUS_OK)
+    assert.throws(() => open(leaked, replyAad(header), replied.subarray(1)), 'the reply opens with the invite key alone')
+    assert.throws(() => open(leaked, replyAad(header), replied.subarray(1 + 32)))
+  })
+
+  test("a joiner's ephemeral key that is a low-order point is refused before the invite is spent", async () => {
+    const inv = await invite()
+    const { id, key: sealKey } = deriveInvite(inv.token)
+    const header = Buffer.from(JSON.stringify({ v: 2, net: 'test', name: 'loworder', id }))
+    const body = Buffer.from(JSON.stringify({ v: 2, token: Buffer.from(inv.token).toString('base64url'), epk: Buffer.alloc(32).toString('base64url'), publicKey: key, addresses: [], port: 655 }))
+    // Past authentication (a specific reason, not the generic refusal), yet nothing written.
+    assert.match(await rawExchange(server.port, encodeRequest(header, seal(sealKey, requestAad(header), body))), /low-order|not an X25519 key/)
+    assert.equal(await admin.kvGet(layout.node('loworder')), undefined)
+    assert.equal((await redeemInvite(inv, { name: 'loworder', publicKey: rsaPublicPem(), addresses: [], port: 655 })).name, 'loworder', 'the invite was spent')
+  })
+
+  test('when no endpoint answers yet, the joiner asks again and gets in once a join server is up', async () => {
+    const probe = createServer()
+    await new Promise<void>((r) => probe.listen(0, '127.0.0.1', r))
+    const port = (probe.address() as { port: number }).port
+    await new Promise((r) => probe.close(r))
+    const inv = await invite()
+    let late: JoinServer | undefined
+    let retries = 0
+    try {
+      const reply = await redeemInvite(
+        { ...inv, endpoints: [`127.0.0.1:${port}`] },
+        { name: 'early', publicKey: rsaPublicPem(), addresses: [], port: 655 },
+        {
+          retryForMs: 60_000,
+          // The server comes up only after the first round has found nobody there.
+          onRetry: () => void (retries++ === 0 && startJoinServer({ net: 'test', layout, client: admin, acl: false, host: '127.0.0.1', port, log: quiet }).then((s) => (late = s))),
+        },
+      )
+      assert.equal(reply.name, 'early')
+      assert.ok(retries >= 1)
+    } finally {
+      await late?.close()
+    }
+    // With no time to retry, the same situation fails at once.
+    await assert.rejects(redeemInvite({ ...(await invite()), endpoints: [`127.0.0.1:${port}`] }, { name: 'never', publicKey: rsaPublicPem(), addresses: [], port: 655 }, { retryForMs: 0 }), {
+      code: 'JOIN_UNREACHABLE',
+    })
   })
 
   test("a named invite is only for that name, and an invite can't take a name in use", async () => {
@@ -127,22 +195,23 @@ describe('the join endpoint against a real Consul agent', () => {
   test('before the token checks out, a request for another network, a bad header or a bad body hears exactly the generic refusal', async () => {
     const good = await invite()
     const { id, key: sealKey } = deriveInvite(good.token)
-    const body = (token: Uint8Array) => Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(token).toString('base64url'), publicKey: key, addresses: [], port: 655 }))
+    const epk = ephemeral().publicKey.toString('base64url')
+    const body = (token: Uint8Array) => Buffer.from(JSON.stringify({ v: 2, token: Buffer.from(token).toString('base64url'), epk, publicKey: key, addresses: [], port: 655 }))
     const request = (h: object, k: Uint8Array, b: Buffer) => {
       const header = Buffer.from(JSON.stringify(h))
       return encodeRequest(header, seal(k, requestAad(header), b))
     }
     const refusals = [
       // Another network, an unknown invite: the old endpoint named its own network here.
-      await rawExchange(server.port, request({ v: 1, net: 'othernet', name: 'probe', id: randomBytes(16).toString('hex') }, randomBytes(32), body(randomBytes(32)))),
+      await rawExchange(server.port, request({ v: 2, net: 'othernet', name: 'probe', id: randomBytes(16).toString('hex') }, randomBytes(32), body(randomBytes(32)))),
       // Another network, this network's invite id, but no token.
-      await rawExchange(server.port, request({ v: 1, net: 'othernet', name: 'probe', id }, randomBytes(32), body(randomBytes(32)))),
+      await rawExchange(server.port, request({ v: 2, net: 'othernet', name: 'probe', id }, randomBytes(32), body(randomBytes(32)))),
       // A header that isn't one.
       await rawExchange(server.port, encodeRequest(Buffer.from('{"v":1,"net":"x\u001b[31m"}'), Buffer.alloc(64))),
       // The right key (as whoever reads invites/ holds it), but a body that isn't a request.
-      await rawExchange(server.port, request({ v: 1, net: 'test', name: 'probe', id }, sealKey, Buffer.from('{"v":2}'))),
+      await rawExchange(server.port, request({ v: 2, net: 'test', name: 'probe', id }, sealKey, Buffer.from('{"v":2}'))),
       // The right key, but not the token.
-      await rawExchange(server.port, request({ v: 1, net: 'test', name: 'probe', id }, sealKey, body(randomBytes(32)))),
+      await rawExchange(server.port, request({ v: 2, net: 'test', name: 'probe', id }, sealKey, body(randomBytes(32)))),
     ]
     assert.deepEqual(
       refusals,
@@ -153,12 +222,11 @@ describe('the join endpoint against a real Consul agent', () => {
 
   // The timeout: a rate-limited connection used to stay open after its client closed, so close() never returned.
   test('a rate-limited address and a failed Consul read hear the generic refusal too', { timeout: 15_000 }, async () => {
-    const limited = await startJoinServer({ net: 'test', layout, client: admin, url: consul.url, acl: false, host: '127.0.0.1', port: 0, log: quiet, burst: 1, refillMs: 3_600_000 })
+    const limited = await startJoinServer({ net: 'test', layout, client: admin, acl: false, host: '127.0.0.1', port: 0, log: quiet, burst: 1, refillMs: 3_600_000 })
     const broken = await startJoinServer({
       net: 'test',
       layout,
       client: { ...admin, kvGet: () => Promise.reject(new ConsulError('CONSUL_UNREACHABLE', 'consul is down')) },
-      url: consul.url,
       acl: false,
       host: '127.0.0.1',
       port: 0,
@@ -265,6 +333,27 @@ async function rawExchange(port: number, bytes: Buffer): Promise<string> {
   socket.destroy()
   assert.equal(reply[0], 1, 'expected an error reply')
   return reply.subarray(1).toString('utf8')
+}
+
+/** A TCP relay to the join server that records both directions, as an eavesdropper on the path would. */
+async function recordingProxy(port: number): Promise<{ endpoint: string; sent(): Buffer; received(): Buffer; close(): Promise<void> }> {
+  const up: Buffer[] = []
+  const down: Buffer[] = []
+  const srv = createServer((client) => {
+    const upstream = connect({ host: '127.0.0.1', port })
+    client.on('data', (d) => void (up.push(d), upstream.write(d)))
+    upstream.on('data', (d) => void (down.push(d), client.write(d)))
+    upstream.on('end', () => client.end())
+    client.on('error', () => upstream.destroy())
+    upstream.on('error', () => client.destroy())
+  })
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
+  return {
+    endpoint: `127.0.0.1:${(srv.address() as { port: number }).port}`,
+    sent: () => Buffer.concat(up),
+    received: () => Buffer.concat(down),
+    close: () => new Promise((r) => srv.close(() => r())),
+  }
 }
 
 /** A TCP server that speaks the join framing and refuses every request with `text`, as a squatting node would. */

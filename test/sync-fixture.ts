@@ -4,7 +4,14 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pino } from 'pino'
 import { startSync, type AppliedEvent, type SyncDaemon } from '../src/mesh/sync.ts'
-import { rsaPublicPem } from './helpers-keys.ts'
+import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
+import { randomUUID } from 'node:crypto'
+import { createJoinServerToken } from '../src/consul/acl.ts'
+import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
+import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
+import { startSeparatedJoinServer, type SeparatedJoinServer } from '../src/mesh/join-server.ts'
+import { kvLayout, type KvLayout } from '../src/mesh/kv-layout.ts'
+import { createNetwork } from '../src/mesh/network.ts'
 
 export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' })
 
@@ -148,4 +155,44 @@ export async function startFaultProxy(target: string): Promise<FaultProxy> {
   const address = server.address()
   proxy.url = `http://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`
   return proxy
+}
+
+/**
+ * A network with ACLs on and one public node, "hub", whose join endpoint runs as `run`
+ * serves it (a front as nobody, a broker with a real join-server token). Needs root.
+ */
+export async function separatedJoinFixture(opts: { burst: number }): Promise<{
+  consul: DevConsul
+  admin: ConsulClient
+  layout: KvLayout
+  management: string
+  joinToken: string
+  server: SeparatedJoinServer
+  stop(): Promise<void>
+}> {
+  const management = randomUUID()
+  const consul = await startDevConsul({ managementToken: management })
+  const admin = createConsulClient({ url: consul.url, token: management })
+  const layout = kvLayout('test')
+  await createNetwork(admin, layout, NETWORK)
+  await admin.kvPut(layout.node('hub'), JSON.stringify(nodeRecord('hub', 1)))
+  await admin.kvPut(layout.ipam('10.99.0.1'), JSON.stringify({ name: 'hub', at: '2026-11-21T00:00:00.000Z' }))
+  const joinToken = (await createJoinServerToken(admin, layout, 'hub')).secretId
+  const server = await startSeparatedJoinServer(
+    { net: 'test', prefix: layout.prefix, consulUrl: consul.url, self: 'hub', host: '127.0.0.1', port: 0, endpoints: ['127.0.0.1:0'], user: 'nobody', burst: opts.burst },
+    joinToken,
+    quiet,
+  )
+  return {
+    consul,
+    admin,
+    layout,
+    management,
+    joinToken,
+    server,
+    stop: async () => {
+      await server.close()
+      await consul.stop()
+    },
+  }
 }

@@ -4,7 +4,7 @@ import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
 import { initNode } from '../mesh/init.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { consulArgs } from './common.ts'
-import { described, envDefault } from './env.ts'
+import { described, envDefault, envFlag } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 import { requireNet } from './run.ts'
 import { setupArgs, setupFrom } from './setup-args.ts'
@@ -17,6 +17,16 @@ export const initCommand = defineCommand({
     cidr: { type: 'string', description: described('VPN range, needed to create the network (e.g. 10.99.0.0/24)', 'cidr'), default: process.env.TINC_CONSUL_CIDR },
     domain: { type: 'string', description: described('DNS domain for node names', 'domain'), default: envDefault('domain', 'mesh') },
     'join-port': { type: 'string', description: described("Port this node serves joins on; 0: it doesn't", 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
+    'bare-service-names': {
+      type: 'boolean',
+      description: described(
+        'When creating the network: register services in Consul under their own names (nfs) rather than tinc-<net>--<node>--nfs, and let node tokens write any service name (docs/services.md)',
+        'bare-service-names',
+      ),
+      get default() {
+        return envFlag('bare-service-names', false)
+      },
+    },
     ...setupArgs,
   },
   async run({ args }) {
@@ -31,6 +41,7 @@ export const initCommand = defineCommand({
       token: args.token || undefined,
       prefix: args.prefix || undefined,
       joinPort: parseIntFlag('join-port', args['join-port'], 0, 65535),
+      bareServiceNames: args['bare-service-names'],
     })
     console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}.`)
     console.log('Next:')

@@ -3,7 +3,7 @@ import { defineCommand } from 'citty'
 import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
 import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
-import { decodeJson, nodeRecordSchema } from '../mesh/record.ts'
+import { listJoinEndpoints } from '../mesh/join-endpoints.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseDurationFlag } from './parse.ts'
@@ -34,13 +34,11 @@ const create = defineCommand({
     const layout = kvLayout(net, args.prefix || undefined)
     const token = args.token || undefined
     const client = createConsulClient({ url: args.consul, token })
-    // Every public node that serves joins, so the joiner can try the next when one is down.
-    const nodes = await client.kvList(layout.nodesPrefix)
-    const endpoints = nodes.items.flatMap((i) => {
-      const d = decodeJson(i.value, nodeRecordSchema)
-      if (!d.ok || !d.value.joinPort) return []
-      return d.value.addresses.map((a) => `${a.includes(':') ? `[${a}]` : a}:${d.value.joinPort}`)
-    })
+    // Every join server, so the joiner can try the next when one is down. They come from
+    // join-endpoints/, which only join servers and operators can write: a node can't list
+    // itself by adding a port to its own record.
+    const { endpoints, skipped } = await listJoinEndpoints(client, layout)
+    for (const why of skipped) console.error(`left out of the invite: join-endpoints/${why}`)
     const res = await createInvite({
       client,
       layout,

@@ -3,10 +3,9 @@ import { defaultStateDir, reloadConfig } from '../config-file.ts'
 import { isGossipKey } from '../consul/gossip-key.ts'
 import { UsageError } from '../errors.ts'
 import { createLogger, type Logger } from '../log.ts'
-import { aclsEnabled } from '../consul/acl.ts'
-import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
-import { DEFAULT_JOIN_PORT, startJoinServer, type JoinServer } from '../mesh/join-server.ts'
+import { DEFAULT_JOIN_PORT, startSeparatedJoinServer, type JoinServer } from '../mesh/join-server.ts'
+import { endpointsFor } from '../mesh/join-endpoints.ts'
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
 import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
 import { keepPath } from '../mesh/keep.ts'
@@ -21,6 +20,7 @@ import { consulArgs } from './common.ts'
 import { dnsArgs, dnsSettings } from './dns-args.ts'
 import { defaultServicesDir, serviceRunArgs } from './service-args.ts'
 import { startServices } from '../services/registrar.ts'
+import { namingFor } from '../services/naming.ts'
 import { createCollector } from '../status/collect.ts'
 import { DEFAULT_STATUS_PORT, startStatusServer, type StatusServer } from '../status/server.ts'
 import { described, envDefault, envFlag } from './env.ts'
@@ -47,13 +47,18 @@ async function runSettings(args: RunArgs) {
     tincDir,
     vpnAddress: own.vpnAddress,
     // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
-    joinPort: joinPort > 0 && own.addresses.length > 0 ? joinPort : undefined,
+    // With a node token but no join-server token, ACLs are on and this node wasn't made a
+    // join server (init and `invite --serve-joins` hand one out): its token could redeem nothing.
+    joinPort: joinPort > 0 && own.addresses.length > 0 && (args['join-token'] || !args.token) ? joinPort : undefined,
     joinListen: args['join-listen'],
-    joinToken: args['join-token'] || args.token || undefined,
+    joinUser: args['join-user'],
+    publicAddresses: own.addresses,
+    joinToken: args['join-token'] || undefined,
     gossipKey: gossipKey(args['gossip-key']),
     waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
     recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
     resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
+    maxServices: parseIntFlag('max-services', args['max-services'], 1, 10_000),
     status: args.status,
     statusPort: parseIntFlag('status-port', args['status-port'], 0, 65535),
     statusListen: listFlag('status-listen', args['status-listen']),
@@ -102,7 +107,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
     let dns: DnsServer | undefined
     if (s.dns.enabled) {
-      const server = await startDnsServer({ hosts: withVpn(s.dns.listen), port: s.dns.port, workers: s.dns.workers, log })
+      const server = await startDnsServer({ hosts: withVpn(s.dns.listen), port: s.dns.port, workers: s.dns.workers, answers: s.dns.answers, tcp: s.dns.tcp, log })
       closers.push(() => server.close())
       dns = server
     }
@@ -143,6 +148,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       prefix: s.prefix,
       waitSeconds: s.waitSeconds,
       recordWatchLimit: s.recordWatchLimit,
+      maxServicesPerNode: s.maxServices,
       keepFile: s.keepFile,
       log,
       onState,
@@ -158,20 +164,19 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       allowScripts: s.scriptChecks,
       deregisterOnExit: s.deregisterOnExit,
       resyncMs: s.resyncMs,
+      // Every node names services as the network record says: nothing is registered before it is known.
+      naming: () => {
+        const network = daemon.network()
+        return network && namingFor(net, network)
+      },
+      maxServices: s.maxServices,
       log,
     }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
     if (services) closers.push(() => services.stop())
     let joins: JoinServer | undefined
     if (s.joinPort) {
-      const client = createConsulClient({ url: s.consulUrl, token: s.joinToken })
-      const layout = kvLayout(net, s.prefix)
-      // Asked at the first join, not here: right after a restart the agent may not answer yet,
-      // and a daemon that exits over that takes DNS and status down with it.
-      let aclOn: boolean | undefined
-      const acl = async () => (aclOn ??= await aclsEnabled(client))
-      const server = await startJoinServer({ net, layout, client, url: s.consulUrl, token: s.joinToken, acl, gossipKey: s.gossipKey, host: s.joinListen, port: s.joinPort, log })
-      closers.push(() => server.close())
-      joins = server
+      joins = await startJoins(s, s.joinPort, self, log)
+      closers.push(() => joins?.close() ?? Promise.resolve())
     }
     // What tincd reports through its hooks: who is reachable right now, for status.
     const links = new Map<string, PeerLink>()
@@ -186,7 +191,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     closers.push(() => events.stop())
     let status: StatusServer | undefined
     if (s.status) {
-      const collector = await createCollector({ net, self, tincDir: s.tincDir, pidFile: s.pidFile, logFile: s.tincLog, sync: daemon, dns, links })
+      const collector = await createCollector({ net, self, tincDir: s.tincDir, pidFile: s.pidFile, logFile: s.tincLog, sync: daemon, dns, services: services || undefined, links })
       const server = await startStatusServer({ hosts: withVpn(s.statusListen), port: s.statusPort, snapshot: () => collector.snapshot(), log })
       closers.push(() => server.close())
       status = server
@@ -197,6 +202,22 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     throw err
   }
   return closeAll
+}
+
+/** The join endpoint in its own two processes: the join-server token goes only to the broker, this one keeps the node token. */
+function startJoins(s: RunSettings, port: number, self: string, log: Logger): Promise<JoinServer> {
+  const config = {
+    net: s.net,
+    prefix: kvLayout(s.net, s.prefix).prefix,
+    consulUrl: s.consulUrl,
+    gossipKey: s.gossipKey,
+    self,
+    host: s.joinListen,
+    port,
+    endpoints: endpointsFor(s.publicAddresses, port),
+    user: s.joinUser,
+  }
+  return startSeparatedJoinServer(config, s.joinToken, log)
 }
 
 const runArgs = {
@@ -260,6 +281,13 @@ const runArgs = {
       return envDefault('join-listen', '0.0.0.0')
     },
   },
+  'join-user': {
+    type: 'string',
+    description: described("User the join endpoint's internet-facing process runs as (it holds no token); '' keeps the daemon's", 'join-user'),
+    get default() {
+      return envDefault('join-user', 'nobody')
+    },
+  },
   'run-dir': {
     type: 'string',
     description: described("Runtime directory; tinc's hook scripts report to <run-dir>/<net>/tinc-events", 'run-dir'),
@@ -276,7 +304,7 @@ const runArgs = {
   },
   'join-token': {
     type: 'string',
-    description: described('Consul token for the join endpoint (init writes one; default: --token)', 'join-token'),
+    description: described('Consul join-server token (init and `invite --serve-joins` hand one out); with --token but none of these, the node serves no joins', 'join-token'),
     get default() {
       return process.env.TINC_CONSUL_JOIN_TOKEN
     },

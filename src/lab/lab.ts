@@ -11,6 +11,7 @@ import { consulUrl, startConsulAgent, startConsulCluster } from './consul-cluste
 import { createNodeToken } from '../consul/acl.ts'
 import { createNetwork } from '../mesh/network.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
+import { policyScopeFor } from '../services/naming.ts'
 import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
 import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
@@ -18,6 +19,9 @@ import { requireConsul } from './provision.ts'
 import { DEFAULT_TINC_TIMERS } from '../tinc/setup.ts'
 import { LAB_NETNAME, labConfigDir, labEventsDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
 import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
+
+/** The lab's network is made the way `init` makes one: scoped service names, and node tokens that may write only those. */
+const LAB_SERVICE_NAMES = 'scoped' as const
 
 export { LAB_NETNAME }
 
@@ -221,7 +225,7 @@ function makeLab(state: LabState): Lab {
       )
     },
     async writeNetwork() {
-      const record = { v: 1 as const, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString() }
+      const record = { v: 1 as const, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString(), serviceNames: LAB_SERVICE_NAMES }
       await createNetwork(lab.consul(plan.nodes[0]?.name ?? 'node1'), kvLayout(LAB_NETNAME), record)
     },
     async startSidecar(name) {
@@ -371,7 +375,8 @@ export async function labUp(opts: LabUpOptions = {}): Promise<Lab> {
     }
     if (options.acl) {
       const admin = lab.consul(plan.servers[0]?.name ?? 'consul1')
-      for (const node of plan.nodes) state.nodeTokens[node.name] = (await createNodeToken(admin, kvLayout(LAB_NETNAME), node.name)).secretId
+      const scope = policyScopeFor(kvLayout(LAB_NETNAME), LAB_NETNAME, { serviceNames: LAB_SERVICE_NAMES })
+      for (const node of plan.nodes) state.nodeTokens[node.name] = (await createNodeToken(admin, scope, node.name)).secretId
       step('one ACL token per node: each may write only its own record')
     }
     if (opts.keep) state.ownerPid = 0

@@ -12,8 +12,10 @@ import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { createNetwork, readNetwork, type NetworkWrite } from './network.ts'
+import { endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { peerHostFiles } from './peer-files.ts'
 import { decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION } from './record.ts'
+import { namingFor, policyScopeFor } from '../services/naming.ts'
 
 export interface InitOptions {
   net: string
@@ -41,6 +43,8 @@ export interface InitOptions {
   dnsPort?: number
   /** tinc's KeyExpire and PingInterval (default DEFAULT_TINC_TIMERS). */
   timers?: TincTimers
+  /** Create the network with bare service names (Consul names = mesh names, any name writable) instead of scoped ones. */
+  bareServiceNames?: boolean
   progress(step: string): void
 }
 
@@ -101,7 +105,11 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       layout,
       cidr: network.cidr,
       name: o.name,
-      with: (address): TxnOp[] => [{ KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address))), Index: current?.modifyIndex ?? 0 } }],
+      with: (address): TxnOp[] => [
+        { KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address))), Index: current?.modifyIndex ?? 0 } },
+        // Listed as a join server from the start, so an invite made before `run` is up finds it.
+        ...(joinPort && o.addresses.length ? [{ KV: { Verb: 'set', Key: layout.joinEndpoint(o.name), Value: b64(joinEndpointsValue(endpointsFor(o.addresses, joinPort))) } }] : []),
+      ],
     })
     if (!res.ok) throw new TincConsulError('NAME_RACE', `"${o.name}" was written by someone else meanwhile; run init again`)
     o.progress(`address ${res.address} reserved and record published`)
@@ -111,7 +119,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
     let nodeToken = reuse ? previous.TINC_CONSUL_TOKEN : undefined
     let joinToken = reuse ? previous.TINC_CONSUL_JOIN_TOKEN : undefined
     if (acl) {
-      nodeToken ??= (await createNodeToken(client, layout, o.name)).secretId
+      nodeToken ??= (await createNodeToken(client, policyScopeFor(layout, o.net, network), o.name)).secretId
       if (joinPort) joinToken ??= (await createJoinServerToken(client, layout, o.name)).secretId
       o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${joinPort ? '; the join endpoint has its own token' : ''}`)
     }
@@ -166,7 +174,8 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
   if (!found && !o.cidr) throw new UsageError('BAD_FLAG', `network ${o.net} does not exist yet: give --cidr (for example 10.99.0.0/24) to create it`)
   let record = found
   if (!record) {
-    record = { v: RECORD_VERSION, cidr: o.cidr ?? '', domain: o.domain, createdAt: new Date().toISOString() }
+    // Written explicitly on every new network: a record without it means bare names (older releases).
+    record = { v: RECORD_VERSION, cidr: o.cidr ?? '', domain: o.domain, createdAt: new Date().toISOString(), serviceNames: o.bareServiceNames ? 'bare' : 'scoped' }
     const check = networkRecordSchema.safeParse(record)
     if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
     hostRange(record.cidr)
@@ -174,6 +183,8 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
   const res = await createNetwork(client, layout, record)
   if (!res.created && o.cidr && res.network.cidr !== o.cidr)
     throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
+  if (!res.created && o.bareServiceNames && namingFor(o.net, res.network).mode !== 'bare')
+    throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with scoped service names; --bare-service-names applies only when creating a network`)
   return res
 }
 

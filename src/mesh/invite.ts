@@ -128,7 +128,10 @@ export interface CreateInviteOptions {
 
 export async function createInvite(opts: CreateInviteOptions): Promise<{ invite: string; id: string; expiresAt: Date }> {
   if (opts.endpoints.length === 0)
-    throw new TincConsulError('NO_JOIN_ENDPOINTS', 'no node in this network serves joins yet: start `tinc-consul run` on a public node (it serves joins on port 8655 unless --join-port 0)')
+    throw new TincConsulError(
+      'NO_JOIN_ENDPOINTS',
+      'no join server is listed in Consul (join-endpoints/): start `tinc-consul run` on the node that ran init, or on one joined with `invite --serve-joins`; it lists itself when it starts serving joins on port 8655',
+    )
   if (opts.name !== undefined && !isTincName(opts.name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(opts.name)} (letters, digits and _ only)`)
   const now = opts.now ?? new Date()
   const token = randomBytes(TOKEN_BYTES)

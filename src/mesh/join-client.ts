@@ -3,8 +3,9 @@ import { TincConsulError } from '../errors.ts'
 import { hostFileFields, parseHostFile } from '../tinc/hostfile.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
-import { deriveInvite, open, seal, type Invite } from './invite.ts'
-import { STATUS_OK, encodeRequest, joinReplySchema, readFrame, replyAad, requestAad, type JoinReply } from './join-wire.ts'
+import { deriveInvite, seal, type Invite } from './invite.ts'
+import { ephemeral, openReply, type Ephemeral } from './join-crypto.ts'
+import { JOIN_VERSION, STATUS_OK, encodeRequest, joinReplySchema, readFrame, requestAad, type JoinReply } from './join-wire.ts'
 import { decodeJson, type NetworkRecord } from './record.ts'
 import { printable, printableBytes } from '../util/text.ts'
 
@@ -50,20 +51,54 @@ export async function redeemInvite(
   inv: Invite,
   req: RedeemRequest,
   /** `onTry` hears of each endpoint before it is asked, and again with the reason (printable; code JOIN_REFUSED for a refusal) when it didn't let us in. */
-  opts: { timeoutMs?: number; onTry?(endpoint: string, err?: TincConsulError): void } = {},
+  opts: {
+    timeoutMs?: number
+    /** How long to keep trying while no endpoint answers at all (default 30 s). */
+    retryForMs?: number
+    onTry?(endpoint: string, err?: TincConsulError): void
+    onRetry?(delayMs: number): void
+  } = {},
 ): Promise<JoinReply & { endpoint: string }> {
   const { id, key } = deriveInvite(inv.token)
-  const header = Buffer.from(JSON.stringify({ v: 1, net: inv.net, name: req.name, id }))
-  const body = Buffer.from(JSON.stringify({ v: 1, token: Buffer.from(inv.token).toString('base64url'), publicKey: req.publicKey, addresses: req.addresses, port: req.port }))
+  const header = Buffer.from(JSON.stringify({ v: JOIN_VERSION, net: inv.net, name: req.name, id }))
+  // One ephemeral pair for all endpoints: only one of them can redeem the invite, and the
+  // private half is dropped with this function's scope.
+  const mine = ephemeral()
+  const body = Buffer.from(
+    JSON.stringify({
+      v: JOIN_VERSION,
+      token: Buffer.from(inv.token).toString('base64url'),
+      epk: mine.publicKey.toString('base64url'),
+      publicKey: req.publicKey,
+      addresses: req.addresses,
+      port: req.port,
+    }),
+  )
   const message = encodeRequest(header, seal(key, requestAad(header), body))
-  const outcomes: EndpointOutcome[] = []
-  for (const endpoint of inv.endpoints) {
-    opts.onTry?.(endpoint)
-    const attempt = await tryEndpoint(endpoint, { message, key, header, name: req.name, timeoutMs: opts.timeoutMs ?? 15_000 })
-    if (attempt.ok) return { ...attempt.reply, endpoint }
-    outcomes.push(attempt.outcome)
-    opts.onTry?.(endpoint, new TincConsulError(attempt.outcome.refused ? 'JOIN_REFUSED' : 'JOIN_UNREACHABLE', attempt.outcome.reason))
+  const deadline = Date.now() + (opts.retryForMs ?? 30_000)
+  for (let round = 0; ; round++) {
+    const outcomes: EndpointOutcome[] = []
+    for (const endpoint of inv.endpoints) {
+      opts.onTry?.(endpoint)
+      const attempt = await tryEndpoint(endpoint, { message, key, mine, header, name: req.name, timeoutMs: opts.timeoutMs ?? 15_000 })
+      if (attempt.ok) return { ...attempt.reply, endpoint }
+      outcomes.push(attempt.outcome)
+      opts.onTry?.(endpoint, new TincConsulError(attempt.outcome.refused ? 'JOIN_REFUSED' : 'JOIN_UNREACHABLE', attempt.outcome.reason))
+    }
+    // Nobody answered at all: join servers may be starting or restarting, so a new round
+    // follows while time is left. A refusal ends it: asking again would hear the same.
+    // The delay grows from a quarter second: a join server that is starting is usually up
+    // within a second, one that is down for longer needn't be asked more than every 2 s.
+    const delay = Math.min(RETRY_MAX_DELAY_MS, 250 * 2 ** round)
+    if (outcomes.some((o) => o.refused) || Date.now() + delay > deadline) return giveUp(outcomes)
+    opts.onRetry?.(delay)
+    await new Promise((r) => setTimeout(r, delay))
   }
+}
+
+const RETRY_MAX_DELAY_MS = 2000
+
+function giveUp(outcomes: EndpointOutcome[]): never {
   if (outcomes.some((o) => o.refused)) throw new JoinRefusedError(outcomes)
   throw new TincConsulError('JOIN_UNREACHABLE', `no join endpoint answered:\n  ${summarize(outcomes).join('\n  ')}`)
 }
@@ -73,7 +108,7 @@ export async function redeemInvite(
  * from a holder of the invite: a malformed one then ends the attempt, since the
  * invite is likely spent and other endpoints could only refuse it.
  */
-async function tryEndpoint(endpoint: string, x: { message: Buffer; key: Uint8Array; header: Buffer; name: string; timeoutMs: number }): Promise<Attempt> {
+async function tryEndpoint(endpoint: string, x: { message: Buffer; key: Uint8Array; mine: Ephemeral; header: Buffer; name: string; timeoutMs: number }): Promise<Attempt> {
   const shown = printable(endpoint)
   const failed = (reason: string, refused = false): Attempt => ({ ok: false, outcome: { endpoint: shown, refused, reason } })
   let payload: Buffer
@@ -85,7 +120,7 @@ async function tryEndpoint(endpoint: string, x: { message: Buffer; key: Uint8Arr
   if (payload[0] !== STATUS_OK) return failed(printableBytes(payload.subarray(1)) || '(no reason given)', true)
   let plain: Uint8Array
   try {
-    plain = open(x.key, replyAad(x.header), payload.subarray(1))
+    plain = openReply(x.key, x.header, x.mine, payload.subarray(1))
   } catch {
     return failed("its reply does not open with this invite's key (tampered with, or not a tinc-consul endpoint)")
   }

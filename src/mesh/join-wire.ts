@@ -11,7 +11,7 @@ import { networkRecordSchema } from './record.ts'
  *   frame   = "TCJ1" | u32 length | payload            (length <= MAX_FRAME)
  *   request = u16 header length | header JSON | nonce(24) | XChaCha20-Poly1305 ciphertext
  *   reply   = u8 status | body
- *             status 0: nonce(24) | ciphertext of the reply JSON
+ *             status 0: server's ephemeral X25519 key(32) | nonce(24) | ciphertext of the reply JSON
  *             status 1: a short UTF-8 error message, outside the seal: the
  *                       endpoint sends GENERIC_REFUSAL for anything before the
  *                       token checks out, and the joiner prints none of it raw
@@ -21,6 +21,11 @@ import { networkRecordSchema } from './record.ts'
  * data, so changing the name or network breaks the seal. The reply's
  * associated data is the same header with a different label, so a reply
  * can't be replayed as a request or to another join.
+ *
+ * The request is sealed with the invite's key; the reply is sealed with a key
+ * from an ephemeral X25519 exchange (the joiner's half inside the sealed
+ * request, the server's in front of the reply), so a recorded exchange stays
+ * closed to whoever later finds the invite string (src/mesh/join-crypto.ts).
  */
 export const MAGIC = Buffer.from('TCJ1')
 export const MAX_FRAME = 64 * 1024
@@ -34,9 +39,12 @@ export const STATUS_ERROR = 1
  */
 export const GENERIC_REFUSAL = "invite not valid (wrong, expired or already used), or this endpoint can't take it now"
 
+/** Version 2 added the ephemeral key exchange; a version-1 request hears the generic refusal. */
+export const JOIN_VERSION = 2
+
 export const joinHeaderSchema = z
   .object({
-    v: z.literal(1),
+    v: z.literal(JOIN_VERSION),
     net: z.string().regex(/^[A-Za-z0-9_-]{1,32}$/),
     name: z.string().refine(isTincName),
     id: z.string().regex(/^[0-9a-f]{32}$/),
@@ -46,8 +54,10 @@ export type JoinHeader = z.infer<typeof joinHeaderSchema>
 
 export const joinRequestSchema = z
   .object({
-    v: z.literal(1),
+    v: z.literal(JOIN_VERSION),
     token: z.string().regex(/^[A-Za-z0-9_-]{43}$/),
+    /** The joiner's ephemeral X25519 public key, base64url. */
+    epk: z.string().regex(/^[A-Za-z0-9_-]{43}$/),
     publicKey: z.string().max(4000),
     addresses: z.array(z.string().max(253)).max(8),
     port: z.number().int().min(1).max(65535),

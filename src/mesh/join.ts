@@ -32,6 +32,8 @@ export interface JoinOptions {
   /** tinc's KeyExpire and PingInterval (default DEFAULT_TINC_TIMERS). */
   timers?: TincTimers
   progress(step: string): void
+  /** How long to keep asking while no endpoint answers at all (default 30 s). */
+  retryForMs?: number
   now?: Date
 }
 
@@ -71,7 +73,11 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     const reply = await redeemInvite(
       inv,
       { name, publicKey, addresses: o.addresses, port: o.port },
-      { onTry: (ep, err) => o.progress(!err ? `redeeming the invite at ${ep}` : err.code === 'JOIN_REFUSED' ? `${ep} refused the join: ${err.message}` : `${ep} did not answer (${err.message})`) },
+      {
+        retryForMs: o.retryForMs,
+        onTry: (ep, err) => o.progress(!err ? `redeeming the invite at ${ep}` : err.code === 'JOIN_REFUSED' ? `${ep} refused the join: ${err.message}` : `${ep} did not answer (${err.message})`),
+        onRetry: (ms) => o.progress(`no join endpoint answered; asking again in ${ms / 1000} s`),
+      },
     )
     // The invite says where the network lives; a reply naming another prefix is refused rather
     // than written into this node's settings.

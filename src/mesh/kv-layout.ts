@@ -5,7 +5,7 @@ import { isTincName } from '../tinc/names.ts'
 /**
  * Where a network lives in Consul KV (documented in docs/architecture.md):
  *
- *   <prefix>network              {"v":1,"cidr":"10.99.0.0/24","domain":"mesh","createdAt":"…"}
+ *   <prefix>network              {"v":1,"cidr":"10.99.0.0/24","domain":"mesh","createdAt":"…","serviceNames":"scoped"}
  *   <prefix>nodes/<name>         one NodeRecord per node
  *   <prefix>revoked/             empty; gives the prefix its own node in Consul's tree
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
@@ -14,6 +14,8 @@ import { isTincName } from '../tinc/names.ts'
  *   <prefix>invites/<id hex>     an open invite (never the token): see src/mesh/invite.ts
  *   <prefix>aliases/             empty, like revoked/
  *   <prefix>aliases/<label>      an operator's DNS alias: the target name as plain text ("laptop", "nfs.service")
+ *   <prefix>join-endpoints/<name> where a join server listens: {"v":1,"endpoints":["host:port",…],"at":"…"};
+ *                                written only with a join-server or operator token, read by `invite`
  *
  * The prefix defaults to `tinc-consul/<net>/`.
  */
@@ -30,6 +32,8 @@ export interface KvLayout {
   invite(id: string): string
   aliasesPrefix: string
   alias(label: string): string
+  joinEndpointsPrefix: string
+  joinEndpoint(name: string): string
 }
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
@@ -64,6 +68,11 @@ export function kvLayout(net: string, prefix = defaultPrefix(net)): KvLayout {
     alias: (label) => {
       if (!isDnsLabel(label)) throw new UsageError('BAD_ALIAS', `an alias must be one lower-case DNS label (letters, digits, inner dashes), got ${JSON.stringify(label)}`)
       return `${p}aliases/${label}`
+    },
+    joinEndpointsPrefix: `${p}join-endpoints/`,
+    joinEndpoint(name) {
+      if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)}`)
+      return `${p}join-endpoints/${name}`
     },
   }
 }

@@ -23,6 +23,8 @@ export async function revokeNode(client: ConsulClient, layout: KvLayout, name: s
     { KV: { Verb: 'set', Key: layout.revoked(fingerprint), Value: value } },
     // delete-cas: if the record changed since we read it, the whole revocation rolls back.
     { KV: { Verb: 'delete-cas', Key: key, Index: current.modifyIndex } },
+    // A revoked join server must drop out of later invites too.
+    { KV: { Verb: 'delete', Key: layout.joinEndpoint(name) } },
   ]
   // Free the node's address, keeping the name on it so a re-join under that name gets it back.
   const held = await client.kvGet(layout.ipam(d.value.vpnAddress))
@@ -30,7 +32,7 @@ export async function revokeNode(client: ConsulClient, layout: KvLayout, name: s
   if (held && entry?.ok && entry.value.name === name) ops.push(releaseOp(layout, d.value.vpnAddress, name, held.modifyIndex, now))
   const res = await client.txn(ops)
   if (!res.ok) throw new TincConsulError('REVOKE_RACED', `"${name}" changed while it was being revoked (${res.errors.map((e) => e.What).join('; ')}); run revoke again`)
-  return { fingerprint, releasedAddress: ops.length > 2 ? d.value.vpnAddress : undefined }
+  return { fingerprint, releasedAddress: ops.length > 3 ? d.value.vpnAddress : undefined }
 }
 
 /** Fingerprints from revoked/ keys; the marker and junk keys are left out. */
