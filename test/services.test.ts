@@ -17,6 +17,8 @@ import type { MeshView } from '../src/mesh/view.ts'
 import { DefinitionError, parseDefinitionText, readDefinition } from '../src/services/definition.ts'
 import { checkId, registrationFor, serviceId } from '../src/services/registration.ts'
 import { startServices, type ServicesRegistrar } from '../src/services/registrar.ts'
+import { staleServices } from '../src/services/agent-sync.ts'
+import type { AgentService } from '../src/consul/agent.ts'
 import { serviceNaming } from '../src/services/naming.ts'
 import { waitFor } from '../src/lab/daemon.ts'
 import { TYPE } from '../src/dns/wire.ts'
@@ -354,4 +356,18 @@ describe('the registrar keeps a real Consul agent equal to the services director
       rmSync(sdir, { recursive: true, force: true })
     }
   })
+})
+
+test('the registrar removes only registrations it made from a file, not a service registered on the agent by hand with our meta', () => {
+  const svc = (meta: Record<string, string>) => ({ ID: 'x', Service: 'tinc-home--n1--x', Port: 1, Address: '10.99.0.1', Tags: [], Meta: meta }) as unknown as AgentService
+  const onAgent = {
+    mine: svc({ 'mesh-net': 'home', 'mesh-node': 'n1', 'mesh-file': 'gone.toml' }),
+    byHand: svc({ 'mesh-net': 'home', 'mesh-node': 'n1' }),
+    other: svc({ 'mesh-net': 'home', 'mesh-node': 'n2', 'mesh-file': 'x.toml' }),
+    broken: svc({ 'mesh-net': 'home', 'mesh-node': 'n1', 'mesh-file': 'broken.toml' }),
+  }
+  assert.deepEqual(
+    staleServices(new Map(), onAgent, 'n1', new Set(['broken.toml'])).map((s) => s.id),
+    ['mine'],
+  )
 })

@@ -141,7 +141,9 @@ export function registrationSteps<E extends DefinitionEntry>(wanted: Map<string,
 export function staleServices(wanted: Map<string, unknown>, onAgent: Record<string, AgentService>, node: string, invalidFiles: Set<string>): Array<{ id: string; service: string }> {
   const stale: Array<{ id: string; service: string }> = []
   for (const [id, svc] of Object.entries(onAgent)) {
-    if (wanted.has(id) || svc.Meta?.[META.node] !== node) continue
+    // Ours are the ones this node's registrar made from a file: a service someone registered on
+    // the agent by hand, even with our meta, is theirs to remove.
+    if (wanted.has(id) || svc.Meta?.[META.node] !== node || !svc.Meta[META.file]) continue
     // Its file is there but broken right now: keep the last good registration.
     if (invalidFiles.has(svc.Meta[META.file] ?? '')) continue
     stale.push({ id, service: svc.Service })

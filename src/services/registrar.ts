@@ -138,7 +138,10 @@ function watchServiceDir(opts: Pick<ServicesOptions, 'dir' | 'allowScripts' | 'w
       problems.set(file, message)
     }
   }
-  const watcher = chokidarWatch(opts.dir, { depth: 0, ignoreInitial: false })
+  // A file is read once its size has held still for 200 ms: an editor or `echo >` that writes
+  // in steps would otherwise be read half-written, refused, and (its later events coalesced)
+  // never read again.
+  const watcher = chokidarWatch(opts.dir, { depth: 0, ignoreInitial: false, awaitWriteFinish: { stabilityThreshold: 200, pollInterval: 50 } })
   watcher.on('all', (event, path) => {
     if (!isServiceFile(path)) return
     queue = queue.then(async () => {

@@ -1,6 +1,6 @@
 import { describe } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { waitFor, type Daemon } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
@@ -45,9 +45,13 @@ describe("lab, ACLs on: services on the mesh, health-checked by Consul, served b
     listeners.set(`${node}:${port}`, d)
     await waitFor(`${kind} listener on ${node}:${port}`, async () => (readFileSync(d.logFile, 'utf8').includes('listening') ? true : undefined), { timeoutMs: 15_000, intervalMs: 50, daemons: [d] })
   }
+  // Written beside the directory and renamed in, as an editor or config tool would: the
+  // registrar must never see a half-written file (it did, once, and kept the old port).
   const write = (lab: Lab, node: string, file: string, text: string) => {
     mkdirSync(lab.servicesDir(node), { recursive: true })
-    writeFileSync(join(lab.servicesDir(node), file), text)
+    const tmp = join(lab.servicesDir(node), '..', `.${file}.tmp`)
+    writeFileSync(tmp, text)
+    renameSync(tmp, join(lab.servicesDir(node), file))
   }
 
   labTest('a TCP service on node1 and an HTTP service on node2 resolve on every node, and show in `service ls --all`', async () => {
