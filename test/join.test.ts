@@ -376,3 +376,16 @@ async function refusingEndpoint(text: string): Promise<{ endpoint: string; reque
     close: () => new Promise<void>((r) => srv.close(() => r())),
   }
 }
+
+test("a joiner checks each reply file as a record (with its /32) and writes it for the network's mode: no Subnet line in switch mode", () => {
+  const hub = nodeRecord('hub', 1)
+  const router = sanitizeHostFile('hub', hub.hostFile, NETWORK) ?? assert.fail('router mode dropped the file')
+  assert.match(router, /^Subnet = 10\.99\.0\.1\/32$/m, 'router mode writes the record form')
+  const sw = sanitizeHostFile('hub', hub.hostFile, { ...NETWORK, mode: 'switch' })
+  assert.equal(sw, router.replace(/^Subnet = 10\.99\.0\.1\/32\n/m, ''), 'switch mode writes the same file without its Subnet line')
+  // The check still needs the /32: a file without one, or claiming another range, is dropped in either mode.
+  for (const network of [NETWORK, { ...NETWORK, mode: 'switch' as const }]) {
+    assert.equal(sanitizeHostFile('hub', hub.hostFile.replace(/^Subnet = .*\n/m, ''), network), undefined)
+    assert.equal(sanitizeHostFile('hub', hub.hostFile.replace('10.99.0.1/32', '10.99.0.0/24'), network), undefined)
+  }
+})

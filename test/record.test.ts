@@ -1,6 +1,6 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { checkPeer, decodeJson, nodeRecordSchema, type NodeRecord } from '../src/mesh/record.ts'
+import { checkPeer, decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, type NodeRecord } from '../src/mesh/record.ts'
 import { keyFingerprint, parseHostFile, renderHostFile } from '../src/tinc/hostfile.ts'
 import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 
@@ -82,4 +82,22 @@ test('a host file with two keys or a broken key block is refused', () => {
   assert.equal(check({ ...r, hostFile: `${r.hostFile}\n${rsaPublicPem()}\n` }).ok, false)
   assert.equal(check({ ...r, hostFile: r.hostFile.replace('-----END RSA PUBLIC KEY-----', '') }).ok, false)
   assert.equal(check({ ...r, hostFile: r.hostFile.replace(/-----BEGIN[\s\S]*-----END RSA PUBLIC KEY-----/, '') }).ok, false)
+})
+
+test("the network record's mode: switch is kept, absent means router, an unknown mode is refused by name", () => {
+  const net = (extra: object) => decodeJson(JSON.stringify({ ...NETWORK, ...extra }), networkRecordSchema)
+  const sw = net({ mode: 'switch' })
+  assert.ok(sw.ok, sw.ok ? '' : sw.reason)
+  assert.equal(sw.value.mode, 'switch')
+  assert.equal(networkMode(sw.value), 'switch')
+  const old = net({})
+  assert.ok(old.ok, old.ok ? '' : old.reason)
+  assert.equal(old.value.mode, undefined)
+  assert.equal(networkMode(old.value), 'router', 'a record from before the field is a router network')
+  assert.deepEqual(net({ mode: 'hub' }), { ok: false, reason: 'invalid record: mode: unknown tinc mode "hub" (this release knows router and switch)' })
+  assert.equal(net({ mode: 7 }).ok, false)
+  // Node records are judged the same in both modes: they still carry the /32 (DNS, the address table).
+  const r = nodeRecord('laptop', 7, pem)
+  assert.ok(sw.ok && checkPeer(r, { network: sw.value, keyName: 'laptop' }).ok)
+  assert.equal(checkPeer({ ...r, subnets: ['10.99.0.0/24'] }, { network: sw.value, keyName: 'laptop' }).ok, false)
 })

@@ -131,3 +131,33 @@ test('a removed name whose file someone else deleted is written again when it co
   assert.deepEqual(back.written, ['alpha'])
   assert.equal(await readFile(join(hosts, 'alpha'), 'utf8'), hostFileText(view.peers.get('alpha') ?? assert.fail()))
 })
+
+test("switch mode: peers' host files carry no Subnet line, the rest is the same; a tinc.conf in another mode is reported, not rewritten", async () => {
+  const { dir, hosts } = await fixture()
+  const router = viewOf(alpha, beta)
+  const sw: MeshView = { ...router, network: { ...router.network, mode: 'switch' } }
+  const conf = 'Name = self\nMode = switch\nDeviceType = tap\n'
+  await writeFile(join(dir, 'tinc.conf'), conf)
+  const written: RenderOptions['written'] = new Map()
+  const r = await renderTinc(sw, opts(dir, { written }))
+  assert.deepEqual(r.written.sort(), ['alpha', 'beta'])
+  for (const [name, peer] of sw.peers) {
+    const text = await readFile(join(hosts, name), 'utf8')
+    assert.equal(text, hostFileText(peer, 'switch'))
+    assert.doesNotMatch(text, /^Subnet/m, `hosts/${name} has a Subnet line in switch mode`)
+    // Only the Subnet line differs from the router-mode file.
+    assert.equal(text, hostFileText(peer).replace(/^Subnet = .*\n/m, ''))
+    assert.match(hostFileText(peer), /^Subnet = 10\.99\.0\.\d+\/32$/m)
+  }
+  assert.equal(r.modeMismatch, undefined)
+  assert.deepEqual(readManagedBlock(await readFile(join(dir, 'tinc.conf'), 'utf8')), ['ConnectTo = alpha', 'ConnectTo = beta'])
+  assert.ok((await readFile(join(dir, 'tinc.conf'), 'utf8')).startsWith(conf), 'the lines outside the block stay as they were')
+
+  // The same peer objects in a router network: the mode alone changes the files (and tincd must re-read them).
+  const back = await renderTinc(router, opts(dir, { written }))
+  assert.deepEqual(back.written.sort(), ['alpha', 'beta'])
+  assert.ok(back.hupNeeded)
+  assert.match(await readFile(join(hosts, 'alpha'), 'utf8'), /^Subnet = 10\.99\.0\.2\/32$/m)
+  assert.deepEqual(back.modeMismatch, { conf: 'switch', network: 'router' })
+  assert.match(await readFile(join(dir, 'tinc.conf'), 'utf8'), /^Mode = switch$/m, 'the renderer never rewrites Mode')
+})

@@ -152,12 +152,29 @@ describe('the status picture', () => {
     const s = buildStatus(inputs())
     const plain = renderStatus(s, { colour: false })
     assert.equal(plain.includes('\x1b['), false, 'no escape codes when piped')
-    assert.match(plain, /^home 10\.99\.0\.5 on home \(tinc-home\) {2}tincd up \(pid 42\) {2}consul ok \(index 77\)$/m)
+    assert.match(plain, /^home 10\.99\.0\.5 on home \(tinc-home, router mode\) {2}tincd up \(pid 42\) {2}consul ok \(index 77\)$/m)
     assert.match(plain, /^traffic: in 12\.1 KiB, out 66\.3 KiB {3}dns: 10 queries {3}1 record\(s\) refused$/m)
     assert.match(plain, /^NAME\s+ADDRESS\s+REACHABLE\s+PATH\s+REMOTE\s+CHANGED$/m)
     assert.match(plain, /^laptop\s+10\.99\.0\.7\s+yes\s+relay via alpha\s+198\.18\.0\.9:655\s+-$/m)
     assert.match(plain, /^phone\s+10\.99\.0\.8\s+no\s+unreachable\s+-\s+30m ago$/m)
     assert.ok(renderStatus(s, { colour: true }).includes('\x1b[33mlaptop'), 'relayed rows are yellow on a terminal')
+  })
+
+  test("the network's mode is in /status, the table's first line and the info metric; a tinc.conf that disagrees is shown", async () => {
+    const router = buildStatus(inputs({ tincConfMode: 'router' }))
+    assert.equal(router.node.mode, 'router', 'a record without mode is a router network')
+    assert.equal(router.node.tincConfMode, undefined)
+    const switchView = { ...view({ home: { address: '10.99.0.5', public: false } }) }
+    switchView.network = { ...switchView.network, mode: 'switch' }
+    const agree = buildStatus(inputs({ view: switchView, tincConfMode: 'switch' }))
+    assert.equal(agree.node.mode, 'switch')
+    assert.equal(agree.node.tincConfMode, undefined)
+    assert.match(renderStatus(agree, { colour: false }).split('\n')[0] ?? '', /^home 10\.99\.0\.5 on home \(tinc-home, switch mode\) /)
+    assert.match(await createMetrics().render(agree), /^tinc_consul_info\{node="home",net="home",mode="switch"\} 1$/m)
+    const stale = buildStatus(inputs({ view: switchView, tincConfMode: 'router' }))
+    assert.equal(stale.node.tincConfMode, 'router')
+    assert.match(renderStatus(stale, { colour: false }), /tinc\.conf sets Mode = router, but the network is in switch mode: set Mode = switch and DeviceType = tap in tinc\.conf and restart tincd/)
+    assert.equal(buildStatus(inputs({ view: undefined })).node.mode, undefined, 'no view, no mode')
   })
 
   test('a cloned node and unreadable records are shown, not hidden', () => {

@@ -6,7 +6,10 @@ import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { readManagedBlock, replaceManagedBlock } from '../src/tinc/conf-block.ts'
-import { generateKey, writeSetup } from '../src/tinc/setup.ts'
+import { generateKey, renderTincConf, writeSetup } from '../src/tinc/setup.ts'
+import { renderHostFile } from '../src/tinc/hostfile.ts'
+import { confMode } from '../src/tinc/mode.ts'
+import { nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { writeFileAtomic } from '../src/util/atomic.ts'
 
 test('the managed block is appended once and replaced in place, leaving other lines alone', () => {
@@ -82,6 +85,47 @@ test("a fresh node setup: full tinc.conf, scripts that never block, idempotent r
     await writeFile(join(dir, 'tinc.conf'), `${conf}Compression = 9\n`)
     assert.deepEqual(await writeSetup(dir, setup), [])
     assert.match(await readFile(join(dir, 'tinc.conf'), 'utf8'), /Compression = 9/)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test('a switch-mode setup: tinc.conf says Mode = switch on a tap device without StrictSubnets; addresses are set as before', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'tc-setup-switch-'))
+  try {
+    const peer = nodeRecord('hub', 1, rsaPublicPem())
+    const setup = {
+      net: 'home',
+      name: 'alpha',
+      address: '10.99.0.5',
+      prefixLength: 24,
+      port: 655,
+      publicAddresses: [],
+      publicKey: rsaPublicPem(),
+      connectTo: ['hub'],
+      peerHostFiles: { hub: renderHostFile({ addresses: peer.addresses, port: peer.port, subnets: [], options: [], publicKey: rsaPublicPem() }) },
+      interface: 'tinc-home',
+      eventsFile: join(dir, 'events', 'tinc-events'),
+      mode: 'switch' as const,
+    }
+    await writeSetup(dir, setup)
+    const conf = await readFile(join(dir, 'tinc.conf'), 'utf8')
+    const head = conf.slice(0, conf.indexOf('# BEGIN tinc-consul'))
+    for (const line of ['Name = alpha', 'Mode = switch', 'DeviceType = tap', 'Interface = tinc-home', 'KeyExpire = 60', 'PingInterval = 10'])
+      assert.match(head, new RegExp(`^${line}$`, 'm'), `tinc.conf lacks "${line}" outside the block:\n${conf}`)
+    assert.doesNotMatch(conf, /Mode = router|StrictSubnets/, 'StrictSubnets would make tincd ignore the MAC addresses peers announce')
+    assert.equal(confMode(conf), 'switch')
+    assert.deepEqual(readManagedBlock(conf), ['ConnectTo = hub'])
+    // Our own host file keeps its /32: the daemon publishes the record (DNS, the address table) from it.
+    assert.match(await readFile(join(dir, 'hosts', 'alpha'), 'utf8'), /^Subnet = 10\.99\.0\.5\/32$/m)
+    assert.doesNotMatch(await readFile(join(dir, 'hosts', 'hub'), 'utf8'), /Subnet/)
+    // ip addr add ... dev $INTERFACE works on a tap device as on a tun one.
+    assert.match(await readFile(join(dir, 'tinc-up'), 'utf8'), /ip addr add 10\.99\.0\.5\/24 dev "\$INTERFACE"\nip link set "\$INTERFACE" up/)
+    // The default stays router, with StrictSubnets.
+    const router = renderTincConf({ name: 'alpha', interface: 'tinc-home', connectTo: [] })
+    assert.match(router, /^Mode = router$/m)
+    assert.match(router, /^StrictSubnets = yes$/m)
+    assert.doesNotMatch(router, /DeviceType/)
   } finally {
     await rm(dir, { recursive: true, force: true })
   }

@@ -60,6 +60,10 @@ const pathText = (n: NodeStatus) => (n.path === 'relayed' ? `relay via ${n.via ?
 const conflictText = (c: NonNullable<Status['node']['nameConflict']>) =>
   `another daemon writes a different record under this node's name (ours ${c.ours.slice(0, 19)}…, theirs ${c.theirs.slice(0, 19)}…)${c.gaveUp ? `; gave up rewriting it after ${c.attempts} tries: stop the other machine or rename one, then restart this daemon` : `; rewrite ${c.attempts}`}`
 
+/** tinc.conf outside the managed block is the operator's, so this is said, not fixed. */
+const modeMismatchText = (conf: string, network: string | undefined) =>
+  `tinc.conf sets Mode = ${conf}, but the network is in ${network ?? '?'} mode: set Mode = ${network ?? '?'}${network === 'switch' ? ' and DeviceType = tap' : ''} in tinc.conf and restart tincd`
+
 /** This node's definitions the registrar refused, by file. */
 const localRefusedText = (l: NonNullable<Status['localServices']>) =>
   `${l.refused.length} of this node's services not registered (${l.registered} registered, cap ${l.max}): ${l.refused.map((r) => `${r.file}: ${r.reason}`).join('; ')}`
@@ -74,9 +78,10 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     ? paint('green', `consul ok (index ${s.consul.index})`)
     : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
   const head = [
-    `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface})  ${tincd}  ${consul}`,
+    `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface}${s.node.mode ? `, ${s.node.mode} mode` : ''})  ${tincd}  ${consul}`,
     `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending?.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}${s.consul.servicesRefused?.length ? paint('yellow', `   ${s.consul.servicesRefused.length} service instance(s) refused`) : ''}`,
     ...(s.node.nameConflict ? [paint('red', conflictText(s.node.nameConflict))] : []),
+    ...(s.node.tincConfMode ? [paint('red', modeMismatchText(s.node.tincConfMode, s.node.mode))] : []),
     ...(s.localServices?.refused.length ? [paint('yellow', localRefusedText(s.localServices))] : []),
     '',
   ]

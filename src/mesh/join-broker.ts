@@ -131,7 +131,10 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
   const sealReply = replySealer(sealKey, header, Buffer.from(req.epk, 'base64url'))
   // Everything the reply needs is read before the transaction: once it has spent the invite,
   // a failed read could only leave the joiner with a used invite and a taken name.
-  const judged = await peerHostFiles(opts.client, opts.layout, network, { name: h.name, fingerprint: keyFingerprint(req.publicKey) })
+  // The reply carries each peer's file as its record has it, Subnet line included, whatever the
+  // network's mode: the joiner checks every file as a record (which needs the VPN address) and
+  // renders it for the mode itself, and a joiner of an older release expects that form.
+  const judged = await peerHostFiles(opts.client, opts.layout, network, { name: h.name, fingerprint: keyFingerprint(req.publicKey) }, 'router')
   if (judged.refusals.length) log.info({ name: h.name, left: judged.refusals.map((r) => `${r.key}: ${r.reason}`) }, "records left out of a joiner's host files")
   // Peers refuse a newcomer whose name differs from an established one only in case.
   const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())

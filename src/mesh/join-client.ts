@@ -1,12 +1,13 @@
 import { connect } from 'node:net'
 import { TincConsulError } from '../errors.ts'
-import { hostFileFields, parseHostFile } from '../tinc/hostfile.ts'
+import { hostFileFields, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
+import { peerSubnets } from '../tinc/mode.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { deriveInvite, seal, type Invite } from './invite.ts'
 import { ephemeral, openReply, type Ephemeral } from './join-crypto.ts'
 import { JOIN_VERSION, STATUS_OK, encodeRequest, joinReplySchema, readFrame, requestAad, type JoinReply } from './join-wire.ts'
-import { decodeJson, type NetworkRecord } from './record.ts'
+import { decodeJson, networkMode, type NetworkRecord } from './record.ts'
 import { printable, printableBytes } from '../util/text.ts'
 
 /** The largest reply we accept: the host files of every public node. */
@@ -163,7 +164,9 @@ function exchange(endpoint: string, message: Buffer, timeoutMs: number): Promise
 /**
  * Rebuilds a node's host file from a join reply through the checks a record
  * from Consul gets: the reply is sealed, but the joiner still writes nothing
- * it wouldn't accept from Consul.
+ * it wouldn't accept from Consul. The reply's file carries the node's /32 (its
+ * record's form); what is written is rendered for the network's mode, as the
+ * daemon renders it (no Subnet line in switch mode).
  */
 export function sanitizeHostFile(name: string, text: string, network: NetworkRecord): string | undefined {
   if (!isTincName(name)) return undefined
@@ -174,5 +177,5 @@ export function sanitizeHostFile(name: string, text: string, network: NetworkRec
   if (!vpn) return undefined
   const record = makeRecord({ name, vpnAddress: vpn, addresses: f.addresses, port: f.port, options: f.options, publicKey: h.publicKey })
   if (validateRecord(record, network)) return undefined
-  return record.hostFile
+  return renderHostFile({ addresses: record.addresses, port: record.port, subnets: peerSubnets(networkMode(network), record.subnets), options: f.options, publicKey: h.publicKey })
 }

@@ -6,7 +6,8 @@ import { revokedFrom } from './revoke.ts'
 import { activeHolders, parseIpam } from './ipam.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { reconcile, type NodeEntry, type OwnIdentity, type Refusal } from './reconcile.ts'
-import type { NetworkRecord } from './record.ts'
+import { networkMode, type NetworkRecord } from './record.ts'
+import type { TincMode } from '../tinc/mode.ts'
 
 export interface PeerFiles {
   /** Host file text by peer name, byte for byte what the daemon writes for the same view. */
@@ -23,10 +24,11 @@ export interface PeerFiles {
  * refuse (a record squatting on another node's address, a revoked key), which the daemon
  * would otherwise only remove after its first complete read. Public ones become ConnectTo
  * entries; the rest let the new node route to nodes behind NAT (StrictSubnets) before its
- * daemon has synced. Without a fresh read of ipam/ and revoked/ nothing can be judged, so a
+ * daemon has synced. Files are rendered for `mode`, the network's unless the caller asks for
+ * another (the join reply). Without a fresh read of ipam/ and revoked/ nothing can be judged, so a
  * failed or ACL-filtered read is an error, never a skipped check.
  */
-export async function peerHostFiles(client: ConsulClient, layout: KvLayout, network: NetworkRecord, self: OwnIdentity): Promise<PeerFiles> {
+export async function peerHostFiles(client: ConsulClient, layout: KvLayout, network: NetworkRecord, self: OwnIdentity, mode: TincMode = networkMode(network)): Promise<PeerFiles> {
   const [nodes, ipam, revoked] = await Promise.all([readAll(client, layout.nodesPrefix), readAll(client, layout.ipamPrefix), readAll(client, layout.revokedPrefix)])
   const entries = new Map<string, NodeEntry>(nodes.map((i) => [i.key, { state: 'value', value: i.value, createIndex: i.createIndex }]))
   const result = reconcile(undefined, {
@@ -42,7 +44,7 @@ export async function peerHostFiles(client: ConsulClient, layout: KvLayout, netw
     trustNewKeys: true,
   })
   const files: Record<string, string> = {}
-  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = hostFileText(peer)
+  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = hostFileText(peer, mode)
   return { files, refusals: result.refusals, listed: nodes.map((i) => i.key.slice(layout.nodesPrefix.length)) }
 }
 

@@ -2,6 +2,7 @@ import ipaddr from 'ipaddr.js'
 import { z } from 'zod'
 import { isTincName } from '../tinc/names.ts'
 import { ALLOWED_OPTIONS, isPlausibleRsaKey, keyFingerprint, parseHostFile, type HostFileEntry } from '../tinc/hostfile.ts'
+import { DEFAULT_TINC_MODE, TINC_MODES, type TincMode } from '../tinc/mode.ts'
 
 /**
  * A node's record in KV. `v` names the shape; later releases may add fields to it, so an unknown
@@ -46,10 +47,19 @@ export const networkRecordSchema = z
      * Older releases drop the field and register bare names, which a scoped policy refuses.
      */
     serviceNames: z.enum(['scoped', 'bare']).optional(),
+    /**
+     * tinc's Mode on every node (src/tinc/mode.ts), chosen by `init --mode`. Optional, so records of
+     * older releases still read: without it the network is in router mode, as those releases made it.
+     * Older releases drop the field. A mode this release doesn't know is refused rather than guessed.
+     */
+    mode: z.enum(TINC_MODES, { error: (i) => `unknown tinc mode ${JSON.stringify(i.input)} (this release knows ${TINC_MODES.join(' and ')})` }).optional(),
   })
   .strip()
 
 export type NetworkRecord = z.infer<typeof networkRecordSchema>
+
+/** The network's tinc mode: router when the record doesn't say (records made before the field). */
+export const networkMode = (network: Pick<NetworkRecord, 'mode'>): TincMode => network.mode ?? DEFAULT_TINC_MODE
 
 function isIpv4Cidr(s: string): boolean {
   try {

@@ -6,6 +6,7 @@ import type { LocalLimits } from '../services/registrar.ts'
 import { dumpReader, type DumpResult } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
+import { confMode } from '../tinc/mode.ts'
 import { defaultInterface } from '../tinc/setup.ts'
 import { buildStatus, type InterfaceCounters, type Status } from './model.ts'
 
@@ -29,6 +30,12 @@ export interface CollectorOptions {
   links: ReadonlyMap<string, PeerLink>
   /** For tests: a stand-in for signalling tincd. */
   readDump?: () => Promise<DumpResult>
+}
+
+/** The Mode in tinc.conf, or undefined when tinc.conf can't be read. */
+export async function tincConfModeOf(tincDir: string): Promise<string | undefined> {
+  const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => undefined)
+  return text === undefined ? undefined : confMode(text)
 }
 
 /** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
@@ -61,12 +68,14 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
   const readDump = opts.readDump ?? dumpReader({ logFile: opts.logFile, pidFile: opts.pidFile })
   return {
     async snapshot() {
-      const [tinc, counters] = await Promise.all([readDump(), readCounters(iface)])
+      // tinc.conf is read on each snapshot (a small file): a Mode edited by hand shows at once.
+      const [tinc, counters, tincConfMode] = await Promise.all([readDump(), readCounters(iface), tincConfModeOf(opts.tincDir)])
       return buildStatus({
         net: opts.net,
         self: opts.self,
         iface,
         view: opts.sync.view(),
+        tincConfMode,
         links: opts.links,
         tinc,
         counters,

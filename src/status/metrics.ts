@@ -21,7 +21,7 @@ export function createMetrics(): Metrics {
   const g = (name: string, help: string, labelNames: string[] = []) => new Gauge({ name: PREFIX + name, help, labelNames, registers: [registry] })
   const c = (name: string, help: string, labelNames: string[] = []) => new Counter({ name: PREFIX + name, help, labelNames, registers: [registry] })
   const m = {
-    info: g('info', 'This node: always 1, with its name and network as labels', ['node', 'net']),
+    info: g('info', "This node: always 1, with its name, network and the network's tinc mode (router, switch; empty before the first view) as labels", ['node', 'net', 'mode']),
     tincdUp: g('tincd_up', '1 when tincd answered its last state dump'),
     bytes: c('tinc_bytes_total', 'Bytes through the VPN device, as tincd (or else the interface) counts them', ['direction']),
     nodes: g('nodes', 'Known nodes by how this node reaches them', ['path']),
@@ -51,7 +51,7 @@ export function createMetrics(): Metrics {
     registry,
     async render(s) {
       m.info.reset()
-      m.info.set({ node: s.node.name, net: s.node.net }, 1)
+      m.info.set({ node: s.node.name, net: s.node.net, mode: s.node.mode ?? '' }, 1)
       m.tincdUp.set(s.tincd.state === 'up' ? 1 : 0)
       m.bytes.reset()
       if (s.bytes.in !== undefined) m.bytes.inc({ direction: 'in' }, s.bytes.in)

@@ -3,6 +3,8 @@ import type { MeshService, ServiceRefusal } from '../mesh/services.ts'
 import type { LocalLimits } from '../services/registrar.ts'
 import type { ConsulHealth, NameConflict, SyncStats } from '../mesh/sync.ts'
 import type { MeshView } from '../mesh/view.ts'
+import { networkMode } from '../mesh/record.ts'
+import type { TincMode } from '../tinc/mode.ts'
 import type { DumpResult, TincDump } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
 
@@ -23,6 +25,8 @@ export interface StatusInputs {
   self: string
   iface: string
   view?: MeshView
+  /** The Mode this node's tinc.conf sets (what tincd runs once started with it), lower-cased. */
+  tincConfMode?: string
   links: ReadonlyMap<string, PeerLink>
   tinc: DumpResult
   counters?: InterfaceCounters
@@ -67,7 +71,18 @@ export interface NodeStatus {
 
 export interface Status {
   at: string
-  node: { name: string; net: string; interface: string; address?: string; public?: boolean; nameConflict?: NameConflict }
+  node: {
+    name: string
+    net: string
+    interface: string
+    address?: string
+    public?: boolean
+    nameConflict?: NameConflict
+    /** The network's tinc mode, from its record (known once the view is). */
+    mode?: TincMode
+    /** tinc.conf's Mode, only when it differs from the network's: this node can't talk to the rest. */
+    tincConfMode?: string
+  }
   tincd: { state: DumpResult['state']; pid?: number; reason?: string; skippedLines: number }
   bytes: { in?: number; out?: number; source: 'tincd' | 'interface' | 'none' }
   interface?: InterfaceCounters
@@ -115,6 +130,13 @@ function pathOf(name: string, self: string, reachable: boolean | undefined, rela
   return relay ? 'relayed' : 'direct'
 }
 
+/** The network's mode, and tinc.conf's when the two disagree (a node set up by hand or by an older release). */
+function modeOf(i: StatusInputs): Pick<Status['node'], 'mode' | 'tincConfMode'> {
+  if (!i.view) return {}
+  const mode = networkMode(i.view.network)
+  return { mode, ...(i.tincConfMode !== undefined && i.tincConfMode !== mode ? { tincConfMode: i.tincConfMode } : {}) }
+}
+
 export function buildStatus(i: StatusInputs): Status {
   const dump = i.tinc.dump
   const dumped = new Map((i.tinc.state === 'up' ? (dump?.nodes ?? []) : []).map((n) => [n.name, n]))
@@ -150,6 +172,7 @@ export function buildStatus(i: StatusInputs): Status {
       interface: i.iface,
       ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}),
       ...(i.conflict ? { nameConflict: i.conflict } : {}),
+      ...modeOf(i),
     },
     tincd: { state: i.tinc.state, ...(i.tinc.state === 'up' ? { pid: i.tinc.pid } : { reason: i.tinc.reason }), skippedLines: dump?.skipped ?? 0 },
     bytes: fromTinc ? { in: dump.bytesIn, out: dump.bytesOut, source: 'tincd' } : i.counters ? { in: i.counters.rxBytes, out: i.counters.txBytes, source: 'interface' } : { source: 'none' },

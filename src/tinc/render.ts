@@ -1,10 +1,11 @@
 import { readFile, readdir, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { AcceptedPeer } from '../mesh/record.ts'
+import { networkMode, type AcceptedPeer } from '../mesh/record.ts'
 import type { MeshView } from '../mesh/view.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { replaceManagedBlock } from './conf-block.ts'
 import { parseHostFile, renderHostFile } from './hostfile.ts'
+import { confMode, DEFAULT_TINC_MODE, peerSubnets, type TincMode } from './mode.ts'
 import { isTincName } from './names.ts'
 
 export interface RenderResult {
@@ -15,6 +16,11 @@ export interface RenderResult {
   /** tincd must re-read its config: ConnectTo changed, or a known peer's key or address changed, or a peer went away. */
   hupNeeded: boolean
   reasons: string[]
+  /**
+   * tinc.conf's Mode when it differs from the network's. Mode sits outside the managed block and
+   * takes a restart of tincd (setup.ts), so the renderer reports it rather than rewriting it.
+   */
+  modeMismatch?: { conf: string; network: TincMode }
 }
 
 /** What tincd cares about in a host file: if this changes for a known peer, tinc needs a HUP. */
@@ -32,11 +38,12 @@ export function hasStrictSubnets(conf: string): boolean {
 /**
  * A peer's host file, exactly as the daemon writes it: from the record's validated fields
  * only, never its text. `init` and `join` write the same bytes, so the daemon's first
- * render of a peer they wrote changes nothing.
+ * render of a peer they wrote changes nothing. In switch mode it has no Subnet line (the
+ * record still carries the /32, for DNS and the address table): tincd learns MACs instead.
  */
-export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>): string {
+export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode = DEFAULT_TINC_MODE): string {
   const { addresses, port, subnets } = peer.record
-  return renderHostFile({ addresses, port, subnets, options: peer.options, publicKey: peer.publicKey })
+  return renderHostFile({ addresses, port, subnets: peerSubnets(mode, subnets), options: peer.options, publicKey: peer.publicKey })
 }
 
 /**
@@ -66,9 +73,10 @@ export interface RenderOptions {
    * What this process last wrote to each host file, and the peer object it came from.
    * A peer whose object is the same as last time (the reconciler reuses unchanged ones) is
    * skipped without rendering or touching the disk, so an apply costs O(changes), not
-   * O(peers). Empty on start, so the first render checks every file on disk.
+   * O(peers). Empty on start, so the first render checks every file on disk. The mode it was
+   * rendered for is kept too: a peer's file depends on the network's mode as well as its record.
    */
-  written: Map<string, { text: string; from: object }>
+  written: Map<string, { text: string; from: object; mode?: TincMode }>
 }
 
 export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<RenderResult> {
@@ -76,6 +84,7 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
   const confPath = join(opts.tincDir, 'tinc.conf')
   const conf = await readFile(confPath, 'utf8')
   const pending = new Set(opts.pending ?? [])
+  if (confMode(conf) !== networkMode(view.network)) result.modeMismatch = { conf: confMode(conf), network: networkMode(view.network) }
   // Never ours, never the operator's, never a name that is not a tinc node name.
   const untouchable = (name: string) => name === opts.self || opts.keep.has(name) || !isTincName(name)
   await writeHostFiles(view, opts, untouchable, hasStrictSubnets(conf), result)
@@ -104,20 +113,22 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
 }
 
 async function writeHostFiles(view: MeshView, opts: RenderOptions, untouchable: (name: string) => boolean, strictSubnets: boolean, result: RenderResult): Promise<void> {
+  const mode = networkMode(view.network)
   for (const [name, peer] of view.peers) {
     if (untouchable(name)) continue
     const last = opts.written.get(name)
-    if (last?.from === peer) continue
+    if (last?.from === peer && last.mode === mode) continue
     const path = join(opts.tincDir, 'hosts', name)
-    const text = hostFileText(peer)
+    const text = hostFileText(peer, mode)
     if (last?.text === text) {
       last.from = peer
+      last.mode = mode
       continue
     }
     // What we wrote last is what is there (hosts/ is ours); only a first write reads the disk.
     const old = last ? last.text : await readFile(path, 'utf8').catch(() => undefined)
     const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
-    opts.written.set(name, { text, from: peer })
+    opts.written.set(name, { text, from: peer, mode })
     if (!changed) continue
     result.written.push(name)
     if (old !== undefined && identity(old) !== identity(text)) {

@@ -7,6 +7,7 @@ import { run } from '../util/exec.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { replaceManagedBlock } from './conf-block.ts'
 import { parseHostFile, renderHostFile } from './hostfile.ts'
+import { DEFAULT_TINC_MODE, modeConfLines, type TincMode } from './mode.ts'
 import { isTincName } from './names.ts'
 
 /**
@@ -32,6 +33,8 @@ export interface NodeSetup {
   /** Point systemd-resolved at the mesh's DNS for ~domain on the VPN interface (when it runs). */
   splitDns?: { domain: string; port: number }
   timers?: TincTimers
+  /** The network's tinc mode (default router): a tun or a tap device, Subnet lines or none. */
+  mode?: TincMode
 }
 
 /**
@@ -65,7 +68,14 @@ export const tincDirFor = (root: string, net: string): string => join(root, net)
 /** Linux caps interface names at 15 bytes. */
 export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 15)
 
-export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo' | 'timers'>, previous?: string): string {
+/**
+ * tinc.conf. The mode lines are written here, once, outside the managed block, like Name and
+ * Interface: a network's mode is fixed when it is created, and tincd applies a new Mode or
+ * DeviceType only when it restarts (a HUP keeps the device it has), so the daemon, which
+ * rewrites only the block and only ever HUPs, could not make a change of mode take effect.
+ * Status compares the two instead and reports a tinc.conf that disagrees with the network.
+ */
+export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connectTo' | 'timers' | 'mode'>, previous?: string): string {
   if (previous !== undefined) {
     // Re-running keeps everything the operator added; only our block changes.
     return replaceManagedBlock(
@@ -76,10 +86,9 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
   const head = [
     '# Written by tinc-consul. Lines outside the managed block are yours: the daemon only rewrites the block.',
     `Name = ${s.name}`,
-    'Mode = router',
+    `Mode = ${s.mode ?? DEFAULT_TINC_MODE}`,
     `Interface = ${s.interface}`,
-    // tinc accepts only subnets written in local host files, and those come from the address table.
-    'StrictSubnets = yes',
+    ...modeConfLines(s.mode ?? DEFAULT_TINC_MODE),
     // Bounds tinc 1.0's stale-key outage yet lets it give up a broken direct path (see TincTimers).
     ...tincTimerLines(s.timers),
     '',

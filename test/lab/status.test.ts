@@ -68,7 +68,7 @@ describe('lab, ACLs on: status from every node, as tincd and Consul see it', () 
     assert.equal(row(s, 'node1')?.path, 'direct')
     assert.equal(row(s, 'node4')?.path, 'self')
     const table = (await lab.cli('node4', ['status'])).stdout
-    assert.match(table, /^node4 10\.99\.0\.4 on lab \(tinc0\) {2}tincd up \(pid \d+\) {2}consul ok/m)
+    assert.match(table, /^node4 10\.99\.0\.4 on lab \(tinc0, router mode\) {2}tincd up \(pid \d+\) {2}consul ok/m)
     assert.match(table, /^node1\s+10\.99\.0\.1\s+yes\s+direct\s+198\.18\.0\.1:655/m)
   })
 

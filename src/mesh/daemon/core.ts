@@ -76,6 +76,8 @@ interface CoreState {
   /** The last judgement from Consul: what the cache holds. */
   last: Judgement | undefined
   written: RenderOptions['written']
+  /** The tinc.conf/network mode disagreement last logged, so it is logged once, not per apply. */
+  modeMismatch?: string
   /** Our own record as a peer, for the view DNS and status read. */
   self?: { record: NodeRecord; network: NetworkRecord; peer: AcceptedPeer | undefined }
 }
@@ -146,6 +148,9 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   if (source === 'consul' && j.complete) st.owned = true
   // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
   const render = await renderTinc(j.view, { tincDir: o.tincDir, self: ctx.self.name, keep: ctx.keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written })
+  const mismatch = render.modeMismatch && `${render.modeMismatch.conf}/${render.modeMismatch.network}`
+  if (mismatch && mismatch !== st.modeMismatch) log.warn(render.modeMismatch, "tinc.conf sets another Mode than the network's: set it (outside the managed block) and restart tincd")
+  st.modeMismatch = mismatch
   st.judged = j.view
   st.view = await withSelf(j.view, o, st)
   st.pending = [...new Set([...j.pending, ...unreadable])].sort()
