@@ -1,10 +1,13 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
 import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
+import { finishNode, installedConsulRole } from '../install/finish.ts'
 import { initNode } from '../mesh/init.ts'
+import { parseModeFlag } from '../tinc/mode.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault, envFlag } from './env.ts'
+import { finishArgs, placeFrom } from './install.ts'
 import { parseIntFlag } from './parse.ts'
 import { requireNet } from './run.ts'
 import { setupArgs, setupFrom } from './setup-args.ts'
@@ -27,7 +30,13 @@ export const initCommand = defineCommand({
         return envFlag('bare-service-names', false)
       },
     },
+    mode: {
+      type: 'string',
+      description: described("When creating the network: tinc's Mode on every node, router (tun, IP routing) or switch (tap, layer 2; docs/joining.md). Default router", 'mode'),
+      default: process.env.TINC_CONSUL_MODE,
+    },
     ...setupArgs,
+    ...finishArgs,
   },
   async run({ args }) {
     const net = requireNet(args.net)
@@ -42,11 +51,26 @@ export const initCommand = defineCommand({
       prefix: args.prefix || undefined,
       joinPort: parseIntFlag('join-port', args['join-port'], 0, 65535),
       bareServiceNames: args['bare-service-names'],
+      mode: parseModeFlag(args.mode),
     })
     console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}.`)
-    console.log('Next:')
-    console.log(`  tincd -n ${net} -c ${res.dir}          # start tinc`)
-    console.log(`  tinc-consul run --net ${net}          # start the sidecar (reads ${res.configPath})`)
-    console.log(`  tinc-consul invite --net ${net}       # one line to give each new machine`)
+    // init needs a running Consul, so it installs only where install set that agent up (the
+    // first server's `install --bootstrap`): then it finishes as `install` with that agent's
+    // role would. Any other agent (a package's, a remote cluster, a dev agent) isn't ours to
+    // re-bind or restart: the install command is printed instead (docs/deploy.md).
+    const place = placeFrom(args, net)
+    const role = await installedConsulRole(place.consulFileDir)
+    await finishNode({
+      ...place,
+      role,
+      command: 'init',
+      install: args.install && role !== undefined,
+      notInstalledBecause: args.install && !role ? `no Consul agent here that install set up` : undefined,
+      dryRun: false,
+      bootstrapExpect: 0,
+      token: args.token || undefined,
+      say: (l) => console.log(l),
+    })
+    console.log(`\nOne line to give each new machine: tinc-consul invite --net ${net}`)
   },
 })

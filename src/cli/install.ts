@@ -1,14 +1,13 @@
 import { existsSync } from 'node:fs'
-import { readFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { delimiter, join } from 'node:path'
 import { defineCommand } from 'citty'
-import { configPath, defaultStateDir, parseConfig, renderConfig } from '../config-file.ts'
+import { configPath, defaultStateDir } from '../config-file.ts'
 import { UsageError } from '../errors.ts'
-import { applyInstall, describeStep, MANIFEST_PATH, uninstall } from '../install/apply.ts'
-import { newGossipKey } from '../consul/gossip-key.ts'
-import { CONSUL_BOOTSTRAP_FILE, CONSUL_CONFIG_FILE, newManagementToken, planInstall, type ConsulRole, type InstallInput } from '../install/plan.ts'
-import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
+import { applyInstall, MANIFEST_PATH, printPlan, uninstall } from '../install/apply.ts'
+import { systemdRunning } from '../install/finish.ts'
+import { planNodeInstall } from '../install/node.ts'
+import { CONSUL_BOOTSTRAP_FILE, type ConsulRole } from '../install/plan.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { tincDirFor } from '../tinc/setup.ts'
 import { run } from '../util/exec.ts'
@@ -39,17 +38,70 @@ const placeArgs = {
   'dry-run': { type: 'boolean', description: 'Print every file and command, touch nothing', default: false },
 } as const
 
-/** systemctl runs only on the real system, and only where systemd is the init. */
-function systemdHere(root: string): boolean {
-  return root === '/' && existsSync('/run/systemd/system')
+/** What the units run, and where the agent keeps its data. */
+const runArgs = {
+  'consul-data-dir': { type: 'string', description: described("The Consul agent's data_dir", 'consul-data-dir'), default: envDefault('consul-data-dir', '/var/lib/consul') },
+  bin: { type: 'string', description: described('Path of tinc-consul for ExecStart (default: tinc-consul on PATH)', 'bin'), default: process.env.TINC_CONSUL_BIN },
+  'consul-bin': { type: 'string', description: described('Path of consul for ExecStart (default: consul on PATH)', 'consul-bin'), default: process.env.TINC_CONSUL_CONSUL_BIN },
+} as const
+
+export const consulServerArg = {
+  type: 'boolean',
+  description: described('This node runs one of the (three) Consul servers', 'consul-server'),
+  get default() {
+    return envFlag('consul-server', false)
+  },
+} as const
+
+/**
+ * The flags `join` and `init` finish with (src/install/finish.ts): declared
+ * once, here, beside install's own. `--no-install` (TINC_CONSUL_NO_INSTALL)
+ * skips the install and prints the commands instead.
+ */
+export const finishArgs = {
+  install: {
+    type: 'boolean',
+    description: described('Finish with what `install` does: on systemd, write, enable and start the units and the Consul agent config (--no-install: print the commands instead)', 'no-install'),
+    negativeDescription: 'Set the node up, install nothing, print the commands to run',
+    get default() {
+      return !envFlag('no-install', false)
+    },
+  },
+  root: placeArgs.root,
+  'unit-dir': placeArgs['unit-dir'],
+  'consul-config-dir': placeArgs['consul-config-dir'],
+  ...runArgs,
+} as const
+
+interface PlaceArgValues {
+  dir: string
+  'config-dir': string
+  root: string
+  'unit-dir': string
+  'consul-config-dir': string
+  'consul-data-dir': string
+  bin?: string
+  'consul-bin'?: string
 }
 
 const under = (root: string, path: string) => (root === '/' ? path : join(root, path))
 
-/** `key = "value"` from an HCL file we wrote, to keep a gossip key or token across re-runs. */
-async function hclValue(path: string, key: string): Promise<string | undefined> {
-  const text = await readFile(path, 'utf8').catch(() => '')
-  return new RegExp(`^\\s*${key}\\s*=\\s*"([^"]+)"`, 'm').exec(text)?.[1]
+/** Where install's files go and what the units run, from install's (or join's, init's) flags. */
+export function placeFrom(args: PlaceArgValues, net: string) {
+  return {
+    net,
+    root: args.root,
+    tincRoot: args.dir,
+    settingsDir: args['config-dir'],
+    unitDir: under(args.root, args['unit-dir']),
+    consulConfigDir: args['consul-config-dir'],
+    consulFileDir: under(args.root, args['consul-config-dir']),
+    consulDataDir: args['consul-data-dir'],
+    bin: args.bin || onPath('tinc-consul') || '/usr/local/bin/tinc-consul',
+    consulBin: args['consul-bin'] || onPath('consul') || '/usr/local/bin/consul',
+    manifest: under(args.root, MANIFEST_PATH),
+    systemd: args.root === '/' && systemdRunning(),
+  }
 }
 
 export const installCommand = defineCommand({
@@ -61,7 +113,7 @@ export const installCommand = defineCommand({
   args: {
     ...consulArgs,
     dir: { type: 'string', description: described("tinc's config root; the network lives in <dir>/<net>", 'dir'), default: envDefault('dir', '/etc/tinc') },
-    'consul-server': { type: 'boolean', description: described('This node runs one of the (three) Consul servers', 'consul-server'), default: envFlag('consul-server', false) },
+    'consul-server': consulServerArg,
     'consul-client': { type: 'boolean', description: described('This node runs a Consul client agent', 'consul-client'), default: envFlag('consul-client', false) },
     bootstrap: {
       type: 'boolean',
@@ -86,9 +138,7 @@ export const installCommand = defineCommand({
       default: process.env.TINC_CONSUL_AGENT_TOKEN,
     },
     datacenter: { type: 'string', description: described('Consul datacenter name (default: the network name)', 'datacenter'), default: process.env.TINC_CONSUL_DATACENTER },
-    'consul-data-dir': { type: 'string', description: described("The Consul agent's data_dir", 'consul-data-dir'), default: envDefault('consul-data-dir', '/var/lib/consul') },
-    bin: { type: 'string', description: described('Path of tinc-consul for ExecStart (default: tinc-consul on PATH)', 'bin'), default: process.env.TINC_CONSUL_BIN },
-    'consul-bin': { type: 'string', description: described('Path of consul for ExecStart (default: consul on PATH)', 'consul-bin'), default: process.env.TINC_CONSUL_CONSUL_BIN },
+    ...runArgs,
     ...placeArgs,
   },
   async run({ args }) {
@@ -97,89 +147,31 @@ export const installCommand = defineCommand({
     if (args['consul-server'] && args['consul-client']) throw new UsageError('BAD_FLAG', '--consul-server and --consul-client exclude each other')
     if (args.bootstrap && !args['consul-server']) throw new UsageError('BAD_FLAG', '--bootstrap is for the first Consul server: add --consul-server')
     const role: ConsulRole | undefined = args.bootstrap ? 'bootstrap' : args['consul-server'] ? 'server' : args['consul-client'] ? 'client' : undefined
-    const consulConfigDir = args['consul-config-dir']
-    const existingConfig = join(under(root, consulConfigDir), CONSUL_CONFIG_FILE)
-
-    let node: InstallInput['node']
-    if (role === 'bootstrap') node = { name: args.name || sanitizeTincName(hostname()) }
-    else {
-      const tincDir = tincDirFor(args.dir, net)
-      if (!existsSync(join(tincDir, 'tinc.conf')))
-        throw new UsageError('NOT_SET_UP', `${tincDir}/tinc.conf is missing: run \`tinc-consul init\` or \`join\` first (or install --consul-server --bootstrap on the first server)`)
-      const name = await readTincName(tincDir)
-      node = { name, vpnAddress: (await buildOwnRecord(tincDir, name)).vpnAddress }
-    }
-
-    const envPath = configPath(args['config-dir'], net)
-    const envText = await readFile(envPath, 'utf8').catch(() => undefined)
-    const settings = envText === undefined ? undefined : parseConfig(envText, envPath)
-    let managementToken: string | undefined
-    let gossipKey: string | undefined
-    let consul: InstallInput['consul']
-    if (role) {
-      // A re-run keeps what the running cluster already uses.
-      gossipKey = args['gossip-key'] || (await hclValue(existingConfig, 'encrypt'))
-      if (!gossipKey) {
-        if (role === 'client')
-          throw new UsageError(
-            'NO_GOSSIP_KEY',
-            "no Consul gossip key: `join` writes TINC_CONSUL_GOSSIP_KEY when the join endpoint has one; otherwise pass --gossip-key (from a server's /etc/consul.d/tinc-consul.hcl)",
-          )
-        gossipKey = newGossipKey()
-      }
-      if (role === 'bootstrap') managementToken = (await hclValue(join(under(root, consulConfigDir), CONSUL_BOOTSTRAP_FILE), 'initial_management')) ?? newManagementToken()
-      // The node's own token from its settings, not an operator's CONSUL_HTTP_TOKEN still exported from init.
-      const agentToken = args['agent-token'] || (role === 'bootstrap' ? managementToken : (settings?.TINC_CONSUL_TOKEN ?? args.token))
-      if (!agentToken) throw new UsageError('NO_TOKEN', "no token for the Consul agent: the node's token (TINC_CONSUL_TOKEN, written by init/join) or --agent-token")
-      consul = {
-        role,
-        servers: listFlag('consul-servers', args['consul-servers'] ?? '').filter((s) => !s.startsWith('127.')),
-        bootstrapExpect: parseIntFlag('bootstrap-expect', args['bootstrap-expect'], 0, 7),
-        gossipKey,
-        agentToken,
-        datacenter: args.datacenter || net.toLowerCase().replace(/_/g, '-'),
-        dataDir: args['consul-data-dir'],
-        configDir: consulConfigDir,
-        fileDir: under(root, consulConfigDir),
-        managementToken,
-      }
-    }
-    const steps = await planInstall({
-      net,
-      node,
-      consul,
-      unitDir: under(root, args['unit-dir']),
-      tincRoot: args.dir,
-      settingsDir: args['config-dir'],
-      bin: args.bin || onPath('tinc-consul') || '/usr/local/bin/tinc-consul',
-      consulBin: args['consul-bin'] || onPath('consul') || '/usr/local/bin/consul',
-      systemctl: systemdHere(root),
+    const place = placeFrom(args, net)
+    const systemd = place.systemd
+    const plan = await planNodeInstall({
+      ...place,
+      role,
+      name: args.name || sanitizeTincName(hostname()),
+      consulServers: args['consul-servers'] ? listFlag('consul-servers', args['consul-servers']) : undefined,
+      gossipKey: args['gossip-key'] || undefined,
+      agentToken: args['agent-token'] || undefined,
+      token: args.token,
+      bootstrapExpect: parseIntFlag('bootstrap-expect', args['bootstrap-expect'], 0, 7),
+      datacenter: args.datacenter || undefined,
+      systemctl: systemd,
     })
-    // A server's join endpoint hands the gossip key to new nodes: it goes in the net's settings.
-    if (role === 'server' && gossipKey && settings && settings.TINC_CONSUL_GOSSIP_KEY !== gossipKey) {
-      steps.unshift({
-        kind: 'file',
-        path: envPath,
-        content: renderConfig({ ...settings, TINC_CONSUL_GOSSIP_KEY: gossipKey }),
-        mode: 0o600,
-        why: 'the join endpoint gives new nodes the gossip key',
-        owner: 'config',
-      })
-    }
-
+    const say = (l: string) => console.log(l)
     if (args['dry-run']) {
-      console.log(`tinc-consul install --dry-run: nothing was changed. It would:`)
-      for (const s of steps) console.log(`  ${describeStep(s)}`)
-      for (const s of steps) if (s.kind === 'file') console.log(`\n--- ${s.path}\n${s.content.trimEnd()}`)
-    } else {
-      await applyInstall(steps, { manifest: under(root, MANIFEST_PATH), say: (l) => console.log(l) })
-    }
-    if (!systemdHere(root)) console.log(`\n${root === '/' ? 'systemd is not running here' : `files are under ${root}`}: no systemctl was run.`)
+      say(`tinc-consul install --dry-run: nothing was changed. It would:`)
+      printPlan(plan.steps, say)
+    } else await applyInstall(plan.steps, { manifest: under(root, MANIFEST_PATH), say })
+    if (!systemd) say(`\n${root === '/' ? 'systemd is not running here' : `files are under ${root}`}: no systemctl was run.`)
     if (role === 'bootstrap') {
-      console.log(`\nConsul's management token is in ${join(under(root, consulConfigDir), CONSUL_BOOTSTRAP_FILE)}. Next:`)
-      console.log(`  export CONSUL_HTTP_TOKEN=${managementToken}`)
-      console.log(`  tinc-consul init --net ${net} --name ${node?.name ?? ''} --cidr 10.20.0.0/16 --address <this server's public name>`)
-      console.log(`  tinc-consul install --net ${net} --consul-server      # moves Consul onto the VPN address`)
+      say(`\nConsul's management token is in ${join(under(root, args['consul-config-dir']), CONSUL_BOOTSTRAP_FILE)}. Next:`)
+      say(`  export CONSUL_HTTP_TOKEN=${plan.managementToken}`)
+      say(`  tinc-consul init --net ${net} --name ${plan.node.name} --cidr 10.20.0.0/16 --address <this server's public name>`)
+      say(`  tinc-consul install --net ${net} --consul-server      # moves Consul onto the VPN address`)
     }
   },
 })
@@ -200,7 +192,7 @@ export const uninstallCommand = defineCommand({
   },
   async run({ args }) {
     const net = requireNet(args.net)
-    const systemd = systemdHere(args.root)
+    const systemd = args.root === '/' && systemdRunning()
     const stop = systemd ? [['systemctl', 'disable', '--now', `tinc-consul@${net}.service`], ...(args.consul ? [['systemctl', 'disable', '--now', 'consul.service']] : [])] : []
     const purge = args.purge ? [tincDirFor(args.dir, net), configPath(args['config-dir'], net), defaultServicesDir(args['config-dir'], net), args['state-dir'] ?? defaultStateDir(net)] : []
     if (args['dry-run']) console.log('tinc-consul uninstall --dry-run: nothing was changed.')

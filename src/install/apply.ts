@@ -40,8 +40,19 @@ export type Say = (line: string) => void
 
 export const describeStep = (s: Step): string => (s.kind === 'file' ? `write ${s.path} (${s.mode.toString(8).padStart(4, '0')}): ${s.why}` : `run ${s.argv.join(' ')}: ${s.why}`)
 
+/** Runs one of install's commands; tests pass a fake one instead of running systemctl. */
+export type StepRunner = (argv: string[]) => Promise<{ code: number | null; stderr: string }>
+
+const runStep: StepRunner = (argv) => run(argv, { allowFailure: true, timeoutMs: 120_000 })
+
+/** What `--dry-run` prints: every step, then every file's contents. */
+export function printPlan(steps: Step[], say: Say): void {
+  for (const s of steps) say(`  ${describeStep(s)}`)
+  for (const s of steps) if (s.kind === 'file') say(`\n--- ${s.path}\n${s.content.trimEnd()}`)
+}
+
 /** Carries out install's steps, recording each file and its owner in the manifest for uninstall. */
-export async function applyInstall(steps: Step[], opts: { manifest: string; say: Say }): Promise<void> {
+export async function applyInstall(steps: Step[], opts: { manifest: string; say: Say; run?: StepRunner }): Promise<void> {
   const manifest = await readManifest(opts.manifest)
   for (const s of steps) {
     if (s.kind === 'file') {
@@ -56,7 +67,7 @@ export async function applyInstall(steps: Step[], opts: { manifest: string; say:
       }
       opts.say(`${changed ? 'wrote    ' : 'unchanged'} ${path}: ${s.why}`)
     } else {
-      const r = await run(s.argv, { allowFailure: true, timeoutMs: 120_000 })
+      const r = await (opts.run ?? runStep)(s.argv)
       if (r.code !== 0) throw new TincConsulError('INSTALL_STEP', `\`${s.argv.join(' ')}\` failed (${s.why}): ${r.stderr.trim() || `exit ${r.code}`}`)
       opts.say(`ran       ${s.argv.join(' ')}: ${s.why}`)
     }

@@ -153,17 +153,19 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
   }
   if (i.systemctl) {
     steps.push({ kind: 'command', argv: ['systemctl', 'daemon-reload'], why: 'systemd reads the new units' })
-    if (c)
-      steps.push(
-        { kind: 'command', argv: ['systemctl', 'enable', 'consul.service'], why: 'the agent starts at boot' },
-        { kind: 'command', argv: ['systemctl', 'restart', 'consul.service'], why: 'the agent runs with this config' },
-      )
+    // tincd first: its tinc-up makes the VPN address the agent binds to. On a node that
+    // join or init just set up, nothing runs yet, and an agent started first fails to bind.
     if (i.net && i.node?.vpnAddress) {
       const units = [`tinc@${i.net}.service`, `tinc-consul@${i.net}.service`]
       steps.push({ kind: 'command', argv: ['systemctl', 'enable', ...units], why: 'tincd and the sidecar start at boot' })
       // A restart, not --now: a tincd already running must pick up the drop-in's --logfile.
       steps.push({ kind: 'command', argv: ['systemctl', 'restart', ...units], why: 'tincd and the sidecar run with these units' })
     }
+    if (c)
+      steps.push(
+        { kind: 'command', argv: ['systemctl', 'enable', 'consul.service'], why: 'the agent starts at boot' },
+        { kind: 'command', argv: ['systemctl', 'restart', 'consul.service'], why: 'the agent runs with this config' },
+      )
   }
   return steps
 }

@@ -85,7 +85,11 @@ export interface Lab {
   tincFiles(node: string): { root: string; dir: string; pidFile: string; logFile: string }
   /** The node's stand-ins for /etc/tinc, /etc/tinc-consul and /run/tinc-consul, as init/join flags. */
   setupFlags(node: string): string[]
-  /** Runs `tinc-consul ARGS` inside a node's namespace. */
+  /**
+   * Runs `tinc-consul ARGS` inside a node's namespace. A lab node shares this machine's
+   * file system and systemd, so join and init there install nothing
+   * (TINC_CONSUL_NO_INSTALL=1) unless `env` says otherwise, with --root pointing elsewhere.
+   */
   cli(node: string, args: string[], opts?: { env?: NodeJS.ProcessEnv; allowFailure?: boolean; timeoutMs?: number }): Promise<RunResult>
   down(): void
 }
@@ -294,7 +298,8 @@ function makeLab(state: LabState): Lab {
     },
     tincFiles: (name) => tincPaths(state.runDir, findNode(plan, name)),
     setupFlags: (name) => ['--dir', tincPaths(state.runDir, findNode(plan, name)).root, '--config-dir', labConfigDir(state.runDir, name), '--run-dir', labEventsDir(state.runDir, name)],
-    cli: (name, args, opts = {}) => run([...cliArgv(), ...args], { netns: nsOf(name), env: opts.env, allowFailure: opts.allowFailure, timeoutMs: opts.timeoutMs ?? 120_000 }),
+    cli: (name, args, opts = {}) =>
+      run([...cliArgv(), ...args], { netns: nsOf(name), env: { TINC_CONSUL_NO_INSTALL: '1', ...(opts.env ?? process.env) }, allowFailure: opts.allowFailure, timeoutMs: opts.timeoutMs ?? 120_000 }),
     down() {
       if (isDown) return
       isDown = true

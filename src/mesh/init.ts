@@ -14,7 +14,8 @@ import { makeRecord, validateRecord } from './publish.ts'
 import { createNetwork, readNetwork, type NetworkWrite } from './network.ts'
 import { endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { peerHostFiles } from './peer-files.ts'
-import { decodeJson, networkRecordSchema, nodeRecordSchema, RECORD_VERSION } from './record.ts'
+import { decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, RECORD_VERSION } from './record.ts'
+import { DEFAULT_TINC_MODE, type TincMode } from '../tinc/mode.ts'
 import { namingFor, policyScopeFor } from '../services/naming.ts'
 
 export interface InitOptions {
@@ -45,6 +46,8 @@ export interface InitOptions {
   timers?: TincTimers
   /** Create the network with bare service names (Consul names = mesh names, any name writable) instead of scoped ones. */
   bareServiceNames?: boolean
+  /** tinc's mode for a new network (default router); for an existing one, it must match if given. */
+  mode?: TincMode
   progress(step: string): void
 }
 
@@ -69,8 +72,8 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
   const client = createConsulClient({ url: o.consulUrl, token: o.token })
 
   const { network, created } = await ensureNetwork(o, layout, client)
-  if (created) o.progress(`created network ${o.net} (${network.cidr}, names under .${network.domain})`)
-  else o.progress(`network ${o.net} exists (${network.cidr})`)
+  if (created) o.progress(`created network ${o.net} (${network.cidr}, names under .${network.domain}, ${networkMode(network)} mode)`)
+  else o.progress(`network ${o.net} exists (${network.cidr}, ${networkMode(network)} mode)`)
   hostRange(network.cidr)
 
   const dir = tincDirFor(o.root, o.net)
@@ -141,6 +144,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       eventsFile: eventsFileFor(o.runDir, o.net),
       splitDns: o.splitDns === false ? undefined : { domain: network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
       timers: o.timers,
+      mode: networkMode(network),
     }
     if (staging) {
       await writeSetup(staging.dir, setup)
@@ -175,7 +179,15 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
   let record = found
   if (!record) {
     // Written explicitly on every new network: a record without it means bare names (older releases).
-    record = { v: RECORD_VERSION, cidr: o.cidr ?? '', domain: o.domain, createdAt: new Date().toISOString(), serviceNames: o.bareServiceNames ? 'bare' : 'scoped' }
+    record = {
+      v: RECORD_VERSION,
+      cidr: o.cidr ?? '',
+      domain: o.domain,
+      createdAt: new Date().toISOString(),
+      serviceNames: o.bareServiceNames ? 'bare' : 'scoped',
+      // Only switch is written: absent means router, so a router network's record is what it was before the field existed.
+      ...(o.mode && o.mode !== DEFAULT_TINC_MODE ? { mode: o.mode } : {}),
+    }
     const check = networkRecordSchema.safeParse(record)
     if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
     hostRange(record.cidr)
@@ -185,6 +197,11 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
     throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
   if (!res.created && o.bareServiceNames && namingFor(o.net, res.network).mode !== 'bare')
     throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with scoped service names; --bare-service-names applies only when creating a network`)
+  if (!res.created && o.mode && networkMode(res.network) !== o.mode)
+    throw new TincConsulError(
+      'NETWORK_MISMATCH',
+      `network ${o.net} already exists in ${networkMode(res.network)} mode, not ${o.mode}; drop --mode to add this node as the network is (the mode is chosen when a network is created)`,
+    )
   return res
 }
 

@@ -1,6 +1,6 @@
 import { defaultPrefix } from './kv-layout.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
-import { writeConfig } from '../config-file.ts'
+import { configPath, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
@@ -8,6 +8,7 @@ import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
+import { networkMode } from './record.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
 import { printable } from '../util/text.ts'
 
@@ -45,6 +46,8 @@ export interface JoinResult {
   dir: string
   configPath: string
   consulServers: string[]
+  /** Whether the reply carried the Consul gossip key (a client agent needs it). */
+  gossipKey: boolean
   publicPeers: string[]
 }
 
@@ -54,18 +57,7 @@ export interface JoinResult {
  * failed join leaves nothing behind and can simply be run again.
  */
 export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
-  const inv = decodeInvite(o.invite)
-  const now = o.now ?? new Date()
-  if (inv.expiresAt <= now) throw new TincConsulError('INVITE_EXPIRED', `this invite expired at ${inv.expiresAt.toISOString()}; ask for a new one (tinc-consul invite --net ${inv.net})`)
-  const name = o.name ?? inv.name
-  if (!name) throw new UsageError('BAD_FLAG', 'give this node a --name (letters, digits and _)')
-  if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)} (letters, digits and _ only)`)
-  if (inv.name && inv.name !== name) throw new UsageError('BAD_NAME', `this invite is for "${inv.name}"; drop --name or use --name ${inv.name}`)
-
-  const dir = tincDirFor(o.root, inv.net)
-  const existing = await existingNode(dir)
-  if (existing && !o.force) throw new TincConsulError('ALREADY_JOINED', `${dir} is already set up as node "${existing.name}"; use --force to replace it (the old directory is kept beside it)`)
-
+  const { inv, name, dir } = await checkJoin(o)
   const staging = await stagingDir(dir)
   try {
     o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
@@ -105,6 +97,10 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       eventsFile: eventsFileFor(o.runDir, inv.net),
       splitDns: o.splitDns === false ? undefined : { domain: reply.network.domain, port: o.dnsPort ?? DEFAULT_DNS_PORT },
       timers: o.timers,
+      // The reply's network record says how the network runs. A join server of an older
+      // release drops the field it doesn't know, so switch networks need join servers of
+      // this release (docs/joining.md).
+      mode: networkMode(reply.network),
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
@@ -122,11 +118,54 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${configPath}`)
-    return { net: inv.net, name, address: reply.address, endpoint: reply.endpoint, dir, configPath, consulServers: reply.consul.servers, publicPeers: publicNames(peers) }
+    return {
+      net: inv.net,
+      name,
+      address: reply.address,
+      endpoint: reply.endpoint,
+      dir,
+      configPath,
+      consulServers: reply.consul.servers,
+      gossipKey: !!reply.consul.gossipKey,
+      publicPeers: publicNames(peers),
+    }
   } catch (err) {
     await staging.discard()
     throw err
   }
+}
+
+/** What a join checks before it makes a key or asks anyone: the invite, the name, and that the directory is free. */
+async function checkJoin(o: Pick<JoinOptions, 'invite' | 'name' | 'root' | 'force' | 'now'>) {
+  const inv = decodeInvite(o.invite)
+  const now = o.now ?? new Date()
+  if (inv.expiresAt <= now) throw new TincConsulError('INVITE_EXPIRED', `this invite expired at ${inv.expiresAt.toISOString()}; ask for a new one (tinc-consul invite --net ${inv.net})`)
+  const name = o.name ?? inv.name
+  if (!name) throw new UsageError('BAD_FLAG', 'give this node a --name (letters, digits and _)')
+  if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)} (letters, digits and _ only)`)
+  if (inv.name && inv.name !== name) throw new UsageError('BAD_NAME', `this invite is for "${inv.name}"; drop --name or use --name ${inv.name}`)
+
+  const dir = tincDirFor(o.root, inv.net)
+  const existing = await existingNode(dir)
+  if (existing && !o.force) throw new TincConsulError('ALREADY_JOINED', `${dir} is already set up as node "${existing.name}"; use --force to replace it (the old directory is kept beside it)`)
+  return { inv, name, dir }
+}
+
+/**
+ * `join --dry-run`: the same checks, then what the join would do, from the invite alone.
+ * The invite can't be tried without spending it (redeeming is one Consul transaction that
+ * deletes it), so nothing is generated, sent or written; the address, token, Consul
+ * servers and gossip key are the reply's and are named, not shown.
+ */
+export async function describeJoin(o: Pick<JoinOptions, 'invite' | 'name' | 'root' | 'force' | 'now' | 'keyBits' | 'configDir'>): Promise<{ net: string; name: string; lines: string[] }> {
+  const { inv, name, dir } = await checkJoin(o)
+  const lines = [
+    `generate a ${o.keyBits}-bit RSA key with tincd -K, in a staging directory beside ${dir}`,
+    `redeem the invite (this spends it) at the first of ${inv.endpoints.join(', ')} that answers, as ${name}`,
+    `write the tinc config into ${dir}${o.force ? ' (the old directory kept beside it)' : ''}: tinc.conf, hosts/ (this node and every peer in the reply), tinc-up, tinc-down and the hooks`,
+    `write ${configPath(o.configDir, inv.net)} (0600): the node's Consul token, the Consul servers and the gossip key from the reply`,
+  ]
+  return { net: inv.net, name, lines }
 }
 
 /**

@@ -29,27 +29,28 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
       const publicIp = (name: string) => lab.state.plan.nodes.find((n) => n.name === name)?.publicIp ?? '?'
       const sys = (name: string) => join(runDir, name, 'sys')
       const setup = (name: string) => [...lab.setupFlags(name), '--key-size', '2048']
-      const place = (name: string) => [
-        '--net',
-        LAB_NETNAME,
-        '--config-dir',
-        labConfigDir(runDir, name),
-        '--dir',
-        lab.tincFiles(name).root,
-        '--root',
-        sys(name),
-        '--consul-data-dir',
-        join(runDir, name, 'consul-data'),
-        '--consul-bin',
-        consulBin,
-      ]
+      // Where install's files go: init and join take the same flags for the install they finish with.
+      const installPlace = (name: string) => ['--root', sys(name), '--consul-data-dir', join(runDir, name, 'consul-data'), '--consul-bin', consulBin]
+      const place = (name: string) => ['--net', LAB_NETNAME, '--config-dir', labConfigDir(runDir, name), '--dir', lab.tincFiles(name).root, ...installPlace(name)]
+      // lab.cli installs nothing by default; here init and join install under --root (no systemctl there).
+      const installing = { ...process.env, TINC_CONSUL_NO_INSTALL: '0' }
+      /** The one command printed what to start; the test starts it the way the units would. */
+      const printsStartCommands = (name: string, out: string) => {
+        assert.match(out, /no systemctl was run/)
+        assert.match(out, new RegExp(`^  tincd -n ${LAB_NETNAME} -c ${lab.tincFiles(name).dir} --logfile`, 'm'))
+        assert.ok(out.includes(`agent -config-dir=${join(sys(name), 'etc/consul.d')} `), out)
+        assert.match(out, new RegExp(`run --net ${LAB_NETNAME} --config-dir ${labConfigDir(runDir, name)} `))
+      }
       const settings = (name: string) => join(labConfigDir(runDir, name), `${LAB_NETNAME}.env`)
 
       // What `systemctl restart consul` / `tinc-consul@lab` would do.
       const agents = new Map<string, Daemon>()
-      const restartConsul = async (name: string) => {
+      const restartConsul = async (name: string, onVpn = true) => {
         const old = agents.get(name)
         if (old) await lab.kill(old)
+        // consul.service binds the VPN address tinc-up makes, retrying (Restart=) until it exists.
+        const vpnUp = async () => ((await lab.exec(name, ['ip', '-o', '-4', 'addr', 'show'])).stdout.includes(' inet 10.99.0.') ? true : undefined)
+        if (onVpn) await waitFor(`${name}'s VPN address`, vpnUp, { timeoutMs: 30_000, intervalMs: 100 })
         agents.set(name, await lab.spawn(name, 'consul', [consulBin, 'agent', `-config-dir=${join(sys(name), 'etc/consul.d')}`]))
       }
       const sidecars = new Map<string, Daemon>()
@@ -70,7 +71,7 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
         const r = await consul(name, ['operator', 'raft', 'list-peers'], true)
         return r.code === 0 ? r.stdout : undefined
       }
-      await restartConsul('node1')
+      await restartConsul('node1', false)
       await logs(['node1'], () =>
         waitFor('the bootstrap server to elect itself', async () => ((await raftPeers('node1'))?.includes('leader') ? true : undefined), {
           timeoutMs: 60_000,
@@ -78,9 +79,12 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
         }),
       )
 
-      await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--address', publicIp('node1'), ...setup('node1')], { env: operator })
-      const moved = await lab.cli('node1', ['install', ...place('node1'), '--consul-server'], { env: operator })
+      // init finishes as `install --consul-server` would: install set up this Consul agent.
+      const moved = await lab.cli('node1', ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--address', publicIp('node1'), ...setup('node1'), ...installPlace('node1')], {
+        env: { ...operator, TINC_CONSUL_NO_INSTALL: '0' },
+      })
       assert.match(moved.stdout, /Consul server agent, bound to 10\.99\.0\.1/)
+      printsStartCommands('node1', moved.stdout)
       const agentConfig = readFileSync(join(sys('node1'), 'etc/consul.d/tinc-consul.hcl'), 'utf8')
       assert.ok(!agentConfig.includes(managementToken), "the agent runs on the node's token, not the operator's still exported from init")
       await lab.restartTincd('node1')
@@ -112,9 +116,10 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
       assert.match(open, /node2/)
       assert.match(open, /node3/)
       for (const hub of ['node2', 'node3']) {
-        await lab.cli(hub, ['join', invites[hub] ?? '', '--address', publicIp(hub), ...setup(hub)])
+        const joined = await lab.cli(hub, ['join', invites[hub] ?? '', '--address', publicIp(hub), ...setup(hub), ...installPlace(hub), '--consul-server'], { env: installing })
         assert.match(readFileSync(settings(hub), 'utf8'), /^TINC_CONSUL_GOSSIP_KEY=/m, `${hub} got the gossip key from the join`)
-        await lab.cli(hub, ['install', ...place(hub), '--consul-server'])
+        assert.match(joined.stdout, new RegExp(`Consul server agent, bound to ${vpn(hub).replace(/\./g, '\\.')}`))
+        printsStartCommands(hub, joined.stdout)
         await lab.restartTincd(hub)
         await restartConsul(hub)
         await restartSidecar(hub)
@@ -134,10 +139,11 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
       t.diagnostic(`raft peers:\n${String(three)}`)
 
       // 5. The laptop behind NAT.
+      // One command: the join, then the client agent's config and the units (docs/joining.md).
       const laptopInvite = await invite('node1', ['--name', 'node4'])
-      await lab.cli('node4', ['join', laptopInvite, ...setup('node4')])
-      const client = await lab.cli('node4', ['install', ...place('node4'), '--consul-client'])
+      const client = await lab.cli('node4', ['join', laptopInvite, ...setup('node4'), ...installPlace('node4')], { env: installing })
       assert.match(client.stdout, /Consul client agent, bound to 10\.99\.0\.4/)
+      printsStartCommands('node4', client.stdout)
       await lab.restartTincd('node4')
       await restartConsul('node4')
       await restartSidecar('node4')
@@ -147,6 +153,9 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
           intervalMs: 1000,
         }),
       )
+      const status = await lab.cli('node4', ['status', '--net', LAB_NETNAME, '--config-dir', labConfigDir(runDir, 'node4'), '--json'])
+      const self = (JSON.parse(status.stdout) as { node?: { name?: string; address?: string } }).node
+      assert.deepEqual([self?.name, self?.address], ['node4', '10.99.0.4'], `the laptop serves its status:\n${status.stdout}`)
       const oldToken = /^TINC_CONSUL_TOKEN=(.+)$/m.exec(readFileSync(settings('node4'), 'utf8'))?.[1]
       assert.ok(oldToken)
 
@@ -167,11 +176,10 @@ describe("lab: docs/deploy.md from zero, command by command, Consul only from in
       assert.notEqual(dead.code, 0, "the revoked laptop's old token no longer works")
       const rotate = await invite('node2', ['--name', 'node4'])
       await lab.kill(sidecars.get('node4') as Daemon)
-      const rejoin = await lab.cli('node4', ['join', rotate, '--force', ...setup('node4')])
+      const rejoin = await lab.cli('node4', ['join', rotate, '--force', ...setup('node4'), ...installPlace('node4')], { env: installing })
       assert.match(rejoin.stdout, /198\.18\.0\.[23]:8655/, `the join went through a hub still up:\n${rejoin.stdout}`)
       // The new join brought a new token, and the laptop's Consul agent runs on it too.
-      const reinstall = await lab.cli('node4', ['install', ...place('node4'), '--consul-client'])
-      assert.match(reinstall.stdout, /^wrote +.*tinc-consul\.hcl/m)
+      assert.match(rejoin.stdout, /^wrote +.*tinc-consul\.hcl/m)
       await lab.restartTincd('node4')
       await restartConsul('node4')
       await restartSidecar('node4')
