@@ -81,7 +81,7 @@ function inputs(o: Partial<StatusInputs> = {}): StatusInputs {
     consul: { reachable: true, lastReadAt: new Date('2026-11-22T01:59:58Z'), index: 77, failures: 0 },
     refusals: new Map([['tinc-consul/home/nodes/evil', 'key is not the pinned one']]),
     sync: { refusedTotal: 3, servicesRefusedTotal: 1, emptyReadsIgnored: 0, bytesRead: 0, applies: 5, hups: 1 },
-    dns: { queries: 10, formerr: 1, refused: 2, truncated: 0, byHelpers: 4 },
+    dns: { queries: 10, formerr: 1, refused: 2, truncated: 0, byHelpers: 4, tcpOpen: 3, tcpRefused: 5 },
     services: [{ name: 'nfs', protocol: 'tcp', instances: [{ id: 'mesh-home-nfs', node: 'alpha', address: '10.99.0.1', port: 2049, tags: [] }] }],
     allocations: new Map([['10.99.0.1', 'alpha']]),
     now: new Date('2026-11-22T02:00:00Z'),
@@ -337,6 +337,8 @@ describe('the status server', () => {
     assert.equal(samples.get('tinc_consul_records_refused_total'), 3)
     assert.equal(samples.get('tinc_consul_service_healthy_instances{service="nfs",protocol="tcp"}'), 1)
     assert.equal(samples.get('tinc_consul_dns_queries_total{outcome="answered"}'), 7)
+    assert.equal(samples.get('tinc_consul_dns_tcp_connections'), 3)
+    assert.equal(samples.get('tinc_consul_dns_tcp_refused_total'), 5)
   })
 
   test('/graph.dot and /graph.svg; without Graphviz a 501 that says what to do', async () => {

@@ -42,6 +42,8 @@ export function createMetrics(): Metrics {
     localServicesMax: g('local_services_max', 'The per-node cap on services (--max-services)'),
     healthy: g('service_healthy_instances', 'Healthy instances per service', ['service', 'protocol']),
     dns: c('dns_queries_total', 'DNS queries answered, by outcome', ['outcome']),
+    dnsTcpOpen: g('dns_tcp_connections', 'DNS over TCP connections open now'),
+    dnsTcpRefused: c('dns_tcp_refused_total', 'DNS over TCP connections refused: over the per-source or total limit'),
   }
   const setCounter = (counter: Counter, value: number, labels: Record<string, string> = {}) => {
     counter.reset()
@@ -87,6 +89,8 @@ export function createMetrics(): Metrics {
         m.dns.inc({ outcome: 'refused' }, refused)
         m.dns.inc({ outcome: 'formerr' }, formerr)
         m.dns.inc({ outcome: 'truncated' }, s.dns.truncated)
+        m.dnsTcpOpen.set(s.dns.tcpOpen ?? 0)
+        setCounter(m.dnsTcpRefused, s.dns.tcpRefused ?? 0)
       }
       return registry.metrics()
     },

@@ -33,7 +33,7 @@ export interface StatusInputs {
   consul: ConsulHealth
   refusals: ReadonlyMap<string, string>
   sync: SyncStats
-  dns?: DnsStats & { byHelpers: number }
+  dns?: DnsStats & { byHelpers: number; tcpOpen?: number; tcpRefused?: number }
   services: MeshService[]
   /** Service instances refused right now (not on a mesh node, wrong address, over the per-node cap). */
   servicesRefused?: readonly ServiceRefusal[]
@@ -103,7 +103,7 @@ export interface Status {
     servicesRefused: ServiceRefusal[]
     emptyReadsIgnored: number
   }
-  dns?: DnsStats & { byHelpers: number }
+  dns?: DnsStats & { byHelpers: number; tcpOpen?: number; tcpRefused?: number }
   services: MeshService[]
   /** This node's own services: the cap (--max-services), how many are registered, and the files refused. */
   localServices?: LocalLimits
