@@ -4,7 +4,7 @@ import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
 import { QUERY_TYPES, query } from '../dns/client.ts'
 import { hostsLines, writeHostsBlock } from '../dns/hosts-file.ts'
-import { reverseName } from '../dns/zone.ts'
+import { reverseName, reverseName6 } from '../dns/zone.ts'
 import { RCODE, rcodeName, typeName, type DecodedRR } from '../dns/wire.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { parseAliases, removeAlias, setAlias } from '../mesh/aliases.ts'
@@ -33,7 +33,7 @@ export const resolveCommand = defineCommand({
     verbose: { type: 'boolean', description: 'Also print the authority and additional sections and the flags', default: false },
   },
   async run({ args }) {
-    const rev = reverseName(args.name)
+    const rev = reverseName(args.name) ?? reverseName6(args.name)
     const typeArg = (args.type ?? (rev ? 'PTR' : 'A')).toUpperCase()
     const type = QUERY_TYPES[typeArg]
     if (type === undefined) throw new UsageError('BAD_FLAG', `--type must be one of ${Object.keys(QUERY_TYPES).join(', ')}, got ${JSON.stringify(args.type)}`)
@@ -88,7 +88,7 @@ export const hostsCommand = defineCommand({
     if (!cached) throw new TincConsulError('NO_VIEW', `no view of the mesh in ${dir} yet; start \`tinc-consul run --net ${net}\` first (or pass --state-dir)`)
     const lines = hostsLines(
       cached.network.domain,
-      cached.records.map((r) => ({ name: r.name, address: r.vpnAddress })),
+      cached.records.map((r) => ({ name: r.name, address: r.vpnAddress, address6: r.vpnAddress6 })),
     )
     const changed = await writeHostsBlock(args.file, net, lines)
     console.log(`${changed ? 'wrote' : 'kept'} ${lines.length} names in ${args.file}`)

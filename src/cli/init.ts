@@ -3,6 +3,8 @@ import { defineCommand } from 'citty'
 import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
 import { finishNode, installedConsulRole } from '../install/finish.ts'
 import { initNode } from '../mesh/init.ts'
+import { isUlaCidr6 } from '../mesh/record.ts'
+import { UsageError } from '../errors.ts'
 import { parseModeFlag } from '../tinc/mode.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
 import { consulArgs } from './common.ts'
@@ -30,6 +32,14 @@ export const initCommand = defineCommand({
         return envFlag('bare-service-names', false)
       },
     },
+    cidr6: {
+      type: 'string',
+      description: described(
+        'When creating the network: an IPv6 range inside the mesh, a unique local /64 (e.g. fd12:3456:789a::/64), or auto for a random one (RFC 4193); each node then gets a /128 too. Default: IPv4 only',
+        'cidr6',
+      ),
+      default: process.env.TINC_CONSUL_CIDR6,
+    },
     mode: {
       type: 'string',
       description: described("When creating the network: tinc's Mode on every node, router (tun, IP routing) or switch (tap, layer 2; docs/joining.md). Default router", 'mode'),
@@ -52,8 +62,9 @@ export const initCommand = defineCommand({
       joinPort: parseIntFlag('join-port', args['join-port'], 0, 65535),
       bareServiceNames: args['bare-service-names'],
       mode: parseModeFlag(args.mode),
+      cidr6: parseCidr6Flag(args.cidr6),
     })
-    console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}.`)
+    console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}${res.address6 ? ` and ${res.address6}` : ''}.`)
     // init needs a running Consul, so it installs only where install set that agent up (the
     // first server's `install --bootstrap`): then it finishes as `install` with that agent's
     // role would. Any other agent (a package's, a remote cluster, a dev agent) isn't ours to
@@ -74,3 +85,10 @@ export const initCommand = defineCommand({
     console.log(`\nOne line to give each new machine: tinc-consul invite --net ${net}`)
   },
 })
+
+/** `--cidr6`: `auto`, or a unique local /64 written canonically; empty or absent: IPv4 only. */
+export function parseCidr6Flag(value: string | undefined): string | undefined {
+  if (value === undefined || value === '') return undefined
+  if (value === 'auto' || isUlaCidr6(value)) return value
+  throw new UsageError('BAD_FLAG', `--cidr6 must be auto or a unique local /64 written canonically (for example fd12:3456:789a::/64), got ${JSON.stringify(value)}`)
+}

@@ -39,7 +39,7 @@ export const joinCommand = defineCommand({
       return
     }
     const res = await joinNetwork({ ...setup, invite: args.invite, name, consulUrl: args.consul, retryForMs: parseIntFlag('retry', args.retry, 0, 3600) * 1000 })
-    console.log(`\nJoined ${res.net} as ${res.name} with address ${res.address}.`)
+    console.log(`\nJoined ${res.net} as ${res.name} with address ${res.address}${res.address6 ? ` and ${res.address6}` : ''}.`)
     // A client agent needs the servers and the gossip key; a reply without them means the
     // network's Consul isn't one install set up, and the local agent stays the operator's.
     const role = args['consul-server'] ? 'server' : res.consulServers.length && res.gossipKey ? 'client' : undefined

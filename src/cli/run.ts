@@ -46,6 +46,7 @@ async function runSettings(args: RunArgs) {
     self,
     tincDir,
     vpnAddress: own.vpnAddress,
+    vpnAddress6: own.vpnAddress6,
     // Only public nodes serve joins: a node behind NAT can't be reached by a newcomer anyway.
     // With a node token but no join-server token, ACLs are on and this node wasn't made a
     // join server (init and `invite --serve-joins` hand one out): its token could redeem nothing.
@@ -107,7 +108,15 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     // DNS starts first and answers SERVFAIL until the first view (from the cache or Consul) arrives.
     let dns: DnsServer | undefined
     if (s.dns.enabled) {
-      const server = await startDnsServer({ hosts: withVpn(s.dns.listen), port: s.dns.port, workers: s.dns.workers, answers: s.dns.answers, tcp: s.dns.tcp, log })
+      // DNS listens on the IPv6 VPN address too (networks with cidr6), so split DNS can point there.
+      const server = await startDnsServer({
+        hosts: s.vpnAddress6 ? [...withVpn(s.dns.listen), s.vpnAddress6] : withVpn(s.dns.listen),
+        port: s.dns.port,
+        workers: s.dns.workers,
+        answers: s.dns.answers,
+        tcp: s.dns.tcp,
+        log,
+      })
       closers.push(() => server.close())
       dns = server
     }

@@ -78,7 +78,7 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     ? paint('green', `consul ok (index ${s.consul.index})`)
     : paint('red', `consul unreachable${s.consul.lastSyncAt ? `, last answer ${ago(s.consul.lastSyncAt, now)}` : ''}`)
   const head = [
-    `${paint('bold', s.node.name)} ${s.node.address ?? ''} on ${s.node.net} (${s.node.interface}${s.node.mode ? `, ${s.node.mode} mode` : ''})  ${tincd}  ${consul}`,
+    `${paint('bold', s.node.name)} ${s.node.address ?? ''}${s.node.address6 ? ` ${s.node.address6}` : ''} on ${s.node.net} (${s.node.interface}${s.node.mode ? `, ${s.node.mode} mode` : ''})  ${tincd}  ${consul}`,
     `traffic: in ${humanBytes(s.bytes.in)}, out ${humanBytes(s.bytes.out)}${s.bytes.source === 'interface' ? ' (interface counters)' : ''}${s.dns ? `   dns: ${s.dns.queries} queries` : ''}${s.consul.refused.length ? paint('yellow', `   ${s.consul.refused.length} record(s) refused`) : ''}${s.consul.pending?.length ? paint('yellow', `   ${s.consul.pending.length} record(s) unreadable`) : ''}${s.consul.servicesRefused?.length ? paint('yellow', `   ${s.consul.servicesRefused.length} service instance(s) refused`) : ''}`,
     ...(s.node.nameConflict ? [paint('red', conflictText(s.node.nameConflict))] : []),
     ...(s.node.tincConfMode ? [paint('red', modeMismatchText(s.node.tincConfMode, s.node.mode))] : []),
@@ -88,7 +88,14 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
   const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]
   const colours: Array<keyof typeof ANSI | undefined> = [undefined]
   for (const n of s.nodes) {
-    rows.push([n.name, n.address ?? '-', n.reachable === undefined ? '?' : n.reachable ? 'yes' : 'no', pathText(n), n.remote ?? '-', n.path === 'self' ? '-' : ago(n.lastChange, now)])
+    rows.push([
+      n.name,
+      n.address6 ? `${n.address ?? '-'} ${n.address6}` : (n.address ?? '-'),
+      n.reachable === undefined ? '?' : n.reachable ? 'yes' : 'no',
+      pathText(n),
+      n.remote ?? '-',
+      n.path === 'self' ? '-' : ago(n.lastChange, now),
+    ])
     colours.push(n.path === 'direct' ? 'green' : n.path === 'relayed' ? 'yellow' : n.path === 'unreachable' ? 'red' : n.path === 'self' ? 'bold' : 'dim')
   }
   const lines = alignRows(rows).map((text, i) => {

@@ -1,5 +1,5 @@
 import { createSocket } from 'node:dgram'
-import { connect } from 'node:net'
+import { connect, isIPv6 } from 'node:net'
 import { TincConsulError } from '../errors.ts'
 import { TYPE, buildQuery, decodeMessage, type DecodedMessage } from './wire.ts'
 
@@ -38,7 +38,7 @@ export async function query(name: string, type: number, opts: QueryOptions): Pro
 
 function udpExchange(msg: Buffer, opts: QueryOptions): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const sock = createSocket('udp4')
+    const sock = createSocket(isIPv6(opts.server) ? 'udp6' : 'udp4')
     const timer = setTimeout(
       () => done(new TincConsulError('DNS_TIMEOUT', `no answer from ${opts.server}:${opts.port} over UDP within ${opts.timeoutMs ?? 2000} ms (is \`tinc-consul run\` serving DNS there?)`)),
       opts.timeoutMs ?? 2000,

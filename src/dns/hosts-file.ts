@@ -9,8 +9,11 @@ import { uniqueNodes } from './zone.ts'
  * managed block in a hosts file, one block per network. Opt-in only; the rest
  * of the file is never touched.
  */
-export function hostsLines(domain: string, nodes: Array<{ name: string; address: string }>): string[] {
-  return [...uniqueNodes(nodes).byLabel].sort(([a], [b]) => a.localeCompare(b)).map(([label, n]) => `${n.address}\t${label}.${domain}`)
+export function hostsLines(domain: string, nodes: Array<{ name: string; address: string; address6?: string }>): string[] {
+  // A node with an IPv6 VPN address (networks with cidr6) gets a second line for it.
+  return [...uniqueNodes(nodes).byLabel]
+    .sort(([a], [b]) => a.localeCompare(b))
+    .flatMap(([label, n]) => [`${n.address}\t${label}.${domain}`, ...(n.address6 ? [`${n.address6}\t${label}.${domain}`] : [])])
 }
 
 /**

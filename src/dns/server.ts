@@ -1,6 +1,6 @@
 import { fork, type ChildProcess } from 'node:child_process'
 import { createSocket, type Socket as UdpSocket } from 'node:dgram'
-import { createServer, type Server, type Socket } from 'node:net'
+import { createServer, isIPv6, type Server, type Socket } from 'node:net'
 import { availableParallelism } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { bindAll, listenOn, type Binding } from '../util/listen.ts'
@@ -127,7 +127,7 @@ export function serveUdp(sock: UdpSocket, zone: () => Zone | undefined, stats: D
 }
 
 /** IP literals only: skip dgram's asynchronous resolver step on every send. */
-const literalLookup = (host: string, _family: unknown, cb: (err: Error | null, address: string, family: number) => void) => cb(null, host, 4)
+const literalLookup = (host: string, _family: unknown, cb: (err: Error | null, address: string, family: number) => void) => cb(null, host, isIPv6(host) ? 6 : 4)
 
 function resolveWorkers(w: number | 'auto' | undefined): number {
   if (w === undefined || w === 'auto') return Math.max(0, Math.min(3, availableParallelism() - 1))
@@ -202,7 +202,8 @@ function helpers(log: Logger, own: DnsStats, isClosing: () => boolean) {
  */
 async function bindPair(host: string, port: number, onTcp: (conn: Socket) => void, log: Logger): Promise<{ sock: UdpSocket; server: Server }> {
   for (let attempt = 1; ; attempt++) {
-    const sock = createSocket({ type: 'udp4', lookup: literalLookup })
+    // The IPv6 VPN address (networks with cidr6) gets a udp6 socket; everything else udp4.
+    const sock = createSocket({ type: isIPv6(host) ? 'udp6' : 'udp4', lookup: literalLookup })
     await new Promise<void>((resolve, reject) => {
       sock.once('error', reject)
       sock.bind({ port, address: host, exclusive: true }, () => {

@@ -1,3 +1,4 @@
+import ipaddr from 'ipaddr.js'
 /**
  * The DNS wire format, as much as an authoritative server for one small zone
  * needs. The hot path never decodes a whole message: it reads the header, the
@@ -122,6 +123,7 @@ export function encodeRR(rr: RR): Buffer {
 
 export const rdata = {
   a: (ip: string) => Buffer.from(ip.split('.').map(Number)),
+  aaaa: (ip: string) => Buffer.from(ipaddr.IPv6.parse(ip).toByteArray()),
   name: (n: string) => encodeName(n),
   txt: (strings: string[]) => Buffer.concat(strings.map((s) => Buffer.concat([Buffer.from([Math.min(255, Buffer.byteLength(s))]), Buffer.from(s).subarray(0, 255)]))),
   srv: (priority: number, weight: number, port: number, target: string) => {
@@ -333,7 +335,7 @@ function present(r: ReturnType<typeof messageReader>, type: number, p: number, l
     case TYPE.A:
       return len === 4 ? [...rd].join('.') : rd.toString('hex')
     case TYPE.AAAA:
-      return len === 16 ? (rd.toString('hex').match(/.{4}/g) ?? []).join(':') : rd.toString('hex')
+      return len === 16 ? ipaddr.fromByteArray([...rd]).toString() : rd.toString('hex')
     case TYPE.NS:
     case TYPE.CNAME:
     case TYPE.PTR:

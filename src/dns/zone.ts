@@ -1,4 +1,5 @@
 import { isIPv4 } from 'node:net'
+import ipaddr from 'ipaddr.js'
 import { DEFAULT_ANSWER_LIMITS, type AnswerLimits } from './limits.ts'
 import { OPT_RR, RCODE, TYPE, prepare, rdata, type Prepared, type RR } from './wire.ts'
 
@@ -12,6 +13,8 @@ import { OPT_RR, RCODE, TYPE, prepare, rdata, type Prepared, type RR } from './w
 export interface ZoneNode {
   name: string
   address: string
+  /** The IPv6 VPN address, in networks with an IPv6 range: an AAAA record and an ip6.arpa PTR. */
+  address6?: string
   public: boolean
   fingerprint: string
 }
@@ -40,6 +43,8 @@ export interface ZoneAlias {
 export interface ZoneInput {
   domain: string
   cidr: string
+  /** The network's IPv6 range (a /64): its ip6.arpa zone is served too. */
+  cidr6?: string
   /** This node: the zone's NS and SOA name. */
   self: string
   nodes: ZoneNode[]
@@ -85,6 +90,22 @@ export function aliasTarget(target: string, domain: string): string | undefined 
 /** `10.99.0.7` → `7.0.99.10.in-addr.arpa`, or undefined for anything but an IPv4 address. */
 export function reverseName(address: string): string | undefined {
   return isIPv4(address) ? `${address.split('.').reverse().join('.')}.in-addr.arpa` : undefined
+}
+
+/** `fd12::7` → its 32 nibbles reversed under ip6.arpa, or undefined for anything but an IPv6 address. */
+export function reverseName6(address: string): string | undefined {
+  if (!ipaddr.IPv6.isValid(address) || ipaddr.IPv4.isValidFourPartDecimal(address)) return undefined
+  const hex = Buffer.from(ipaddr.IPv6.parse(address).toByteArray()).toString('hex')
+  return `${[...hex].reverse().join('.')}.ip6.arpa`
+}
+
+/** The ip6.arpa zone of an IPv6 range, at the nibble boundary at or above its prefix. */
+export function reverseZone6(cidr6: string): string {
+  const [addr, bits] = ipaddr.IPv6.parseCIDR(cidr6)
+  const nibbles = Buffer.from(addr.toByteArray())
+    .toString('hex')
+    .slice(0, Math.floor(bits / 4))
+  return `${[...nibbles].reverse().join('.')}.ip6.arpa`
 }
 
 /**
@@ -135,6 +156,8 @@ interface Builder {
   input: ZoneInput
   apex: string
   rev: string
+  /** The ip6.arpa zone, in networks with an IPv6 range. */
+  rev6: string | undefined
   serviceApex: string
   sets: Sets
   /** Each node's A record under its own name: what SRV answers carry as additional data. */
@@ -153,12 +176,13 @@ export function buildZone(input: ZoneInput, limits: AnswerLimits = DEFAULT_ANSWE
   const table = encode(b, aliases, limits.maxAnswerBytes - REPLY_OVERHEAD)
 
   const negative = new Map<string, { nx: Prepared; nodata: Prepared }>()
-  for (const zone of [b.apex, b.rev]) negative.set(zone, { nx: prepare(RCODE.NXDOMAIN, [], [b.soa(zone)]), nodata: prepare(RCODE.NOERROR, [], [b.soa(zone)]) })
+  for (const zone of zonesOf(b)) negative.set(zone, { nx: prepare(RCODE.NXDOMAIN, [], [b.soa(zone)]), nodata: prepare(RCODE.NOERROR, [], [b.soa(zone)]) })
   // RFC 8482: answer ANY with one small record instead of everything.
   const any = prepare(RCODE.NOERROR, [{ name: null, type: TYPE.HINFO, ttl: input.ttl.node, data: rdata.hinfo('RFC8482', '') }])
   const zoneOf = (name: string): string | undefined => {
     if (name === b.apex || name.endsWith(`.${b.apex}`)) return b.apex
     if (name === b.rev || name.endsWith(`.${b.rev}`)) return b.rev
+    if (b.rev6 && (name === b.rev6 || name.endsWith(`.${b.rev6}`))) return b.rev6
     return undefined
   }
   return {
@@ -182,6 +206,7 @@ function newBuilder(input: ZoneInput): Builder {
     input,
     apex,
     rev: reverseZone(input.cidr),
+    rev6: input.cidr6 ? reverseZone6(input.cidr6) : undefined,
     serviceApex: `service.${apex}`,
     sets,
     glue: new Map(),
@@ -195,14 +220,17 @@ function newBuilder(input: ZoneInput): Builder {
     },
     soa: (zone) => ({ name: zone, type: TYPE.SOA, ttl: input.ttl.negative, data: rdata.soa(selfName, `hostmaster.${apex}`, input.serial, 3600, 600, 86400, input.ttl.negative) }),
   }
-  for (const zone of [apex, b.rev]) {
+  for (const zone of zonesOf(b)) {
     b.add(zone, { ...b.soa(zone), name: null })
     b.add(zone, { name: null, type: TYPE.NS, ttl: input.ttl.node, data: rdata.name(selfName) })
   }
   return b
 }
 
-/** A, TXT and PTR for every node with a name of its own; returns those nodes by label. */
+/** The zones served: the domain, the in-addr.arpa zone and, with an IPv6 range, its ip6.arpa zone. */
+const zonesOf = (b: Pick<Builder, 'apex' | 'rev' | 'rev6'>): string[] => [b.apex, b.rev, ...(b.rev6 ? [b.rev6] : [])]
+
+/** A, AAAA, TXT and PTR for every node with a name of its own; returns those nodes by label. */
 function addNodes(b: Builder): Map<string, ZoneNode> {
   const nodes = uniqueNodes(b.input.nodes)
   b.skipped.push(...nodes.skipped)
@@ -215,6 +243,12 @@ function addNodes(b: Builder): Map<string, ZoneNode> {
     b.add(fqdn, { name: null, type: TYPE.TXT, ttl, data: rdata.txt([n.public ? 'public' : 'behind NAT', `tinc=${n.name}`, `key=${n.fingerprint}`]) })
     const ptr = reverseName(n.address)
     if (ptr?.endsWith(`.${b.rev}`)) b.add(ptr, { name: null, type: TYPE.PTR, ttl, data: rdata.name(fqdn) })
+    // Only a node with an IPv6 address has AAAA; the others answer AAAA with NODATA, as before.
+    const ptr6 = n.address6 === undefined ? undefined : reverseName6(n.address6)
+    if (n.address6 !== undefined && b.rev6 && ptr6?.endsWith(`.${b.rev6}`)) {
+      b.add(fqdn, { name: null, type: TYPE.AAAA, ttl, data: rdata.aaaa(n.address6) })
+      b.add(ptr6, { name: null, type: TYPE.PTR, ttl, data: rdata.name(fqdn) })
+    }
   }
   return nodes.byLabel
 }
@@ -304,10 +338,10 @@ function checkAliases(b: Builder): Map<string, string> {
   return targets
 }
 
-/** Empty non-terminals (service.mesh, the in-addr.arpa labels between a host and the zone) answer NODATA, not NXDOMAIN. */
+/** Empty non-terminals (service.mesh, the in-addr.arpa and ip6.arpa labels between a host and the zone) answer NODATA, not NXDOMAIN. */
 function addEmptyNonTerminals(b: Builder): void {
   for (const name of [...b.sets.keys()]) {
-    const zone = name.endsWith(b.rev) ? b.rev : b.apex
+    const zone = name.endsWith(b.rev) ? b.rev : b.rev6 && name.endsWith(b.rev6) ? b.rev6 : b.apex
     for (let i = name.indexOf('.'); i >= 0 && name.length - i - 1 > zone.length; i = name.indexOf('.', i + 1)) if (!b.sets.has(name.slice(i + 1))) b.sets.set(name.slice(i + 1), new Map())
   }
   if (!b.sets.has(b.serviceApex)) b.sets.set(b.serviceApex, new Map())

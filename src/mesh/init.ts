@@ -1,4 +1,6 @@
+import { randomBytes } from 'node:crypto'
 import { existsSync, readFileSync } from 'node:fs'
+import ipaddr from 'ipaddr.js'
 import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
 import { b64, createConsulClient, type ConsulClient, type TxnOp } from '../consul/client.ts'
@@ -9,12 +11,12 @@ import { TincConsulError, UsageError } from '../errors.ts'
 import { keyFingerprint, parseHostFile } from '../tinc/hostfile.ts'
 import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
 import { isTincName } from '../tinc/names.ts'
-import { allocateAddress, hostRange, intToIp } from './ipam.ts'
+import { allocateAddress, firstAddress6, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { createNetwork, readNetwork, type NetworkWrite } from './network.ts'
 import { endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { peerHostFiles } from './peer-files.ts'
-import { decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, RECORD_VERSION } from './record.ts'
+import { decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
 import { DEFAULT_TINC_MODE, type TincMode } from '../tinc/mode.ts'
 import { namingFor, policyScopeFor } from '../services/naming.ts'
 
@@ -48,11 +50,18 @@ export interface InitOptions {
   bareServiceNames?: boolean
   /** tinc's mode for a new network (default router); for an existing one, it must match if given. */
   mode?: TincMode
+  /**
+   * The IPv6 range for a new network: a ULA /64, or `auto` for a random one (RFC 4193). Absent:
+   * IPv4 only. For an existing network it must match if given.
+   */
+  cidr6?: string
   progress(step: string): void
 }
 
 export interface InitResult {
   address: string
+  /** The IPv6 VPN address, in networks with an IPv6 range. */
+  address6?: string
   createdNetwork: boolean
   newKey: boolean
   dir: string
@@ -92,30 +101,8 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       publicKey = await generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
     }
 
-    const nodeKey = layout.node(o.name)
-    const current = await client.kvGet(nodeKey)
-    const currentRecord = current && decodeJson(current.value, nodeRecordSchema)
-    if (current && currentRecord?.ok && currentRecord.value.fingerprint !== keyFingerprint(publicKey)) {
-      throw new TincConsulError('NAME_TAKEN', `"${o.name}" is already in the network with another key; pick another --name, or \`tinc-consul revoke ${o.name}\` first`)
-    }
-    const joinPort = o.joinPort > 0 ? o.joinPort : undefined
-    const recordFor = (address: string) => makeRecord({ name: o.name, vpnAddress: address, addresses: o.addresses, port: o.port, publicKey, joinPort })
-    // Checked before anything is written; any address the allocation hands out passes the same checks.
-    const refused = validateRecord(recordFor(intToIp(hostRange(network.cidr).first)), network)
-    if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${refused}`)
-    const res = await allocateAddress({
-      client,
-      layout,
-      cidr: network.cidr,
-      name: o.name,
-      with: (address): TxnOp[] => [
-        { KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address))), Index: current?.modifyIndex ?? 0 } },
-        // Listed as a join server from the start, so an invite made before `run` is up finds it.
-        ...(joinPort && o.addresses.length ? [{ KV: { Verb: 'set', Key: layout.joinEndpoint(o.name), Value: b64(joinEndpointsValue(endpointsFor(o.addresses, joinPort))) } }] : []),
-      ],
-    })
-    if (!res.ok) throw new TincConsulError('NAME_RACE', `"${o.name}" was written by someone else meanwhile; run init again`)
-    o.progress(`address ${res.address} reserved and record published`)
+    const res = await reserveAndPublish(o, { layout, client, network, publicKey })
+    o.progress(`address ${res.address}${res.address6 ? ` and ${res.address6}` : ''} reserved and record published`)
 
     const acl = await aclsEnabled(client)
     const previous = existsSync(configPath(o.configDir, o.net)) ? parseConfig(readFileSync(configPath(o.configDir, o.net), 'utf8'), configPath(o.configDir, o.net)) : {}
@@ -123,17 +110,18 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
     let joinToken = reuse ? previous.TINC_CONSUL_JOIN_TOKEN : undefined
     if (acl) {
       nodeToken ??= (await createNodeToken(client, policyScopeFor(layout, o.net, network), o.name)).secretId
-      if (joinPort) joinToken ??= (await createJoinServerToken(client, layout, o.name)).secretId
-      o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${joinPort ? '; the join endpoint has its own token' : ''}`)
+      if (o.joinPort > 0) joinToken ??= (await createJoinServerToken(client, layout, o.name)).secretId
+      o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${o.joinPort > 0 ? '; the join endpoint has its own token' : ''}`)
     }
 
-    const judged = await peerHostFiles(client, layout, network, { name: o.name, vpnAddress: res.address, fingerprint: keyFingerprint(publicKey) })
+    const judged = await peerHostFiles(client, layout, network, { name: o.name, vpnAddress: res.address, vpnAddress6: res.address6, fingerprint: keyFingerprint(publicKey) })
     for (const r of judged.refusals) o.progress(`left out ${r.key}: ${r.reason}`)
     const peers = judged.files
     const setup = {
       net: o.net,
       name: o.name,
       address: res.address,
+      address6: res.address6,
       prefixLength: hostRange(network.cidr).prefixLength,
       port: o.port,
       publicAddresses: o.addresses,
@@ -162,11 +150,45 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
     })
     o.progress(`daemon settings written to ${cfg}`)
-    return { address: res.address, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }
+    return { address: res.address, address6: res.address6, createdNetwork: created, newKey: !reuse, dir, configPath: cfg, acl }
   } catch (err) {
     await staging?.discard()
     throw err
   }
+}
+
+/**
+ * Reserves this node's addresses (IPv4, and IPv6 where the network has a range) and writes its
+ * record, in one transaction: a name taken meanwhile leaves nothing reserved.
+ */
+async function reserveAndPublish(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; publicKey: string }): Promise<{ address: string; address6?: string }> {
+  const { layout, client, network, publicKey } = c
+  const nodeKey = layout.node(o.name)
+  const current = await client.kvGet(nodeKey)
+  const currentRecord = current && decodeJson(current.value, nodeRecordSchema)
+  if (current && currentRecord?.ok && currentRecord.value.fingerprint !== keyFingerprint(publicKey)) {
+    throw new TincConsulError('NAME_TAKEN', `"${o.name}" is already in the network with another key; pick another --name, or \`tinc-consul revoke ${o.name}\` first`)
+  }
+  const joinPort = o.joinPort > 0 ? o.joinPort : undefined
+  const recordFor = (address: string, address6: string | undefined) =>
+    makeRecord({ name: o.name, vpnAddress: address, vpnAddress6: address6, addresses: o.addresses, port: o.port, publicKey, joinPort })
+  // Checked before anything is written; any address the allocation hands out passes the same checks.
+  const refused = validateRecord(recordFor(intToIp(hostRange(network.cidr).first), firstAddress6(network.cidr6)), network)
+  if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our record would be refused by peers: ${refused}`)
+  const res = await allocateAddress({
+    client,
+    layout,
+    cidr: network.cidr,
+    cidr6: network.cidr6,
+    name: o.name,
+    with: (address, address6): TxnOp[] => [
+      { KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address, address6))), Index: current?.modifyIndex ?? 0 } },
+      // Listed as a join server from the start, so an invite made before `run` is up finds it.
+      ...(joinPort && o.addresses.length ? [{ KV: { Verb: 'set', Key: layout.joinEndpoint(o.name), Value: b64(joinEndpointsValue(endpointsFor(o.addresses, joinPort))) } }] : []),
+    ],
+  })
+  if (!res.ok) throw new TincConsulError('NAME_RACE', `"${o.name}" was written by someone else meanwhile; run init again`)
+  return res
 }
 
 /**
@@ -187,6 +209,7 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
       serviceNames: o.bareServiceNames ? 'bare' : 'scoped',
       // Only switch is written: absent means router, so a router network's record is what it was before the field existed.
       ...(o.mode && o.mode !== DEFAULT_TINC_MODE ? { mode: o.mode } : {}),
+      ...(o.cidr6 ? { cidr6: o.cidr6 === 'auto' ? randomUla64() : o.cidr6 } : {}),
     }
     const check = networkRecordSchema.safeParse(record)
     if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
@@ -202,7 +225,23 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
       'NETWORK_MISMATCH',
       `network ${o.net} already exists in ${networkMode(res.network)} mode, not ${o.mode}; drop --mode to add this node as the network is (the mode is chosen when a network is created)`,
     )
+  if (!res.created && o.cidr6 && o.cidr6 !== 'auto' && res.network.cidr6 !== o.cidr6)
+    throw new TincConsulError(
+      'NETWORK_MISMATCH',
+      `network ${o.net} already exists ${res.network.cidr6 ? `with IPv6 range ${res.network.cidr6}` : 'without an IPv6 range'}, not ${o.cidr6}; drop --cidr6 (the range is chosen when a network is created)`,
+    )
+  if (!res.created && o.cidr6 === 'auto' && !res.network.cidr6)
+    throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists without an IPv6 range; drop --cidr6 (the range is chosen when a network is created)`)
   return res
+}
+
+/**
+ * A random RFC 4193 range: fd00::/8, a 40-bit Global ID from the system's RNG, and subnet 0, so
+ * two networks merged later (or a site's own ULA) almost surely don't overlap.
+ */
+export function randomUla64(): string {
+  const [g0 = 0, g1 = 0, g2 = 0, g3 = 0, g4 = 0] = randomBytes(5)
+  return `${new ipaddr.IPv6([0xfd00 + g0, g1 * 256 + g2, g3 * 256 + g4, 0, 0, 0, 0, 0]).toRFC5952String()}/64`
 }
 
 export const eventsFileFor = (runDir: string, net: string): string => join(runDir, net, 'tinc-events')

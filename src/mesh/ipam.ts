@@ -5,7 +5,7 @@ import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { TincConsulError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
-import { decodeJson } from './record.ts'
+import { canonicalIpv6, decodeJson } from './record.ts'
 
 /**
  * VPN address allocation. `ipam/<address>` names the node holding an address;
@@ -17,6 +17,10 @@ import { decodeJson } from './record.ts'
  * Revocation keeps the entry but marks it released: anyone may take a released
  * address, but fresh ones go first, so a node that re-joins under the same
  * name usually gets its old address back.
+ *
+ * A network with an IPv6 range (`cidr6`) gives each node a /128 as well, held
+ * the same way under `ipam/<address6>` (RFC 5952 form, e.g. `ipam/fd12:3456:789a:1::1`;
+ * ':' is valid in a KV key) and reserved in the same transaction as the IPv4 one.
  */
 export const ipamEntrySchema = z
   .object({
@@ -84,6 +88,41 @@ export function* candidates(range: IpRange, name: string, held: Map<string, Held
   for (const h of released) yield { address: h.address, index: h.index }
 }
 
+/** How far into a /64 fresh IPv6 addresses are looked for: far beyond any mesh's size, and a bound on the walk. */
+const V6_SCAN = 1n << 20n
+
+/**
+ * IPv6 addresses to try for `name`, best first, as `candidates` orders IPv4 ones: the one this
+ * name holds or held, then the lowest never-used hosts of the /64 (`::1` up), then released ones.
+ */
+export function* candidates6(cidr6: string, name: string, held: Map<string, HeldAddress>): Generator<{ address: string; index: number }> {
+  const range = ipaddr.IPv6.parseCIDR(cidr6)
+  const inside = (a: string) => a.includes(':') && ipaddr.IPv6.parse(a).match(range)
+  const mine = [...held.values()].filter((h) => h.entry?.name === name && inside(h.address)).sort((a, b) => Number(a.entry?.releasedAt !== undefined) - Number(b.entry?.releasedAt !== undefined))
+  for (const h of mine) yield { address: h.address, index: h.index }
+  const base = ipaddr.IPv6.networkAddressFromCIDR(cidr6)
+    .toByteArray()
+    .reduce((n, b) => n * 256n + BigInt(b), 0n)
+  for (let n = 1n; n < V6_SCAN; n++) {
+    const ip = bigIntToIpv6(base + n)
+    if (!held.has(ip)) yield { address: ip, index: 0 }
+  }
+  for (const h of held.values()) if (h.entry?.releasedAt !== undefined && h.entry.name !== name && inside(h.address)) yield { address: h.address, index: h.index }
+}
+
+/** The first host of an IPv6 range (`::1`), for checking a record before its address is known. */
+export function firstAddress6(cidr6: string | undefined): string | undefined {
+  if (!cidr6) return undefined
+  const parts = ipaddr.IPv6.networkAddressFromCIDR(cidr6).parts
+  parts[7] = 1
+  return new ipaddr.IPv6(parts).toRFC5952String()
+}
+
+function bigIntToIpv6(n: bigint): string {
+  const parts = Array.from({ length: 8 }, (_, i) => Number((n >> BigInt(16 * (7 - i))) & 0xffffn))
+  return new ipaddr.IPv6(parts).toRFC5952String()
+}
+
 export async function readIpam(client: ConsulClient, layout: KvLayout): Promise<Map<string, HeldAddress>> {
   return parseIpam((await client.kvList(layout.ipamPrefix)).items, layout)
 }
@@ -93,7 +132,7 @@ export function parseIpam(items: KvItem[], layout: KvLayout): Map<string, HeldAd
   const held = new Map<string, HeldAddress>()
   for (const item of items) {
     const address = item.key.slice(layout.ipamPrefix.length)
-    if (!ipaddr.IPv4.isValidFourPartDecimal(address)) continue
+    if (!ipaddr.IPv4.isValidFourPartDecimal(address) && canonicalIpv6(address) !== address) continue
     const d = decodeJson(item.value, ipamEntrySchema, 1024)
     held.set(address, { address, index: item.modifyIndex, entry: d.ok ? d.value : undefined })
   }
@@ -105,15 +144,17 @@ export function activeHolders(held: Map<string, HeldAddress>): Map<string, strin
   return new Map([...held.values()].flatMap((h) => (h.entry && !h.entry.releasedAt ? [[h.address, h.entry.name] as [string, string]] : [])))
 }
 
-export type AllocateResult = { ok: true; address: string } | { ok: false; op: number; what: string }
+export type AllocateResult = { ok: true; address: string; address6?: string } | { ok: false; op: number; what: string }
 
 export interface AllocateOptions {
   client: ConsulClient
   layout: KvLayout
   cidr: string
+  /** The network's IPv6 range: reserve a /128 from it too, in the same transaction. */
+  cidr6?: string
   name: string
-  /** Operations that must succeed together with the reservation, built for a given address. */
-  with?(address: string): TxnOp[]
+  /** Operations that must succeed together with the reservation, built for the given addresses. */
+  with?(address: string, address6: string | undefined): TxnOp[]
   now?: Date
 }
 
@@ -126,16 +167,29 @@ export interface AllocateOptions {
 export async function allocateAddress(opts: AllocateOptions): Promise<AllocateResult> {
   const range = hostRange(opts.cidr)
   const value = b64(JSON.stringify({ name: opts.name, at: (opts.now ?? new Date()).toISOString() } satisfies IpamEntry))
+  const reserve = (address: string, index: number): TxnOp => ({ KV: { Verb: 'cas', Key: opts.layout.ipam(address), Value: value, Index: index } })
   for (let listing = 0; listing < 5; listing++) {
     const held = await readIpam(opts.client, opts.layout)
+    const v6 = opts.cidr6 ? candidates6(opts.cidr6, opts.name, held) : undefined
+    let c6 = v6?.next().value ?? undefined
+    if (v6 && !c6) throw new TincConsulError('IPAM_FULL', `no free address left in ${opts.cidr6}`)
     let tries = 0
-    for (const c of candidates(range, opts.name, held)) {
+    const v4 = candidates(range, opts.name, held)
+    let c = v4.next().value ?? undefined
+    while (c) {
       // After a run of lost races the listing is stale: read it again rather than walk it.
       if (++tries > 32) break
-      const res = await opts.client.txn([{ KV: { Verb: 'cas', Key: opts.layout.ipam(c.address), Value: value, Index: c.index } }, ...(opts.with?.(c.address) ?? [])])
-      if (res.ok) return { ok: true, address: c.address }
-      const failed = res.errors.find((e) => e.OpIndex !== 0)
-      if (failed) return { ok: false, op: failed.OpIndex - 1, what: failed.What }
+      const own = [reserve(c.address, c.index), ...(c6 ? [reserve(c6.address, c6.index)] : [])]
+      const res = await opts.client.txn([...own, ...(opts.with?.(c.address, c6?.address) ?? [])])
+      if (res.ok) return { ok: true, address: c.address, ...(c6 ? { address6: c6.address } : {}) }
+      const failed = res.errors.find((e) => e.OpIndex >= own.length)
+      if (failed) return { ok: false, op: failed.OpIndex - own.length, what: failed.What }
+      // Another node won one of the two addresses: only that one moves on to its next candidate.
+      if (res.errors.some((e) => e.OpIndex === 0)) c = v4.next().value ?? undefined
+      if (c6 && res.errors.some((e) => e.OpIndex === 1)) {
+        c6 = v6?.next().value ?? undefined
+        if (!c6) throw new TincConsulError('IPAM_FULL', `no free address left in ${opts.cidr6}`)
+      }
     }
     if (tries === 0) throw new TincConsulError('IPAM_FULL', `no free address left in ${opts.cidr}`)
   }

@@ -6,7 +6,7 @@ import { TincConsulError } from '../errors.ts'
 import { keyFingerprint } from '../tinc/hostfile.ts'
 import type { Logger } from '../log.ts'
 import { peerHostFiles } from './peer-files.ts'
-import { allocateAddress, hostRange, intToIp } from './ipam.ts'
+import { allocateAddress, firstAddress6, hostRange, intToIp } from './ipam.ts'
 import { storedInviteSchema, type StoredInvite } from './invite.ts'
 import { Refusal, authenticate, type Authenticated } from './join-auth.ts'
 import { replySealer } from './join-crypto.ts'
@@ -117,13 +117,13 @@ async function checkRequest(opts: JoinBrokerOptions, { h, found, req }: Authenti
   if (found.inv.serveJoins && req.addresses.length === 0) throw new Refusal('this invite is for a public node that serves joins: give --address')
   // Judge the record as peers will before anything is written: only its address is still
   // open, and any address the allocation can hand out passes the same checks.
-  const refused = validateRecord(recordFor(h.name, req, intToIp(hostRange(network.value.cidr).first)), network.value)
+  const refused = validateRecord(recordFor(h.name, req, intToIp(hostRange(network.value.cidr).first), firstAddress6(network.value.cidr6)), network.value)
   if (refused) throw new Refusal(`the new node's record would be refused by peers: ${refused}`)
   return network.value
 }
 
-const recordFor = (name: string, req: Authenticated<FoundInvite>['req'], address: string) =>
-  makeRecord({ name, vpnAddress: address, addresses: req.addresses, port: req.port, publicKey: req.publicKey })
+const recordFor = (name: string, req: Authenticated<FoundInvite>['req'], address: string, address6?: string) =>
+  makeRecord({ name, vpnAddress: address, vpnAddress6: address6, addresses: req.addresses, port: req.port, publicKey: req.publicKey })
 
 async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed: Authenticated<FoundInvite>): Promise<Buffer> {
   const { h, header, found, req, sealKey } = authed
@@ -131,10 +131,10 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
   const sealReply = replySealer(sealKey, header, Buffer.from(req.epk, 'base64url'))
   // Everything the reply needs is read before the transaction: once it has spent the invite,
   // a failed read could only leave the joiner with a used invite and a taken name.
-  // The reply carries each peer's file as its record has it, Subnet line included, whatever the
-  // network's mode: the joiner checks every file as a record (which needs the VPN address) and
+  // The reply carries each peer's file as its record has it, the /32 Subnet line included, whatever
+  // the network's mode: the joiner checks every file as a record (which needs the VPN address) and
   // renders it for the mode itself, and a joiner of an older release expects that form.
-  const judged = await peerHostFiles(opts.client, opts.layout, network, { name: h.name, fingerprint: keyFingerprint(req.publicKey) }, 'router')
+  const judged = await peerHostFiles(opts.client, opts.layout, network, { name: h.name, fingerprint: keyFingerprint(req.publicKey) }, 'record')
   if (judged.refusals.length) log.info({ name: h.name, left: judged.refusals.map((r) => `${r.key}: ${r.reason}`) }, "records left out of a joiner's host files")
   // Peers refuse a newcomer whose name differs from an established one only in case.
   const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())
@@ -149,11 +149,12 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
       client: opts.client,
       layout: opts.layout,
       cidr: network.cidr,
+      cidr6: network.cidr6,
       name: h.name,
-      with: (address) => [
+      with: (address, address6) => [
         // Single use: if another redemption got here first, this whole transaction rolls back.
         { KV: { Verb: 'delete-cas', Key: found.kvKey, Index: found.modifyIndex } },
-        { KV: { Verb: 'cas', Key: opts.layout.node(h.name), Value: b64(JSON.stringify(recordFor(h.name, req, address))), Index: 0 } },
+        { KV: { Verb: 'cas', Key: opts.layout.node(h.name), Value: b64(JSON.stringify(recordFor(h.name, req, address, address6))), Index: 0 } },
         // A new join server is listed at once, on the default port; its own broker corrects
         // the entry when it starts if it serves elsewhere.
         ...(found.inv.serveJoins ? [{ KV: { Verb: 'set', Key: opts.layout.joinEndpoint(h.name), Value: b64(joinEndpointsValue(endpointsFor(req.addresses, DEFAULT_JOIN_PORT))) } }] : []),
@@ -165,6 +166,8 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
       v: 1,
       name: h.name,
       address: res.address,
+      // Only in networks with an IPv6 range: a joiner of an older release refuses a reply field it doesn't know.
+      ...(res.address6 ? { address6: res.address6 } : {}),
       network,
       prefix: opts.layout.prefix,
       hostFiles: judged.files,

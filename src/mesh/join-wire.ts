@@ -73,6 +73,8 @@ export const joinReplySchema = z
     v: z.literal(1),
     name: z.string().refine(isTincName),
     address: z.ipv4(),
+    /** The joiner's IPv6 VPN address, in networks with an IPv6 range (network.cidr6). */
+    address6: z.ipv6().optional(),
     network: networkRecordSchema,
     prefix: z.string().max(200),
     /** Host-file text of every other node, by name; checked again by the joiner before writing. */

@@ -8,7 +8,7 @@ import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
 import { decodeInvite } from './invite.ts'
-import { networkMode } from './record.ts'
+import { checkVpnAddress6, networkMode } from './record.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
 import { printable } from '../util/text.ts'
 
@@ -42,6 +42,8 @@ export interface JoinResult {
   net: string
   name: string
   address: string
+  /** The IPv6 VPN address, in networks with an IPv6 range. */
+  address6?: string
   endpoint: string
   dir: string
   configPath: string
@@ -75,7 +77,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     // than written into this node's settings.
     const prefix = inv.prefix ?? defaultPrefix(inv.net)
     if (reply.prefix !== prefix) throw new TincConsulError('JOIN_BAD_REPLY', `the join server answered for KV prefix "${printable(reply.prefix)}", but the invite is for "${printable(prefix)}"`)
-    o.progress(`joined as ${name} with address ${reply.address}`)
+    o.progress(`joined as ${name} with address ${reply.address}${reply.address6 ? ` and ${reply.address6}` : ''}`)
     const peers: Record<string, string> = {}
     for (const [peer, text] of Object.entries(reply.hostFiles)) {
       if (peer === name) continue
@@ -83,10 +85,13 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       if (clean) peers[peer] = clean
     }
     const range = hostRange(reply.network.cidr)
+    const bad6 = reply.address6 === undefined ? undefined : checkVpnAddress6(reply.address6, reply.network)
+    if (bad6) throw new TincConsulError('JOIN_BAD_REPLY', `the join server handed out an unusable address: ${bad6}`)
     await writeSetup(staging.dir, {
       net: inv.net,
       name,
       address: reply.address,
+      address6: reply.address6,
       prefixLength: range.prefixLength,
       port: o.port,
       publicAddresses: o.addresses,
@@ -122,6 +127,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       net: inv.net,
       name,
       address: reply.address,
+      address6: reply.address6,
       endpoint: reply.endpoint,
       dir,
       configPath,

@@ -6,7 +6,7 @@ import { revokedFrom } from './revoke.ts'
 import { activeHolders, parseIpam } from './ipam.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { reconcile, type NodeEntry, type OwnIdentity, type Refusal } from './reconcile.ts'
-import { networkMode, type NetworkRecord } from './record.ts'
+import { networkMode, type AcceptedPeer, type NetworkRecord } from './record.ts'
 import type { TincMode } from '../tinc/mode.ts'
 
 export interface PeerFiles {
@@ -25,10 +25,10 @@ export interface PeerFiles {
  * would otherwise only remove after its first complete read. Public ones become ConnectTo
  * entries; the rest let the new node route to nodes behind NAT (StrictSubnets) before its
  * daemon has synced. Files are rendered for `mode`, the network's unless the caller asks for
- * another (the join reply). Without a fresh read of ipam/ and revoked/ nothing can be judged, so a
+ * the record form (the join reply). Without a fresh read of ipam/ and revoked/ nothing can be judged, so a
  * failed or ACL-filtered read is an error, never a skipped check.
  */
-export async function peerHostFiles(client: ConsulClient, layout: KvLayout, network: NetworkRecord, self: OwnIdentity, mode: TincMode = networkMode(network)): Promise<PeerFiles> {
+export async function peerHostFiles(client: ConsulClient, layout: KvLayout, network: NetworkRecord, self: OwnIdentity, mode: TincMode | 'record' = networkMode(network)): Promise<PeerFiles> {
   const [nodes, ipam, revoked] = await Promise.all([readAll(client, layout.nodesPrefix), readAll(client, layout.ipamPrefix), readAll(client, layout.revokedPrefix)])
   const entries = new Map<string, NodeEntry>(nodes.map((i) => [i.key, { state: 'value', value: i.value, createIndex: i.createIndex }]))
   const result = reconcile(undefined, {
@@ -44,8 +44,17 @@ export async function peerHostFiles(client: ConsulClient, layout: KvLayout, netw
     trustNewKeys: true,
   })
   const files: Record<string, string> = {}
-  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = hostFileText(peer, mode)
+  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = mode === 'record' ? recordForm(peer) : hostFileText(peer, mode)
   return { files, refusals: result.refusals, listed: nodes.map((i) => i.key.slice(layout.nodesPrefix.length)) }
+}
+
+/**
+ * A peer's file in its record's form (the join reply's): the one /32 Subnet line a joiner of any
+ * release checks a file against; the IPv6 /128 is added by the joiner's daemon when it renders.
+ */
+function recordForm(peer: AcceptedPeer): string {
+  const { vpnAddress6: _v6, ...record } = peer.record
+  return hostFileText({ ...peer, record }, 'router')
 }
 
 async function readAll(client: ConsulClient, prefix: string): Promise<KvItem[]> {

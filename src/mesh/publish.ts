@@ -6,7 +6,7 @@ import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { hostFileFields, keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
 import { isTincName } from '../tinc/names.ts'
-import { RECORD_VERSION, checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+import { RECORD_VERSION, canonicalIpv6, checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 
 /** Reads `Name = …` from tinc.conf. */
 export async function readTincName(tincDir: string): Promise<string> {
@@ -32,15 +32,21 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
   if (h.errors.length) throw new TincConsulError('HOST_FILE_BAD', `${path}: ${h.errors[0]}`)
   if (!h.publicKey) throw new TincConsulError('HOST_FILE_BAD', `${path} has no RSA public key; generate one with tincd -K`)
   const { addresses, port, subnets, options } = hostFileFields(h)
-  const vpn = subnets[0]?.replace(/\/32$/, '')
+  // The IPv4 /32 is the node's address; a /128 line (networks with cidr6) is its IPv6 one.
+  const vpn = subnets.find((s) => !s.includes(':'))?.replace(/\/32$/, '')
   if (!vpn) throw new TincConsulError('HOST_FILE_BAD', `${path} has no "Subnet = <vpn address>/32" line`)
-  return makeRecord({ name, vpnAddress: vpn, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, now })
+  const v6 = subnets.find((s) => s.includes(':'))?.replace(/\/128$/, '')
+  const vpnAddress6 = v6 === undefined ? undefined : canonicalIpv6(v6)
+  if (v6 !== undefined && !vpnAddress6) throw new TincConsulError('HOST_FILE_BAD', `${path}: "Subnet = ${v6}" is not an IPv6 address`)
+  return makeRecord({ name, vpnAddress: vpn, vpnAddress6, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, now })
 }
 
 /** A record from its parts, with the host file rendered from the allow-list. */
 export function makeRecord(p: {
   name: string
   vpnAddress: string
+  /** The IPv6 VPN address (networks with cidr6): a record field only, so `subnets` and the host file stay as older readers accept them. */
+  vpnAddress6?: string
   addresses: string[]
   port: number
   options?: Array<{ key: string; value: string }>
@@ -60,6 +66,7 @@ export function makeRecord(p: {
     hostFile,
     fingerprint: keyFingerprint(p.publicKey),
     ...(p.joinPort ? { joinPort: p.joinPort } : {}),
+    ...(p.vpnAddress6 ? { vpnAddress6: p.vpnAddress6 } : {}),
     updatedAt: (p.now ?? new Date()).toISOString(),
   }
 }

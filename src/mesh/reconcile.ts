@@ -19,6 +19,7 @@ export type NodeEntry = { state: 'value'; value: Uint8Array | NodeRecord; create
 export interface OwnIdentity {
   name: string
   vpnAddress?: string
+  vpnAddress6?: string
   fingerprint?: string
 }
 
@@ -179,6 +180,8 @@ function judge(peer: AcceptedPeer, source: Candidate['source'], name: string, ru
   const ownership = (reason: string): Candidate => ({ peer, source, verdict: { kind: 'ownership', reason } })
   const self = input.self
   if (vpn === self.vpnAddress) return ownership(`address ${vpn} is this node's own (${self.name})`)
+  const vpn6 = peer.record.vpnAddress6
+  if (vpn6 !== undefined && vpn6 === self.vpnAddress6) return ownership(`address ${vpn6} is this node's own (${self.name})`)
   if (fp === self.fingerprint) return ownership(`key ${fp} is this node's own (${self.name})`)
   if (name.toLowerCase() === self.name.toLowerCase()) return ownership(`name "${name}" differs only in case from this node's own (${self.name})`)
   if (input.revoked?.has(fp)) return ownership(`key ${fp} is revoked`)
@@ -188,6 +191,8 @@ function judge(peer: AcceptedPeer, source: Candidate['source'], name: string, ru
   if (allocations && allocations.size > 0) {
     const holder = allocations.get(vpn)
     if (holder !== name) return ownership(holder ? `address ${vpn} is allocated to ${holder}` : `address ${vpn} was never allocated (ipam/${vpn} is missing)`)
+    const holder6 = vpn6 === undefined ? name : allocations.get(vpn6)
+    if (holder6 !== name) return ownership(holder6 ? `address ${vpn6} is allocated to ${holder6}` : `address ${vpn6} was never allocated (ipam/${vpn6} is missing)`)
   }
   // A key seen for the first time waits for a fresh revoked/ read, unless this name already had it.
   if (pin === undefined && !rules.trustNew && previous?.peers.get(name)?.record.fingerprint !== fp) return { peer, source, verdict: 'pending' }
@@ -201,7 +206,7 @@ function effectivePin(name: string, input: ReconcileInput): string | undefined {
 }
 
 /**
- * Rule 3: one node per VPN address, one name per key, one node per case-insensitive name,
+ * Rule 3: one node per VPN address (IPv4 and IPv6 each), one name per key, one node per case-insensitive name,
  * whatever ipam/ says. Names go by seniority (the CreateIndex of their first usable
  * candidate, then the name); the first to claim keeps it, and a later one falls back to
  * its kept copy if that one doesn't collide. (Our own identity was ruled out in `judge`.)
@@ -230,16 +235,20 @@ function claimIdentities(cases: NameCase[]): void {
 }
 
 const addressClaim = (peer: AcceptedPeer) => `address ${peer.record.vpnAddress}`
+const address6Claim = (peer: AcceptedPeer) => (peer.record.vpnAddress6 === undefined ? undefined : `address ${peer.record.vpnAddress6}`)
 const keyClaim = (peer: AcceptedPeer) => `key ${peer.record.fingerprint}`
 const nameClaim = (name: string) => `name ${name.toLowerCase()}`
 
 function claims(peer: AcceptedPeer, name: string): string[] {
-  return [addressClaim(peer), keyClaim(peer), nameClaim(name)]
+  return [addressClaim(peer), address6Claim(peer) ?? [], keyClaim(peer), nameClaim(name)].flat()
 }
 
 function collision(peer: AcceptedPeer, name: string, holders: ReadonlyMap<string, string>): string | undefined {
   const byAddress = holders.get(addressClaim(peer))
   if (byAddress) return `address ${peer.record.vpnAddress} is already held by ${byAddress}, which came first`
+  const claim6 = address6Claim(peer)
+  const byAddress6 = claim6 && holders.get(claim6)
+  if (byAddress6) return `address ${peer.record.vpnAddress6} is already held by ${byAddress6}, which came first`
   const byKey = holders.get(keyClaim(peer))
   if (byKey) return `key ${peer.record.fingerprint} is already used by ${byKey}, which came first`
   const byName = holders.get(nameClaim(name))

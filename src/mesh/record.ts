@@ -28,6 +28,13 @@ export const nodeRecordSchema = z
     fingerprint: z.string().regex(/^sha256:[0-9a-f]{64}$/),
     /** Set on public nodes that serve joins: invites point at addresses[]:joinPort. */
     joinPort: z.number().int().min(1).max(65535).optional(),
+    /**
+     * The node's IPv6 VPN address, a /128 from the network's `cidr6`, in canonical (RFC 5952) form.
+     * Optional: a network without `cidr6`, and nodes of older releases, have none. It is carried
+     * here only, never in `subnets` or `hostFile`: older readers accept a single /32 there, so the
+     * second Subnet line is rendered by readers that know this field (src/tinc/render.ts).
+     */
+    vpnAddress6: z.ipv6().optional(),
     updatedAt: z.iso.datetime(),
   })
   .strip()
@@ -53,6 +60,12 @@ export const networkRecordSchema = z
      * Older releases drop the field. A mode this release doesn't know is refused rather than guessed.
      */
     mode: z.enum(TINC_MODES, { error: (i) => `unknown tinc mode ${JSON.stringify(i.input)} (this release knows ${TINC_MODES.join(' and ')})` }).optional(),
+    /**
+     * The network's IPv6 range (`init --cidr6`): a /64 of the unique local fc00::/7. Optional: without
+     * it the network is IPv4 only, as every network before the field. Older releases drop the field
+     * and the nodes' `vpnAddress6`, and keep routing IPv4.
+     */
+    cidr6: z.string().refine(isUlaCidr6, 'not an IPv6 unique local /64 (fd00::/8 or fc00::/7, for example fd12:3456:789a:1::/64)').optional(),
   })
   .strip()
 
@@ -68,6 +81,38 @@ function isIpv4Cidr(s: string): boolean {
   } catch {
     return false
   }
+}
+
+/** A /64 inside fc00::/7 whose host bits are zero, written canonically (`fd12:3456:789a:1::/64`). */
+export function isUlaCidr6(s: string): boolean {
+  try {
+    const [addr, bits] = ipaddr.IPv6.parseCIDR(s)
+    if (bits !== 64 || addr.range() !== 'uniqueLocal') return false
+    return s === `${ipaddr.IPv6.networkAddressFromCIDR(s).toRFC5952String()}/64`
+  } catch {
+    return false
+  }
+}
+
+/** An IPv6 address in the one spelling ipam/ keys, records and DNS use (RFC 5952: lower case, longest zero run compressed). */
+export function canonicalIpv6(address: string): string | undefined {
+  try {
+    return ipaddr.IPv6.parse(address).toRFC5952String()
+  } catch {
+    return undefined
+  }
+}
+
+/** Why a record's `vpnAddress6` can't be its own in this network, or undefined when it can. */
+export function checkVpnAddress6(address: string | undefined, network: Pick<NetworkRecord, 'cidr6'>): string | undefined {
+  if (address === undefined) return undefined
+  if (!network.cidr6) return `IPv6 VPN address ${address} in a network without an IPv6 range`
+  if (canonicalIpv6(address) !== address) return `IPv6 VPN address ${address} is not written canonically (${canonicalIpv6(address) ?? 'invalid'})`
+  const range = ipaddr.IPv6.parseCIDR(network.cidr6)
+  if (!ipaddr.IPv6.parse(address).match(range)) return `IPv6 VPN address ${address} is outside the network's ${network.cidr6}`
+  // The all-zero host is the subnet-router anycast address (RFC 4291 2.6.1): not a node's.
+  if (address === ipaddr.IPv6.networkAddressFromCIDR(network.cidr6).toRFC5952String()) return `IPv6 VPN address ${address} is the range's subnet-router anycast address`
+  return undefined
 }
 
 export type Decoded<T> = { ok: true; value: T } | { ok: false; reason: string }
@@ -130,6 +175,8 @@ export function checkPeer(record: NodeRecord, ctx: PeerContext): Decoded<Omit<Ac
   if (bits < 31 && (record.vpnAddress === networkAddr || record.vpnAddress === broadcast)) {
     return { ok: false, reason: `VPN address ${record.vpnAddress} is the network's ${record.vpnAddress === networkAddr ? 'network' : 'broadcast'} address` }
   }
+  const v6 = checkVpnAddress6(record.vpnAddress6, ctx.network)
+  if (v6) return { ok: false, reason: v6 }
   // A node may route only its own address: no wider range, no other node's address, no default route.
   const own = `${record.vpnAddress}/32`
   for (const s of record.subnets) if (s !== own && s !== record.vpnAddress) return { ok: false, reason: `subnet ${s} is not the node's own address ${own}` }

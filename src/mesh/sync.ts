@@ -108,7 +108,15 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const owner = ownRecordKeeper({ client, layout, tincDir: opts.tincDir, self, joinPort: opts.joinPort, log, revokedLocally: (fp) => inputs.revoked?.has(fp) ?? false })
   const mine = await owner.own().catch((err: unknown) => void log.error({ err }, 'cannot build our own record from our host file; publishing waits for it'))
   const pins = await loadPins(opts.stateDir)
-  const ctx: JudgeContext = { client, layout, self: { name: self, vpnAddress: mine?.vpnAddress, fingerprint: mine?.fingerprint }, pins, keep: keep?.names ?? new Set(), log, memo: new Map() }
+  const ctx: JudgeContext = {
+    client,
+    layout,
+    self: { name: self, vpnAddress: mine?.vpnAddress, vpnAddress6: mine?.vpnAddress6, fingerprint: mine?.fingerprint },
+    pins,
+    keep: keep?.names ?? new Set(),
+    log,
+    memo: new Map(),
+  }
   const feed = stateFeed(layout, opts.net, log, opts.onState, opts.maxServicesPerNode)
   let pendingBytes = 0
   const takeBytes = () => {
@@ -263,7 +271,7 @@ function watchLocalFiles(opts: SyncOptions, ctx: JudgeContext, core: Core, owner
       .then(async () => {
         // Our address and key are ours alone in the reconciler: follow them.
         const mine = await owner.own()
-        ctx.self = { name: ctx.self.name, vpnAddress: mine.vpnAddress, fingerprint: mine.fingerprint }
+        ctx.self = { name: ctx.self.name, vpnAddress: mine.vpnAddress, vpnAddress6: mine.vpnAddress6, fingerprint: mine.fingerprint }
         await core.schedule()
       })
       .catch((err: unknown) => log.error({ err }, 'could not read our changed host file'))

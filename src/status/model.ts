@@ -53,6 +53,8 @@ export interface NodeStatus {
   name: string
   /** VPN address, from the mesh view. */
   address?: string
+  /** IPv6 VPN address, in networks with an IPv6 range (the node's record has one). */
+  address6?: string
   public?: boolean
   /** Where tincd reaches it on the underlay, from the dump or the last host-up. */
   remote?: string
@@ -76,6 +78,7 @@ export interface Status {
     net: string
     interface: string
     address?: string
+    address6?: string
     public?: boolean
     nameConflict?: NameConflict
     /** The network's tinc mode, from its record (known once the view is). */
@@ -150,7 +153,7 @@ export function buildStatus(i: StatusInputs): Status {
     const relay = d && reachable ? routeOf(name, d) : undefined
     return {
       name,
-      ...(rec ? { address: rec.vpnAddress, public: rec.addresses.length > 0 } : {}),
+      ...(rec ? { address: rec.vpnAddress, ...(rec.vpnAddress6 ? { address6: rec.vpnAddress6 } : {}), public: rec.addresses.length > 0 } : {}),
       ...(d?.address ? { remote: d.port ? `${d.address}:${d.port}` : d.address } : link?.remote ? { remote: link.remote } : {}),
       ...(reachable !== undefined ? { reachable } : {}),
       path: pathOf(name, i.self, reachable, relay),
@@ -170,7 +173,7 @@ export function buildStatus(i: StatusInputs): Status {
       name: i.self,
       net: i.net,
       interface: i.iface,
-      ...(selfRec ? { address: selfRec.vpnAddress, public: selfRec.addresses.length > 0 } : {}),
+      ...(selfRec ? { address: selfRec.vpnAddress, ...(selfRec.vpnAddress6 ? { address6: selfRec.vpnAddress6 } : {}), public: selfRec.addresses.length > 0 } : {}),
       ...(i.conflict ? { nameConflict: i.conflict } : {}),
       ...modeOf(i),
     },

@@ -38,12 +38,15 @@ export function hasStrictSubnets(conf: string): boolean {
 /**
  * A peer's host file, exactly as the daemon writes it: from the record's validated fields
  * only, never its text. `init` and `join` write the same bytes, so the daemon's first
- * render of a peer they wrote changes nothing. In switch mode it has no Subnet line (the
- * record still carries the /32, for DNS and the address table): tincd learns MACs instead.
+ * render of a peer they wrote changes nothing. A record with an IPv6 address adds its /128 as a
+ * second Subnet line. In switch mode it has no Subnet line (the record still carries the
+ * addresses, for DNS and the address table): tincd learns MACs instead.
  */
 export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode = DEFAULT_TINC_MODE): string {
-  const { addresses, port, subnets } = peer.record
-  return renderHostFile({ addresses, port, subnets: peerSubnets(mode, subnets), options: peer.options, publicKey: peer.publicKey })
+  const { addresses, port, subnets, vpnAddress6 } = peer.record
+  // The IPv6 /128 lives in its own field (record.ts says why) and becomes the second Subnet line here.
+  const all = vpnAddress6 ? [...subnets, `${vpnAddress6}/128`] : subnets
+  return renderHostFile({ addresses, port, subnets: peerSubnets(mode, all), options: peer.options, publicKey: peer.publicKey })
 }
 
 /**

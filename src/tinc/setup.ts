@@ -21,6 +21,8 @@ export interface NodeSetup {
   /** VPN address and the network's prefix length. */
   address: string
   prefixLength: number
+  /** The IPv6 VPN address, in networks with an IPv6 range (always a /64, record.ts). */
+  address6?: string
   port: number
   /** Where peers reach us; empty behind NAT. */
   publicAddresses: string[]
@@ -89,6 +91,9 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
     `Mode = ${s.mode ?? DEFAULT_TINC_MODE}`,
     `Interface = ${s.interface}`,
     ...modeConfLines(s.mode ?? DEFAULT_TINC_MODE),
+    // Listen and connect over IPv4 and IPv6 underlays alike. tinc 1.0's default, said explicitly:
+    // on a host without IPv6 tincd just has no IPv6 socket.
+    'AddressFamily = any',
     // Bounds tinc 1.0's stale-key outage yet lets it give up a broken direct path (see TincTimers).
     ...tincTimerLines(s.timers),
     '',
@@ -101,8 +106,12 @@ export function renderTincConf(s: Pick<NodeSetup, 'name' | 'interface' | 'connec
 
 const sh = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`
 
-export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'eventsFile' | 'splitDns'>): Record<string, string> {
+export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'address6' | 'eventsFile' | 'splitDns'>): Record<string, string> {
   const cidr = `${s.address}/${s.prefixLength}`
+  // nodad: the address is ours by ipam/, and duplicate detection would hold it "tentative" (unusable)
+  // for a second or more on a tap device; a failure (IPv6 disabled) leaves the IPv4 address working.
+  const up6 = s.address6 ? [`ip -6 addr add ${s.address6}/64 dev "$INTERFACE" nodad || echo "tinc-up: could not add ${s.address6} (IPv6 disabled?)" >&2`] : []
+  const down6 = s.address6 ? [`ip -6 addr del ${s.address6}/64 dev "$INTERFACE" 2>/dev/null`] : []
   const hook = (event: string) =>
     [
       '#!/bin/sh',
@@ -124,11 +133,12 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'e
       // starts before the daemon: made here, the first host-up events are kept for it to replay.
       `mkdir -p ${sh(dirname(s.eventsFile))} 2>/dev/null`,
       `ip addr add ${cidr} dev "$INTERFACE"`,
+      ...up6,
       'ip link set "$INTERFACE" up',
       ...splitDnsUp(s),
       '',
     ].join('\n'),
-    'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', ...splitDnsDown(s), `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
+    'tinc-down': ['#!/bin/sh', '# Written by tinc-consul.', ...splitDnsDown(s), ...down6, `ip addr del ${cidr} dev "$INTERFACE" 2>/dev/null`, 'ip link set "$INTERFACE" down', ''].join('\n'),
     'host-up': hook('host-up'),
     'host-down': hook('host-down'),
     'subnet-up': hook('subnet-up'),
@@ -142,9 +152,12 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'e
  * written to /etc/resolv.conf or /etc/hosts. `resolvectl status` fails when
  * resolved isn't running, and then the script leaves DNS alone.
  */
-function splitDnsUp(s: Pick<NodeSetup, 'address' | 'splitDns'>): string[] {
+function splitDnsUp(s: Pick<NodeSetup, 'address' | 'address6' | 'splitDns'>): string[] {
   if (!s.splitDns) return []
-  const server = s.splitDns.port === 53 ? s.address : `${s.address}:${s.splitDns.port}`
+  const port = s.splitDns.port
+  // The daemon serves DNS on the IPv6 VPN address too: resolved gets both, and uses either.
+  const v6 = s.address6 ? [port === 53 ? s.address6 : `[${s.address6}]:${port}`] : []
+  const server = [port === 53 ? s.address : `${s.address}:${port}`, ...v6].join(' ')
   return [
     '# Split DNS: *.' + s.splitDns.domain + ' goes to tinc-consul on this node, everything else where it went before.',
     'if command -v resolvectl >/dev/null 2>&1 && resolvectl status >/dev/null 2>&1; then',
@@ -158,8 +171,10 @@ function splitDnsDown(s: Pick<NodeSetup, 'splitDns'>): string[] {
   return ['if command -v resolvectl >/dev/null 2>&1 && resolvectl status >/dev/null 2>&1; then', '  resolvectl revert "$INTERFACE" 2>/dev/null', 'fi']
 }
 
-export function renderOwnHostFile(s: Pick<NodeSetup, 'publicAddresses' | 'port' | 'address' | 'publicKey'>): string {
-  return renderHostFile({ addresses: s.publicAddresses, port: s.port, subnets: [`${s.address}/32`], options: [], publicKey: s.publicKey }).replace(
+export function renderOwnHostFile(s: Pick<NodeSetup, 'publicAddresses' | 'port' | 'address' | 'address6' | 'publicKey'>): string {
+  // tincd announces the Subnet lines of its own host file; the daemon reads the /128 back as vpnAddress6.
+  const subnets = [`${s.address}/32`, ...(s.address6 ? [`${s.address6}/128`] : [])]
+  return renderHostFile({ addresses: s.publicAddresses, port: s.port, subnets, options: [], publicKey: s.publicKey }).replace(
     /^# Written by tinc-consul from this node's record in Consul\. Local edits are overwritten\.\n/,
     "# This node's own host file, written by tinc-consul init/join. The daemon publishes it; edits are published too.\n",
   )
