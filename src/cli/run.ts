@@ -15,7 +15,7 @@ import { eventsFileFor } from '../mesh/init.ts'
 import { nextSerial, zoneInputFrom } from '../dns/feed.ts'
 import { hostsLines, writeHostsBlock } from '../dns/hosts-file.ts'
 import { startDnsServer, type DnsServer } from '../dns/server.ts'
-import type { MeshState } from '../mesh/sync.ts'
+import type { MeshState, SyncDaemon } from '../mesh/sync.ts'
 import { consulArgs } from './common.ts'
 import { dnsArgs, dnsSettings } from './dns-args.ts'
 import { defaultServicesDir, serviceRunArgs } from './service-args.ts'
@@ -120,32 +120,9 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       closers.push(() => server.close())
       dns = server
     }
-    const dnsLog = log.child({ component: 'dns' })
-    let serial = 0
-    let lastInput = ''
-    let hostsWrite = Promise.resolve()
-    closers.push(() => hostsWrite)
-    const onState = (state: MeshState) => {
-      // Most applies change nothing DNS shows (a peer's updatedAt, a revocation list that
-      // didn't move): rebuild, copy to the helpers and bump the serial only when names change.
-      const input = zoneInputFrom(state, { self, ttl: s.dns.ttl }, serial)
-      const key = JSON.stringify({ ...input, serial: 0 })
-      if (key === lastInput) return
-      lastInput = key
-      serial = input.serial = nextSerial(serial)
-      if (dns) {
-        const zone = dns.update(input)
-        if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
-      }
-      const file = s.dns.hostsFile
-      if (file)
-        hostsWrite = hostsWrite.then(() =>
-          writeHostsBlock(file, net, hostsLines(input.domain, input.nodes)).then(
-            () => undefined,
-            (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block'),
-          ),
-        )
-    }
+    const feed = dnsFeed(s, dns, log)
+    closers.push(() => feed.settled())
+    const onState = feed.onState
     const daemon = await startSync({
       net,
       tincDir: s.tincDir,
@@ -163,40 +140,14 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       onState,
     })
     closers.push(() => daemon.stop())
-    // Services go to the local agent whatever the state of the rest: a node's own services
-    // don't wait for the mesh view, and a broken file never stops the daemon.
-    const services = await startServices({
-      dir: s.servicesDir,
-      who: { net, node: self, address: s.vpnAddress },
-      consulUrl: s.consulUrl,
-      token: s.token,
-      allowScripts: s.scriptChecks,
-      deregisterOnExit: s.deregisterOnExit,
-      resyncMs: s.resyncMs,
-      // Every node names services as the network record says: nothing is registered before it is known.
-      naming: () => {
-        const network = daemon.network()
-        return network && namingFor(net, network)
-      },
-      maxServices: s.maxServices,
-      log,
-    }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
+    const services = await startRegistrar(s, daemon, log)
     if (services) closers.push(() => services.stop())
     let joins: JoinServer | undefined
     if (s.joinPort) {
       joins = await startJoins(s, s.joinPort, self, log)
       closers.push(() => joins?.close() ?? Promise.resolve())
     }
-    // What tincd reports through its hooks: who is reachable right now, for status.
-    const links = new Map<string, PeerLink>()
-    const tincLog = log.child({ component: 'tinc' })
-    const events = await watchEvents(
-      eventsFileFor(s.runDir, net),
-      (e) => {
-        if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
-      },
-      tincLog,
-    )
+    const { links, events } = await watchLinks(s, log)
     closers.push(() => events.stop())
     let status: StatusServer | undefined
     if (s.status) {
@@ -211,6 +162,77 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     throw err
   }
   return closeAll
+}
+
+/**
+ * Services go to the local agent whatever the state of the rest: a node's own services
+ * don't wait for the mesh view, and a broken file never stops the daemon.
+ */
+function startRegistrar(s: RunSettings, daemon: SyncDaemon, log: Logger) {
+  return startServices({
+    dir: s.servicesDir,
+    who: { net: s.net, node: s.self, address: s.vpnAddress },
+    consulUrl: s.consulUrl,
+    token: s.token,
+    allowScripts: s.scriptChecks,
+    deregisterOnExit: s.deregisterOnExit,
+    resyncMs: s.resyncMs,
+    // Every node names services as the network record says: nothing is registered before it is known.
+    naming: () => {
+      const network = daemon.network()
+      return network && namingFor(s.net, network)
+    },
+    maxServices: s.maxServices,
+    log,
+  }).catch((err: unknown) => void log.error({ err }, 'could not start the services registrar; running without it'))
+}
+
+/**
+ * Feeds each mesh state to DNS and the hosts block. Most applies change nothing DNS shows (a
+ * peer's updatedAt, a revocation list that didn't move): the zone is rebuilt, copied to the
+ * helpers and its serial bumped only when names change.
+ */
+function dnsFeed(s: RunSettings, dns: DnsServer | undefined, log: Logger): { onState(state: MeshState): void; settled(): Promise<void> } {
+  const dnsLog = log.child({ component: 'dns' })
+  let serial = 0
+  let lastInput = ''
+  let hostsWrite = Promise.resolve()
+  return {
+    onState(state) {
+      const input = zoneInputFrom(state, { self: s.self, ttl: s.dns.ttl }, serial)
+      const key = JSON.stringify({ ...input, serial: 0 })
+      if (key === lastInput) return
+      lastInput = key
+      serial = input.serial = nextSerial(serial)
+      if (dns) {
+        const zone = dns.update(input)
+        if (zone.skipped.length) dnsLog.warn({ skipped: zone.skipped }, 'some names are left out of DNS')
+      }
+      const file = s.dns.hostsFile
+      if (file)
+        hostsWrite = hostsWrite.then(() =>
+          writeHostsBlock(file, s.net, hostsLines(input.domain, input.nodes)).then(
+            () => undefined,
+            (err: unknown) => dnsLog.error({ err, file }, 'could not update the hosts file block'),
+          ),
+        )
+    },
+    settled: () => hostsWrite,
+  }
+}
+
+/** What tincd reports through its hooks: who is reachable right now, for status. */
+async function watchLinks(s: RunSettings, log: Logger) {
+  const links = new Map<string, PeerLink>()
+  const tincLog = log.child({ component: 'tinc' })
+  const events = await watchEvents(
+    eventsFileFor(s.runDir, s.net),
+    (e) => {
+      if (applyEvent(links, e)) tincLog.info({ peer: e.node, remote: e.remote }, e.kind === 'host-up' ? 'peer reachable' : 'peer unreachable')
+    },
+    tincLog,
+  )
+  return { links, events }
 }
 
 /** The join endpoint in its own two processes: the join-server token goes only to the broker, this one keeps the node token. */

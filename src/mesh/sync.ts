@@ -2,7 +2,7 @@ import { watch as fsWatch, type FSWatcher } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { watch as chokidarWatch } from 'chokidar'
-import { createConsulClient } from '../consul/client.ts'
+import { createConsulClient, type ConsulClient } from '../consul/client.ts'
 import type { ZoneAlias } from '../dns/zone.ts'
 import type { Logger } from '../log.ts'
 import { loadCache } from './cache.ts'
@@ -13,7 +13,7 @@ import { ownRecordKeeper, type NameConflict, type OwnRecordKeeper } from './daem
 import { stateFeed, type MeshState, type StateFeed } from './daemon/state-feed.ts'
 import type { JudgeContext } from './daemon/judge.ts'
 import { loadKeepList } from './keep.ts'
-import { kvLayout } from './kv-layout.ts'
+import { kvLayout, type KvLayout } from './kv-layout.ts'
 import { loadPins, pinsPath } from './pins.ts'
 import { readTincName } from './publish.ts'
 import type { MeshView } from './view.ts'
@@ -102,21 +102,10 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   const self = await readTincName(opts.tincDir)
   const client = createConsulClient({ url: opts.consulUrl, token: opts.token })
   const stats: SyncStats = { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 0, hups: 0 }
-  const keep = opts.keepFile ? await loadKeepList(opts.keepFile) : undefined
-  if (keep?.bad.length) log.warn({ file: opts.keepFile, lines: keep.bad }, 'the keep list has lines that are not tinc node names; ignoring them')
   const inputs: MeshInputs = { services: new Map() }
   const owner = ownRecordKeeper({ client, layout, tincDir: opts.tincDir, self, joinPort: opts.joinPort, log, revokedLocally: (fp) => inputs.revoked?.has(fp) ?? false })
   const mine = await owner.own().catch((err: unknown) => void log.error({ err }, 'cannot build our own record from our host file; publishing waits for it'))
-  const pins = await loadPins(opts.stateDir)
-  const ctx: JudgeContext = {
-    client,
-    layout,
-    self: { name: self, vpnAddress: mine?.vpnAddress, vpnAddress6: mine?.vpnAddress6, fingerprint: mine?.fingerprint },
-    pins,
-    keep: keep?.names ?? new Set(),
-    log,
-    memo: new Map(),
-  }
+  const ctx = await judgeContext(opts, { client, layout, self, mine, log })
   const feed = stateFeed(layout, opts.net, log, opts.onState, opts.maxServicesPerNode)
   let pendingBytes = 0
   const takeBytes = () => {
@@ -186,6 +175,24 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       await core.stop()
       await cache.flush()
     },
+  }
+}
+
+/** What the judge needs besides the inputs: our identity, the pins, the keep list. */
+async function judgeContext(
+  opts: SyncOptions,
+  p: { client: ConsulClient; layout: KvLayout; self: string; mine: { vpnAddress: string; vpnAddress6?: string; fingerprint: string } | undefined; log: Logger },
+): Promise<JudgeContext> {
+  const keep = opts.keepFile ? await loadKeepList(opts.keepFile) : undefined
+  if (keep?.bad.length) p.log.warn({ file: opts.keepFile, lines: keep.bad }, 'the keep list has lines that are not tinc node names; ignoring them')
+  return {
+    client: p.client,
+    layout: p.layout,
+    self: { name: p.self, vpnAddress: p.mine?.vpnAddress, vpnAddress6: p.mine?.vpnAddress6, fingerprint: p.mine?.fingerprint },
+    pins: await loadPins(opts.stateDir),
+    keep: keep?.names ?? new Set(),
+    log: p.log,
+    memo: new Map(),
   }
 }
 
