@@ -173,13 +173,19 @@ export function checkChanges(): { apply(checks: CheckState[]): Set<string> } {
       const services = new Map<string, string[]>()
       const nodes = new Map<string, string[]>()
       const on = new Map<string, Set<string>>()
+      // Appended in place: one list per name or node can hold thousands of checks.
+      const append = (m: Map<string, string[]>, key: string, sig: string) => {
+        const list = m.get(key)
+        if (list) list.push(sig)
+        else m.set(key, [sig])
+      }
       for (const c of checks) {
         const sig = `${c.node}\0${c.checkId}\0${c.status}\0${c.modifyIndex}`
         if (!c.serviceName) {
-          nodes.set(c.node, [...(nodes.get(c.node) ?? []), sig])
+          append(nodes, c.node, sig)
           continue
         }
-        services.set(c.serviceName, [...(services.get(c.serviceName) ?? []), sig])
+        append(services, c.serviceName, sig)
         on.set(c.node, (on.get(c.node) ?? new Set()).add(c.serviceName))
       }
       const joined = (m: Map<string, string[]>) => new Map([...m].map(([k, v]) => [k, v.sort().join('\n')]))

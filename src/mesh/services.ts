@@ -140,7 +140,12 @@ export function meshServices(raw: ReadonlyMap<string, unknown[]>, view: MeshView
       const peer = view.peers.get(e.node)
       if (!peer) refused.push({ service: e.name, id: e.id, reason: `node "${e.node}" is not in the mesh` })
       else if (e.address !== peer.record.vpnAddress) refused.push({ service: e.name, id: e.id, reason: `address ${e.address} is not ${e.node}'s VPN address ${peer.record.vpnAddress}` })
-      else byNode.set(e.node, [...(byNode.get(e.node) ?? []), e])
+      else {
+        // In place, not copied per entry: a node may send many more entries than the cap keeps.
+        const list = byNode.get(e.node)
+        if (list) list.push(e)
+        else byNode.set(e.node, [e])
+      }
     }
   }
   const groups = new Map<string, MeshService>()
