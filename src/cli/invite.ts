@@ -4,6 +4,7 @@ import { createConsulClient } from '../consul/client.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
 import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
 import { listJoinEndpoints } from '../mesh/join-endpoints.ts'
+import { printable } from '../util/text.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseDurationFlag } from './parse.ts'
@@ -38,7 +39,8 @@ const create = defineCommand({
     // join-endpoints/, which only join servers and operators can write: a node can't list
     // itself by adding a port to its own record.
     const { endpoints, skipped } = await listJoinEndpoints(client, layout)
-    for (const why of skipped) console.error(`left out of the invite: join-endpoints/${why}`)
+    // Key names come from Consul, which any writer of the prefix chose: printed clean.
+    for (const why of skipped) console.error(`left out of the invite: join-endpoints/${printable(why)}`)
     const res = await createInvite({
       client,
       layout,

@@ -1,8 +1,8 @@
+import { siblingModule } from '../util/proc.ts'
 import { fork, type ChildProcess } from 'node:child_process'
 import { createSocket, type Socket as UdpSocket } from 'node:dgram'
 import { createServer, isIPv6, type Server, type Socket } from 'node:net'
 import { availableParallelism } from 'node:os'
-import { fileURLToPath } from 'node:url'
 import { bindAll, listenOn, type Binding } from '../util/listen.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
@@ -148,7 +148,7 @@ function helpers(log: Logger, own: DnsStats, isClosing: () => boolean) {
     if (child.connected && ready.has(child)) child.send({ t: 'udp', host }, sock as never)
   }
   const spawn = () => {
-    const file = fileURLToPath(new URL(`./worker${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url))
+    const file = siblingModule(import.meta.url, 'worker')
     const child = fork(file, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
     children.add(child)
     child.on('message', (m: { t?: string; stats?: DnsStats }) => {

@@ -74,6 +74,21 @@ export interface InitResult {
  * it. Safe to run again: it reuses the key, the address and the tokens it
  * made the first time, and never makes a new key without `force`.
  */
+/** With ACLs on, the node's token and (serving joins) the join-server token: reused from the settings file on a re-run. */
+async function nodeTokens(o: InitOptions, x: { client: ConsulClient; layout: KvLayout; network: NetworkRecord; reuse: boolean }) {
+  const acl = await aclsEnabled(x.client)
+  const file = configPath(o.configDir, o.net)
+  const previous = existsSync(file) ? parseConfig(readFileSync(file, 'utf8'), file) : {}
+  let nodeToken = x.reuse ? previous.TINC_CONSUL_TOKEN : undefined
+  let joinToken = x.reuse ? previous.TINC_CONSUL_JOIN_TOKEN : undefined
+  if (acl) {
+    nodeToken ??= (await createNodeToken(x.client, policyScopeFor(x.layout, o.net, x.network), o.name)).secretId
+    if (o.joinPort > 0) joinToken ??= (await createJoinServerToken(x.client, x.layout, o.name)).secretId
+    o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${o.joinPort > 0 ? '; the join endpoint has its own token' : ''}`)
+  }
+  return { acl, nodeToken, joinToken }
+}
+
 export async function initNode(o: InitOptions): Promise<InitResult> {
   if (!isTincName(o.name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(o.name)} (letters, digits and _ only)`)
   if (o.addresses.length === 0) throw new UsageError('BAD_FLAG', 'init sets up a public node: give --address with the host name or IP address peers reach it at')
@@ -104,15 +119,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
     const res = await reserveAndPublish(o, { layout, client, network, publicKey })
     o.progress(`address ${res.address}${res.address6 ? ` and ${res.address6}` : ''} reserved and record published`)
 
-    const acl = await aclsEnabled(client)
-    const previous = existsSync(configPath(o.configDir, o.net)) ? parseConfig(readFileSync(configPath(o.configDir, o.net), 'utf8'), configPath(o.configDir, o.net)) : {}
-    let nodeToken = reuse ? previous.TINC_CONSUL_TOKEN : undefined
-    let joinToken = reuse ? previous.TINC_CONSUL_JOIN_TOKEN : undefined
-    if (acl) {
-      nodeToken ??= (await createNodeToken(client, policyScopeFor(layout, o.net, network), o.name)).secretId
-      if (o.joinPort > 0) joinToken ??= (await createJoinServerToken(client, layout, o.name)).secretId
-      o.progress(`Consul tokens ready (ACLs on): this node may write only its own record${o.joinPort > 0 ? '; the join endpoint has its own token' : ''}`)
-    }
+    const { acl, nodeToken, joinToken } = await nodeTokens(o, { client, layout, network, reuse })
 
     const judged = await peerHostFiles(client, layout, network, { name: o.name, vpnAddress: res.address, vpnAddress6: res.address6, fingerprint: keyFingerprint(publicKey) })
     for (const r of judged.refusals) o.progress(`left out ${r.key}: ${r.reason}`)

@@ -6,9 +6,9 @@
  * it never accepts a connection itself), and answers the front's questions.
  * A front that dies is replaced on a fresh socket.
  */
+import { siblingModule } from '../util/proc.ts'
 import { fork, type ChildProcess } from 'node:child_process'
 import { createServer } from 'node:net'
-import { fileURLToPath } from 'node:url'
 import { aclsEnabled } from '../consul/acl.ts'
 import { createConsulClient } from '../consul/client.ts'
 import { createLogger } from '../log.ts'
@@ -31,7 +31,7 @@ let front: ChildProcess | undefined
 const totals: JoinStats = { served: 0, refused: 0, rateLimited: 0 }
 
 function frontFile(): string {
-  return fileURLToPath(new URL(`./join-front-process${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url))
+  return siblingModule(import.meta.url, 'join-front-process')
 }
 
 /** The front's account: '' keeps ours; as non-root we can't switch and say so. */
@@ -128,16 +128,22 @@ async function handOver(config: BrokerConfig, child: ChildProcess, port: number)
   return bound
 }
 
-/** Keeps join-endpoints/<self> right; a failed write is retried, never fatal. Resolves after the first try. */
-async function keepPublished(config: BrokerConfig, client: ReturnType<typeof createConsulClient>, port: number): Promise<void> {
+/**
+ * Lists this join server under join-endpoints/<self> (init or the redemption that made it a join
+ * server usually has already, maybe on another port). Resolves after the first try; a failed
+ * write is retried every 10 s until one succeeds, never fatal.
+ */
+async function publishEndpoints(config: BrokerConfig, client: ReturnType<typeof createConsulClient>, port: number): Promise<void> {
   const layout = kvLayout(config.net, config.prefix)
   const endpoints = config.endpoints.map((e) => e.replace(/:0$/, `:${port}`))
-  const once = () =>
+  const once = (): Promise<void> =>
     publishJoinEndpoints(client, layout, config.self, endpoints).then(
-      (wrote) => wrote && log.info({ endpoints }, 'listed as a join server'),
-      (err: unknown) => log.warn({ err }, 'could not list this join server in Consul yet; retrying'),
+      (wrote) => void (wrote && log.info({ endpoints }, 'listed as a join server')),
+      (err: unknown) => {
+        log.warn({ err }, 'could not list this join server in Consul yet; retrying in 10 s')
+        setTimeout(() => void once(), 10_000).unref()
+      },
     )
-  setInterval(() => void once(), 60_000).unref()
   await once()
 }
 
@@ -147,7 +153,7 @@ async function start(config: BrokerConfig): Promise<void> {
   const broker = createJoinBroker({ net: config.net, layout: kvLayout(config.net, config.prefix), client, acl: async () => (aclOn ??= await aclsEnabled(client)), gossipKey: config.gossipKey, log })
   const id = frontIdentity(config.user)
   const port = await startFront(config, broker, id, config.port)
-  await keepPublished(config, client, port)
+  await publishEndpoints(config, client, port)
   tell({ t: 'ready', port, frontPid: front?.pid ?? 0, frontUid: id?.uid ?? process.getuid?.() ?? -1 })
 }
 

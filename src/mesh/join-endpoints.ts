@@ -1,6 +1,6 @@
 import { z } from 'zod'
 import type { ConsulClient } from '../consul/client.ts'
-import { parseHostPort } from '../tinc/names.ts'
+import { isTincName, parseHostPort } from '../tinc/names.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { decodeJson } from './record.ts'
 
@@ -46,7 +46,8 @@ export async function listJoinEndpoints(client: ConsulClient, layout: KvLayout):
     const name = item.key.slice(layout.joinEndpointsPrefix.length)
     if (name === '') continue
     const d = decodeJson(item.value, joinEndpointsSchema, 8192)
-    if (!d.ok) skipped.push(`${name}: ${d.reason}`)
+    if (!isTincName(name)) skipped.push(`${name}: not a tinc node name`)
+    else if (!d.ok) skipped.push(`${name}: ${d.reason}`)
     else if (!members.has(name)) skipped.push(`${name}: no longer a node`)
     else for (const e of d.value.endpoints) if (!endpoints.includes(e)) endpoints.push(e)
   }

@@ -1,6 +1,6 @@
+import { siblingModule } from '../util/proc.ts'
 import { fork, type ChildProcess } from 'node:child_process'
 import { createServer } from 'node:net'
-import { fileURLToPath } from 'node:url'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { listenOn } from '../util/listen.ts'
@@ -59,7 +59,7 @@ export interface SeparatedJoinServer extends JoinServer {
  * it can't forge without an invite.
  */
 export async function startSeparatedJoinServer(config: BrokerConfig, token: string | undefined, log: Logger): Promise<SeparatedJoinServer> {
-  const file = fileURLToPath(new URL(`./join-broker-process${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url))
+  const file = siblingModule(import.meta.url, 'join-broker-process')
   const env: NodeJS.ProcessEnv = { ...process.env, TINC_CONSUL_JOIN_TOKEN: token ?? '' }
   const child = fork(file, [], { env, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   const stats: JoinStats = { served: 0, refused: 0, rateLimited: 0 }
@@ -78,10 +78,10 @@ export async function startSeparatedJoinServer(config: BrokerConfig, token: stri
     await stopChild(child)
     throw err
   })
+  let closing = false
   child.on('exit', (code, signal) => {
     if (!closing) log.error({ code, signal }, 'the join broker exited; joins are off until the daemon restarts')
   })
-  let closing = false
   return {
     port: ready.port,
     stats,

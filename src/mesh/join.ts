@@ -7,7 +7,8 @@ import { parseHostFile } from '../tinc/hostfile.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
 import { hostRange } from './ipam.ts'
-import { decodeInvite } from './invite.ts'
+import { decodeInvite, type Invite } from './invite.ts'
+import type { JoinReply } from './join-wire.ts'
 import { checkVpnAddress6, networkMode } from './record.ts'
 import { redeemInvite, sanitizeHostFile } from './join-client.ts'
 import { printable } from '../util/text.ts'
@@ -109,19 +110,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
-    const configPath = await writeConfig(o.configDir, inv.net, {
-      TINC_CONSUL_DIR: o.root,
-      TINC_CONSUL_CONSUL: o.consulUrl,
-      TINC_CONSUL_PREFIX: inv.prefix,
-      TINC_CONSUL_TOKEN: reply.consul.token,
-      TINC_CONSUL_JOIN_TOKEN: reply.consul.joinToken,
-      // Serve joins only when the invite said so; without ACLs there is no token to say it with.
-      TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
-      TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
-      TINC_CONSUL_GOSSIP_KEY: reply.consul.gossipKey,
-      TINC_CONSUL_RUN_DIR: o.runDir,
-      TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
-    })
+    const configPath = await writeSettings(o, inv, reply)
     o.progress(`daemon settings written to ${configPath}`)
     return {
       net: inv.net,
@@ -172,6 +161,23 @@ export async function describeJoin(o: Pick<JoinOptions, 'invite' | 'name' | 'roo
     `write ${configPath(o.configDir, inv.net)} (0600): the node's Consul token, the Consul servers and the gossip key from the reply`,
   ]
   return { net: inv.net, name, lines }
+}
+
+/** The daemon's settings file: where the network lives, the tokens from the reply, and whether this node serves joins. */
+function writeSettings(o: JoinOptions, inv: Invite, reply: JoinReply): Promise<string> {
+  return writeConfig(o.configDir, inv.net, {
+    TINC_CONSUL_DIR: o.root,
+    TINC_CONSUL_CONSUL: o.consulUrl,
+    TINC_CONSUL_PREFIX: inv.prefix,
+    TINC_CONSUL_TOKEN: reply.consul.token,
+    TINC_CONSUL_JOIN_TOKEN: reply.consul.joinToken,
+    // Serve joins only when the invite said so; without ACLs there is no token to say it with.
+    TINC_CONSUL_JOIN_PORT: o.addresses.length && (reply.consul.joinToken || !reply.consul.token) ? undefined : '0',
+    TINC_CONSUL_CONSUL_SERVERS: reply.consul.servers.join(','),
+    TINC_CONSUL_GOSSIP_KEY: reply.consul.gossipKey,
+    TINC_CONSUL_RUN_DIR: o.runDir,
+    TINC_CONSUL_DNS_PORT: o.dnsPort && o.dnsPort !== DEFAULT_DNS_PORT ? String(o.dnsPort) : undefined,
+  })
 }
 
 /**

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
 
 /**
  * True while a process is running. A zombie counts as gone: it has exited and
@@ -15,4 +16,12 @@ export function processAlive(pid: number): boolean {
   } catch {
     return false
   }
+}
+
+/**
+ * The path of a module beside the calling one, to fork it as a helper process: `.ts` when
+ * running from source (tsx), `.js` when compiled.
+ */
+export function siblingModule(metaUrl: string, name: string): string {
+  return fileURLToPath(new URL(`./${name}${metaUrl.endsWith('.ts') ? '.ts' : '.js'}`, metaUrl))
 }
