@@ -9,6 +9,7 @@ import { readManagedBlock, replaceManagedBlock } from '../src/tinc/conf-block.ts
 import { generateKey, renderTincConf, writeSetup } from '../src/tinc/setup.ts'
 import { renderHostFile } from '../src/tinc/hostfile.ts'
 import { confMode } from '../src/tinc/mode.ts'
+import { tincBackend } from '../src/tinc/backend.ts'
 import { nodeRecord, rsaPublicPem } from './helpers-keys.ts'
 import { writeFileAtomic } from '../src/util/atomic.ts'
 
@@ -126,6 +127,38 @@ test('a switch-mode setup: tinc.conf says Mode = switch on a tap device without 
     assert.match(router, /^Mode = router$/m)
     assert.match(router, /^StrictSubnets = yes$/m)
     assert.doesNotMatch(router, /DeviceType/)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test('the tinc 1.0 backend takes a node from nothing to a tincd-readable directory through its interface alone', async () => {
+  const tinc = tincBackend()
+  assert.equal(tinc.release, '1.0')
+  const dir = await mkdtemp(join(tmpdir(), 'tc-backend-'))
+  try {
+    assert.equal(await tinc.existingNode(dir), undefined, 'an empty directory holds no node')
+    const publicKey = await tinc.generateKey(dir, 'beta', 1024)
+    const setup = {
+      net: 'home',
+      name: 'beta',
+      address: '10.99.0.6',
+      prefixLength: 24,
+      port: 655,
+      publicAddresses: [],
+      publicKey,
+      connectTo: [],
+      peerHostFiles: {},
+      interface: 'tinc-home',
+      eventsFile: join(dir, 'events', 'tinc-events'),
+      mode: 'switch' as const,
+    }
+    assert.ok((await tinc.writeSetup(dir, setup)).includes('tinc.conf'))
+    assert.deepEqual(await tinc.existingNode(dir), { name: 'beta', publicKey, address: '10.99.0.6' })
+    assert.equal(tinc.confMode(await readFile(join(dir, 'tinc.conf'), 'utf8')), 'switch')
+    const peer = { record: nodeRecord('gamma', 7, publicKey), publicKey, options: [] }
+    assert.match(tinc.peerHostFile(peer, 'router'), /^Subnet = 10\.99\.0\.7\/32$/m)
+    assert.doesNotMatch(tinc.peerHostFile(peer, 'switch'), /^Subnet/m, 'switch mode routes by MAC, so a peer file has no Subnet line')
   } finally {
     await rm(dir, { recursive: true, force: true })
   }

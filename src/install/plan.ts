@@ -84,6 +84,11 @@ const fill = (tmpl: string, values: Record<string, string>) => tmpl.replace(/\{\
 
 export async function planInstall(i: InstallInput): Promise<Step[]> {
   checkInput(i)
+  return [...(await sidecarSteps(i)), ...(await consulSteps(i)), ...systemctlSteps(i)]
+}
+
+/** The sidecar's unit and tincd's drop-in, once the node has a VPN address. */
+async function sidecarSteps(i: InstallInput): Promise<Step[]> {
   const steps: Step[] = []
   const unit = (name: string) => join(i.unitDir, name)
   if (i.net && i.node?.vpnAddress) {
@@ -104,12 +109,18 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
       owner: i.net,
     })
   }
+  return steps
+}
+
+/** The Consul agent's unit and config (server or client), and its user. */
+async function consulSteps(i: InstallInput): Promise<Step[]> {
+  const steps: Step[] = []
   const c = i.consul
   if (c) {
     const tmpl = await readFile(repoFile('systemd/consul.service'), 'utf8')
     steps.push({
       kind: 'file',
-      path: unit('consul.service'),
+      path: join(i.unitDir, 'consul.service'),
       content: tmpl.replaceAll('/usr/local/bin/consul', i.consulBin).replaceAll('-config-dir=/etc/consul.d', `-config-dir=${c.configDir}`),
       mode: 0o644,
       why: 'the Consul agent unit',
@@ -151,6 +162,12 @@ export async function planInstall(i: InstallInput): Promise<Step[]> {
       })
     }
   }
+  return steps
+}
+
+function systemctlSteps(i: InstallInput): Step[] {
+  const steps: Step[] = []
+  const c = i.consul
   if (i.systemctl) {
     steps.push({ kind: 'command', argv: ['systemctl', 'daemon-reload'], why: 'systemd reads the new units' })
     // tincd first: its tinc-up makes the VPN address the agent binds to. On a node that

@@ -3,10 +3,10 @@ import { join } from 'node:path'
 import type { DnsServer } from '../dns/server.ts'
 import type { SyncDaemon } from '../mesh/sync.ts'
 import type { LocalLimits } from '../services/registrar.ts'
-import { dumpReader, type DumpResult } from '../tinc/dump.ts'
+import type { DumpResult } from '../tinc/dump.ts'
+import { tincBackend } from '../tinc/backend.ts'
 import type { PeerLink } from '../tinc/events.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
-import { confMode } from '../tinc/mode.ts'
 import { defaultInterface } from '../tinc/setup.ts'
 import { buildStatus, type InterfaceCounters, type Status } from './model.ts'
 
@@ -35,7 +35,7 @@ export interface CollectorOptions {
 /** The Mode in tinc.conf, or undefined when tinc.conf can't be read. */
 export async function tincConfModeOf(tincDir: string): Promise<string | undefined> {
   const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => undefined)
-  return text === undefined ? undefined : confMode(text)
+  return text === undefined ? undefined : tincBackend().confMode(text)
 }
 
 /** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
@@ -65,7 +65,7 @@ export interface Collector {
 
 export async function createCollector(opts: CollectorOptions): Promise<Collector> {
   const iface = await interfaceOf(opts.tincDir, opts.net)
-  const readDump = opts.readDump ?? dumpReader({ logFile: opts.logFile, pidFile: opts.pidFile })
+  const readDump = opts.readDump ?? tincBackend().stateReader({ logFile: opts.logFile, pidFile: opts.pidFile })
   return {
     async snapshot() {
       // tinc.conf is read on each snapshot (a small file): a Mode edited by hand shows at once.

@@ -18,9 +18,23 @@ const PREFIX = 'tinc_consul_'
 export function createMetrics(): Metrics {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry, prefix: PREFIX })
+  const m = declareMetrics(registry)
+  return {
+    registry,
+    async render(s) {
+      fillTinc(m, s)
+      fillConsul(m, s)
+      return registry.metrics()
+    },
+  }
+}
+
+type MetricSet = ReturnType<typeof declareMetrics>
+
+function declareMetrics(registry: Registry) {
   const g = (name: string, help: string, labelNames: string[] = []) => new Gauge({ name: PREFIX + name, help, labelNames, registers: [registry] })
   const c = (name: string, help: string, labelNames: string[] = []) => new Counter({ name: PREFIX + name, help, labelNames, registers: [registry] })
-  const m = {
+  return {
     info: g('info', "This node: always 1, with its name, network and the network's tinc mode (router, switch; empty before the first view) as labels", ['node', 'net', 'mode']),
     tincdUp: g('tincd_up', '1 when tincd answered its last state dump'),
     bytes: c('tinc_bytes_total', 'Bytes through the VPN device, as tincd (or else the interface) counts them', ['direction']),
@@ -45,54 +59,57 @@ export function createMetrics(): Metrics {
     dnsTcpOpen: g('dns_tcp_connections', 'DNS over TCP connections open now'),
     dnsTcpRefused: c('dns_tcp_refused_total', 'DNS over TCP connections refused: over the per-source or total limit'),
   }
-  const setCounter = (counter: Counter, value: number, labels: Record<string, string> = {}) => {
-    counter.reset()
-    counter.inc(labels, Math.max(0, value))
+}
+
+const setCounter = (counter: Counter, value: number, labels: Record<string, string> = {}) => {
+  counter.reset()
+  counter.inc(labels, Math.max(0, value))
+}
+
+/** This node, tincd and the interface. */
+function fillTinc(m: MetricSet, s: Status): void {
+  m.info.reset()
+  m.info.set({ node: s.node.name, net: s.node.net, mode: s.node.mode ?? '' }, 1)
+  m.tincdUp.set(s.tincd.state === 'up' ? 1 : 0)
+  m.bytes.reset()
+  if (s.bytes.in !== undefined) m.bytes.inc({ direction: 'in' }, s.bytes.in)
+  if (s.bytes.out !== undefined) m.bytes.inc({ direction: 'out' }, s.bytes.out)
+  m.nodes.reset()
+  for (const path of ['direct', 'relayed', 'unreachable', 'unknown'] as const) m.nodes.set({ path }, s.nodes.filter((n) => n.path === path).length)
+  m.reachable.reset()
+  for (const n of s.nodes) if (n.path !== 'self' && n.reachable !== undefined) m.reachable.set({ node: n.name }, n.reachable ? 1 : 0)
+  m.edges.set(s.edges.length)
+  m.connections.set(s.connections.length)
+  m.subnets.set(s.subnets.length)
+  m.skipped.set(s.tincd.skippedLines)
+}
+
+/** Consul, records, services and DNS. */
+function fillConsul(m: MetricSet, s: Status): void {
+  m.consulUp.set(s.consul.reachable ? 1 : 0)
+  if (s.consul.lastSyncAt) m.lastSync.set(Date.parse(s.consul.lastSyncAt) / 1000)
+  setCounter(m.refused, s.consul.refusedTotal)
+  m.refusedNow.set(s.consul.refused.length)
+  m.conflict.set(s.node.nameConflict ? 1 : 0)
+  m.pending.set(s.consul.pending.length)
+  setCounter(m.servicesRefused, s.consul.servicesRefusedTotal)
+  m.servicesRefusedNow.set(s.consul.servicesRefused.length)
+  m.localServices.reset()
+  if (s.localServices) {
+    m.localServices.set({ state: 'registered' }, s.localServices.registered)
+    m.localServices.set({ state: 'refused' }, s.localServices.refused.length)
+    m.localServicesMax.set(s.localServices.max)
   }
-  return {
-    registry,
-    async render(s) {
-      m.info.reset()
-      m.info.set({ node: s.node.name, net: s.node.net, mode: s.node.mode ?? '' }, 1)
-      m.tincdUp.set(s.tincd.state === 'up' ? 1 : 0)
-      m.bytes.reset()
-      if (s.bytes.in !== undefined) m.bytes.inc({ direction: 'in' }, s.bytes.in)
-      if (s.bytes.out !== undefined) m.bytes.inc({ direction: 'out' }, s.bytes.out)
-      m.nodes.reset()
-      for (const path of ['direct', 'relayed', 'unreachable', 'unknown'] as const) m.nodes.set({ path }, s.nodes.filter((n) => n.path === path).length)
-      m.reachable.reset()
-      for (const n of s.nodes) if (n.path !== 'self' && n.reachable !== undefined) m.reachable.set({ node: n.name }, n.reachable ? 1 : 0)
-      m.edges.set(s.edges.length)
-      m.connections.set(s.connections.length)
-      m.subnets.set(s.subnets.length)
-      m.skipped.set(s.tincd.skippedLines)
-      m.consulUp.set(s.consul.reachable ? 1 : 0)
-      if (s.consul.lastSyncAt) m.lastSync.set(Date.parse(s.consul.lastSyncAt) / 1000)
-      setCounter(m.refused, s.consul.refusedTotal)
-      m.refusedNow.set(s.consul.refused.length)
-      m.conflict.set(s.node.nameConflict ? 1 : 0)
-      m.pending.set(s.consul.pending.length)
-      setCounter(m.servicesRefused, s.consul.servicesRefusedTotal)
-      m.servicesRefusedNow.set(s.consul.servicesRefused.length)
-      m.localServices.reset()
-      if (s.localServices) {
-        m.localServices.set({ state: 'registered' }, s.localServices.registered)
-        m.localServices.set({ state: 'refused' }, s.localServices.refused.length)
-        m.localServicesMax.set(s.localServices.max)
-      }
-      m.healthy.reset()
-      for (const svc of s.services) m.healthy.set({ service: svc.name, protocol: svc.protocol }, svc.instances.length)
-      m.dns.reset()
-      if (s.dns) {
-        const { queries, refused, formerr } = s.dns
-        m.dns.inc({ outcome: 'answered' }, Math.max(0, queries - refused - formerr))
-        m.dns.inc({ outcome: 'refused' }, refused)
-        m.dns.inc({ outcome: 'formerr' }, formerr)
-        m.dns.inc({ outcome: 'truncated' }, s.dns.truncated)
-        m.dnsTcpOpen.set(s.dns.tcpOpen ?? 0)
-        setCounter(m.dnsTcpRefused, s.dns.tcpRefused ?? 0)
-      }
-      return registry.metrics()
-    },
+  m.healthy.reset()
+  for (const svc of s.services) m.healthy.set({ service: svc.name, protocol: svc.protocol }, svc.instances.length)
+  m.dns.reset()
+  if (s.dns) {
+    const { queries, refused, formerr } = s.dns
+    m.dns.inc({ outcome: 'answered' }, Math.max(0, queries - refused - formerr))
+    m.dns.inc({ outcome: 'refused' }, refused)
+    m.dns.inc({ outcome: 'formerr' }, formerr)
+    m.dns.inc({ outcome: 'truncated' }, s.dns.truncated)
+    m.dnsTcpOpen.set(s.dns.tcpOpen ?? 0)
+    setCounter(m.dnsTcpRefused, s.dns.tcpRefused ?? 0)
   }
 }
