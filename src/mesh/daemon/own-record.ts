@@ -71,69 +71,35 @@ export function nextConflict(was: NameConflict | undefined, ours: string, theirs
  * but with a growing, jittered delay and only MAX_CONFLICT_ATTEMPTS times: two daemons with one
  * name would otherwise rewrite each other forever, waking every daemon in the mesh each time.
  */
+interface KeeperState {
+  network?: NetworkRecord
+  mine?: NodeRecord
+  conflict?: NameConflict
+  failures: number
+  /** The ModifyIndex our last publish left the key at or above; undefined until we have published. */
+  since?: number
+  /** The foreign write already answered: every nodes/ snapshot repeats it until ours is back. */
+  answered?: number
+  retry?: NodeJS.Timeout
+  stopped: boolean
+}
+
 export function ownRecordKeeper(opts: OwnRecordOptions): OwnRecordKeeper {
   const log = opts.log.child({ component: 'publish' })
-  let network: NetworkRecord | undefined
-  let mine: NodeRecord | undefined
-  let conflict: NameConflict | undefined
-  let failures = 0
-  // The ModifyIndex our last publish left the key at or above; undefined until we have published.
-  let since: number | undefined
-  // The foreign write already answered: every nodes/ snapshot repeats it until ours is back.
-  let answered: number | undefined
-  let retry: NodeJS.Timeout | undefined
-  let stopped = false
-  const own = async () => (mine ??= await buildOwnRecord(opts.tincDir, opts.self, undefined, opts.joinPort))
-
-  const publishNow = async (): Promise<void> => {
-    if (!network || stopped) return
-    clearTimeout(retry)
-    try {
-      const record = await own()
-      // Ask Consul too, not only our copy of revoked/: that watch may lag a revocation.
-      if (opts.revokedLocally(record.fingerprint) || (await opts.client.kvGet(opts.layout.revoked(record.fingerprint)))) {
-        log.error({ fingerprint: record.fingerprint }, 'our key is revoked; not publishing (re-join with a new key)')
-        return
-      }
-      since = (await publishRecord(opts.client, opts.layout, network, record, log)).since
-      failures = 0
-    } catch (err) {
-      failures++
-      const delay = backoffMs(failures, 500, 30_000)
-      log.error({ err, retryInMs: delay }, 'could not publish our record; retrying')
-      retry = setTimeout(() => void publishNow(), delay)
-    }
-  }
-
-  const onForeign = async (item: KeyRead & { state: 'value' }): Promise<void> => {
-    const theirs = decodeJson(item.item.value, nodeRecordSchema)
-    const was = conflict
-    conflict = nextConflict(conflict, (await own()).fingerprint, theirs.ok ? theirs.value.fingerprint : `unreadable (${theirs.reason})`, new Date())
-    clearTimeout(retry)
-    if (conflict.gaveUp) {
-      if (!was?.gaveUp)
-        log.error(
-          { ours: conflict.ours, theirs: conflict.theirs, attempts: conflict.attempts },
-          'another daemon keeps writing a different record under our name (a cloned machine?); no longer rewriting it. Stop the other one, or give one of them a new name, then restart this daemon',
-        )
-      return
-    }
-    const delay = backoffMs(conflict.attempts, 1000, 30_000)
-    log.warn({ ours: conflict.ours, theirs: conflict.theirs, attempt: conflict.attempts, retryInMs: delay }, 'our record was rewritten by someone else; putting ours back')
-    retry = setTimeout(() => void publishNow(), delay)
-  }
-
+  const st: KeeperState = { failures: 0, stopped: false }
+  const own = async () => (st.mine ??= await buildOwnRecord(opts.tincDir, opts.self, undefined, opts.joinPort))
+  const publishNow = (): Promise<void> => publishOwn(opts, st, own, log)
   return {
     publish: async (o) => {
       if (o?.reset) {
-        mine = undefined
-        conflict = undefined
-        since = undefined
+        st.mine = undefined
+        st.conflict = undefined
+        st.since = undefined
       }
       await publishNow()
     },
     observe: async (read, absent) => {
-      if (!network || stopped) return
+      if (!st.network || st.stopped) return
       if (!read) {
         // Deleted by hand or lost with a store: put it back, even after a conflict gave up.
         if (absent) await publishNow()
@@ -141,20 +107,60 @@ export function ownRecordKeeper(opts: OwnRecordOptions): OwnRecordKeeper {
       }
       if (read.state !== 'value') return
       const ours = await own().catch(() => undefined)
-      const verdict = ours ? judgeOwnKey(read.item, ours, { since, answered, gaveUp: conflict?.gaveUp === true }) : 'ignore'
+      const verdict = ours ? judgeOwnKey(read.item, ours, { since: st.since, answered: st.answered, gaveUp: st.conflict?.gaveUp === true }) : 'ignore'
       if (verdict === 'publish') return publishNow()
       if (verdict !== 'foreign') return
-      answered = read.item.modifyIndex
-      await onForeign(read)
+      st.answered = read.item.modifyIndex
+      await onForeign(st, read, own, publishNow, log)
     },
     setNetwork: (n) => {
-      network = n
+      st.network = n
     },
-    conflict: () => conflict,
+    conflict: () => st.conflict,
     own,
     stop: () => {
-      stopped = true
-      clearTimeout(retry)
+      st.stopped = true
+      clearTimeout(st.retry)
     },
   }
+}
+
+async function publishOwn(opts: OwnRecordOptions, st: KeeperState, own: () => Promise<NodeRecord>, log: Logger): Promise<void> {
+  const network = st.network
+  if (!network || st.stopped) return
+  clearTimeout(st.retry)
+  try {
+    const record = await own()
+    // Ask Consul too, not only our copy of revoked/: that watch may lag a revocation.
+    if (opts.revokedLocally(record.fingerprint) || (await opts.client.kvGet(opts.layout.revoked(record.fingerprint)))) {
+      log.error({ fingerprint: record.fingerprint }, 'our key is revoked; not publishing (re-join with a new key)')
+      return
+    }
+    st.since = (await publishRecord(opts.client, opts.layout, network, record, log)).since
+    st.failures = 0
+  } catch (err) {
+    st.failures++
+    const delay = backoffMs(st.failures, 500, 30_000)
+    log.error({ err, retryInMs: delay }, 'could not publish our record; retrying')
+    st.retry = setTimeout(() => void publishOwn(opts, st, own, log), delay)
+  }
+}
+
+async function onForeign(st: KeeperState, item: KeyRead & { state: 'value' }, own: () => Promise<NodeRecord>, publishNow: () => Promise<void>, log: Logger): Promise<void> {
+  const theirs = decodeJson(item.item.value, nodeRecordSchema)
+  const was = st.conflict
+  const conflict = nextConflict(st.conflict, (await own()).fingerprint, theirs.ok ? theirs.value.fingerprint : `unreadable (${theirs.reason})`, new Date())
+  st.conflict = conflict
+  clearTimeout(st.retry)
+  if (conflict.gaveUp) {
+    if (!was?.gaveUp)
+      log.error(
+        { ours: conflict.ours, theirs: conflict.theirs, attempts: conflict.attempts },
+        'another daemon keeps writing a different record under our name (a cloned machine?); no longer rewriting it. Stop the other one, or give one of them a new name, then restart this daemon',
+      )
+    return
+  }
+  const delay = backoffMs(conflict.attempts, 1000, 30_000)
+  log.warn({ ours: conflict.ours, theirs: conflict.theirs, attempt: conflict.attempts, retryInMs: delay }, 'our record was rewritten by someone else; putting ours back')
+  st.retry = setTimeout(() => void publishNow(), delay)
 }
