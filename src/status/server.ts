@@ -34,8 +34,14 @@ export interface StatusServer {
 
 const PATHS = ['/tincstat', '/status', '/metrics', '/graph.dot', '/graph.svg'] as const
 
-export async function startStatusServer(opts: StatusServerOptions): Promise<StatusServer> {
-  const log = opts.log.child({ component: 'status' })
+const send = (res: ServerResponse, status: number, type: string, body: string) => {
+  res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' })
+  res.end(body)
+}
+const json = (res: ServerResponse, status: number, body: unknown) => send(res, status, 'application/json; charset=utf-8', `${JSON.stringify(body, null, 2)}\n`)
+
+/** The request handler: one snapshot per request, rendered as the path asks. */
+function statusHandler(opts: StatusServerOptions, log: Logger): (req: IncomingMessage, res: ServerResponse) => Promise<void> {
   const metrics = createMetrics()
   const render = opts.renderSvg ?? ((dot: string) => renderSvg(dot, opts.dotBin))
   const graph = createSvgCache({
@@ -46,16 +52,7 @@ export async function startStatusServer(opts: StatusServerOptions): Promise<Stat
       return r
     },
   })
-  const servers: Server[] = []
-  let port = opts.port
-
-  const send = (res: ServerResponse, status: number, type: string, body: string) => {
-    res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' })
-    res.end(body)
-  }
-  const json = (res: ServerResponse, status: number, body: unknown) => send(res, status, 'application/json; charset=utf-8', `${JSON.stringify(body, null, 2)}\n`)
-
-  const handle = async (req: IncomingMessage, res: ServerResponse) => {
+  return async (req, res) => {
     const path = new URL(req.url ?? '/', 'http://status').pathname
     if (!(PATHS as readonly string[]).includes(path)) return json(res, 404, { error: `no such endpoint; try ${PATHS.join(', ')}` })
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -74,6 +71,13 @@ export async function startStatusServer(opts: StatusServerOptions): Promise<Stat
       return json(res, 501, { error: 'Graphviz is not installed here', hint: 'install it (Debian: apt install graphviz), or fetch /graph.dot and render it elsewhere: dot -Tsvg graph.dot > mesh.svg' })
     return json(res, 500, { error: svg.error })
   }
+}
+
+export async function startStatusServer(opts: StatusServerOptions): Promise<StatusServer> {
+  const log = opts.log.child({ component: 'status' })
+  const handle = statusHandler(opts, log)
+  const servers: Server[] = []
+  let port = opts.port
 
   const bindOne = async (host: string) => {
     const server = createServer((req, res) => {
