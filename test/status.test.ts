@@ -339,6 +339,14 @@ describe('the status server', () => {
     assert.equal(samples.get('tinc_consul_dns_queries_total{outcome="answered"}'), 7)
     assert.equal(samples.get('tinc_consul_dns_tcp_connections'), 3)
     assert.equal(samples.get('tinc_consul_dns_tcp_refused_total'), 5)
+    // The process figures are read at scrape time; nothing samples the event loop between scrapes.
+    assert.ok((samples.get('tinc_consul_process_resident_memory_bytes') ?? 0) > 1e6)
+    assert.ok((samples.get('tinc_consul_process_cpu_seconds_total') ?? 0) > 0)
+    assert.ok((samples.get('tinc_consul_process_open_fds') ?? 0) > 0)
+    assert.deepEqual(
+      [...samples.keys()].filter((k) => /eventloop|event_loop/.test(k)),
+      [],
+    )
   })
 
   test('/graph.dot and /graph.svg; without Graphviz a 501 that says what to do', async () => {

@@ -28,9 +28,9 @@ export const dnsArgs = {
   },
   'dns-workers': {
     type: 'string',
-    description: described('Helper processes sharing the UDP sockets: a number, or auto (one per extra core, at most 3)', 'dns-workers'),
+    description: described('Helper processes sharing the UDP sockets: a number, or auto (one per extra core, at most 3) for a resolver under real load', 'dns-workers'),
     get default() {
-      return envDefault('dns-workers', 'auto')
+      return envDefault('dns-workers', '0')
     },
   },
   'dns-node-ttl': {
@@ -125,7 +125,7 @@ export function dnsSettings(args: {
   'hosts-file'?: string
 }): DnsSettings {
   const listen = listFlag('dns-listen', args['dns-listen'])
-  const w = args['dns-workers'] ?? 'auto'
+  const w = args['dns-workers'] ?? '0'
   return {
     enabled: args.dns !== false,
     port: parseIntFlag('dns-port', args['dns-port'] ?? String(DEFAULT_DNS_PORT), 1, 65535),
