@@ -1,5 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
+import { pino } from 'pino'
+import { connectToKeeper } from '../src/mesh/daemon/connect-to-keeper.ts'
 import { planConnectTo, rendezvousOrder, type CandidateState, type ConnectToInput, type ConnectToTimers } from '../src/mesh/connect-to.ts'
 
 const publics = Array.from({ length: 20 }, (_, i) => `pub${i}`)
@@ -120,4 +122,52 @@ test('the node that admitted a new one stays in its list beside the K', () => {
   const plan = planConnectTo({ self: 'me', publics: pubs, k: 2, sponsor: last, now: 0, connected: new Set(pubs) }, new Map(), [])
   assert.deepEqual(plan.connectTo, [order[0], order[1], last].sort())
   assert.deepEqual(planConnectTo({ self: 'me', publics: pubs, k: 0, now: 0, connected: new Set(pubs) }, new Map(), []).connectTo, [])
+})
+
+test("the keeper benches a choice only from tincd's dump: active connections count, connecting ones don't", async () => {
+  const pubs = ['a', 'b', 'c', 'd']
+  const [first, second, third] = rendezvousOrder('me', pubs) as [string, string, string]
+  let clock = 0
+  let changes = 0
+  // status 0x0002 is tinc 1.0's `active`; 0x0004 is `connecting` (a ConnectTo still trying).
+  let conns = pubs.map((name) => ({ name, status: name === first ? 0x0004 : 0x0002 }))
+  let up = true
+  const keeper = connectToKeeper({
+    self: 'me',
+    k: 2,
+    intervalMs: 3_600_000,
+    timers,
+    now: () => clock,
+    readState: () => Promise.resolve(up ? { state: 'up', pid: 1, dump: { skipped: 0, connections: conns } } : { state: 'down', reason: 'not running' }),
+    onChange: () => void changes++,
+    log: pino({ level: 'silent' }),
+  })
+  try {
+    assert.deepEqual(keeper.choose(pubs), [first, second].sort())
+    await keeper.tick()
+    clock = 59_999
+    await keeper.tick()
+    assert.equal(changes, 0)
+    // tincd down: no observation, so the grace period passing proves nothing.
+    up = false
+    clock = 200_000
+    await keeper.tick()
+    assert.equal(changes, 0)
+    up = true
+    clock = 300_000
+    await keeper.tick()
+    assert.equal(changes, 1, 'the silent choice is replaced after a grace period of observations')
+    assert.deepEqual(keeper.choose(pubs), [second, third].sort())
+    assert.deepEqual(
+      keeper.plan()?.benched.map((b) => b.name),
+      [first],
+    )
+    conns = pubs.map((name) => ({ name, status: 0x0002 }))
+    clock = 300_000 + timers.benchMs
+    await keeper.tick()
+    assert.equal(changes, 2, 'the original comes back after its bench')
+    assert.deepEqual(keeper.choose(pubs), [first, second].sort())
+  } finally {
+    keeper.stop()
+  }
 })
