@@ -76,7 +76,7 @@ describe('one network writer and one judge for init and joins, against a real Co
     const fresh = kvLayout('fresh')
     const first = await createNetwork(admin, fresh, NETWORK)
     assert.deepEqual(first, { created: true, network: NETWORK })
-    assert.deepEqual(await keys(admin, fresh.prefix), ['aliases/', 'ipam/', 'network', 'revoked/'])
+    assert.deepEqual(await keys(admin, fresh.prefix), ['aliases/', 'ipam/', 'network', 'revoked/', 'subnet-approvals/'])
     const second = await createNetwork(admin, fresh, { ...NETWORK, cidr: '10.1.0.0/16' })
     assert.deepEqual(second, { created: false, network: NETWORK })
 
@@ -86,7 +86,7 @@ describe('one network writer and one judge for init and joins, against a real Co
     await admin.kvPut(old.revokedPrefix, '')
     await admin.kvPut(old.alias('files'), 'hub')
     assert.equal((await createNetwork(admin, old, NETWORK)).created, false)
-    assert.deepEqual(await keys(admin, old.prefix), ['aliases/', 'aliases/files', 'ipam/', 'network', 'revoked/'])
+    assert.deepEqual(await keys(admin, old.prefix), ['aliases/', 'aliases/files', 'ipam/', 'network', 'revoked/', 'subnet-approvals/'])
 
     const broken = kvLayout('broken')
     await admin.kvPut(broken.network, 'not json')
@@ -140,7 +140,7 @@ describe('one network writer and one judge for init and joins, against a real Co
     assert.equal(made.createdNetwork, true)
     assert.deepEqual(
       (await keys(admin, kvLayout('made').prefix)).filter((k) => k.endsWith('/')),
-      ['aliases/', 'ipam/', 'revoked/'],
+      ['aliases/', 'ipam/', 'revoked/', 'subnet-approvals/'],
     )
 
     const steps: string[] = []

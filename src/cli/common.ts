@@ -42,6 +42,24 @@ export const consulArgs = {
   },
 } as const
 
+/** The settings a new network is created with, shared by `init` and `adopt` (whichever creates it). */
+export const newNetworkArgs = {
+  cidr: {
+    type: 'string',
+    description: described('VPN range, needed to create the network (e.g. 10.99.0.0/24; adopt reads it from tinc-up when absent)', 'cidr'),
+    get default() {
+      return process.env.TINC_CONSUL_CIDR
+    },
+  },
+  domain: {
+    type: 'string',
+    description: described('DNS domain for node names', 'domain'),
+    get default() {
+      return envDefault('domain', 'mesh')
+    },
+  },
+} as const
+
 /** CONSUL_HTTP_ADDR is often given without a scheme ("127.0.0.1:8500"). */
 export function httpUrl(addr: string): string {
   return /^https?:\/\//.test(addr) ? addr : `http://${addr}`

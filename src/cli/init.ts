@@ -7,7 +7,7 @@ import { isUlaCidr6 } from '../mesh/record.ts'
 import { UsageError } from '../errors.ts'
 import { parseModeFlag } from '../tinc/mode.ts'
 import { sanitizeTincName } from '../tinc/names.ts'
-import { consulArgs } from './common.ts'
+import { consulArgs, newNetworkArgs } from './common.ts'
 import { described, envDefault, envFlag } from './env.ts'
 import { finishArgs, placeFrom } from './install.ts'
 import { parseIntFlag } from './parse.ts'
@@ -19,8 +19,7 @@ export const initCommand = defineCommand({
   args: {
     ...consulArgs,
     name: { type: 'string', description: described("This node's tinc name (default: the hostname, with anything but letters, digits and _ as _)", 'name'), default: process.env.TINC_CONSUL_NAME },
-    cidr: { type: 'string', description: described('VPN range, needed to create the network (e.g. 10.99.0.0/24)', 'cidr'), default: process.env.TINC_CONSUL_CIDR },
-    domain: { type: 'string', description: described('DNS domain for node names', 'domain'), default: envDefault('domain', 'mesh') },
+    ...newNetworkArgs,
     'join-port': { type: 'string', description: described("Port this node serves joins on; 0: it doesn't", 'join-port'), default: envDefault('join-port', String(DEFAULT_JOIN_PORT)) },
     'bare-service-names': {
       type: 'boolean',

@@ -16,11 +16,13 @@ const { runCommand: runDaemon } = await import('./run.ts')
 const { pinCommand, revokeCommand } = await import('./admin.ts')
 const { initCommand } = await import('./init.ts')
 const { joinCommand } = await import('./join.ts')
+const { adoptCommand } = await import('./adopt.ts')
 const { inviteCommand } = await import('./invite.ts')
 const { aliasCommand, hostsCommand, resolveCommand: resolveName } = await import('./dns.ts')
 const { serviceCommand } = await import('./service.ts')
 const { graphCommand, statusCommand } = await import('./status.ts')
 const { installCommand, uninstallCommand } = await import('./install.ts')
+const { subnetCommand } = await import('./subnet.ts')
 
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
@@ -31,11 +33,13 @@ export const main = defineCommand({
     init: initCommand,
     invite: inviteCommand,
     join: joinCommand,
+    adopt: adoptCommand,
     run: runDaemon,
     revoke: revokeCommand,
     pin: pinCommand,
     resolve: resolveName,
     alias: aliasCommand,
+    subnet: subnetCommand,
     hosts: hostsCommand,
     service: serviceCommand,
     status: statusCommand,

@@ -83,6 +83,7 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     ...(s.node.nameConflict ? [paint('red', conflictText(s.node.nameConflict))] : []),
     ...(s.node.tincConfMode ? [paint('red', modeMismatchText(s.node.tincConfMode, s.node.mode))] : []),
     ...(s.localServices?.refused.length ? [paint('yellow', localRefusedText(s.localServices))] : []),
+    ...(s.node.forwardingOff ? [paint('red', s.node.forwardingOff)] : []),
     '',
   ]
   const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]
@@ -102,7 +103,21 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     const c = colours[i]
     return c ? paint(c, text) : text
   })
-  return `${[...head, ...lines].join('\n')}\n`
+  return `${[...head, ...lines, ...routeLines(s, paint)].join('\n')}\n`
+}
+
+/** Subnets behind nodes (docs/subnets.md), after the nodes; nothing when there are none. A daemon of an older release sends no `routes`. */
+function routeLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => string): string[] {
+  const routes = s.routes ?? []
+  const refused = s.refusedApprovals ?? []
+  if (routes.length + refused.length === 0) return []
+  const colour = { served: 'green', awaiting: 'yellow', refused: 'red', unannounced: 'dim' } as const
+  const rows = [['NODE', 'SUBNET', 'STATE', 'DETAIL'], ...routes.map((r) => [r.node, r.cidr, r.state, r.state === 'served' ? `approved ${r.approvedAt ?? ''}`.trim() : (r.reason ?? '')])]
+  const lines = alignRows(rows).map((text, i) => {
+    const r = routes[i - 1]
+    return r ? paint(colour[r.state], text) : text
+  })
+  return ['', ...lines, ...refused.map((r) => paint('yellow', `refused approval ${r.key}: ${r.reason}`))]
 }
 
 export const statusCommand = defineCommand({

@@ -39,6 +39,8 @@ export interface NodeInstallOptions {
   bin: string
   consulBin: string
   systemctl: boolean
+  /** Never restart a running tincd (adopt): see InstallInput. */
+  keepTincd?: boolean
   /**
    * The node and its settings, when they aren't on disk yet: `join --dry-run`
    * plans from the invite alone, with stand-ins for what the reply would bring.
@@ -112,7 +114,18 @@ export async function planNodeInstall(o: NodeInstallOptions): Promise<NodeInstal
       managementToken,
     }
   }
-  const steps = await planInstall({ net: o.net, node, consul, unitDir: o.unitDir, tincRoot: o.tincRoot, settingsDir: o.settingsDir, bin: o.bin, consulBin: o.consulBin, systemctl: o.systemctl })
+  const steps = await planInstall({
+    net: o.net,
+    node,
+    consul,
+    unitDir: o.unitDir,
+    tincRoot: o.tincRoot,
+    settingsDir: o.settingsDir,
+    bin: o.bin,
+    consulBin: o.consulBin,
+    systemctl: o.systemctl,
+    keepTincd: o.keepTincd,
+  })
   // A server's join endpoint hands the gossip key to new nodes: it goes in the net's settings.
   if (role === 'server' && consul && settings && settings.TINC_CONSUL_GOSSIP_KEY !== consul.gossipKey) {
     steps.unshift({

@@ -50,6 +50,11 @@ export interface InstallInput {
   consulBin: string
   /** Whether to run systemctl (systemd present and not writing under a --root). */
   systemctl: boolean
+  /**
+   * tincd carries traffic that must not stop (`adopt`): it is enabled and started if stopped,
+   * never restarted; it takes the drop-in's --logfile at its next restart.
+   */
+  keepTincd?: boolean
 }
 
 export const CONSUL_CONFIG_FILE = 'tinc-consul.hcl'
@@ -175,8 +180,12 @@ function systemctlSteps(i: InstallInput): Step[] {
     if (i.net && i.node?.vpnAddress) {
       const units = [`tinc@${i.net}.service`, `tinc-consul@${i.net}.service`]
       steps.push({ kind: 'command', argv: ['systemctl', 'enable', ...units], why: 'tincd and the sidecar start at boot' })
+      if (i.keepTincd) {
+        steps.push({ kind: 'command', argv: ['systemctl', 'start', units[0] ?? ''], why: 'tincd runs with this unit (one already running is left alone: no interruption)' })
+        steps.push({ kind: 'command', argv: ['systemctl', 'restart', units[1] ?? ''], why: 'the sidecar runs with this unit' })
+      }
       // A restart, not --now: a tincd already running must pick up the drop-in's --logfile.
-      steps.push({ kind: 'command', argv: ['systemctl', 'restart', ...units], why: 'tincd and the sidecar run with these units' })
+      else steps.push({ kind: 'command', argv: ['systemctl', 'restart', ...units], why: 'tincd and the sidecar run with these units' })
     }
     if (c)
       steps.push(

@@ -14,7 +14,7 @@ import { kvLayout } from '../mesh/kv-layout.ts'
 import { policyScopeFor } from '../services/naming.ts'
 import { cliArgv } from './sidecar.ts'
 import { startDaemon, waitFor, type Daemon } from './daemon.ts'
-import { buildNetwork, deleteHostLinksSync, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
+import { addLan, buildNetwork, deleteHostLinksSync, type LabLan, killNamespaceProcessesSync, listNamespaces, pidsIn, setCut, teardownNamespacesSync } from './netns.ts'
 import { requireConsul } from './provision.ts'
 import { DEFAULT_TINC_TIMERS } from '../tinc/setup.ts'
 import { LAB_NETNAME, labConfigDir, labEventsDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
@@ -38,6 +38,8 @@ export interface LabState {
   consulBin: string
   pids: number[]
   createdAt: string
+  /** LANs behind nodes made by addLan, by name ("lan1" → its namespace). */
+  lans?: Record<string, string>
 }
 
 /**
@@ -81,6 +83,8 @@ export interface Lab {
   servicesDir(node: string): string
   stopConsulServer(name: string): void
   startConsulServer(name: string): Promise<void>
+  /** A LAN with one host behind a node (netns.ts addLan); lab.exec reaches the host by the LAN's name. Torn down with the lab. */
+  addLan(node: string, cidr: string, opts: { routeBack: boolean }): Promise<LabLan>
   /** Paths of a node's tinc files. */
   tincFiles(node: string): { root: string; dir: string; pidFile: string; logFile: string }
   /** The node's stand-ins for /etc/tinc, /etc/tinc-consul and /run/tinc-consul, as init/join flags. */
@@ -191,6 +195,14 @@ function commOf(pid: number): string | undefined {
   }
 }
 
+/** A LAN behind a node, remembered in the state so `lab.exec` finds it; its namespace has the lab's prefix, so teardown removes it. */
+async function addLabLan(state: LabState, node: string, cidr: string, opts: { routeBack: boolean }): Promise<LabLan> {
+  const lan = await addLan(state.plan, findNode(state.plan, node), Object.keys(state.lans ?? {}).length + 1, cidr, opts)
+  state.lans = { ...state.lans, [lan.name]: lan.ns }
+  await saveState(state)
+  return lan
+}
+
 function makeLab(state: LabState): Lab {
   const { plan } = state
   let isDown = false
@@ -205,7 +217,7 @@ function makeLab(state: LabState): Lab {
     if (server) return server.ns
     const router = plan.nodes.find((n) => n.router && n.router.ns === `${plan.prefix}-${name}`)
     if (router?.router) return router.router.ns
-    return findNode(plan, name).ns
+    return state.lans?.[name] ?? findNode(plan, name).ns
   }
   const lab: Lab = {
     state,
@@ -296,6 +308,7 @@ function makeLab(state: LabState): Lab {
       const d = await track(startConsulAgent(state.consulBin, state.runDir, name, server.ns))
       await waitFor(`${name} to rejoin a cluster with a leader`, async () => (await lab.consul(name).leader()) || undefined, { timeoutMs: 60_000, daemons: [d] })
     },
+    addLan: (node, cidr, opts) => addLabLan(state, node, cidr, opts),
     tincFiles: (name) => tincPaths(state.runDir, findNode(plan, name)),
     setupFlags: (name) => ['--dir', tincPaths(state.runDir, findNode(plan, name)).root, '--config-dir', labConfigDir(state.runDir, name), '--run-dir', labEventsDir(state.runDir, name)],
     cli: (name, args, opts = {}) =>

@@ -77,6 +77,31 @@ export async function buildNetwork(plan: LabPlan): Promise<void> {
   for (const node of plan.nodes) await buildNode(plan, node)
 }
 
+export interface LabLan {
+  /** The LAN's name for lab.exec ("lan1"), and its namespace, named with the lab's prefix so teardown removes it. */
+  name: string
+  ns: string
+  cidr: string
+  /** The node's address on the LAN (the LAN's router) and the one host's. */
+  routerIp: string
+  hostIp: string
+}
+
+/**
+ * A LAN behind a node, as behind a home router: a namespace holding one host, linked to the node
+ * by a veth pair. With `routeBack` the host routes the VPN range through the node; without it,
+ * it knows only its own LAN (a host that can't be configured), so the node must masquerade.
+ */
+export async function addLan(plan: LabPlan, node: LabNodePlan, index: number, cidr: string, opts: { routeBack: boolean }): Promise<LabLan> {
+  const m = /^(\d+\.\d+\.\d+)\.0\/(\d+)$/.exec(cidr)
+  if (!m) throw new LabError('LAB_LAN', `a lab LAN is an x.y.z.0/N, got ${cidr}`)
+  const lan: LabLan = { name: `lan${index}`, ns: `${plan.prefix}-lan${index}`, cidr, routerIp: `${m[1]}.1`, hostIp: `${m[1]}.2` }
+  await addNamespace(lan.ns)
+  await ipBatch(node.ns, [`link add ${lan.name} type veth peer name eth0 netns ${lan.ns}`, `addr add ${lan.routerIp}/${m[2]} dev ${lan.name}`, `link set ${lan.name} up`])
+  await ipBatch(lan.ns, [`addr add ${lan.hostIp}/${m[2]} dev eth0`, 'link set eth0 up', ...(opts.routeBack ? [`route add ${plan.options.vpnCidr} via ${lan.routerIp}`] : [])])
+  return lan
+}
+
 /** Drops (or restores) underlay traffic between two nodes, in both directions. */
 export async function setCut(a: LabNodePlan, b: LabNodePlan, cut: boolean): Promise<void> {
   if (a.name === b.name) throw new LabError('LAB_CUT_SELF', 'cannot cut a node from itself')

@@ -3,6 +3,9 @@ import { join } from 'node:path'
 import { z } from 'zod'
 import { isDnsLabel } from '../dns/zone.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
+import { isTincName } from '../tinc/names.ts'
+import { isCanonicalRoute } from './route-cidr.ts'
+import type { Approval } from './routes.ts'
 import { networkRecordSchema, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
 
 /**
@@ -27,6 +30,10 @@ const cacheSchema = z.object({
   seniority: z.record(z.string(), z.number().int().nonnegative()).optional(),
   allocations: z.record(z.string(), z.string()).optional(),
   revoked: z.array(z.string().regex(/^sha256:[0-9a-f]{64}$/)).optional(),
+  approvals: z
+    .array(z.object({ node: z.string().refine(isTincName), cidr: z.string().refine(isCanonicalRoute), at: z.iso.datetime(), createIndex: z.number().int().nonnegative() }))
+    .max(10_000)
+    .optional(),
 })
 
 export interface CachedView {
@@ -40,6 +47,8 @@ export interface CachedView {
   allocations?: Record<string, string>
   /** revoked/ as last read. */
   revoked?: string[]
+  /** subnet-approvals/ as last read (already checked), so approved routes stay through a restart without Consul. */
+  approvals?: Approval[]
 }
 
 export function cachePath(stateDir: string): string {

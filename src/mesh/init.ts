@@ -205,24 +205,7 @@ async function reserveAndPublish(o: InitOptions, c: { layout: KvLayout; client: 
 async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulClient): Promise<NetworkWrite> {
   const found = await readNetwork(client, layout)
   if (!found && !o.cidr) throw new UsageError('BAD_FLAG', `network ${o.net} does not exist yet: give --cidr (for example 10.99.0.0/24) to create it`)
-  let record = found
-  if (!record) {
-    // Written explicitly on every new network: a record without it means bare names (older releases).
-    record = {
-      v: RECORD_VERSION,
-      cidr: o.cidr ?? '',
-      domain: o.domain,
-      createdAt: new Date().toISOString(),
-      serviceNames: o.bareServiceNames ? 'bare' : 'scoped',
-      // Only switch is written: absent means router, so a router network's record is what it was before the field existed.
-      ...(o.mode && o.mode !== DEFAULT_TINC_MODE ? { mode: o.mode } : {}),
-      ...(o.cidr6 ? { cidr6: o.cidr6 === 'auto' ? randomUla64() : o.cidr6 } : {}),
-    }
-    const check = networkRecordSchema.safeParse(record)
-    if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
-    hostRange(record.cidr)
-  }
-  const res = await createNetwork(client, layout, record)
+  const res = await createNetwork(client, layout, found ?? newNetworkRecord(o))
   if (!res.created && o.cidr && res.network.cidr !== o.cidr)
     throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists with CIDR ${res.network.cidr}, not ${o.cidr}; drop --cidr to join it as it is, or pick another --net`)
   if (!res.created && o.bareServiceNames && namingFor(o.net, res.network).mode !== 'bare')
@@ -240,6 +223,25 @@ async function ensureNetwork(o: InitOptions, layout: KvLayout, client: ConsulCli
   if (!res.created && o.cidr6 === 'auto' && !res.network.cidr6)
     throw new TincConsulError('NETWORK_MISMATCH', `network ${o.net} already exists without an IPv6 range; drop --cidr6 (the range is chosen when a network is created)`)
   return res
+}
+
+/** A new network's record from init's settings (adopt's too), checked before anything is written. */
+export function newNetworkRecord(o: Pick<InitOptions, 'cidr' | 'domain' | 'bareServiceNames' | 'mode' | 'cidr6'>): NetworkRecord {
+  // serviceNames is written explicitly on every new network: a record without it means bare names (older releases).
+  const record: NetworkRecord = {
+    v: RECORD_VERSION,
+    cidr: o.cidr ?? '',
+    domain: o.domain,
+    createdAt: new Date().toISOString(),
+    serviceNames: o.bareServiceNames ? 'bare' : 'scoped',
+    // Only switch is written: absent means router, so a router network's record is what it was before the field existed.
+    ...(o.mode && o.mode !== DEFAULT_TINC_MODE ? { mode: o.mode } : {}),
+    ...(o.cidr6 ? { cidr6: o.cidr6 === 'auto' ? randomUla64() : o.cidr6 } : {}),
+  }
+  const check = networkRecordSchema.safeParse(record)
+  if (!check.success) throw new UsageError('BAD_FLAG', `bad network settings: ${check.error.issues[0]?.message ?? 'invalid'}`)
+  hostRange(record.cidr)
+  return record
 }
 
 /**

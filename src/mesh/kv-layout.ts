@@ -16,6 +16,9 @@ import { isTincName } from '../tinc/names.ts'
  *   <prefix>aliases/<label>      an operator's DNS alias: the target name as plain text ("laptop", "nfs.service")
  *   <prefix>join-endpoints/<name> where a join server listens: {"v":1,"endpoints":["host:port",…],"at":"…"};
  *                                written only with a join-server or operator token, read by `invite`
+ *   <prefix>subnet-approvals/    empty, like revoked/
+ *   <prefix>subnet-approvals/<node>/<cidr, "/" as "_">  an operator's approval of a route the node
+ *                                announces: {"v":1,"at":"…"}; written only with an operator token (docs/subnets.md)
  *
  * The prefix defaults to `tinc-consul/<net>/`.
  */
@@ -34,6 +37,8 @@ export interface KvLayout {
   alias(label: string): string
   joinEndpointsPrefix: string
   joinEndpoint(name: string): string
+  subnetApprovalsPrefix: string
+  subnetApproval(node: string, cidr: string): string
 }
 
 const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
@@ -73,6 +78,12 @@ export function kvLayout(net: string, prefix = defaultPrefix(net)): KvLayout {
     joinEndpoint(name) {
       if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)}`)
       return `${p}join-endpoints/${name}`
+    },
+    subnetApprovalsPrefix: `${p}subnet-approvals/`,
+    subnetApproval(node, cidr) {
+      if (!isTincName(node)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(node)}`)
+      if (!/^[0-9a-f.:]+\/\d{1,3}$/.test(cidr)) throw new UsageError('BAD_CIDR', `not a canonical CIDR: ${JSON.stringify(cidr)}`)
+      return `${p}subnet-approvals/${node}/${cidr.replace('/', '_')}`
     },
   }
 }

@@ -11,13 +11,13 @@ export interface NetworkWrite {
 }
 
 /**
- * The empty keys that give revoked/, aliases/ and ipam/ a node of their own in Consul's radix
+ * The empty keys that give revoked/, aliases/, ipam/ and subnet-approvals/ a node of their own in Consul's radix
  * tree. Without one, a blocking query on an empty prefix wakes on every write nearby (each node
  * record change in the mesh). And daemons take a read that names no key at all as a bad moment,
  * not as everything deleted: with the marker, the listing after the last alias is removed
  * still names one key, so the removal is seen.
  */
-export const markerKeys = (layout: KvLayout): string[] => [layout.revokedPrefix, layout.aliasesPrefix, layout.ipamPrefix]
+export const markerKeys = (layout: KvLayout): string[] => [layout.revokedPrefix, layout.aliasesPrefix, layout.ipamPrefix, layout.subnetApprovalsPrefix]
 
 /**
  * The one writer of a network's record, used by `init`, the lab and the tests, so every network

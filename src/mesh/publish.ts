@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { ConsulClient } from '../consul/client.ts'
 import type { KvLayout } from './kv-layout.ts'
+import { readOwnRoutes, withoutOwnRoutes } from './own-routes.ts'
 import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { hostFileFields, keyFingerprint, parseHostFile, renderHostFile } from '../tinc/hostfile.ts'
@@ -28,7 +29,9 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
   const text = await readFile(path, 'utf8').catch((err: unknown) => {
     throw new TincConsulError('HOST_FILE_MISSING', `cannot read our own host file ${path}: ${(err as Error).message}`, { cause: err })
   })
-  const h = parseHostFile(text)
+  // The routes block (own-routes.ts) becomes `routes`; the rest gives the address, key and /32.
+  const routes = readOwnRoutes(text).map((r) => r.cidr)
+  const h = parseHostFile(withoutOwnRoutes(text))
   if (h.errors.length) throw new TincConsulError('HOST_FILE_BAD', `${path}: ${h.errors[0]}`)
   if (!h.publicKey) throw new TincConsulError('HOST_FILE_BAD', `${path} has no RSA public key; generate one with tincd -K`)
   const { addresses, port, subnets, options } = hostFileFields(h)
@@ -38,7 +41,7 @@ export async function buildOwnRecord(tincDir: string, name: string, now = new Da
   const v6 = subnets.find((s) => s.includes(':'))?.replace(/\/128$/, '')
   const vpnAddress6 = v6 === undefined ? undefined : canonicalIpv6(v6)
   if (v6 !== undefined && !vpnAddress6) throw new TincConsulError('HOST_FILE_BAD', `${path}: "Subnet = ${v6}" is not an IPv6 address`)
-  return makeRecord({ name, vpnAddress: vpn, vpnAddress6, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, now })
+  return makeRecord({ name, vpnAddress: vpn, vpnAddress6, addresses, port, options, publicKey: h.publicKey, joinPort: addresses.length ? joinPort : undefined, routes, now })
 }
 
 /** A record from its parts, with the host file rendered from the allow-list. */
@@ -52,6 +55,8 @@ export function makeRecord(p: {
   options?: Array<{ key: string; value: string }>
   publicKey: string
   joinPort?: number
+  /** Subnets behind the node: a record field only, like vpnAddress6, so the host file keeps the one /32. */
+  routes?: string[]
   now?: Date
 }): NodeRecord {
   const subnets = [`${p.vpnAddress}/32`]
@@ -67,6 +72,7 @@ export function makeRecord(p: {
     fingerprint: keyFingerprint(p.publicKey),
     ...(p.joinPort ? { joinPort: p.joinPort } : {}),
     ...(p.vpnAddress6 ? { vpnAddress6: p.vpnAddress6 } : {}),
+    ...(p.routes?.length ? { routes: p.routes } : {}),
     updatedAt: (p.now ?? new Date()).toISOString(),
   }
 }

@@ -3,6 +3,7 @@ import { z } from 'zod'
 import { isTincName } from '../tinc/names.ts'
 import { ALLOWED_OPTIONS, isPlausibleRsaKey, keyFingerprint, parseHostFile, type HostFileEntry } from '../tinc/hostfile.ts'
 import { DEFAULT_TINC_MODE, TINC_MODES, type TincMode } from '../tinc/mode.ts'
+import { isCanonicalRoute } from './route-cidr.ts'
 
 /**
  * A node's record in KV. `v` names the shape; later releases may add fields to it, so an unknown
@@ -35,6 +36,13 @@ export const nodeRecordSchema = z
      * second Subnet line is rendered by readers that know this field (src/tinc/render.ts).
      */
     vpnAddress6: z.ipv6().optional(),
+    /**
+     * Subnets behind the node (a home router's LAN) it announces, canonical CIDRs without host bits
+     * (src/mesh/routes.ts). Optional, like vpnAddress6 and for the same reason: `subnets` and
+     * `hostFile` keep the single /32 older readers accept, and older readers drop this field. A
+     * route is rendered only once an operator approved it (docs/subnets.md).
+     */
+    routes: z.array(z.string().max(43)).max(8).optional(),
     updatedAt: z.iso.datetime(),
   })
   .strip()
@@ -180,6 +188,10 @@ export function checkPeer(record: NodeRecord, ctx: PeerContext): Decoded<Omit<Ac
   // A node may route only its own address: no wider range, no other node's address, no default route.
   const own = `${record.vpnAddress}/32`
   for (const s of record.subnets) if (s !== own && s !== record.vpnAddress) return { ok: false, reason: `subnet ${s} is not the node's own address ${own}` }
+
+  const routes = record.routes ?? []
+  for (const r of routes) if (!isCanonicalRoute(r)) return { ok: false, reason: `route ${JSON.stringify(r)} is not a canonical CIDR without host bits` }
+  if (new Set(routes).size !== routes.length) return { ok: false, reason: 'routes lists a CIDR twice' }
 
   const parsed = parseHostFile(record.hostFile)
   if (parsed.errors.length) return { ok: false, reason: `host file: ${parsed.errors[0]}` }

@@ -19,6 +19,7 @@ import { readTincName } from './publish.ts'
 import type { MeshView } from './view.ts'
 import type { MeshService, ServiceRefusal } from './services.ts'
 import type { NetworkRecord } from './record.ts'
+import type { RouteJudgement } from './routes.ts'
 
 export { DEFAULT_RECORD_WATCH_LIMIT }
 export type { AppliedEvent, MeshState, NameConflict, SyncStats }
@@ -85,6 +86,8 @@ export interface SyncDaemon {
   pending(): readonly string[]
   /** Another writer keeps rewriting our record (a cloned machine), if so. */
   conflict(): NameConflict | undefined
+  /** Routes behind nodes as last judged (served, awaiting approval, refused), and approvals that could not be read. */
+  routes(): { judgement: RouteJudgement | undefined; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
   /** Whether Consul answers, when it last did, and the network record's index. */
   consul(): ConsulHealth
   stop(): Promise<void>
@@ -167,6 +170,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     refusals: core.refusals,
     pending: core.pending,
     conflict: owner.conflict,
+    routes: core.routes,
     consul: () => ({ reachable: client.reach.ok === true, ...(client.reach.lastOkAt ? { lastReadAt: client.reach.lastOkAt } : {}), index: watches.lead.index, failures: client.reach.failures }),
     async stop() {
       owner.stop()
@@ -191,6 +195,8 @@ async function judgeContext(
     self: { name: p.self, vpnAddress: p.mine?.vpnAddress, vpnAddress6: p.mine?.vpnAddress6, fingerprint: p.mine?.fingerprint },
     pins: await loadPins(opts.stateDir),
     keep: keep?.names ?? new Set(),
+    net: opts.net,
+    untilAdopted: keep?.untilAdopted ?? new Set(),
     log: p.log,
     memo: new Map(),
   }
@@ -263,9 +269,11 @@ function watchLocalFiles(opts: SyncOptions, ctx: JudgeContext, core: Core, owner
   const keep = keepFile
     ? dirWatch(dirname(keepFile), basename(keepFile), async () => {
         const list = await loadKeepList(keepFile)
-        if (list.names.size === ctx.keep.size && [...list.names].every((n) => ctx.keep.has(n))) return
+        const same = (a: ReadonlySet<string>, b: ReadonlySet<string> | undefined) => a.size === (b?.size ?? 0) && [...a].every((n) => b?.has(n))
+        if (same(list.names, ctx.keep) && same(list.untilAdopted, ctx.untilAdopted)) return
         ctx.keep = list.names
-        log.info({ keep: [...list.names] }, 'the keep list changed; re-checking records')
+        ctx.untilAdopted = list.untilAdopted
+        log.info({ keep: [...list.names], untilAdopted: [...list.untilAdopted] }, 'the keep list changed; re-checking records')
         await core.schedule()
       })
     : undefined

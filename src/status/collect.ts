@@ -8,7 +8,7 @@ import { tincBackend } from '../tinc/backend.ts'
 import type { PeerLink } from '../tinc/events.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
 import { defaultInterface } from '../tinc/setup.ts'
-import { buildStatus, type InterfaceCounters, type Status } from './model.ts'
+import { buildStatus, type InterfaceCounters, type Status, type StatusInputs } from './model.ts'
 
 /**
  * Gathers a status from what the daemon holds and what tincd and the kernel
@@ -59,6 +59,16 @@ export async function readCounters(iface: string): Promise<InterfaceCounters | u
   }
 }
 
+/** The routes as last judged, and the kernel's forwarding switches when this node announces any. */
+async function routesOf(sync: SyncDaemon, self: string): Promise<Pick<StatusInputs, 'routes' | 'forwarding'>> {
+  const r = sync.routes()
+  const verdicts = r.judgement?.verdicts ?? []
+  if (!verdicts.some((v) => v.node === self)) return { routes: { verdicts, refusedApprovals: r.refusedApprovals } }
+  const read = async (f: string) => (await readFile(f, 'utf8').catch(() => undefined))?.trim()
+  const [ipv4, ipv6] = await Promise.all([read('/proc/sys/net/ipv4/ip_forward'), read('/proc/sys/net/ipv6/conf/all/forwarding')])
+  return { routes: { verdicts, refusedApprovals: r.refusedApprovals }, forwarding: { ipv4, ipv6 } }
+}
+
 export interface Collector {
   snapshot(): Promise<Status>
 }
@@ -89,6 +99,7 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
         allocations: opts.sync.allocations(),
         conflict: opts.sync.conflict(),
         pending: opts.sync.pending(),
+        ...(await routesOf(opts.sync, opts.self)),
         now: new Date(),
       })
     },

@@ -7,6 +7,7 @@ import { networkMode } from '../mesh/record.ts'
 import type { TincMode } from '../tinc/mode.ts'
 import type { DumpResult, TincDump } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
+import type { RouteVerdict } from '../mesh/routes.ts'
 
 /**
  * One picture of the mesh from this node, built from what the daemon already
@@ -44,6 +45,10 @@ export interface StatusInputs {
   conflict?: NameConflict
   /** Records listed in Consul that can't be judged yet (unreadable); their files are kept. */
   pending?: readonly string[]
+  /** Routes behind nodes as last judged (src/mesh/routes.ts), and approvals that could not be read. */
+  routes?: { verdicts: readonly RouteVerdict[]; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
+  /** The kernel's forwarding switches, read only when this node announces routes: "0" is a warning. */
+  forwarding?: { ipv4?: string; ipv6?: string }
   now: Date
 }
 
@@ -85,6 +90,8 @@ export interface Status {
     mode?: TincMode
     /** tinc.conf's Mode, only when it differs from the network's: this node can't talk to the rest. */
     tincConfMode?: string
+    /** This node announces routes but the kernel doesn't forward: LAN hosts are unreachable from the mesh. */
+    forwardingOff?: string
   }
   tincd: { state: DumpResult['state']; pid?: number; reason?: string; skippedLines: number }
   bytes: { in?: number; out?: number; source: 'tincd' | 'interface' | 'none' }
@@ -111,6 +118,10 @@ export interface Status {
   /** This node's own services: the cap (--max-services), how many are registered, and the files refused. */
   localServices?: LocalLimits
   allocations: Array<{ address: string; node: string }>
+  /** Subnets behind nodes: served, awaiting approval, refused (with the reason), approved but not announced. */
+  routes: RouteVerdict[]
+  /** Approvals under subnet-approvals/ that could not be used, with the reason. */
+  refusedApprovals: Array<{ key: string; reason: string }>
 }
 
 /**
@@ -138,6 +149,16 @@ function modeOf(i: StatusInputs): Pick<Status['node'], 'mode' | 'tincConfMode'> 
   if (!i.view) return {}
   const mode = networkMode(i.view.network)
   return { mode, ...(i.tincConfMode !== undefined && i.tincConfMode !== mode ? { tincConfMode: i.tincConfMode } : {}) }
+}
+
+/** A warning when this node announces routes of a family its kernel doesn't forward (docs/subnets.md: the operator sets it). */
+function forwardingOf(i: StatusInputs): Pick<Status['node'], 'forwardingOff'> {
+  const own = (i.routes?.verdicts ?? []).filter((v) => v.node === i.self && v.state !== 'unannounced')
+  const off = [
+    ...(i.forwarding?.ipv4 === '0' && own.some((v) => !v.cidr.includes(':')) ? ['net.ipv4.ip_forward'] : []),
+    ...(i.forwarding?.ipv6 === '0' && own.some((v) => v.cidr.includes(':')) ? ['net.ipv6.conf.all.forwarding'] : []),
+  ]
+  return off.length ? { forwardingOff: `this node announces subnets but ${off.join(' and ')} is 0: set it to 1, or the mesh can't reach its LAN` } : {}
 }
 
 export function buildStatus(i: StatusInputs): Status {
@@ -176,6 +197,7 @@ export function buildStatus(i: StatusInputs): Status {
       ...(selfRec ? { address: selfRec.vpnAddress, ...(selfRec.vpnAddress6 ? { address6: selfRec.vpnAddress6 } : {}), public: selfRec.addresses.length > 0 } : {}),
       ...(i.conflict ? { nameConflict: i.conflict } : {}),
       ...modeOf(i),
+      ...forwardingOf(i),
     },
     tincd: { state: i.tinc.state, ...(i.tinc.state === 'up' ? { pid: i.tinc.pid } : { reason: i.tinc.reason }), skippedLines: dump?.skipped ?? 0 },
     bytes: fromTinc ? { in: dump.bytesIn, out: dump.bytesOut, source: 'tincd' } : i.counters ? { in: i.counters.rxBytes, out: i.counters.txBytes, source: 'interface' } : { source: 'none' },
@@ -199,6 +221,8 @@ export function buildStatus(i: StatusInputs): Status {
     ...(i.dns ? { dns: i.dns } : {}),
     services: i.services,
     ...(i.localServices ? { localServices: i.localServices } : {}),
+    routes: [...(i.routes?.verdicts ?? [])],
+    refusedApprovals: [...(i.routes?.refusedApprovals ?? [])],
     allocations: [...i.allocations].map(([address, node]) => ({ address, node })).sort((a, b) => a.address.localeCompare(b.address, undefined, { numeric: true })),
   }
 }

@@ -39,13 +39,14 @@ export function hasStrictSubnets(conf: string): boolean {
  * A peer's host file, exactly as the daemon writes it: from the record's validated fields
  * only, never its text. `init` and `join` write the same bytes, so the daemon's first
  * render of a peer they wrote changes nothing. A record with an IPv6 address adds its /128 as a
- * second Subnet line. In switch mode it has no Subnet line (the record still carries the
+ * second Subnet line, and each served route behind the peer (src/mesh/routes.ts) one more. In switch mode it has no Subnet line (the record still carries the
  * addresses, for DNS and the address table): tincd learns MACs instead.
  */
-export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode = DEFAULT_TINC_MODE): string {
+export function hostFileText(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode = DEFAULT_TINC_MODE, routes: readonly string[] = []): string {
   const { addresses, port, subnets, vpnAddress6 } = peer.record
-  // The IPv6 /128 lives in its own field (record.ts says why) and becomes the second Subnet line here.
-  const all = vpnAddress6 ? [...subnets, `${vpnAddress6}/128`] : subnets
+  // The IPv6 /128 lives in its own field (record.ts says why) and becomes the second Subnet line here;
+  // `routes` are the subnets behind the peer that judgeRoutes serves (announced and approved), never the record's own list.
+  const all = [...subnets, ...(vpnAddress6 ? [`${vpnAddress6}/128`] : []), ...routes]
   return renderHostFile({ addresses, port, subnets: peerSubnets(mode, all), options: peer.options, publicKey: peer.publicKey })
 }
 
@@ -79,7 +80,12 @@ export interface RenderOptions {
    * O(peers). Empty on start, so the first render checks every file on disk. The mode it was
    * rendered for is kept too: a peer's file depends on the network's mode as well as its record.
    */
-  written: Map<string, { text: string; from: object; mode?: TincMode }>
+  written: Map<string, { text: string; from: object; mode?: TincMode; routes?: string }>
+  /**
+   * The routes behind each peer that are served (src/mesh/routes.ts: announced, approved, no
+   * overlap), rendered as extra Subnet lines. Absent or missing a name: none for that peer.
+   */
+  routes?: ReadonlyMap<string, readonly string[]>
 }
 
 export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<RenderResult> {
@@ -120,23 +126,24 @@ async function writeHostFiles(view: MeshView, opts: RenderOptions, untouchable: 
   for (const [name, peer] of view.peers) {
     if (untouchable(name)) continue
     const last = opts.written.get(name)
-    if (last?.from === peer && last.mode === mode) continue
+    const served = opts.routes?.get(name) ?? []
+    const routes = served.join(' ')
+    if (last?.from === peer && last.mode === mode && last.routes === routes) continue
     const path = join(opts.tincDir, 'hosts', name)
-    const text = hostFileText(peer, mode)
+    const text = hostFileText(peer, mode, served)
     if (last?.text === text) {
-      last.from = peer
-      last.mode = mode
+      Object.assign(last, { from: peer, mode, routes })
       continue
     }
     // What we wrote last is what is there (hosts/ is ours); only a first write reads the disk.
     const old = last ? last.text : await readFile(path, 'utf8').catch(() => undefined)
     const changed = await writeFileAtomic(path, text, 0o644, { durable: false })
-    opts.written.set(name, { text, from: peer, mode })
+    opts.written.set(name, { text, from: peer, mode, routes })
     if (!changed) continue
     result.written.push(name)
     if (old !== undefined && identity(old) !== identity(text)) {
       result.hupNeeded = true
-      result.reasons.push(`${name}'s key or address changed`)
+      result.reasons.push(`${name}'s key, address or subnets changed`)
     } else if (old === undefined && strictSubnets) {
       // tincd reads a new peer's key when it connects, but with StrictSubnets it only
       // routes subnets it loaded from host files at start or HUP: without a HUP the

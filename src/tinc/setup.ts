@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import ipaddr from 'ipaddr.js'
 import { existsSync } from 'node:fs'
 import { chmod, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
@@ -9,6 +10,7 @@ import { replaceManagedBlock } from './conf-block.ts'
 import { parseHostFile, renderHostFile } from './hostfile.ts'
 import { DEFAULT_TINC_MODE, modeConfLines, type TincMode } from './mode.ts'
 import { isTincName } from './names.ts'
+import { readOwnRoutes, withOwnRoutes } from '../mesh/own-routes.ts'
 
 /**
  * Everything `init` and `join` write into a tinc directory. Peers' host files
@@ -118,6 +120,7 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'a
       '# Written by tinc-consul. tincd waits for this script, so it only appends one line',
       '# for the local daemon and returns: no daemon, a missing directory or a full file',
       '# costs nothing.',
+      ...(event === 'subnet-up' || event === 'subnet-down' ? subnetRouteLines(s, event === 'subnet-up') : []),
       `f=${sh(s.eventsFile)}`,
       '[ -d "${f%/*}" ] || exit 0',
       '[ "$(wc -c < "$f" 2>/dev/null || echo 0)" -lt 1048576 ] || exit 0',
@@ -144,6 +147,51 @@ export function renderScripts(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'a
     'subnet-up': hook('subnet-up'),
     'subnet-down': hook('subnet-down'),
   }
+}
+
+/**
+ * The kernel route for a subnet behind another node (docs/subnets.md). tincd runs subnet-up and
+ * subnet-down only for subnets it accepted, and with StrictSubnets those are the Subnet lines of our
+ * host files: the approved routes, and the nodes' own VPN addresses, which the interface's prefix
+ * already routes. So the script skips our own subnets (NODE = NAME) and any inside the VPN range,
+ * and adds or removes a route through the tinc interface for the rest. SUBNET is checked against
+ * tinc 1.0's exact output (net2str: dotted quad or eight hex groups, always with /prefix, the
+ * weight already split off) before any use; anything else, a MAC in switch mode, is left alone.
+ */
+export function subnetRouteLines(s: Pick<NodeSetup, 'address' | 'prefixLength' | 'address6'>, up: boolean): string[] {
+  const bits = s.prefixLength
+  const mask = bits === 0 ? 0 : (0xffffffff << (32 - bits)) >>> 0
+  const ip = s.address.split('.').reduce((n, o) => n * 256 + Number(o), 0)
+  const net = (ip & mask) >>> 0
+  // tinc writes each IPv6 group as %x: no leading zeros, no "::". Networks' IPv6 ranges are /64.
+  const prefix6 = s.address6
+    ? `${ipaddr.IPv6.parse(s.address6)
+        .parts.slice(0, 4)
+        .map((g) => g.toString(16))
+        .join(':')}:`
+    : undefined
+  const octet = '(0|[1-9][0-9]{0,2})'
+  return [
+    '# Routes behind other nodes (docs/subnets.md): only subnets outside the VPN range, never our own.',
+    'if [ "${NODE:-}" != "${NAME:-}" ] && [ -n "${INTERFACE:-}" ]; then',
+    '  s="${SUBNET:-}" fam=""',
+    // Whole-value check first: grep matches line by line, and SUBNET must be one line of these characters.
+    '  case "$s" in *[!0-9a-f.:/]*) s="" ;; esac',
+    `  if printf '%s\\n' "$s" | grep -Eqx '(${octet}\\.){3}${octet}/(0|[1-9][0-9]?)'; then`,
+    `    set -- $(printf '%s' "$s" | tr './' '  ')`,
+    `    if [ "$1" -le 255 ] && [ "$2" -le 255 ] && [ "$3" -le 255 ] && [ "$4" -le 255 ] && [ "$5" -le 32 ]; then`,
+    `      fam=4`,
+    `      [ "$5" -ge ${bits} ] && [ $(( (($1 << 24) + ($2 << 16) + ($3 << 8) + $4) & ${mask} )) -eq ${net} ] && fam=""`,
+    '    fi',
+    `  elif printf '%s\\n' "$s" | grep -Eqx '([0-9a-f]{1,4}:){7}[0-9a-f]{1,4}/(0|[1-9][0-9]{0,2})' && [ "\${s#*/}" -le 128 ]; then`,
+    '    fam=6',
+    ...(prefix6 ? [`    case "$s" in ${prefix6}*) [ "\${s#*/}" -ge 64 ] && fam="" ;; esac`] : []),
+    '  fi',
+    up
+      ? '  [ -z "$fam" ] || ip -"$fam" route replace "$s" dev "$INTERFACE" || echo "subnet-up: could not route $s through $INTERFACE" >&2'
+      : '  [ -z "$fam" ] || ip -"$fam" route del "$s" dev "$INTERFACE" 2>/dev/null',
+    'fi',
+  ]
 }
 
 /**
@@ -192,7 +240,9 @@ export async function writeSetup(dir: string, s: NodeSetup): Promise<string[]> {
   const previous = existsSync(confPath) ? await readFile(confPath, 'utf8') : undefined
   const ownName = previous === undefined ? undefined : parseHostFile(previous).entries.find((e) => e.key.toLowerCase() === 'name')?.value
   await put('tinc.conf', renderTincConf(s, ownName === s.name ? previous : undefined), 0o644)
-  await put(join('hosts', s.name), renderOwnHostFile(s), 0o644)
+  // The routes block is the operator's (`subnet add`): a re-run keeps it (src/mesh/own-routes.ts).
+  const ownBefore = await readFile(join(dir, 'hosts', s.name), 'utf8').catch(() => '')
+  await put(join('hosts', s.name), withOwnRoutes(renderOwnHostFile(s), readOwnRoutes(ownBefore)), 0o644)
   for (const [peer, text] of Object.entries(s.peerHostFiles)) {
     if (peer === s.name || !isTincName(peer)) continue
     await put(join('hosts', peer), text, 0o644)

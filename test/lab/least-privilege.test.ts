@@ -318,6 +318,8 @@ describe("lab, ACLs on: one node's token can write nothing but its own record an
       { op: 'PUT kv aliases/evil', want: 'refused', run: put(layout.alias('evil'), A) },
       { op: 'PUT kv aliases/www (repoint)', want: 'refused', run: put(layout.alias('www'), A) },
       { op: 'DELETE kv aliases/www', want: 'refused', run: del(layout.alias('www')) },
+      { op: `PUT kv subnet-approvals/${A}/<a LAN> (approve its own)`, want: 'refused', run: put(layout.subnetApproval(A, '192.168.1.0/24'), JSON.stringify({ v: 1, at: now })) },
+      { op: 'PUT kv subnet-approvals/ (its marker)', want: 'refused', run: put(layout.subnetApprovalsPrefix, '') },
       { op: 'PUT kv network', want: 'refused', run: put(layout.network, JSON.stringify({ v: 1, cidr: '10.0.0.0/8', domain: 'mesh', createdAt: now })) },
       { op: 'DELETE kv network', want: 'refused', run: del(layout.network) },
       { op: 'PUT kv invites/<new id>', want: 'refused', run: put(layout.invite('b2'.repeat(16))) },

@@ -1,12 +1,15 @@
 import type { Logger } from '../../log.ts'
 import { renderTinc, type RenderOptions, type RenderResult } from '../../tinc/render.ts'
-import { signalTincd } from '../../tinc/signal.ts'
+import { tincBackend } from '../../tinc/backend.ts'
 import type { CachedView } from '../cache.ts'
 import { checkPeer, type AcceptedPeer, type NetworkRecord, type NodeRecord } from '../record.ts'
 import { savePins } from '../pins.ts'
+import { applyAdoption, readHandMadeFiles } from '../adoption.ts'
 import type { Refusal } from '../reconcile.ts'
 import { viewRecords, type MeshView } from '../view.ts'
 import type { CacheWriter } from './cache-writer.ts'
+import { routeFollower, type RouteFollower } from './routes-follow.ts'
+import type { Approval, RouteJudgement } from '../routes.ts'
 import type { MeshInputs } from './inputs.ts'
 import { cacheInput, consulInput, judge, type JudgeContext, type Judgement } from './judge.ts'
 import type { StateFeed } from './state-feed.ts'
@@ -57,6 +60,8 @@ export interface Core {
   aliasesChanged(): void
   /** The services changed: feed DNS. */
   servicesChanged(): void
+  /** The routes behind nodes as last judged (src/mesh/routes.ts), and approvals under subnet-approvals/ that could not be used. */
+  routes(): { judgement: RouteJudgement | undefined; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
   stop(): Promise<void>
 }
 
@@ -80,6 +85,8 @@ interface CoreState {
   modeMismatch?: string
   /** Our own record as a peer, for the view DNS and status read. */
   self?: { record: NodeRecord; network: NetworkRecord; peer: AcceptedPeer | undefined }
+  /** Routes behind nodes: the last judgement, and our own routes and masquerade (src/mesh/daemon/routes-follow.ts). */
+  routing: RouteFollower
 }
 
 /**
@@ -87,7 +94,7 @@ interface CoreState {
  * tincd's reload, the DNS feed, the cache). Applies run one at a time, each from the latest inputs.
  */
 export function meshCore(o: CoreOptions): Core {
-  const st: CoreState = { judged: undefined, view: undefined, refusals: new Map(), pending: [], owned: false, last: undefined, written: new Map() }
+  const st: CoreState = { judged: undefined, view: undefined, refusals: new Map(), pending: [], owned: false, last: undefined, written: new Map(), routing: routeFollower(o.ctx.net ?? 'tinc', o.log) }
   let memoNetwork = ''
   let retry: NodeJS.Timeout | undefined
   let stopped = false
@@ -116,12 +123,14 @@ export function meshCore(o: CoreOptions): Core {
     refusals: () => st.refusals,
     pending: () => st.pending,
     schedule,
+    routes: () => ({ judgement: st.routing.judgement(), refusedApprovals: o.inputs.approvals?.refused ?? [] }),
     applyCache: async (c) => {
       o.feed.setAliases(c.aliases ?? [])
+      st.routing.setCachedApprovals(c.approvals)
       await commit(o, st, await judge(undefined, cacheInput(c, o.ctx), o.ctx, false), 'cache')
     },
     aliasesChanged: () => {
-      if (st.last) o.cache.set(cachedView(st.last, o.feed))
+      if (st.last) o.cache.set(cachedView(st.last, o.feed, st.routing.approvals()))
       o.feed.emit(st.view, o.inputs.services)
     },
     servicesChanged: () => o.feed.emit(st.view, o.inputs.services),
@@ -136,35 +145,39 @@ export function meshCore(o: CoreOptions): Core {
 /** One judgement made real: pins, host files and the ConnectTo block, tincd's reload, DNS, the cache. */
 async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: AppliedEvent['source']): Promise<void> {
   const { ctx, log } = o
+  // Hand-made peers not adopted yet keep their files, and a record with another key than theirs is
+  // refused: left out of what is rendered, served and pinned (src/mesh/adoption.ts).
+  const adoption = applyAdoption(j.view, await readHandMadeFiles(o.tincDir, ctx.self.name, ctx.untilAdopted ?? new Set()))
+  const handMadeRefusals = [...adoption.handMade].flatMap(([name, h]): Refusal[] => (h.refused ? [{ key: ctx.layout.node(name), name, reason: h.reason, kind: 'ownership' }] : []))
   // A read that failed is not a refusal of the record: it is counted apart, as unreadable.
-  noteRefusals(
-    o,
-    st,
-    j.refusals.filter((r) => r.kind !== 'unreadable'),
-  )
+  noteRefusals(o, st, [...j.refusals.filter((r) => r.kind !== 'unreadable'), ...handMadeRefusals])
   const unreadable = j.refusals.flatMap((r) => (r.kind === 'unreadable' && r.name ? [r.name] : []))
-  for (const [name, fp] of j.newPins) ctx.pins.set(name, fp)
-  if (j.newPins.length) await savePins(o.stateDir, ctx.pins)
+  const newPins = j.newPins.filter(([name]) => !adoption.handMade.has(name))
+  for (const [name, fp] of newPins) ctx.pins.set(name, fp)
+  if (newPins.length) await savePins(o.stateDir, ctx.pins)
+  const keep = adoption.handMade.size ? new Set([...ctx.keep, ...adoption.handMade.keys()]) : ctx.keep
   if (source === 'consul' && j.complete) st.owned = true
+  const routes = st.routing.judge(j.network, j.view, await o.own(), o.inputs.approvals)
   // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
-  const render = await renderTinc(j.view, { tincDir: o.tincDir, self: ctx.self.name, keep: ctx.keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written })
+  const render = await renderTinc(adoption.view, { tincDir: o.tincDir, self: ctx.self.name, keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written, routes })
   const mismatch = render.modeMismatch && `${render.modeMismatch.conf}/${render.modeMismatch.network}`
   if (mismatch && mismatch !== st.modeMismatch) log.warn(render.modeMismatch, "tinc.conf sets another Mode than the network's: set it (outside the managed block) and restart tincd")
   st.modeMismatch = mismatch
   st.judged = j.view
-  st.view = await withSelf(j.view, o, st)
+  st.view = await withSelf(adoption.view, o, st)
   st.pending = [...new Set([...j.pending, ...unreadable])].sort()
   o.stats.applies++
   if (render.written.length || render.deleted.length) log.info({ written: render.written, deleted: render.deleted }, 'host files updated')
+  if (await st.routing.followOwn(o.tincDir, ctx.self.name, j.network)) Object.assign(render, { hupNeeded: true, reasons: [...render.reasons, 'our own routes changed'] })
   if (render.hupNeeded) {
     log.info({ reasons: render.reasons }, 'asking tincd to reload')
-    if (await signalTincd(o.pidFile, 'SIGHUP', log)) o.stats.hups++
+    if (await tincBackend().reload(o.pidFile, log)) o.stats.hups++
   }
   o.onApplied?.({ source, render, refusals: j.refusals, bytesRead: o.takeBytes() })
   o.feed.emit(st.view, o.inputs.services)
   if (source !== 'consul') return
   st.last = j
-  o.cache.set(cachedView(j, o.feed))
+  o.cache.set(cachedView(j, o.feed, st.routing.approvals()))
 }
 
 /**
@@ -193,7 +206,7 @@ function noteRefusals(o: CoreOptions, st: CoreState, list: Refusal[]): void {
   st.refusals = new Map(list.map((r) => [r.key, r.reason]))
 }
 
-function cachedView(j: Judgement, feed: StateFeed): CachedView {
+function cachedView(j: Judgement, feed: StateFeed, approvals: Approval[] | undefined): CachedView {
   return {
     network: j.network,
     records: viewRecords(j.view),
@@ -201,5 +214,6 @@ function cachedView(j: Judgement, feed: StateFeed): CachedView {
     seniority: Object.fromEntries([...j.view.peers].map(([n, p]) => [n, p.createIndex])),
     ...(j.allocations ? { allocations: Object.fromEntries(j.allocations) } : {}),
     ...(j.revoked ? { revoked: [...j.revoked].sort() } : {}),
+    ...(approvals ? { approvals } : {}),
   }
 }

@@ -7,6 +7,7 @@ import type { Logger } from '../../log.ts'
 import { isTincName } from '../../tinc/names.ts'
 import { activeHolders, parseIpam } from '../ipam.ts'
 import { revokedFrom } from '../revoke.ts'
+import { parseApprovals, type ApprovalRead } from '../routes.ts'
 import type { KvLayout } from '../kv-layout.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from '../record.ts'
 import { serviceFilters } from '../services.ts'
@@ -27,10 +28,12 @@ export interface MeshInputs {
   allocations?: ReadonlyMap<string, string>
   revoked?: ReadonlySet<string>
   aliasItems?: KvItem[]
+  /** subnet-approvals/ as last read: approvals of routes behind nodes (src/mesh/routes.ts). */
+  approvals?: ApprovalRead
   services: ReadonlyMap<string, unknown[]>
 }
 
-export type InputName = 'network' | 'nodes' | 'ipam' | 'revoked' | 'aliases' | 'services'
+export type InputName = 'network' | 'nodes' | 'ipam' | 'revoked' | 'aliases' | 'approvals' | 'services'
 
 export interface WatchSetOptions {
   /** Filled in place with each input's latest good read. */
@@ -62,7 +65,7 @@ const sameMap = (a: ReadonlyMap<string, string> | undefined, b: ReadonlyMap<stri
 /**
  * The daemon's inputs from Consul: one watch per input, each keeping its latest good read.
  * A read that can't be right is not taken: a prefix holding a marker key (revoked/, aliases/,
- * ipam/ on networks made by init) or at least our own record (nodes/) is never empty, so an
+ * ipam/, subnet-approvals/ on networks made by init) or at least our own record (nodes/) is never empty, so an
  * empty read after a non-empty one is a bad moment of the store (consul-template blanked files
  * on exactly this), not everyone leaving.
  */
@@ -116,6 +119,19 @@ export function watchInputs(opts: WatchSetOptions): WatchSet {
       (items) => items,
       (items) => {
         inputs.aliasItems = items
+        return true
+      },
+    ),
+    // A failed read leaves the last good approvals in place (the watch never reports it), and an
+    // empty read after a non-empty one is not taken: a bad read never removes a Subnet line.
+    markedPrefixWatch(
+      opts,
+      'approvals',
+      layout.subnetApprovalsPrefix,
+      (items) => parseApprovals(items, layout),
+      (next) => {
+        if (inputs.approvals && JSON.stringify(inputs.approvals) === JSON.stringify(next)) return false
+        inputs.approvals = next
         return true
       },
     ),

@@ -17,6 +17,10 @@ export interface JudgeContext {
   self: OwnIdentity
   pins: Pins
   keep: ReadonlySet<string>
+  /** The network's name (the daemon's own nftables table is named after it). */
+  net?: string
+  /** Hand-made peers kept only until they adopt with the same key (src/mesh/adoption.ts); judged like any record. */
+  untilAdopted?: ReadonlySet<string>
   log: Logger
   memo: NonNullable<ReconcileInput['memo']>
 }
