@@ -2,6 +2,7 @@ import { spawnSync } from 'node:child_process'
 import { defineCommand } from 'citty'
 import { LabError, UsageError } from '../errors.ts'
 import { runJoinDemo } from '../lab/demo.ts'
+import { runNetworksDemo } from '../lab/demo-networks.ts'
 import { labDown, labUp, openLab, readLabStates, type Lab } from '../lab/lab.ts'
 import { listNamespaces } from '../lab/netns.ts'
 import { provision } from '../lab/provision.ts'
@@ -155,7 +156,30 @@ const demoCmd = defineCommand({
   },
 })
 
+const demoNetworksCmd = defineCommand({
+  meta: {
+    name: 'demo-networks',
+    description:
+      'The networks people already run: a hand-made tinc network adopts node by node while every pair pings (the longest interruption printed), then a LAN behind a public node and one behind NAT are announced, approved and pinged from every node; then teardown',
+  },
+  args: {
+    'consul-servers': upArgs['consul-servers'],
+  },
+  async run({ args }) {
+    const opts = labOptionsFrom({ nodes: '3', nat: '1', 'consul-servers': args['consul-servers'], acl: true, tinc: true, 'host-files': 'all' })
+    const lab = await labUp({ ...opts, step })
+    try {
+      const { failures } = await runNetworksDemo(lab)
+      if (failures > 0) throw new LabError('DEMO_FAILED', 'the demo saw a failure (see above)')
+    } finally {
+      lab.down()
+      const left = (await run(['ip', 'netns', 'list'])).stdout.split('\n').filter((l) => l.startsWith(NS_PREFIX))
+      console.log(left.length ? `\nleft behind: ${left.join(', ')}` : '\nlab torn down: no namespaces, processes or files left behind')
+    }
+  },
+})
+
 export const labCommand = defineCommand({
   meta: { name: 'lab', description: 'A network-namespace lab with real tincd and Consul: the demo and the integration-test harness (needs root)' },
-  subCommands: { provision: provisionCmd, up: upCmd, down: downCmd, status: statusCmd, exec: execCmd, cut: cutCmd, heal: healCmd, demo: demoCmd },
+  subCommands: { provision: provisionCmd, up: upCmd, down: downCmd, status: statusCmd, exec: execCmd, cut: cutCmd, heal: healCmd, demo: demoCmd, 'demo-networks': demoNetworksCmd },
 })

@@ -1,13 +1,14 @@
 import { describe } from 'node:test'
 import assert from 'node:assert/strict'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { waitFor, type Daemon } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir } from '../../src/lab/tinc-manual.ts'
 import { kvLayout } from '../../src/mesh/kv-layout.ts'
 import { makeRecord } from '../../src/mesh/publish.ts'
-import { BLOCK_BEGIN, BLOCK_END, readManagedBlock } from '../../src/tinc/conf-block.ts'
+import { BLOCK_BEGIN, readManagedBlock } from '../../src/tinc/conf-block.ts'
+import { makeHandMade, pingInterruption } from '../../src/lab/demo-networks.ts'
 import { dig, labTest, useLab, withLogs } from './helpers.ts'
 import { rsaPublicPem } from '../helpers-keys.ts'
 
@@ -19,35 +20,6 @@ const RENDERED = /^# Written by tinc-consul from/
 const hostFile = (lab: Lab, on: string, peer: string) => readFileSync(join(lab.tincFiles(on).dir, 'hosts', peer), 'utf8')
 const conf = (lab: Lab, on: string) => readFileSync(join(lab.tincFiles(on).dir, 'tinc.conf'), 'utf8')
 const admin = (lab: Lab) => ({ env: { ...process.env, TINC_CONSUL_TOKEN: lab.state.managementToken ?? '' } })
-
-/** The lab writes its ConnectTo lines inside our block, as a preview; a hand-made network has them as plain lines. */
-function makeHandMade(lab: Lab, node: string): void {
-  const path = join(lab.tincFiles(node).dir, 'tinc.conf')
-  const plain = readFileSync(path, 'utf8')
-    .split('\n')
-    .filter((l) => l !== BLOCK_BEGIN && l !== BLOCK_END && !l.startsWith('# Managed by tinc-consul'))
-  writeFileSync(path, plain.join('\n'))
-}
-
-/** Longest run of unanswered pings between the first and the last answer, and all unanswered, from `ping -D` output. */
-function interruption(log: string): { longest: number; lost: number; answered: number } {
-  const seqs = [...log.matchAll(/icmp_seq=(\d+) ttl=/g)].map((m) => Number(m[1]))
-  const got = new Set(seqs)
-  const first = Math.min(...seqs)
-  const last = Math.max(...seqs)
-  let longest = 0
-  let run = 0
-  let lost = 0
-  for (let s = first; s <= last; s++) {
-    if (got.has(s)) run = 0
-    else {
-      run++
-      lost++
-      longest = Math.max(longest, run)
-    }
-  }
-  return { longest, lost, answered: got.size }
-}
 
 async function adopt(lab: Lab, node: string): Promise<string> {
   const out = await lab.cli(node, ['adopt', '--net', LAB_NETNAME, ...lab.setupFlags(node)], admin(lab))
@@ -128,7 +100,7 @@ describe('lab, ACLs on: a hand-made tinc network adopts node by node while it ca
         // Same keys as before: nobody was re-keyed.
         for (const n of NODES) assert.equal(hostFile(lab, n, n), handMade[n]?.[n])
         // Keep watching a little past the end state (25 more answers on every pair): a reload's effect shows there.
-        const answered = () => pings.map((p) => interruption(readFileSync(p.d.logFile, 'utf8')).answered)
+        const answered = () => pings.map((p) => pingInterruption(readFileSync(p.d.logFile, 'utf8')).answered)
         const base = answered()
         await waitFor('25 more answered pings on every pair', async () => (answered().every((a, i) => a >= (base[i] ?? 0) + 25) ? true : undefined), { timeoutMs: 60_000 })
         for (const n of NODES) {
@@ -140,7 +112,7 @@ describe('lab, ACLs on: a hand-made tinc network adopts node by node while it ca
       })
       for (const p of pings) await lab.kill(p.d)
       for (const p of pings) {
-        const r = interruption(readFileSync(p.d.logFile, 'utf8'))
+        const r = pingInterruption(readFileSync(p.d.logFile, 'utf8'))
         t.diagnostic(`${p.pair}: ${r.answered} pings answered, ${r.lost} lost, longest interruption ${r.longest} ping(s) in a row (${(r.longest * 0.2).toFixed(1)} s)`)
         assert.ok(r.answered > 0, `${p.pair}: no ping was ever answered`)
       }
