@@ -161,3 +161,34 @@ test("switch mode: peers' host files carry no Subnet line, the rest is the same;
   assert.deepEqual(back.modeMismatch, { conf: 'switch', network: 'router' })
   assert.match(await readFile(join(dir, 'tinc.conf'), 'utf8'), /^Mode = switch$/m, 'the renderer never rewrites Mode')
 })
+
+test('with a ConnectTo keeper, the block holds its choice among the public peers only, and a change of choice HUPs tincd', async () => {
+  const { dir } = await fixture()
+  const gamma = nodeRecord('gamma', 6, rsaPublicPem())
+  const view = viewOf(alpha, beta, gamma, { ...hidden, addresses: [] })
+  const offered: string[][] = []
+  const choose = (pick: string[]) => (publics: readonly string[]) => {
+    offered.push([...publics])
+    return pick
+  }
+  const first = await renderTinc(view, opts(dir, { chooseConnectTo: choose(['gamma', 'alpha']) }))
+  assert.deepEqual(offered, [['alpha', 'beta', 'gamma']], 'only public peers are candidates; nodes behind NAT never are')
+  assert.deepEqual(readManagedBlock(await readFile(join(dir, 'tinc.conf'), 'utf8')), ['ConnectTo = alpha', 'ConnectTo = gamma'])
+  assert.deepEqual(first.connectTo, ['alpha', 'gamma'])
+  const same = await renderTinc(view, opts(dir, { chooseConnectTo: choose(['alpha', 'gamma']) }))
+  assert.equal(same.confChanged, false, 'the same choice in another order is no change')
+  const swapped = await renderTinc(view, opts(dir, { chooseConnectTo: choose(['alpha', 'beta']) }))
+  assert.ok(swapped.confChanged && swapped.hupNeeded)
+  assert.ok(swapped.reasons.includes('the ConnectTo set changed'))
+})
+
+test('a ConnectTo the operator wrote outside the block is not repeated in it: tincd would connect twice', async () => {
+  const { dir } = await fixture()
+  await writeFile(join(dir, 'tinc.conf'), 'Name = self\nStrictSubnets = yes\nConnectTo = beta\n')
+  const view = viewOf(alpha, beta)
+  const r = await renderTinc(view, opts(dir))
+  assert.deepEqual(r.connectTo, ['alpha'])
+  const conf = await readFile(join(dir, 'tinc.conf'), 'utf8')
+  assert.deepEqual(readManagedBlock(conf), ['ConnectTo = alpha'])
+  assert.match(conf, /^ConnectTo = beta$/m, "the operator's line stays")
+})

@@ -35,12 +35,16 @@ export function parseAddressFlags(value: string | string[] | undefined): { hosts
   return { hosts, port }
 }
 
-/** A comma-separated list of IPv4 addresses to listen on ("" for none). */
-export function listFlag(name: string, value: string | undefined): string[] {
-  const list = (value ?? '')
+/** A comma-separated list ("" for none). */
+export const splitList = (value: string | undefined): string[] =>
+  (value ?? '')
     .split(',')
     .map((s) => s.trim())
     .filter(Boolean)
+
+/** A comma-separated list of IPv4 addresses to listen on ("" for none). */
+export function listFlag(name: string, value: string | undefined): string[] {
+  const list = splitList(value)
   for (const h of list) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--${name} takes IPv4 addresses, got ${JSON.stringify(h)}`)
   return list
 }

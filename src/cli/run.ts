@@ -24,7 +24,11 @@ import { namingFor } from '../services/naming.ts'
 import { createCollector } from '../status/collect.ts'
 import { DEFAULT_STATUS_PORT, startStatusServer, type StatusServer } from '../status/server.ts'
 import { described, envDefault, envFlag } from './env.ts'
-import { listFlag, parseIntFlag } from './parse.ts'
+import { listFlag, parseIntFlag, splitList } from './parse.ts'
+import { DEFAULT_CONNECT_TO_K, DEFAULT_CONNECT_TO_TIMERS } from '../mesh/connect-to.ts'
+import type { ConnectToSettings } from '../mesh/sync.ts'
+import { tincBackend } from '../tinc/backend.ts'
+import { isTincName } from '../tinc/names.ts'
 
 export function requireNet(net: string | undefined): string {
   if (!net) throw new UsageError('BAD_FLAG', '--net is required (or set TINC_CONSUL_NET)')
@@ -71,6 +75,7 @@ async function runSettings(args: RunArgs) {
     prefix: args.prefix || undefined,
     servicesDir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
     keepFile: args['keep-file'] || keepPath(args['config-dir'], net),
+    connectTo: connectToSettings(args),
     scriptChecks: args['script-checks'],
     deregisterOnExit: args['deregister-on-exit'],
     runDir: args['run-dir'],
@@ -79,6 +84,30 @@ async function runSettings(args: RunArgs) {
   }
 }
 type RunSettings = Awaited<ReturnType<typeof runSettings>>
+
+function connectToSettings(args: {
+  'connect-to'?: string
+  'connect-to-pin'?: string
+  'connect-to-grace'?: string
+  'connect-to-bench'?: string
+  sponsor?: string
+  'sponsor-until'?: string
+}): ConnectToSettings | undefined {
+  const k = args['connect-to'] ?? String(DEFAULT_CONNECT_TO_K)
+  const pinned = args['connect-to-pin'] ? splitList(args['connect-to-pin']) : undefined
+  for (const p of pinned ?? []) if (!isTincName(p)) throw new UsageError('BAD_FLAG', `--connect-to-pin: not a tinc node name: ${JSON.stringify(p)}`)
+  if (k === 'all' && !pinned) return undefined
+  const until = args['sponsor-until'] ? Date.parse(args['sponsor-until']) : NaN
+  if (args.sponsor && (!isTincName(args.sponsor) || Number.isNaN(until))) throw new UsageError('BAD_FLAG', '--sponsor needs a tinc node name and --sponsor-until an ISO 8601 time')
+  const graceMs = parseIntFlag('connect-to-grace', args['connect-to-grace'] ?? '60', 1, 86_400) * 1000
+  const benchMs = parseIntFlag('connect-to-bench', args['connect-to-bench'] ?? '120', 1, 86_400) * 1000
+  return {
+    k: k === 'all' ? Number.MAX_SAFE_INTEGER : parseIntFlag('connect-to', k, 1, 1000),
+    pinned,
+    sponsor: args.sponsor ? { name: args.sponsor, until } : undefined,
+    timers: { graceMs, benchMs, benchMaxMs: Math.max(benchMs, DEFAULT_CONNECT_TO_TIMERS.benchMaxMs) },
+  }
+}
 
 /** Refused at start: a bad key in a join reply would be refused by the joiner after its invite was spent. */
 function gossipKey(v: string | undefined): string | undefined {
@@ -120,6 +149,8 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       closers.push(() => server.close())
       dns = server
     }
+    // One reader of tincd's state for status and the ConnectTo keeper: tincd answers one dump a second at most.
+    const readState = tincBackend().stateReader({ logFile: s.tincLog, pidFile: s.pidFile })
     const feed = dnsFeed(s, dns, log)
     closers.push(() => feed.settled())
     const onState = feed.onState
@@ -136,6 +167,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       recordWatchLimit: s.recordWatchLimit,
       maxServicesPerNode: s.maxServices,
       keepFile: s.keepFile,
+      connectTo: s.connectTo && { ...s.connectTo, readState },
       log,
       onState,
     })
@@ -151,7 +183,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
     closers.push(() => events.stop())
     let status: StatusServer | undefined
     if (s.status) {
-      const collector = await createCollector({ net, self, tincDir: s.tincDir, pidFile: s.pidFile, logFile: s.tincLog, sync: daemon, dns, services: services || undefined, links })
+      const collector = await createCollector({ net, self, tincDir: s.tincDir, pidFile: s.pidFile, logFile: s.tincLog, readDump: readState, sync: daemon, dns, services: services || undefined, links })
       const server = await startStatusServer({ hosts: withVpn(s.statusListen), port: s.statusPort, snapshot: () => collector.snapshot(), log })
       closers.push(() => server.close())
       status = server
@@ -289,6 +321,48 @@ const runArgs = {
     ),
     get default() {
       return envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT))
+    },
+  },
+  'connect-to': {
+    type: 'string',
+    description: described('How many public nodes to keep a ConnectTo to, chosen by rendezvous hashing and replaced when silent; "all" for every one', 'connect-to'),
+    get default() {
+      return envDefault('connect-to', String(DEFAULT_CONNECT_TO_K))
+    },
+  },
+  'connect-to-pin': {
+    type: 'string',
+    description: described('Comma-separated public nodes to ConnectTo instead of choosing; the daemon never changes a pinned list', 'connect-to-pin'),
+    get default() {
+      return process.env.TINC_CONSUL_CONNECT_TO_PIN
+    },
+  },
+  'connect-to-grace': {
+    type: 'string',
+    description: described('Seconds a chosen public node may go without a meta connection before the next one replaces it', 'connect-to-grace'),
+    get default() {
+      return envDefault('connect-to-grace', String(DEFAULT_CONNECT_TO_TIMERS.graceMs / 1000))
+    },
+  },
+  'connect-to-bench': {
+    type: 'string',
+    description: described('Seconds a replaced public node sits out before it is tried again; doubles with each failure in a row, up to an hour', 'connect-to-bench'),
+    get default() {
+      return envDefault('connect-to-bench', String(DEFAULT_CONNECT_TO_TIMERS.benchMs / 1000))
+    },
+  },
+  sponsor: {
+    type: 'string',
+    description: described('The node that admitted this one, kept in the ConnectTo list until --sponsor-until (join sets both)', 'sponsor'),
+    get default() {
+      return process.env.TINC_CONSUL_SPONSOR
+    },
+  },
+  'sponsor-until': {
+    type: 'string',
+    description: described('When the sponsor leaves the ConnectTo list (ISO 8601 time)', 'sponsor-until'),
+    get default() {
+      return process.env.TINC_CONSUL_SPONSOR_UNTIL
     },
   },
   'keep-file': {

@@ -84,6 +84,7 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     ...(s.node.tincConfMode ? [paint('red', modeMismatchText(s.node.tincConfMode, s.node.mode))] : []),
     ...(s.localServices?.refused.length ? [paint('yellow', localRefusedText(s.localServices))] : []),
     ...(s.node.forwardingOff ? [paint('red', s.node.forwardingOff)] : []),
+    ...connectToLines(s, now, paint),
     '',
   ]
   const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]
@@ -104,6 +105,17 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     return c ? paint(c, text) : text
   })
   return `${[...head, ...lines, ...routeLines(s, paint)].join('\n')}\n`
+}
+
+/** The public nodes chosen for ConnectTo, and those sitting out; nothing when every public node is kept (or an older daemon). */
+function connectToLines(s: Status, now: number, paint: (c: keyof typeof ANSI, t: string) => string): string[] {
+  const c = s.connectTo
+  if (!c) return []
+  const benched = c.benched.map((b) => `${b.name} (silent ${b.strikes}×, tried again in ${Math.max(0, Math.round((Date.parse(b.until) - now) / 1000))} s)`)
+  return [
+    `connect to: ${c.chosen.join(', ') || 'nobody'}${benched.length ? paint('yellow', `   sitting out: ${benched.join(', ')}`) : ''}`,
+    ...(c.unknownPins.length ? [paint('yellow', `pinned but without a host file here: ${c.unknownPins.join(', ')}`)] : []),
+  ]
 }
 
 /** Subnets behind nodes (docs/subnets.md), after the nodes; nothing when there are none. A daemon of an older release sends no `routes`. */

@@ -18,7 +18,7 @@ import { addLan, buildNetwork, deleteHostLinksSync, type LabLan, killNamespacePr
 import { requireConsul } from './provision.ts'
 import { DEFAULT_TINC_TIMERS } from '../tinc/setup.ts'
 import { LAB_NETNAME, labConfigDir, labEventsDir, sidecarStateDir, tincdArgv, tincPaths, writeManualTincConfigs } from './tinc-manual.ts'
-import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabOptions, type LabPlan } from './topology.ts'
+import { DEFAULT_LAB_OPTIONS, findNode, NS_PREFIX, planLab, type LabNodePlan, type LabOptions, type LabPlan } from './topology.ts'
 
 /** The lab's network is made the way `init` makes one: scoped service names, and node tokens that may write only those. */
 const LAB_SERVICE_NAMES = 'scoped' as const
@@ -65,8 +65,8 @@ export interface Lab {
   waitForMesh(timeoutMs?: number): Promise<void>
   /** Creates the network the sidecars wait for, through the same writer as `tinc-consul init`. */
   writeNetwork(): Promise<void>
-  /** Starts `tinc-consul run` in a node's namespace, with that node's own token in ACL mode. */
-  startSidecar(node: string): Promise<Daemon>
+  /** Starts `tinc-consul run` in a node's namespace, with that node's own token in ACL mode; `env` adds settings (TINC_CONSUL_*). */
+  startSidecar(node: string, opts?: { env?: NodeJS.ProcessEnv }): Promise<Daemon>
   /** Kills every process in a node's namespace: tincd, its Consul agent, its sidecar. */
   stopNode(node: string): void
   restartTincd(node: string): Promise<void>
@@ -203,6 +203,60 @@ async function addLabLan(state: LabState, node: string, cidr: string, opts: { ro
   return lan
 }
 
+/** The namespace of a node, a NAT router ("nat1"), a Consul server, a LAN ("lan1") or "hub". */
+function labNsOf(state: LabState, name: string): string {
+  const { plan } = state
+  if (name === 'hub') return plan.hubNs
+  const server = plan.servers.find((s) => s.name === name)
+  if (server) return server.ns
+  const router = plan.nodes.find((n) => n.router && n.router.ns === `${plan.prefix}-${name}`)
+  if (router?.router) return router.router.ns
+  return state.lans?.[name] ?? findNode(plan, name).ns
+}
+
+/** Waits until every node pings every other node over tinc. */
+async function waitForLabMesh(plan: LabPlan, timeoutMs: number): Promise<void> {
+  const pairs = plan.nodes.flatMap((a) => plan.nodes.filter((b) => b !== a).map((b) => [a, b] as const))
+  await Promise.all(
+    pairs.map(([a, b]) =>
+      waitFor(`${a.name} to ping ${b.name} (${b.vpnIp}) over tinc`, async () => ((await run(['ping', '-c1', '-W1', b.vpnIp], { netns: a.ns, allowFailure: true })).code === 0 ? true : undefined), {
+        timeoutMs,
+      }),
+    ),
+  )
+}
+
+/** `tinc-consul run` for a lab node: its own stand-ins for /etc/tinc, the state and run directories, its tincd's pidfile and log. */
+function sidecarArgv(state: LabState, node: LabNodePlan): string[] {
+  const files = tincPaths(state.runDir, node)
+  return [
+    ...cliArgv(),
+    'run',
+    '--net',
+    LAB_NETNAME,
+    '--dir',
+    files.root,
+    '--state-dir',
+    sidecarStateDir(state.runDir, node),
+    '--pidfile',
+    files.pidFile,
+    '--consul',
+    'http://127.0.0.1:8500',
+    '--config-dir',
+    labConfigDir(state.runDir, node.name),
+    '--run-dir',
+    labEventsDir(state.runDir, node.name),
+    '--tinc-log',
+    files.logFile,
+  ]
+}
+
+/** A client for a node's or server's agent: the management token unless `token` says otherwise (null: none). */
+function labConsul(state: LabState, name: string, token: string | null | undefined): ConsulClient {
+  const ip = state.plan.servers.find((s) => s.name === name)?.controlIp ?? findNode(state.plan, name).controlIp
+  return createConsulClient({ url: consulUrl(ip), token: token === null ? undefined : (token ?? state.managementToken), timeoutMs: 10_000 })
+}
+
 function makeLab(state: LabState): Lab {
   const { plan } = state
   let isDown = false
@@ -211,66 +265,26 @@ function makeLab(state: LabState): Lab {
     await saveState(state)
     return d
   }
-  const nsOf = (name: string): string => {
-    if (name === 'hub') return plan.hubNs
-    const server = plan.servers.find((s) => s.name === name)
-    if (server) return server.ns
-    const router = plan.nodes.find((n) => n.router && n.router.ns === `${plan.prefix}-${name}`)
-    if (router?.router) return router.router.ns
-    return state.lans?.[name] ?? findNode(plan, name).ns
-  }
+  const nsOf = (name: string): string => labNsOf(state, name)
   const lab: Lab = {
     state,
     nsOf,
-    consul(name, opts = {}) {
-      const ip = plan.servers.find((s) => s.name === name)?.controlIp ?? findNode(plan, name).controlIp
-      const token = opts.token === null ? undefined : (opts.token ?? state.managementToken)
-      return createConsulClient({ url: consulUrl(ip), token, timeoutMs: 10_000 })
-    },
+    consul: (name, opts = {}) => labConsul(state, name, opts.token),
     exec: (node, argv, opts = {}) => run(argv, { ...opts, netns: nsOf(node) }),
     cut: (a, b) => setCut(findNode(plan, a), findNode(plan, b), true),
     heal: (a, b) => setCut(findNode(plan, a), findNode(plan, b), false),
-    async waitForMesh(timeoutMs = MESH_WAIT_MS) {
-      const pairs = plan.nodes.flatMap((a) => plan.nodes.filter((b) => b !== a).map((b) => [a, b] as const))
-      await Promise.all(
-        pairs.map(([a, b]) =>
-          waitFor(`${a.name} to ping ${b.name} (${b.vpnIp}) over tinc`, async () => ((await run(['ping', '-c1', '-W1', b.vpnIp], { netns: a.ns, allowFailure: true })).code === 0 ? true : undefined), {
-            timeoutMs,
-          }),
-        ),
-      )
-    },
+    waitForMesh: (timeoutMs = MESH_WAIT_MS) => waitForLabMesh(plan, timeoutMs),
     async writeNetwork() {
       const record = { v: 1 as const, cidr: plan.options.vpnCidr, domain: 'mesh', createdAt: new Date().toISOString(), serviceNames: LAB_SERVICE_NAMES }
       await createNetwork(lab.consul(plan.nodes[0]?.name ?? 'node1'), kvLayout(LAB_NETNAME), record)
     },
-    async startSidecar(name) {
+    async startSidecar(name, opts) {
       const node = findNode(plan, name)
-      const files = tincPaths(state.runDir, node)
-      const argv = [
-        ...cliArgv(),
-        'run',
-        '--net',
-        LAB_NETNAME,
-        '--dir',
-        files.root,
-        '--state-dir',
-        sidecarStateDir(state.runDir, node),
-        '--pidfile',
-        files.pidFile,
-        '--consul',
-        'http://127.0.0.1:8500',
-        '--config-dir',
-        labConfigDir(state.runDir, node.name),
-        '--run-dir',
-        labEventsDir(state.runDir, node.name),
-        '--tinc-log',
-        files.logFile,
-      ]
+      const argv = sidecarArgv(state, node)
       // The token goes through the environment, not argv, where any user could read it.
       // Nodes set up by init/join have their token in their own config file instead.
       const token = state.nodeTokens[name]
-      const env = { ...process.env, ...(token ? { TINC_CONSUL_TOKEN: token } : {}), TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info' }
+      const env = { ...process.env, ...(token ? { TINC_CONSUL_TOKEN: token } : {}), TINC_CONSUL_LOG_LEVEL: process.env.TINC_CONSUL_LOG_LEVEL ?? 'info', ...opts?.env }
       return track(startDaemon(`sidecar ${name}`, node.ns, argv, join(state.runDir, name, 'sidecar.log'), env))
     },
     stopNode(name) {

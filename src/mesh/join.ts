@@ -88,6 +88,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     const range = hostRange(reply.network.cidr)
     const bad6 = reply.address6 === undefined ? undefined : checkVpnAddress6(reply.address6, reply.network)
     if (bad6) throw new TincConsulError('JOIN_BAD_REPLY', `the join server handed out an unusable address: ${bad6}`)
+    const first = firstConnect(peers, reply.endpoint)
     await writeSetup(staging.dir, {
       net: inv.net,
       name,
@@ -97,7 +98,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
       port: o.port,
       publicAddresses: o.addresses,
       publicKey,
-      connectTo: firstConnect(peers, reply.endpoint),
+      connectTo: first,
       peerHostFiles: peers,
       interface: o.interface ?? defaultInterface(inv.net),
       eventsFile: eventsFileFor(o.runDir, inv.net),
@@ -110,7 +111,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     })
     await staging.commit()
     o.progress(`tinc config written to ${dir} (ConnectTo ${publicNames(peers).join(', ') || 'nobody yet'})`)
-    const configPath = await writeSettings(o, inv, reply)
+    const configPath = await writeSettings(o, inv, reply, first.length === 1 ? first[0] : undefined)
     o.progress(`daemon settings written to ${configPath}`)
     return {
       net: inv.net,
@@ -163,9 +164,15 @@ export async function describeJoin(o: Pick<JoinOptions, 'invite' | 'name' | 'roo
   return { net: inv.net, name, lines }
 }
 
+const SPONSOR_MS = 3_600_000
+
 /** The daemon's settings file: where the network lives, the tokens from the reply, and whether this node serves joins. */
-function writeSettings(o: JoinOptions, inv: Invite, reply: JoinReply): Promise<string> {
+function writeSettings(o: JoinOptions, inv: Invite, reply: JoinReply, sponsor: string | undefined): Promise<string> {
   return writeConfig(o.configDir, inv.net, {
+    // The node that admitted us surely has our host file; the others get it through Consul. It stays
+    // in the ConnectTo list for the first hour whatever the rendezvous order says.
+    TINC_CONSUL_SPONSOR: sponsor,
+    TINC_CONSUL_SPONSOR_UNTIL: sponsor && new Date(Date.now() + SPONSOR_MS).toISOString(),
     TINC_CONSUL_DIR: o.root,
     TINC_CONSUL_CONSUL: o.consulUrl,
     TINC_CONSUL_PREFIX: inv.prefix,

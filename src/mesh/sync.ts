@@ -20,6 +20,9 @@ import type { MeshView } from './view.ts'
 import type { MeshService, ServiceRefusal } from './services.ts'
 import type { NetworkRecord } from './record.ts'
 import type { RouteJudgement } from './routes.ts'
+import type { DumpResult } from '../tinc/dump.ts'
+import type { ConnectToPlan, ConnectToTimers } from './connect-to.ts'
+import { connectToKeeper } from './daemon/connect-to-keeper.ts'
 
 export { DEFAULT_RECORD_WATCH_LIMIT }
 export type { AppliedEvent, MeshState, NameConflict, SyncStats }
@@ -57,7 +60,19 @@ export interface SyncOptions {
   services?: boolean
   /** Most service instances taken from one node (default DEFAULT_MAX_SERVICES, `--max-services`). */
   maxServicesPerNode?: number
+  /** Keep K ConnectTo lines (src/mesh/connect-to.ts); without it, one to every public peer. */
+  connectTo?: ConnectToSettings & { readState(): Promise<DumpResult> }
 }
+
+export interface ConnectToSettings {
+  k: number
+  pinned?: string[]
+  sponsor?: { name: string; until: number }
+  timers: ConnectToTimers
+}
+
+/** How often the ConnectTo keeper looks at tincd's connections. */
+const CONNECT_TO_TICK_MS = 10_000
 
 export interface ConsulHealth {
   /** The latest request to Consul succeeded. */
@@ -90,6 +105,8 @@ export interface SyncDaemon {
   routes(): { judgement: RouteJudgement | undefined; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
   /** Whether Consul answers, when it last did, and the network record's index. */
   consul(): ConsulHealth
+  /** The ConnectTo keeper's latest plan (chosen, benched, unknown pins); undefined when every public peer is kept. */
+  connectTo(): ConnectToPlan | undefined
   stop(): Promise<void>
 }
 
@@ -117,6 +134,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     return b
   }
   const cache = cacheWriter(opts.stateDir, log)
+  const keeper = opts.connectTo && connectToKeeper({ ...opts.connectTo, self, intervalMs: CONNECT_TO_TICK_MS, onChange: () => void core.schedule(), log })
   const core = meshCore({
     tincDir: opts.tincDir,
     pidFile: opts.pidFile,
@@ -130,6 +148,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     onApplied: opts.onApplied,
     takeBytes,
     own: () => owner.own().catch(() => undefined),
+    chooseConnectTo: keeper ? (publics) => keeper.choose(publics) : undefined,
   })
 
   const cached = await loadCache(opts.stateDir)
@@ -138,25 +157,15 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     await core.applyCache(cached).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
   }
   const react = reactor({ inputs, core, owner, feed, ownKey: layout.node(self), log })
-  const watches = watchInputs({
-    inputs,
-    client,
-    layout,
-    net: opts.net,
-    waitSeconds: opts.waitSeconds,
-    recordWatchLimit: opts.recordWatchLimit ?? DEFAULT_RECORD_WATCH_LIMIT,
-    services: opts.services !== false,
-    log,
-    onBytes: (b) => {
+  const watches = startWatches(
+    opts,
+    { inputs, client, layout, log, react },
+    (b) => {
       stats.bytesRead += b
       pendingBytes += b
     },
-    onIgnored: (reason) => {
-      stats.emptyReadsIgnored++
-      opts.onIgnored?.(reason)
-    },
-    onChange: react,
-  })
+    () => stats.emptyReadsIgnored++,
+  )
   const files = watchLocalFiles(opts, ctx, core, owner, log)
   return {
     self,
@@ -172,7 +181,9 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     conflict: owner.conflict,
     routes: core.routes,
     consul: () => ({ reachable: client.reach.ok === true, ...(client.reach.lastOkAt ? { lastReadAt: client.reach.lastOkAt } : {}), index: watches.lead.index, failures: client.reach.failures }),
+    connectTo: () => keeper?.plan(),
     async stop() {
+      keeper?.stop()
       owner.stop()
       await files.close()
       await watches.stop()
@@ -180,6 +191,31 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       await cache.flush()
     },
   }
+}
+
+/** The watch set that feeds the inputs, counting the bytes read and the reads not taken. */
+function startWatches(
+  opts: SyncOptions,
+  p: { inputs: MeshInputs; client: ConsulClient; layout: KvLayout; log: Logger; react: (name: InputName) => void },
+  onBytes: (bytes: number) => void,
+  onIgnored: () => void,
+) {
+  return watchInputs({
+    inputs: p.inputs,
+    client: p.client,
+    layout: p.layout,
+    net: opts.net,
+    waitSeconds: opts.waitSeconds,
+    recordWatchLimit: opts.recordWatchLimit ?? DEFAULT_RECORD_WATCH_LIMIT,
+    services: opts.services !== false,
+    log: p.log,
+    onBytes,
+    onIgnored: (reason) => {
+      onIgnored()
+      opts.onIgnored?.(reason)
+    },
+    onChange: p.react,
+  })
 }
 
 /** What the judge needs besides the inputs: our identity, the pins, the keep list. */

@@ -100,6 +100,7 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
         conflict: opts.sync.conflict(),
         pending: opts.sync.pending(),
         ...(await routesOf(opts.sync, opts.self)),
+        connectTo: opts.sync.connectTo(),
         now: new Date(),
       })
     },

@@ -8,6 +8,7 @@ import type { TincMode } from '../tinc/mode.ts'
 import type { DumpResult, TincDump } from '../tinc/dump.ts'
 import type { PeerLink } from '../tinc/events.ts'
 import type { RouteVerdict } from '../mesh/routes.ts'
+import type { ConnectToPlan } from '../mesh/connect-to.ts'
 
 /**
  * One picture of the mesh from this node, built from what the daemon already
@@ -49,6 +50,8 @@ export interface StatusInputs {
   routes?: { verdicts: readonly RouteVerdict[]; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
   /** The kernel's forwarding switches, read only when this node announces routes: "0" is a warning. */
   forwarding?: { ipv4?: string; ipv6?: string }
+  /** The ConnectTo keeper's plan (src/mesh/connect-to.ts); absent when every public peer is kept. */
+  connectTo?: Pick<ConnectToPlan, 'connectTo' | 'benched' | 'unknownPins'>
   now: Date
 }
 
@@ -122,6 +125,8 @@ export interface Status {
   routes: RouteVerdict[]
   /** Approvals under subnet-approvals/ that could not be used, with the reason. */
   refusedApprovals: Array<{ key: string; reason: string }>
+  /** The public nodes this node keeps a ConnectTo to, those sitting out after going silent, and pins with no host file. */
+  connectTo?: { chosen: string[]; benched: Array<{ name: string; until: string; strikes: number }>; unknownPins: string[] }
 }
 
 /**
@@ -223,6 +228,15 @@ export function buildStatus(i: StatusInputs): Status {
     ...(i.localServices ? { localServices: i.localServices } : {}),
     routes: [...(i.routes?.verdicts ?? [])],
     refusedApprovals: [...(i.routes?.refusedApprovals ?? [])],
+    ...(i.connectTo
+      ? {
+          connectTo: {
+            chosen: [...i.connectTo.connectTo],
+            benched: i.connectTo.benched.map((b) => ({ name: b.name, until: new Date(b.until).toISOString(), strikes: b.strikes })),
+            unknownPins: [...i.connectTo.unknownPins],
+          },
+        }
+      : {}),
     allocations: [...i.allocations].map(([address, node]) => ({ address, node })).sort((a, b) => a.address.localeCompare(b.address, undefined, { numeric: true })),
   }
 }

@@ -86,6 +86,8 @@ export interface RenderOptions {
    * overlap), rendered as extra Subnet lines. Absent or missing a name: none for that peer.
    */
   routes?: ReadonlyMap<string, readonly string[]>
+  /** Which of the public peers get a ConnectTo (src/mesh/connect-to.ts); every one when absent. */
+  chooseConnectTo?(publics: readonly string[]): string[]
 }
 
 export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<RenderResult> {
@@ -105,10 +107,16 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
   for (const name of doomed) if (!spare(name)) await removeHostFile(name, reason(name), opts, result)
   // A removed name whose file someone else deleted must be written again if it comes back.
   for (const name of removed) if (!spare(name)) opts.written.delete(name)
-  result.connectTo = [...view.peers.values()]
+  const publics = [...view.peers.values()]
     .filter((p) => !untouchable(p.record.name) && p.record.addresses.length > 0)
     .map((p) => p.record.name)
     .sort()
+  const chosen = opts.chooseConnectTo ? [...opts.chooseConnectTo(publics)].sort() : publics
+  // A ConnectTo the operator wrote outside the block is not repeated in it: tincd 1.0 would open a
+  // second meta connection to that node and close the first, and that churn can leave a peer
+  // holding a stale session key, dropping our packets until KeyExpire.
+  const theirs = operatorConnectTo(conf)
+  result.connectTo = chosen.filter((n) => !theirs.has(n))
   const next = replaceManagedBlock(
     conf,
     result.connectTo.map((n) => `ConnectTo = ${n}`),
@@ -119,6 +127,21 @@ export async function renderTinc(view: MeshView, opts: RenderOptions): Promise<R
     result.reasons.push('the ConnectTo set changed')
   }
   return result
+}
+
+/** The nodes tinc.conf lists in ConnectTo lines outside our block. */
+export function operatorConnectTo(conf: string): Set<string> {
+  let outside: string
+  try {
+    outside = replaceManagedBlock(conf, undefined)
+  } catch {
+    outside = conf
+  }
+  return new Set(
+    parseHostFile(outside)
+      .entries.filter((e) => e.key.toLowerCase() === 'connectto')
+      .map((e) => e.value.trim()),
+  )
 }
 
 async function writeHostFiles(view: MeshView, opts: RenderOptions, untouchable: (name: string) => boolean, strictSubnets: boolean, result: RenderResult): Promise<void> {

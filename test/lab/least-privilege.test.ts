@@ -7,8 +7,7 @@ import { waitFor } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { kvLayout } from '../../src/mesh/kv-layout.ts'
 import { serviceNaming } from '../../src/services/naming.ts'
-import type { Status } from '../../src/status/model.ts'
-import { dig, labTest, useLab, withLogs } from './helpers.ts'
+import { dig, labTest, sidecarStatus, useLab, withLogs } from './helpers.ts'
 
 /**
  * The blast radius of one node's token (issue 17, "Proof"): with node1's own token, the one
@@ -158,11 +157,6 @@ function changes(before: Record<string, string[]>, after: Record<string, string[
 }
 
 /** A node's sidecar status, from its own status server inside its namespace. */
-async function sidecarStatus(lab: Lab, node: string): Promise<Status> {
-  const script = `fetch('http://127.0.0.1:9000/status').then(async (r) => process.stdout.write(await r.text()))`
-  return JSON.parse((await lab.exec(node, [process.execPath, '-e', script])).stdout) as Status
-}
-
 /** The service-name prefix a node's policy lets it write (`service_prefix "…" write`), read from the policy itself. */
 async function serviceScope(admin: Send, token: Send): Promise<string | undefined> {
   const self = json(await token('GET', '/v1/acl/token/self')) as { Policies: Array<{ ID: string }> }

@@ -46,6 +46,8 @@ export interface CoreOptions {
   /** Our own record, from our host file; undefined while it can't be built. */
   own(): Promise<NodeRecord | undefined>
   onApplied?(event: AppliedEvent): void
+  /** Which of the public peers to ConnectTo (the keeper's choice); all of them when absent. */
+  chooseConnectTo?(publics: readonly string[]): string[]
 }
 
 export interface Core {
@@ -159,7 +161,17 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   if (source === 'consul' && j.complete) st.owned = true
   const routes = st.routing.judge(j.network, j.view, await o.own(), o.inputs.approvals)
   // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
-  const render = await renderTinc(adoption.view, { tincDir: o.tincDir, self: ctx.self.name, keep, pending: j.pending, removed: j.removed, prune: st.owned, written: st.written, routes })
+  const render = await renderTinc(adoption.view, {
+    tincDir: o.tincDir,
+    self: ctx.self.name,
+    keep,
+    pending: j.pending,
+    removed: j.removed,
+    prune: st.owned,
+    written: st.written,
+    routes,
+    chooseConnectTo: o.chooseConnectTo,
+  })
   const mismatch = render.modeMismatch && `${render.modeMismatch.conf}/${render.modeMismatch.network}`
   if (mismatch && mismatch !== st.modeMismatch) log.warn(render.modeMismatch, "tinc.conf sets another Mode than the network's: set it (outside the managed block) and restart tincd")
   st.modeMismatch = mismatch
