@@ -42,13 +42,22 @@ describe('keep list: until-adopted lines', () => {
 })
 
 describe('the keep-until-adopted rule', () => {
-  const handMade = (pem: string) => handMadeFile(`Address = 198.18.0.3\nSubnet = 10.99.0.3/32\n${pem}\n`)
+  const handMade = (pem: string, octet = 3) => handMadeFile(`Address = 198.18.0.${octet}\nSubnet = 10.99.0.${octet}/32\n${pem}\n`)
 
   test('no record yet: the hand-made file stays, nothing refused', () => {
     assert.deepEqual(adoptionState(handMade(KEY_A), undefined), { state: 'hand-made', reason: 'no valid record in Consul yet: the hand-made host file is kept', refused: false })
   })
   test('a record with the hand-made file’s key: the file becomes managed', () => {
     assert.deepEqual(adoptionState(handMade(KEY_A), accepted('node3', 3, KEY_A)), { state: 'managed' })
+  })
+  test('a record with the same key but another VPN address is refused: a public key can be copied', () => {
+    const s = adoptionState(handMade(KEY_A), accepted('node3', 7, KEY_A))
+    assert.deepEqual(s, {
+      state: 'hand-made',
+      reason: "the record's VPN address 10.99.0.7 differs from the hand-made host file's 10.99.0.3: record refused, file kept (kept until adopted)",
+      refused: true,
+    })
+    assert.equal(handMadeFile(`Subnet = 10.99.0.3/32#10\n${KEY_A}\n`).address, '10.99.0.3', "tinc's weight suffix is not part of the address")
   })
   test('a record with another key is refused and the hand-made file kept', () => {
     const s = adoptionState(handMade(KEY_A), accepted('node3', 3, KEY_B))
@@ -73,7 +82,7 @@ describe('the keep-until-adopted rule', () => {
       ]),
     }
     const files = new Map([
-      ['node2', handMade(KEY_A)],
+      ['node2', handMade(KEY_A, 2)],
       ['node3', handMade(KEY_A)],
       ['node5', handMade(KEY_B)],
     ])

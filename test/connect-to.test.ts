@@ -8,7 +8,7 @@ const publics = Array.from({ length: 20 }, (_, i) => `pub${i}`)
 const nodes = Array.from({ length: 1000 }, (_, i) => `node${i}`)
 const timers: ConnectToTimers = { graceMs: 60_000, benchMs: 120_000, benchMaxMs: 600_000 }
 
-test('rendezvous order: stable, spread evenly, and a public node leaving moves only the nodes that had it', () => {
+test('rendezvous order: stable, spread evenly, and a public node leaving moves only the nodes that had it', (t) => {
   const k = 3
   const load = new Map<string, number>()
   const before = new Map<string, string[]>()
@@ -21,6 +21,7 @@ test('rendezvous order: stable, spread evenly, and a public node leaving moves o
   const mean = (nodes.length * k) / publics.length
   const counts = [...load.values()]
   assert.equal(counts.length, publics.length, 'every public node is chosen by someone')
+  t.diagnostic(`${nodes.length} nodes, K = ${k}, ${publics.length} public nodes: ${Math.min(...counts)} to ${Math.max(...counts)} ConnectTo lines each (even share ${mean})`)
   assert.ok(Math.max(...counts) <= mean * 1.25 && Math.min(...counts) >= mean * 0.75, `load per public node within ±25% of ${mean}: ${counts.join(' ')}`)
   const gone = 'pub3'
   let moved = 0

@@ -21,6 +21,8 @@ export interface HandMadeFile {
   fingerprint: string | undefined
   /** The file is one we rendered from a record: the adoption happened already. */
   rendered: boolean
+  /** The address of its first /32 Subnet line, if any: the node's VPN address. */
+  address?: string
 }
 
 export type AdoptionState = { state: 'managed' } | { state: 'hand-made'; reason: string; refused: boolean }
@@ -38,6 +40,14 @@ export function adoptionState(file: HandMadeFile | undefined, record: AcceptedPe
   if (!file || file.rendered) return { state: 'managed' }
   if (!record) return { state: 'hand-made', reason: 'no valid record in Consul yet: the hand-made host file is kept', refused: false }
   if (!file.fingerprint) return { state: 'hand-made', reason: "the hand-made host file has no readable RSA key to check the record's against: record refused, file kept", refused: true }
+  // A public key is public: anyone who can get a record written under the name (an unnamed
+  // invite, say) could copy it. The address is the hand-made file's too, or the record is not its node.
+  if (file.fingerprint === record.record.fingerprint && file.address !== undefined && file.address !== record.record.vpnAddress)
+    return {
+      state: 'hand-made',
+      reason: `the record's VPN address ${record.record.vpnAddress} differs from the hand-made host file's ${file.address}: record refused, file kept (kept until adopted)`,
+      refused: true,
+    }
   if (file.fingerprint === record.record.fingerprint) return { state: 'managed' }
   return {
     state: 'hand-made',
@@ -87,5 +97,10 @@ export function handMadeFile(text: string): HandMadeFile {
   } catch {
     fingerprint = undefined
   }
-  return { fingerprint, rendered: text.startsWith(RENDERED_HEADER) }
+  const address = h.entries
+    .filter((e) => e.key.toLowerCase() === 'subnet')
+    .map((e) => (e.value.split('#')[0] ?? '').trim())
+    .find((v) => /^\d{1,3}(\.\d{1,3}){3}\/32$/.test(v))
+    ?.replace(/\/32$/, '')
+  return { fingerprint, rendered: text.startsWith(RENDERED_HEADER), ...(address ? { address } : {}) }
 }

@@ -9,7 +9,8 @@ import { kvLayout, type KvLayout } from './kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { keyFingerprint, parseHostFile } from '../tinc/hostfile.ts'
-import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
+import { defaultInterface, stagingDir, tincDirFor, type TincTimers } from '../tinc/setup.ts'
+import { tincBackend } from '../tinc/backend.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, firstAddress6, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
@@ -101,7 +102,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
   hostRange(network.cidr)
 
   const dir = tincDirFor(o.root, o.net)
-  const existing = await existingNode(dir)
+  const existing = await tincBackend().existingNode(dir)
   if (existing && existing.name !== o.name && !o.force)
     throw new TincConsulError('DIR_IN_USE', `${dir} already belongs to node "${existing.name}"; use --name ${existing.name}, or --force to replace it (the old directory is kept beside it)`)
   const reuse = existing?.name === o.name && !o.force
@@ -113,7 +114,7 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       o.progress(`reusing the key in ${dir}`)
     } else {
       o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
-      publicKey = await generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
+      publicKey = await tincBackend().generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
     }
 
     const res = await reserveAndPublish(o, { layout, client, network, publicKey })
@@ -142,9 +143,9 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       mode: networkMode(network),
     }
     if (staging) {
-      await writeSetup(staging.dir, setup)
+      await tincBackend().writeSetup(staging.dir, setup)
       await staging.commit()
-    } else await writeSetup(dir, setup)
+    } else await tincBackend().writeSetup(dir, setup)
     o.progress(`tinc config written to ${dir}`)
     const cfg = await writeConfig(o.configDir, o.net, {
       TINC_CONSUL_DIR: o.root,

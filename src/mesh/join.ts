@@ -2,7 +2,8 @@ import { defaultPrefix } from './kv-layout.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { configPath, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { defaultInterface, existingNode, generateKey, stagingDir, tincDirFor, writeSetup, type TincTimers } from '../tinc/setup.ts'
+import { defaultInterface, stagingDir, tincDirFor, type TincTimers } from '../tinc/setup.ts'
+import { tincBackend } from '../tinc/backend.ts'
 import { parseHostFile } from '../tinc/hostfile.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { eventsFileFor, publicNames } from './init.ts'
@@ -64,7 +65,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
   const staging = await stagingDir(dir)
   try {
     o.progress(`generating a ${o.keyBits}-bit RSA key with tincd -K`)
-    const publicKey = await generateKey(staging.dir, name, o.keyBits)
+    const publicKey = await tincBackend().generateKey(staging.dir, name, o.keyBits)
     const reply = await redeemInvite(
       inv,
       { name, publicKey, addresses: o.addresses, port: o.port },
@@ -89,7 +90,7 @@ export async function joinNetwork(o: JoinOptions): Promise<JoinResult> {
     const bad6 = reply.address6 === undefined ? undefined : checkVpnAddress6(reply.address6, reply.network)
     if (bad6) throw new TincConsulError('JOIN_BAD_REPLY', `the join server handed out an unusable address: ${bad6}`)
     const first = firstConnect(peers, reply.endpoint)
-    await writeSetup(staging.dir, {
+    await tincBackend().writeSetup(staging.dir, {
       net: inv.net,
       name,
       address: reply.address,
@@ -142,7 +143,7 @@ async function checkJoin(o: Pick<JoinOptions, 'invite' | 'name' | 'root' | 'forc
   if (inv.name && inv.name !== name) throw new UsageError('BAD_NAME', `this invite is for "${inv.name}"; drop --name or use --name ${inv.name}`)
 
   const dir = tincDirFor(o.root, inv.net)
-  const existing = await existingNode(dir)
+  const existing = await tincBackend().existingNode(dir)
   if (existing && !o.force) throw new TincConsulError('ALREADY_JOINED', `${dir} is already set up as node "${existing.name}"; use --force to replace it (the old directory is kept beside it)`)
   return { inv, name, dir }
 }

@@ -1,7 +1,7 @@
 import type { ConsulClient } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import { TincConsulError } from '../errors.ts'
-import { hostFileText } from '../tinc/render.ts'
+import { tincBackend } from '../tinc/backend.ts'
 import { revokedFrom } from './revoke.ts'
 import { activeHolders, parseIpam } from './ipam.ts'
 import type { KvLayout } from './kv-layout.ts'
@@ -44,7 +44,7 @@ export async function peerHostFiles(client: ConsulClient, layout: KvLayout, netw
     trustNewKeys: true,
   })
   const files: Record<string, string> = {}
-  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = mode === 'record' ? recordForm(peer) : hostFileText(peer, mode)
+  for (const [name, peer] of [...result.view.peers].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) files[name] = mode === 'record' ? recordForm(peer) : tincBackend().peerHostFile(peer, mode)
   return { files, refusals: result.refusals, listed: nodes.map((i) => i.key.slice(layout.nodesPrefix.length)) }
 }
 
@@ -54,7 +54,7 @@ export async function peerHostFiles(client: ConsulClient, layout: KvLayout, netw
  */
 function recordForm(peer: AcceptedPeer): string {
   const { vpnAddress6: _v6, ...record } = peer.record
-  return hostFileText({ ...peer, record }, 'router')
+  return tincBackend().peerHostFile({ ...peer, record }, 'router')
 }
 
 async function readAll(client: ConsulClient, prefix: string): Promise<KvItem[]> {

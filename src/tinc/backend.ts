@@ -24,8 +24,8 @@ export interface TincBackend {
   generateKey(dir: string, name: string, bits: number): Promise<string>
   /** The node already configured in `dir` (name, public key, VPN address), if any. */
   existingNode(dir: string): Promise<{ name: string; publicKey: string; address?: string } | undefined>
-  /** A peer's host file, from its accepted record, for a network in `mode`. */
-  peerHostFile(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode): string
+  /** A peer's host file, from its accepted record, for a network in `mode`, with the routes served behind it. */
+  peerHostFile(peer: Pick<AcceptedPeer, 'record' | 'publicKey' | 'options'>, mode: TincMode, routes?: readonly string[]): string
   /** The Mode a tinc.conf sets (`router` when it sets none). */
   confMode(conf: string): string
   /** Makes the running tincd re-read its config and host files; false when there is none. */
