@@ -59,7 +59,9 @@ export function connectToKeeper(o: ConnectToKeeperOptions): ConnectToKeeper {
     return plan
   }
   const tick = async () => {
-    if (stopped || publics.length === 0) return
+    // With K or fewer public peers every one is chosen, and a pinned list never changes: nothing to
+    // look at, so tincd isn't asked for a dump (each wakes both processes).
+    if (stopped || publics.length <= o.k || o.pinned) return
     const connected = activeConnections(await o.readState())
     const plan = round(connected)
     if (plan.connectTo.join() === chosen.join()) return
