@@ -1,17 +1,21 @@
 /* eslint-disable no-console -- a benchmark prints its figures */
-// npm run bench:idle -- [--seconds 60] [--nodes 3] [--connect-to 3|all]
+// npm run bench:idle -- [--seconds 60] [--settle 60] [--nodes 3] [--connect-to 3|all]
 //
 // What a sidecar costs on a quiet mesh: a lab with hand-written tinc configs and ACLs, a sidecar on
 // every node, then nothing happens for --seconds. For each node it prints the sidecar's wake-ups
 // (context switches of all its threads) per second, CPU share and resident memory, next to the
-// same node's tincd as the reference measured in the same run. The lab runs the sidecar from
-// source through tsx, which adds to its memory; wake-ups and CPU don't depend on that.
+// same node's tincd as the reference measured in the same run. The sidecars run the build (dist/,
+// TINC_CONSUL_LAB_BUILD=1, as `npm run bench:idle` sets), not the source through tsx, whose loader
+// thread and compiler would be measured too. Start-up's garbage is collected in the first minute
+// (V8's memory reducer), so the measurement starts after --settle seconds.
 import { readdirSync, readFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
 import { labUp } from '../src/lab/lab.ts'
 import { pidsIn } from '../src/lab/netns.ts'
 
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '60' }, nodes: { type: 'string', default: '3' }, 'connect-to': { type: 'string', default: '3' } } })
+const { values } = parseArgs({
+  options: { seconds: { type: 'string', default: '60' }, nodes: { type: 'string', default: '3' }, 'connect-to': { type: 'string', default: '3' }, settle: { type: 'string', default: '60' } },
+})
 const SECONDS = Number(values.seconds)
 const NODES = Number(values.nodes)
 if (!(SECONDS >= 5 && SECONDS <= 3600) || !(NODES >= 2 && NODES <= 10)) throw new Error('usage: --seconds 5..3600 --nodes 2..10')
@@ -56,8 +60,8 @@ try {
     if (!sidecar || !tincd) throw new Error(`${n}: no sidecar or tincd found`)
     return { node: n, sidecar, tincd }
   })
-  // Let start-up settle: the first renders, DNS and status binding, the agents' anti-entropy.
-  await new Promise((r) => setTimeout(r, 15_000))
+  // Let start-up settle: the first renders, DNS and status binding, the agents' anti-entropy, the GC after them.
+  await new Promise((r) => setTimeout(r, Number(values.settle) * 1000))
   const before = procs.map((p) => ({ s: sample(p.sidecar), t: sample(p.tincd) }))
   await new Promise((r) => setTimeout(r, SECONDS * 1000))
   const after = procs.map((p) => ({ s: sample(p.sidecar), t: sample(p.tincd) }))

@@ -3,9 +3,12 @@ import { fileURLToPath } from 'node:url'
 /**
  * How to start our own CLI inside a namespace: from source through tsx when
  * this module itself runs from source (tests, `npm run lab`), else the build.
+ * TINC_CONSUL_LAB_BUILD=1 runs the build from source too: benchmarks measure
+ * what users run, without tsx's loader thread and compiler.
  */
 export function cliArgv(): string[] {
   const here = import.meta.url
+  if (here.endsWith('.ts') && process.env.TINC_CONSUL_LAB_BUILD === '1') return [process.execPath, fileURLToPath(new URL('../../dist/cli/main.js', here))]
   if (here.endsWith('.ts')) {
     const cli = fileURLToPath(new URL('../cli/main.ts', here))
     return [process.execPath, '--import', import.meta.resolve('tsx'), cli]
