@@ -11,6 +11,7 @@ import { adoptionState, applyAdoption, handMadeFile } from '../src/mesh/adoption
 import { parseKeepList } from '../src/mesh/keep.ts'
 import { planInstall } from '../src/install/plan.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
+import { buildOwnRecord } from '../src/mesh/publish.ts'
 import type { AcceptedPeer } from '../src/mesh/record.ts'
 import { checkPeer } from '../src/mesh/record.ts'
 import { hostFileText } from '../src/tinc/render.ts'
@@ -252,6 +253,27 @@ describe('adopt against a real Consul agent (ACLs off)', () => {
     await assert.rejects(adoptNode(opts('n5')), /"node1" is already in the network with another key/)
     assert.deepEqual(await kv(), before.kv)
     assert.deepEqual(await snapshot(join(root, 'n2')), before.files)
+  })
+
+  test("a home router's LAN subnets keep being routed: announced, approved by the adopting operator; the rest stays in the file", async () => {
+    const extra = ['Subnet = 192.168.8.0/24', 'Subnet = 10.99.0.0/16', 'Subnet = 172.16.8.1/24']
+    await handMadeNode(join(root, 'n8'), 'node8', { octet: 8, pem: rsaPublicPem(), hostExtra: ['Subnet = 10.99.0.8/32', ...extra] })
+    const steps: string[] = []
+    const r = await adoptNode({ ...opts('n8'), progress: (l) => steps.push(l) })
+    assert.deepEqual(r.plan.routes.routes, ['192.168.8.0/24'])
+    assert.deepEqual(
+      r.plan.routes.kept.map((k) => k.subnet),
+      ['10.99.0.0/16', '172.16.8.1/24'],
+    )
+    assert.ok(steps.some((l) => /192\.168\.8\.0\/24: announced as this node's route and approved/.test(l)))
+    assert.deepEqual((JSON.parse((await admin.kvGet(layout.node('node8')))?.value ?? '{}') as { routes?: string[] }).routes, ['192.168.8.0/24'])
+    assert.match((await admin.kvGet(layout.subnetApproval('node8', '192.168.8.0/24')))?.value ?? '', /^\{"v":1,"at":"/)
+    const own = await readFile(join(root, 'n8', 'home', 'hosts', 'node8'), 'utf8')
+    assert.match(own, /# BEGIN tinc-consul routes\n# Managed by tinc-consul.*\nSubnet = 192\.168\.8\.0\/24\n# END tinc-consul routes/)
+    assert.equal(own.match(/192\.168\.8\.0\/24/g)?.length, 1, 'moved into the block, not repeated')
+    assert.match(own, /^Subnet = 10\.99\.0\.0\/16$/m, 'what is no route stays as it was')
+    // The daemon publishes the same record from the file adopt wrote.
+    assert.deepEqual((await buildOwnRecord(join(root, 'n8', 'home'), 'node8')).routes, ['192.168.8.0/24'])
   })
 })
 

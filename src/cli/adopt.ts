@@ -63,6 +63,7 @@ function printDryRun(r: AdoptResult, keepFile: string): void {
   const kv = (verb: string, key: string, value: unknown) => say(`  Consul ${verb} ${key} = ${JSON.stringify(value)}`)
   const { plan, node, layout } = r
   if (plan.createNetwork) say(`  Consul create (cas=0) ${layout.network} = ${JSON.stringify(plan.network)}, with the empty markers ${markerKeys(layout).join(', ')}`)
+  for (const cidr of plan.routes.routes) kv('create (unless approved already)', layout.subnetApproval(node.name, cidr), { v: 1, at: '<now>' })
   kv(`cas=${plan.ipamIndex}`, layout.ipam(node.address), { name: node.name, at: '<now>' })
   kv(`cas=${plan.recordIndex}`, layout.node(node.name), plan.record)
   say(plan.acl ? `  Consul ACL: create (or reuse) the policy for ${node.name} and one token for it (write on its own record only)` : '  Consul ACLs are off: no token')
@@ -79,6 +80,7 @@ function printDone(r: AdoptResult): void {
   console.log(`\nAdopted ${node.name}: address ${node.address}, its key unchanged. tincd kept running (nothing was restarted).`)
   for (const f of r.files) if (f.backup) console.log(`  ${f.path} replaced; the hand-made one is kept as ${f.backup}`)
   if (r.keepNames.length) console.log(`  hand-made peers kept until they adopt with the same key: ${r.keepNames.join(', ')}`)
-  for (const s of node.extraSubnets) console.log(`  route ${s} stays in hosts/${node.name}: announce it with \`tinc-consul subnet add ${s}\` and approve it`)
+  for (const cidr of r.plan.routes.routes) console.log(`  ${cidr}: routed by every node, announced by ${node.name} and approved (\`tinc-consul subnet ls\`)`)
+  for (const k of r.plan.routes.kept) console.log(`  "Subnet = ${k.subnet}" stays in hosts/${node.name}, not announced: ${k.reason}`)
   console.log(`  settings (with this node's own token, not yours) in ${r.configPath}`)
 }

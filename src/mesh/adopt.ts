@@ -10,6 +10,8 @@ import { policyScopeFor } from '../services/naming.ts'
 import { renderScripts, tincDirFor } from '../tinc/setup.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { confWithBlock, inspectLocalNode, ownHostWithAddressFirst, rangeOf, readLocalFiles, type LocalNode } from './adopt-local.ts'
+import { adoptedRoutes, hostFileWithRoutes, type AdoptedRoutes } from './adopt-routes.ts'
+import { approveRoute } from './approvals.ts'
 import { eventsFileFor, newNetworkRecord } from './init.ts'
 import { hostRange, inRange, readIpam, type IpamEntry } from './ipam.ts'
 import { keepPath, loadKeepList, UNTIL_ADOPTED } from './keep.ts'
@@ -49,6 +51,8 @@ export interface ConsulPlan {
   /** The check-and-set index for nodes/<name>: 0 to create it (a re-run updates its own). */
   recordIndex: number
   acl: boolean
+  /** The hand-made host file's LAN subnets, announced and approved; and those left as they are. */
+  routes: AdoptedRoutes
 }
 
 /** One file adopt writes: where, what, and the hand-made original kept beside it. */
@@ -81,10 +85,11 @@ export async function adoptNode(o: AdoptOptions): Promise<AdoptResult> {
   const dir = tincDirFor(o.root, o.net)
   const node = inspectLocalNode(await readLocalFiles(dir), { vpnAddress: o.vpnAddress })
   o.progress(`${dir}: node ${node.name}, ${node.mode} mode, key ${node.fingerprint}, VPN address ${node.address}`)
-  for (const s of node.extraSubnets) o.progress(`hosts/${node.name} also routes ${s}: kept in the host file; announce with \`tinc-consul subnet add ${s}\` and approve it`)
   const client = createConsulClient({ url: o.consulUrl, token: o.token })
   const plan = await planConsul(o, node, client, layout)
-  const files = await planFiles(o, node, plan.network)
+  for (const r of plan.routes.routes) o.progress(`hosts/${node.name} routes ${r}: announced as this node's route and approved (you run adopt as the operator)`)
+  for (const k of plan.routes.kept) o.progress(`hosts/${node.name} also has "Subnet = ${k.subnet}": left in the file, not announced (${k.reason})`)
+  const files = await planFiles(o, node, plan)
   const keepNames = await keepAdditions(o, node)
   const settings = configPath(o.configDir, o.net)
   if (o.dryRun) return { layout, node, plan, files, keepNames, configPath: settings }
@@ -112,10 +117,19 @@ async function planConsul(o: AdoptOptions, node: LocalNode, client: ConsulClient
     network = newNetworkRecord({ cidr, domain: o.domain, mode: node.mode })
     if (!inRange(hostRange(cidr), node.address)) throw new UsageError('BAD_FLAG', `${node.name}'s address ${node.address} is not a host address in ${cidr}`)
   }
-  const record = makeRecord({ name: node.name, vpnAddress: node.address, addresses: node.addresses, port: node.port, options: node.options, publicKey: node.publicKey })
+  const routes = adoptedRoutes(node.extraSubnets, network)
+  const record = makeRecord({ name: node.name, vpnAddress: node.address, addresses: node.addresses, port: node.port, options: node.options, publicKey: node.publicKey, routes: routes.routes })
   const refused = validateRecord(record, network)
   if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `${node.name}'s record would be refused by peers: ${refused}`)
-  return { network, createNetwork: !found, ipamIndex: await ipamIndexFor(client, layout, node), record, recordIndex: await recordIndexFor(client, layout, node), acl: await aclsEnabled(client) }
+  return {
+    network,
+    createNetwork: !found,
+    ipamIndex: await ipamIndexFor(client, layout, node),
+    record,
+    recordIndex: await recordIndexFor(client, layout, node),
+    acl: await aclsEnabled(client),
+    routes,
+  }
 }
 
 /** Our address's ipam/ entry: free, ours, or released (take it over); held by another node stops adopt. */
@@ -162,6 +176,8 @@ async function publishAdoption(o: AdoptOptions, c: { node: LocalNode; plan: Cons
   let created: CreatedToken | undefined
   const reused = plan.acl ? previousNodeToken(o) : undefined
   if (plan.acl && !reused) created = await createNodeToken(client, policyScopeFor(layout, o.net, plan.network), node.name)
+  // Approved before they are announced: a peer that renders the record never goes without them.
+  for (const cidr of plan.routes.routes) await approveRoute(client, layout, node.name, cidr)
   const claim: IpamEntry = { name: node.name, at: new Date().toISOString() }
   const ops: TxnOp[] = [
     { KV: { Verb: 'cas', Key: layout.ipam(node.address), Value: b64(JSON.stringify(claim)), Index: plan.ipamIndex } },
@@ -209,7 +225,8 @@ const OURS = /Written by tinc-consul/
  * A hand-made file that is replaced is kept beside it as `<file>.pre-adopt` (once: a re-run
  * keeps the first copy).
  */
-async function planFiles(o: AdoptOptions, node: LocalNode, network: NetworkRecord): Promise<FileWrite[]> {
+async function planFiles(o: AdoptOptions, node: LocalNode, plan: Pick<ConsulPlan, 'network' | 'routes'>): Promise<FileWrite[]> {
+  const { network } = plan
   const dir = node.dir
   const scripts = renderScripts({
     address: node.address,
@@ -225,7 +242,7 @@ async function planFiles(o: AdoptOptions, node: LocalNode, network: NetworkRecor
   }
   await add(join(dir, 'tinc.conf'), confWithBlock(node.conf), 0o644, join(dir, 'tinc.conf.pre-adopt'))
   // Never a second file in hosts/ (tincd would read any hosts/<name>): the backup goes beside it.
-  await add(join(dir, 'hosts', node.name), ownHostWithAddressFirst(node.ownHostText, node.address), 0o644, join(dir, `hosts.${node.name}.pre-adopt`))
+  await add(join(dir, 'hosts', node.name), hostFileWithRoutes(ownHostWithAddressFirst(node.ownHostText, node.address), plan.routes.routes), 0o644, join(dir, `hosts.${node.name}.pre-adopt`))
   for (const [file, text] of Object.entries(scripts)) await add(join(dir, file), text, 0o755, join(dir, `${file}.pre-adopt`))
   out.push({
     path: configPath(o.configDir, o.net),
