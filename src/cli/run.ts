@@ -99,8 +99,8 @@ function connectToSettings(args: {
   if (k === 'all' && !pinned) return undefined
   const until = args['sponsor-until'] ? Date.parse(args['sponsor-until']) : NaN
   if (args.sponsor && (!isTincName(args.sponsor) || Number.isNaN(until))) throw new UsageError('BAD_FLAG', '--sponsor needs a tinc node name and --sponsor-until an ISO 8601 time')
-  const graceMs = parseIntFlag('connect-to-grace', args['connect-to-grace'] ?? '60', 1, 86_400) * 1000
-  const benchMs = parseIntFlag('connect-to-bench', args['connect-to-bench'] ?? '120', 1, 86_400) * 1000
+  const graceMs = parseIntFlag('connect-to-grace', args['connect-to-grace'] ?? String(DEFAULT_CONNECT_TO_TIMERS.graceMs / 1000), 1, 86_400) * 1000
+  const benchMs = parseIntFlag('connect-to-bench', args['connect-to-bench'] ?? String(DEFAULT_CONNECT_TO_TIMERS.benchMs / 1000), 1, 86_400) * 1000
   return {
     k: k === 'all' ? Number.MAX_SAFE_INTEGER : parseIntFlag('connect-to', k, 1, 1000),
     pinned,

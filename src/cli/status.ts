@@ -3,6 +3,7 @@ import { TincConsulError } from '../errors.ts'
 import type { NodeStatus, Status } from '../status/model.ts'
 import { DEFAULT_STATUS_PORT } from '../status/server.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
+import { printable } from '../util/text.ts'
 import { consulArgs } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
@@ -129,7 +130,7 @@ function routeLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => strin
     const r = routes[i - 1]
     return r ? paint(colour[r.state], text) : text
   })
-  return ['', ...lines, ...refused.map((r) => paint('yellow', `refused approval ${r.key}: ${r.reason}`))]
+  return ['', ...lines, ...refused.map((r) => paint('yellow', `refused approval ${printable(r.key)}: ${printable(r.reason)}`))]
 }
 
 export const statusCommand = defineCommand({

@@ -1,4 +1,4 @@
-import { readOwnRoutes, withOwnRoutes } from './own-routes.ts'
+import { readOwnRoutes, withOwnRoutes, withoutOwnRoutes } from './own-routes.ts'
 import type { NetworkRecord } from './record.ts'
 import { parseRoute } from './route-cidr.ts'
 import { vpnOverlap } from './routes.ts'
@@ -41,11 +41,9 @@ export function hostFileWithRoutes(text: string, routes: readonly string[]): str
   const value = (l: string) => (l.replace(/^\s*subnet\s*=?\s*/i, '').split('#')[0] ?? '').trim()
   const isMoved = (l: string) => /^\s*subnet\s*(?:=|\s)/i.test(l) && moved.has(value(l))
   const inBlock = readOwnRoutes(text)
-  const lines = text.split('\n')
-  // Lines inside the block are rewritten by withOwnRoutes; only plain lines outside it are removed here.
-  const begin = lines.findIndex((l) => l.trim() === '# BEGIN tinc-consul routes')
-  const end = lines.findIndex((l) => l.trim() === '# END tinc-consul routes')
-  const outside = lines.filter((l, i) => (begin >= 0 && i > begin && i < end) || !isMoved(l))
-  const merged = [...inBlock, ...routes.filter((r) => !inBlock.some((b) => b.cidr === r)).map((cidr) => ({ cidr, masquerade: false }))]
-  return withOwnRoutes(outside.join('\n'), merged)
+  const outside = withoutOwnRoutes(text)
+    .split('\n')
+    .filter((l) => !isMoved(l))
+    .join('\n')
+  return withOwnRoutes(outside, [...inBlock, ...routes.filter((r) => !inBlock.some((b) => b.cidr === r)).map((cidr) => ({ cidr, masquerade: false }))])
 }

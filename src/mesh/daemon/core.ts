@@ -89,6 +89,8 @@ interface CoreState {
   self?: { record: NodeRecord; network: NetworkRecord; peer: AcceptedPeer | undefined }
   /** Routes behind nodes: the last judgement, and our own routes and masquerade (src/mesh/daemon/routes-follow.ts). */
   routing: RouteFollower
+  /** Names kept until adopted whose file we have rendered: adopted for good, so their files aren't read again. */
+  adopted: Set<string>
 }
 
 /**
@@ -96,7 +98,17 @@ interface CoreState {
  * tincd's reload, the DNS feed, the cache). Applies run one at a time, each from the latest inputs.
  */
 export function meshCore(o: CoreOptions): Core {
-  const st: CoreState = { judged: undefined, view: undefined, refusals: new Map(), pending: [], owned: false, last: undefined, written: new Map(), routing: routeFollower(o.ctx.net ?? 'tinc', o.log) }
+  const st: CoreState = {
+    judged: undefined,
+    view: undefined,
+    refusals: new Map(),
+    pending: [],
+    owned: false,
+    last: undefined,
+    written: new Map(),
+    routing: routeFollower(o.ctx.net ?? 'tinc', o.log),
+    adopted: new Set(),
+  }
   let memoNetwork = ''
   let retry: NodeJS.Timeout | undefined
   let stopped = false
@@ -149,7 +161,10 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   const { ctx, log } = o
   // Hand-made peers not adopted yet keep their files, and a record with another key than theirs is
   // refused: left out of what is rendered, served and pinned (src/mesh/adoption.ts).
-  const adoption = applyAdoption(j.view, await readHandMadeFiles(o.tincDir, ctx.self.name, ctx.untilAdopted ?? new Set()))
+  const waiting = new Set([...(ctx.untilAdopted ?? [])].filter((n) => !st.adopted.has(n)))
+  const files = await readHandMadeFiles(o.tincDir, ctx.self.name, waiting)
+  for (const [name, f] of files) if (f?.rendered) st.adopted.add(name)
+  const adoption = applyAdoption(j.view, files)
   const handMadeRefusals = [...adoption.handMade].flatMap(([name, h]): Refusal[] => (h.refused ? [{ key: ctx.layout.node(name), name, reason: h.reason, kind: 'ownership' }] : []))
   // A read that failed is not a refusal of the record: it is counted apart, as unreadable.
   noteRefusals(o, st, [...j.refusals.filter((r) => r.kind !== 'unreadable'), ...handMadeRefusals])
