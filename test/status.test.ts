@@ -80,7 +80,7 @@ function inputs(o: Partial<StatusInputs> = {}): StatusInputs {
     counters: { rxBytes: 1, txBytes: 2, rxPackets: 3, txPackets: 4 },
     consul: { reachable: true, lastReadAt: new Date('2026-11-22T01:59:58Z'), index: 77, failures: 0 },
     refusals: new Map([['tinc-consul/home/nodes/evil', 'key is not the pinned one']]),
-    sync: { refusedTotal: 3, servicesRefusedTotal: 1, emptyReadsIgnored: 0, bytesRead: 0, applies: 5, hups: 1 },
+    sync: { refusedTotal: 3, servicesRefusedTotal: 1, emptyReadsIgnored: 0, bytesRead: 0, fullReads: 0, applies: 5, hups: 1 },
     dns: { queries: 10, formerr: 1, refused: 2, truncated: 0, byHelpers: 4, tcpOpen: 3, tcpRefused: 5 },
     services: [{ name: 'nfs', protocol: 'tcp', instances: [{ id: 'mesh-home-nfs', node: 'alpha', address: '10.99.0.1', port: 2049, tags: [] }] }],
     allocations: new Map([['10.99.0.1', 'alpha']]),

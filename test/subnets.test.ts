@@ -352,7 +352,7 @@ describe('status', () => {
     tinc: { state: 'down' as const, reason: 'no tincd' },
     consul: { reachable: true, index: 1, failures: 0 },
     refusals: new Map(),
-    sync: { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 1, hups: 0 },
+    sync: { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, fullReads: 0, applies: 1, hups: 0 },
     services: [],
     allocations: new Map(),
     now: new Date('2026-12-01T00:00:00.000Z'),

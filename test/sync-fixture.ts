@@ -58,20 +58,24 @@ export async function startNode(opts: { root: string; name: string; octet: numbe
       for (const w of [...waiters]) w()
     },
   })
+  // Checked after every apply, and every 100 ms besides: some states (Consul unreachable) change without an apply.
   const until = (check: () => boolean | Promise<boolean>, what: string) =>
     new Promise<void>((resolve, reject) => {
       const guard = setTimeout(() => {
+        clearInterval(tick)
         waiters.delete(test)
-        reject(new Error(`${opts.name}: no apply made this true: ${what}`))
+        reject(new Error(`${opts.name}: nothing made this true: ${what}`))
       }, 20_000)
       const test = () => {
         void Promise.resolve(check()).then((ok) => {
-          if (!ok) return
+          if (!ok || !waiters.has(test)) return
           clearTimeout(guard)
+          clearInterval(tick)
           waiters.delete(test)
           resolve()
         })
       }
+      const tick = setInterval(test, 100)
       waiters.add(test)
       test()
     })

@@ -7,7 +7,7 @@ import { kvLayout } from '../mesh/kv-layout.ts'
 import { DEFAULT_JOIN_PORT, startSeparatedJoinServer, type JoinServer } from '../mesh/join-server.ts'
 import { endpointsFor } from '../mesh/join-endpoints.ts'
 import { buildOwnRecord, readTincName } from '../mesh/publish.ts'
-import { DEFAULT_RECORD_WATCH_LIMIT, startSync } from '../mesh/sync.ts'
+import { NODES_WATCHES, startSync, type NodesWatch } from '../mesh/sync.ts'
 import { keepPath } from '../mesh/keep.ts'
 import { applyEvent, watchEvents, type PeerLink } from '../tinc/events.ts'
 import { tincDirFor } from '../tinc/setup.ts'
@@ -61,7 +61,7 @@ async function runSettings(args: RunArgs) {
     joinToken: args['join-token'] || undefined,
     gossipKey: gossipKey(args['gossip-key']),
     waitSeconds: parseIntFlag('wait', args.wait, 1, 600),
-    recordWatchLimit: parseIntFlag('record-watch-limit', args['record-watch-limit'], 0, 10_000),
+    nodesWatch: nodesWatchFlag(args['nodes-watch']),
     resyncMs: parseIntFlag('services-resync', args['services-resync'], 1, 3600) * 1000,
     maxServices: parseIntFlag('max-services', args['max-services'], 1, 10_000),
     status: args.status,
@@ -84,6 +84,12 @@ async function runSettings(args: RunArgs) {
   }
 }
 type RunSettings = Awaited<ReturnType<typeof runSettings>>
+
+function nodesWatchFlag(v: string | undefined): NodesWatch {
+  const found = NODES_WATCHES.find((w) => w === v)
+  if (!found) throw new UsageError('BAD_FLAG', `--nodes-watch must be one of ${NODES_WATCHES.join(', ')}, got ${JSON.stringify(v)}`)
+  return found
+}
 
 function connectToSettings(args: {
   'connect-to'?: string
@@ -164,7 +170,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       token: s.token,
       prefix: s.prefix,
       waitSeconds: s.waitSeconds,
-      recordWatchLimit: s.recordWatchLimit,
+      nodesWatch: s.nodesWatch,
       maxServicesPerNode: s.maxServices,
       keepFile: s.keepFile,
       connectTo: s.connectTo && { ...s.connectTo, readState },
@@ -313,14 +319,14 @@ const runArgs = {
       return envDefault('wait', '300')
     },
   },
-  'record-watch-limit': {
+  'nodes-watch': {
     type: 'string',
     description: described(
-      'Most peer records watched one query each; above it every change re-reads all records. Each query holds a connection to the agent, which allows 200 per client by default; 0 always re-reads',
-      'record-watch-limit',
+      'How peer records are followed: "feed" blocks on one query and reads the records the change log names; "recurse" re-reads every record on every change (the naive way)',
+      'nodes-watch',
     ),
     get default() {
-      return envDefault('record-watch-limit', String(DEFAULT_RECORD_WATCH_LIMIT))
+      return envDefault('nodes-watch', 'feed')
     },
   },
   'connect-to': {

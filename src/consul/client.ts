@@ -64,7 +64,7 @@ export interface ConsulClient {
   /** Every key and value under a prefix (`?recurse`). */
   kvList(prefix: string, opts?: ReadOptions): Promise<KvListResult>
   /** The key names under a prefix (`?keys`), without values. */
-  kvKeys(prefix: string, opts?: ReadOptions): Promise<KvKeysResult>
+  kvKeys(prefix: string, opts?: ReadOptions & { separator?: string }): Promise<KvKeysResult>
   /** One key, raw bytes. */
   kvGetOne(key: string, opts?: ReadOptions): Promise<KvOneResult>
 }

@@ -79,10 +79,15 @@ export async function readKvList(c: Reader, prefix: string, opts: ReadOptions = 
   return { items: toItems(parseList(c, label, raw)), index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
 }
 
-/** The key names under a prefix (`?keys`): a few bytes per key. */
-export async function readKvKeys(c: Reader, prefix: string, opts: ReadOptions = {}): Promise<KvKeysResult> {
+/**
+ * The key names under a prefix (`?keys`): a few bytes per key. With a separator, names are cut
+ * after its first occurrence past the prefix and repeats dropped, while the index still covers
+ * every key under the prefix: `nodes` with "/" answers `["…/nodes/"]` and wakes on any record.
+ */
+export async function readKvKeys(c: Reader, prefix: string, opts: ReadOptions & { separator?: string } = {}): Promise<KvKeysResult> {
   const label = `kv/${prefix}`
-  const raw = await c.get(kvPath(prefix), { keys: 'true' }, { ...opts, label })
+  const { separator, ...read } = opts
+  const raw = await c.get(kvPath(prefix), separator ? { keys: 'true', separator } : { keys: 'true' }, { ...read, label })
   const keys = parseList(c, label, raw).filter((k): k is string => typeof k === 'string')
   return { keys, index: raw.index, bytes: raw.body.length, filtered: raw.filtered }
 }

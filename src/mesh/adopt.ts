@@ -12,6 +12,7 @@ import { writeFileAtomic } from '../util/atomic.ts'
 import { confWithBlock, inspectLocalNode, ownHostWithAddressFirst, rangeOf, readLocalFiles, type LocalNode } from './adopt-local.ts'
 import { adoptedRoutes, hostFileWithRoutes, type AdoptedRoutes } from './adopt-routes.ts'
 import { approveRoute } from './approvals.ts'
+import { txnWithChangeLog } from './change-log.ts'
 import { eventsFileFor, newNetworkRecord } from './init.ts'
 import { hostRange, inRange, readIpam, type IpamEntry } from './ipam.ts'
 import { keepPath, loadKeepList, UNTIL_ADOPTED } from './keep.ts'
@@ -183,7 +184,7 @@ async function publishAdoption(o: AdoptOptions, c: { node: LocalNode; plan: Cons
     { KV: { Verb: 'cas', Key: layout.ipam(node.address), Value: b64(JSON.stringify(claim)), Index: plan.ipamIndex } },
     { KV: { Verb: 'cas', Key: layout.node(node.name), Value: b64(JSON.stringify(plan.record)), Index: plan.recordIndex } },
   ]
-  const res = await client.txn(ops)
+  const res = (await txnWithChangeLog(client, layout, ops, [node.name])).result
   if (!res.ok) {
     if (created) await deleteToken(client, created.accessorId).catch(() => undefined)
     if (res.errors.some((e) => e.OpIndex === 0)) {

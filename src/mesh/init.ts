@@ -189,6 +189,7 @@ async function reserveAndPublish(o: InitOptions, c: { layout: KvLayout; client: 
     cidr: network.cidr,
     cidr6: network.cidr6,
     name: o.name,
+    records: [o.name],
     with: (address, address6): TxnOp[] => [
       { KV: { Verb: 'cas', Key: nodeKey, Value: b64(JSON.stringify(recordFor(address, address6))), Index: current?.modifyIndex ?? 0 } },
       // Listed as a join server from the start, so an invite made before `run` is up finds it.

@@ -3,6 +3,7 @@ import { z } from 'zod'
 import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from './kv-layout.ts'
+import { txnWithChangeLog } from './change-log.ts'
 import { TincConsulError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
 import { canonicalIpv6, decodeJson } from './record.ts'
@@ -155,6 +156,8 @@ export interface AllocateOptions {
   name: string
   /** Operations that must succeed together with the reservation, built for the given addresses. */
   with?(address: string, address6: string | undefined): TxnOp[]
+  /** Records `with` writes: the change log names them in the same transaction (src/mesh/change-log.ts). */
+  records?: string[]
   now?: Date
 }
 
@@ -180,7 +183,8 @@ export async function allocateAddress(opts: AllocateOptions): Promise<AllocateRe
       // After a run of lost races the listing is stale: read it again rather than walk it.
       if (++tries > 32) break
       const own = [reserve(c.address, c.index), ...(c6 ? [reserve(c6.address, c6.index)] : [])]
-      const res = await opts.client.txn([...own, ...(opts.with?.(c.address, c6?.address) ?? [])])
+      const ops = [...own, ...(opts.with?.(c.address, c6?.address) ?? [])]
+      const res = opts.records?.length ? (await txnWithChangeLog(opts.client, opts.layout, ops, opts.records)).result : await opts.client.txn(ops)
       if (res.ok) return { ok: true, address: c.address, ...(c6 ? { address6: c6.address } : {}) }
       const failed = res.errors.find((e) => e.OpIndex >= own.length)
       if (failed) return { ok: false, op: failed.OpIndex - own.length, what: failed.What }

@@ -151,6 +151,7 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
       cidr: network.cidr,
       cidr6: network.cidr6,
       name: h.name,
+      records: [h.name],
       with: (address, address6) => [
         // Single use: if another redemption got here first, this whole transaction rolls back.
         { KV: { Verb: 'delete-cas', Key: found.kvKey, Index: found.modifyIndex } },

@@ -7,6 +7,7 @@ import { isTincName } from '../tinc/names.ts'
  *
  *   <prefix>network              {"v":1,"cidr":"10.99.0.0/24","domain":"mesh","createdAt":"…","serviceNames":"scoped"}
  *   <prefix>nodes/<name>         one NodeRecord per node
+ *   <prefix>changes              the change log: which records the latest writes touched (src/mesh/change-log.ts)
  *   <prefix>revoked/             empty; gives the prefix its own node in Consul's tree
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
  *   <prefix>ipam/                empty, like revoked/
@@ -27,6 +28,7 @@ export interface KvLayout {
   network: string
   nodesPrefix: string
   node(name: string): string
+  changes: string
   revokedPrefix: string
   revoked(fingerprint: string): string
   ipamPrefix: string
@@ -56,6 +58,7 @@ export function kvLayout(net: string, prefix = defaultPrefix(net)): KvLayout {
     prefix: p,
     network: `${p}network`,
     nodesPrefix: `${p}nodes/`,
+    changes: `${p}changes`,
     node(name) {
       if (!isTincName(name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(name)}`)
       return `${p}nodes/${name}`

@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { ConsulClient } from '../consul/client.ts'
+import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
+import { txnWithChangeLog } from './change-log.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { readOwnRoutes, withoutOwnRoutes } from './own-routes.ts'
 import { TincConsulError } from '../errors.ts'
@@ -95,21 +96,34 @@ export const sameRecordContent = (a: NodeRecord, b: NodeRecord): boolean => JSON
  * Writes our record with check-and-set: create-only when absent, otherwise only
  * over the version we read. A lost race re-reads and tries again, so two
  * writers can't silently overwrite each other. Skips the write when nothing
- * but the timestamp would change. `since` is the ModifyIndex our record is at or
+ * but the timestamp would change. The change log names the record in the same
+ * transaction (src/mesh/change-log.ts). `since` is the ModifyIndex our record is at or
  * above from now on: a read of the key with a lower index is older than this publish.
  */
-export async function publishRecord(client: ConsulClient, layout: KvLayout, network: NetworkRecord, record: NodeRecord, log: Logger): Promise<{ outcome: 'unchanged' | 'written'; since: number }> {
+export async function publishRecord(
+  client: ConsulClient,
+  layout: KvLayout,
+  network: NetworkRecord,
+  record: NodeRecord,
+  log: Logger,
+): Promise<{ outcome: 'unchanged' | 'written'; since: number; attempts: number; logRetries: number }> {
   const refused = validateRecord(record, network)
   if (refused) throw new TincConsulError('OWN_RECORD_INVALID', `our own record would be refused by peers: ${refused}`)
   const key = layout.node(record.name)
+  let attempts = 0
+  let logRetries = 0
   for (let attempt = 1; attempt <= 5; attempt++) {
     const current = await client.kvGet(key)
     const stored = current && decodeJson(current.value, nodeRecordSchema)
     // Whatever else is there is not ours to keep; it is overwritten (with CAS).
-    if (current && stored?.ok && sameRecordContent(stored.value, record)) return { outcome: 'unchanged', since: current.modifyIndex }
-    if (await client.kvPut(key, JSON.stringify(record), { cas: current?.modifyIndex ?? 0 })) {
-      log.info({ key, attempt }, 'published our record')
-      return { outcome: 'written', since: (current?.modifyIndex ?? 0) + 1 }
+    if (current && stored?.ok && sameRecordContent(stored.value, record)) return { outcome: 'unchanged', since: current.modifyIndex, attempts, logRetries }
+    const op: TxnOp = { KV: { Verb: 'cas', Key: key, Value: b64(JSON.stringify(record)), Index: current?.modifyIndex ?? 0 } }
+    const sent = await txnWithChangeLog(client, layout, [op], [record.name], log)
+    attempts += sent.attempts
+    logRetries += sent.logRetries
+    if (sent.result.ok) {
+      log.info({ key, attempt, logged: sent.logged }, 'published our record')
+      return { outcome: 'written', since: sent.result.results[0]?.KV?.ModifyIndex ?? (current?.modifyIndex ?? 0) + 1, attempts, logRetries }
     }
     log.info({ key, attempt }, 'record changed under us; re-reading before writing again')
   }

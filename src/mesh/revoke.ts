@@ -1,6 +1,7 @@
 import type { ConsulClient, TxnOp } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from './kv-layout.ts'
+import { txnWithChangeLog } from './change-log.ts'
 import { TincConsulError } from '../errors.ts'
 import { ipamEntrySchema, releaseOp } from './ipam.ts'
 import { decodeJson, nodeRecordSchema } from './record.ts'
@@ -30,7 +31,7 @@ export async function revokeNode(client: ConsulClient, layout: KvLayout, name: s
   const held = await client.kvGet(layout.ipam(d.value.vpnAddress))
   const entry = held && decodeJson(held.value, ipamEntrySchema, 1024)
   if (held && entry?.ok && entry.value.name === name) ops.push(releaseOp(layout, d.value.vpnAddress, name, held.modifyIndex, now))
-  const res = await client.txn(ops)
+  const res = (await txnWithChangeLog(client, layout, ops, [name])).result
   if (!res.ok) throw new TincConsulError('REVOKE_RACED', `"${name}" changed while it was being revoked (${res.errors.map((e) => e.What).join('; ')}); run revoke again`)
   return { fingerprint, releasedAddress: ops.length > 3 ? d.value.vpnAddress : undefined }
 }

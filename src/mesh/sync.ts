@@ -8,7 +8,7 @@ import type { Logger } from '../log.ts'
 import { loadCache } from './cache.ts'
 import { cacheWriter } from './daemon/cache-writer.ts'
 import { meshCore, type AppliedEvent, type Core, type SyncStats } from './daemon/core.ts'
-import { DEFAULT_RECORD_WATCH_LIMIT, watchInputs, type InputName, type MeshInputs } from './daemon/inputs.ts'
+import { watchInputs, type InputName, type MeshInputs, type NodesWatch } from './daemon/inputs.ts'
 import { ownRecordKeeper, type NameConflict, type OwnRecordKeeper } from './daemon/own-record.ts'
 import { stateFeed, type MeshState, type StateFeed } from './daemon/state-feed.ts'
 import type { JudgeContext } from './daemon/judge.ts'
@@ -24,7 +24,7 @@ import type { DumpResult } from '../tinc/dump.ts'
 import type { ConnectToPlan, ConnectToTimers } from './connect-to.ts'
 import { connectToKeeper } from './daemon/connect-to-keeper.ts'
 
-export { DEFAULT_RECORD_WATCH_LIMIT }
+export { NODES_WATCHES, type NodesWatch } from './daemon/inputs.ts'
 export type { AppliedEvent, MeshState, NameConflict, SyncStats }
 
 export interface SyncOptions {
@@ -36,12 +36,8 @@ export interface SyncOptions {
   token?: string
   prefix?: string
   waitSeconds?: number
-  /**
-   * Most peer records watched one by one (one connection each to the agent); above this,
-   * each change re-reads all of nodes/. 0 means always re-read everything (the naive way,
-   * kept as the benchmark's reference).
-   */
-  recordWatchLimit?: number
+  /** How nodes/ is followed (default `feed`: the change log; `recurse`: every record on every change). */
+  nodesWatch?: NodesWatch
   /** Published in our record when we serve joins, so invites can point at us. */
   joinPort?: number
   /** The operator's keep list (`<config-dir>/<net>.keep`): hand-made peers the daemon never touches. */
@@ -121,7 +117,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   await mkdir(opts.stateDir, { recursive: true, mode: 0o700 })
   const self = await readTincName(opts.tincDir)
   const client = createConsulClient({ url: opts.consulUrl, token: opts.token })
-  const stats: SyncStats = { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, applies: 0, hups: 0 }
+  const stats: SyncStats = { refusedTotal: 0, servicesRefusedTotal: 0, emptyReadsIgnored: 0, bytesRead: 0, fullReads: 0, applies: 0, hups: 0 }
   const inputs: MeshInputs = { services: new Map() }
   const owner = ownRecordKeeper({ client, layout, tincDir: opts.tincDir, self, joinPort: opts.joinPort, log, revokedLocally: (fp) => inputs.revoked?.has(fp) ?? false })
   const mine = await owner.own().catch((err: unknown) => void log.error({ err }, 'cannot build our own record from our host file; publishing waits for it'))
@@ -157,15 +153,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     await core.applyCache(cached).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
   }
   const react = reactor({ inputs, core, owner, feed, ownKey: layout.node(self), log })
-  const watches = startWatches(
-    opts,
-    { inputs, client, layout, log, react },
-    (b) => {
-      stats.bytesRead += b
-      pendingBytes += b
-    },
-    () => stats.emptyReadsIgnored++,
-  )
+  const watches = startWatches(opts, { inputs, client, layout, log, react, stats }, (b) => (pendingBytes += b))
   const files = watchLocalFiles(opts, ctx, core, owner, log)
   return {
     self,
@@ -193,25 +181,32 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   }
 }
 
-/** The watch set that feeds the inputs, counting the bytes read and the reads not taken. */
+/** The watch set that feeds the inputs, counting the bytes read, the full reads and the reads not taken. */
 function startWatches(
   opts: SyncOptions,
-  p: { inputs: MeshInputs; client: ConsulClient; layout: KvLayout; log: Logger; react: (name: InputName) => void },
+  p: { inputs: MeshInputs; client: ConsulClient; layout: KvLayout; log: Logger; react: (name: InputName) => void; stats: SyncStats },
   onBytes: (bytes: number) => void,
-  onIgnored: () => void,
 ) {
+  const { stats } = p
   return watchInputs({
     inputs: p.inputs,
     client: p.client,
     layout: p.layout,
     net: opts.net,
     waitSeconds: opts.waitSeconds,
-    recordWatchLimit: opts.recordWatchLimit ?? DEFAULT_RECORD_WATCH_LIMIT,
+    nodesWatch: opts.nodesWatch ?? 'feed',
     services: opts.services !== false,
     log: p.log,
-    onBytes,
+    onBytes: (b) => {
+      stats.bytesRead += b
+      onBytes(b)
+    },
+    onFullRead: (reason) => {
+      stats.fullReads++
+      stats.lastFullReadReason = reason
+    },
     onIgnored: (reason) => {
-      onIgnored()
+      stats.emptyReadsIgnored++
       opts.onIgnored?.(reason)
     },
     onChange: p.react,

@@ -90,6 +90,8 @@ function declareMetrics(registry: Registry) {
     conflict: g('name_conflict', "1 when another writer keeps rewriting this node's record (a cloned machine)"),
     pending: g('records_unreadable', 'Records listed in Consul that could not be read; their files are kept'),
     lastSync: g('consul_last_sync_timestamp_seconds', 'When Consul last answered'),
+    consulBytes: c('consul_read_bytes_total', 'Body bytes read from Consul'),
+    fullReads: c('records_full_reads_total', 'Reads of every record: at start, and for changes the change log could not explain'),
     refused: c('records_refused_total', 'Node records refused (pinning, validation, revocation)'),
     refusedNow: g('records_refused', 'Node records refused right now'),
     servicesRefused: c('service_instances_refused_total', 'Service instances refused (not on a mesh node, wrong address, over the per-node cap)'),
@@ -131,6 +133,8 @@ function fillConsul(m: MetricSet, s: Status): void {
   m.consulUp.set(s.consul.reachable ? 1 : 0)
   if (s.consul.lastSyncAt) m.lastSync.set(Date.parse(s.consul.lastSyncAt) / 1000)
   setCounter(m.refused, s.consul.refusedTotal)
+  setCounter(m.consulBytes, s.consul.bytesRead)
+  setCounter(m.fullReads, s.consul.fullReads)
   m.refusedNow.set(s.consul.refused.length)
   m.conflict.set(s.node.nameConflict ? 1 : 0)
   m.pending.set(s.consul.pending.length)

@@ -115,6 +115,11 @@ export interface Status {
     /** Other nodes' service instances refused right now, each with the reason. */
     servicesRefused: ServiceRefusal[]
     emptyReadsIgnored: number
+    /** Body bytes read from Consul since the daemon started. */
+    bytesRead: number
+    /** Reads of every record (start, and changes the change log could not explain), and the latest reason. */
+    fullReads: number
+    lastFullReadReason?: string
   }
   dns?: DnsStats & { byHelpers: number; tcpOpen?: number; tcpRefused?: number }
   services: MeshService[]
@@ -222,6 +227,9 @@ export function buildStatus(i: StatusInputs): Status {
       servicesRefusedTotal: i.sync.servicesRefusedTotal,
       servicesRefused: [...(i.servicesRefused ?? [])],
       emptyReadsIgnored: i.sync.emptyReadsIgnored,
+      bytesRead: i.sync.bytesRead,
+      fullReads: i.sync.fullReads,
+      ...(i.sync.lastFullReadReason ? { lastFullReadReason: i.sync.lastFullReadReason } : {}),
     },
     ...(i.dns ? { dns: i.dns } : {}),
     services: i.services,

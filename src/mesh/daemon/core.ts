@@ -27,6 +27,9 @@ export interface SyncStats {
   servicesRefusedTotal: number
   emptyReadsIgnored: number
   bytesRead: number
+  /** Reads of every record: at start, and whenever the change log could not say what changed. */
+  fullReads: number
+  lastFullReadReason?: string
   applies: number
   hups: number
 }

@@ -1,10 +1,11 @@
 import type { ConsulClient } from '../../consul/client.ts'
 import { watchHealth } from '../../consul/health.ts'
 import type { KvItem } from '../../consul/kv.ts'
-import { watchTree, type TreeSnapshot } from '../../consul/tree-watch.ts'
+import { watchFeed, type TreeSnapshot } from '../../consul/feed-watch.ts'
 import { watchPrefix, type Watch } from '../../consul/watch.ts'
 import type { Logger } from '../../log.ts'
 import { isTincName } from '../../tinc/names.ts'
+import { changeLogSource } from '../change-log.ts'
 import { activeHolders, parseIpam } from '../ipam.ts'
 import { revokedFrom } from '../revoke.ts'
 import { parseApprovals, type ApprovalRead } from '../routes.ts'
@@ -13,12 +14,18 @@ import { decodeJson, networkRecordSchema, type NetworkRecord } from '../record.t
 import { serviceFilters } from '../services.ts'
 
 /**
- * Consul recommends a blocking query per key only up to a point: each holds a connection to
- * the agent, which allows 200 per client address by default (limits.http_max_conns_per_client).
- * The other inputs take a fixed few: one each, and at most 6 for services however many names
- * exist (src/consul/health.ts).
+ * How the daemon follows nodes/: `feed` blocks on one query and reads the records the change log
+ * names (src/mesh/change-log.ts); `recurse` re-reads every record on every change, the naive way,
+ * kept as the benchmarks' reference and as a way out should the log misbehave.
+ *
+ * Every blocking query holds a connection to the agent, which allows 200 per client address by
+ * default (limits.http_max_conns_per_client) and keeps counting a stopped daemon's queries until
+ * their waits end (hashicorp/consul#8524). The daemon holds 8: the network record, nodes/, ipam/,
+ * revoked/, aliases/, subnet-approvals/ and two for services (src/consul/health.ts), so a
+ * restarted daemon and the agent's other clients always find room.
  */
-export const DEFAULT_RECORD_WATCH_LIMIT = 150
+export type NodesWatch = 'feed' | 'recurse'
+export const NODES_WATCHES: readonly NodesWatch[] = ['feed', 'recurse']
 
 /** The latest good read of each input; undefined until its first good read. */
 export interface MeshInputs {
@@ -42,7 +49,7 @@ export interface WatchSetOptions {
   layout: KvLayout
   net: string
   waitSeconds?: number
-  recordWatchLimit: number
+  nodesWatch: NodesWatch
   services: boolean
   log: Logger
   /** An input changed; `inputs` already holds the new value. */
@@ -50,6 +57,8 @@ export interface WatchSetOptions {
   /** A read was deliberately not taken (an empty prefix that can't be empty). */
   onIgnored(reason: string): void
   onBytes(bytes: number): void
+  /** nodes/ was read in full, and why. */
+  onFullRead?(reason: string): void
 }
 
 export interface WatchSet {
@@ -74,12 +83,13 @@ export function watchInputs(opts: WatchSetOptions): WatchSet {
   const lead = networkWatch(opts)
   const watches: Watch[] = [
     lead,
-    watchTree({
+    watchFeed({
       client: opts.client,
       waitSeconds: opts.waitSeconds,
       log,
       prefix: layout.nodesPrefix,
-      perKeyLimit: opts.recordWatchLimit,
+      changes: opts.nodesWatch === 'feed' ? changeLogSource(opts.client, layout) : undefined,
+      onFullRead: opts.onFullRead,
       nameOnly: (key) => !isTincName(key.slice(layout.nodesPrefix.length)),
       onChange: async (s) => {
         opts.onBytes(s.bytes)

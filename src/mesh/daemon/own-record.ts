@@ -1,7 +1,7 @@
 import type { ConsulClient } from '../../consul/client.ts'
 import { backoffMs } from '../../consul/watch.ts'
 import type { KvItem } from '../../consul/kv.ts'
-import type { KeyRead } from '../../consul/tree-watch.ts'
+import type { KeyRead } from '../../consul/feed-watch.ts'
 import type { Logger } from '../../log.ts'
 import type { KvLayout } from '../kv-layout.ts'
 import { buildOwnRecord, publishRecord, sameRecordContent } from '../publish.ts'
