@@ -4,49 +4,37 @@ import { VERSION } from '../version.ts'
 import { preloadConfig } from '../config-file.ts'
 
 // Flag defaults read the environment when the command modules load, so the network's
-// config file must be in the environment first: hence the dynamic imports below.
+// config file must be in the environment first: hence the commands are imported on use, below.
 try {
   preloadConfig(process.argv.slice(2))
 } catch (err) {
   console.error(`tinc-consul: ${(err as Error).message}`)
   process.exit(2)
 }
-const { labCommand } = await import('./lab.ts')
-const { runCommand: runDaemon } = await import('./run.ts')
-const { pinCommand, revokeCommand } = await import('./admin.ts')
-const { initCommand } = await import('./init.ts')
-const { joinCommand } = await import('./join.ts')
-const { adoptCommand } = await import('./adopt.ts')
-const { inviteCommand } = await import('./invite.ts')
-const { aliasCommand, hostsCommand, resolveCommand: resolveName } = await import('./dns.ts')
-const { serviceCommand } = await import('./service.ts')
-const { graphCommand, statusCommand } = await import('./status.ts')
-const { installCommand, uninstallCommand } = await import('./install.ts')
-const { subnetCommand } = await import('./subnet.ts')
-
 export const main = defineCommand({
   meta: { name: 'tinc-consul', version: VERSION, description: 'Keeps a tinc mesh VPN in sync through Consul: host files, addresses, names and services' },
   args: {
     debug: { type: 'boolean', description: 'Show stack traces and error causes', default: false },
   },
+  // Loaded on use: the daemon doesn't carry the lab, install or join code in its memory.
   subCommands: {
-    init: initCommand,
-    invite: inviteCommand,
-    join: joinCommand,
-    adopt: adoptCommand,
-    run: runDaemon,
-    revoke: revokeCommand,
-    pin: pinCommand,
-    resolve: resolveName,
-    alias: aliasCommand,
-    subnet: subnetCommand,
-    hosts: hostsCommand,
-    service: serviceCommand,
-    status: statusCommand,
-    graph: graphCommand,
-    install: installCommand,
-    uninstall: uninstallCommand,
-    lab: labCommand,
+    init: () => import('./init.ts').then((m) => m.initCommand),
+    invite: () => import('./invite.ts').then((m) => m.inviteCommand),
+    join: () => import('./join.ts').then((m) => m.joinCommand),
+    adopt: () => import('./adopt.ts').then((m) => m.adoptCommand),
+    run: () => import('./run.ts').then((m) => m.runCommand),
+    revoke: () => import('./admin.ts').then((m) => m.revokeCommand),
+    pin: () => import('./admin.ts').then((m) => m.pinCommand),
+    resolve: () => import('./dns.ts').then((m) => m.resolveCommand),
+    alias: () => import('./dns.ts').then((m) => m.aliasCommand),
+    subnet: () => import('./subnet.ts').then((m) => m.subnetCommand),
+    hosts: () => import('./dns.ts').then((m) => m.hostsCommand),
+    service: () => import('./service.ts').then((m) => m.serviceCommand),
+    status: () => import('./status.ts').then((m) => m.statusCommand),
+    graph: () => import('./status.ts').then((m) => m.graphCommand),
+    install: () => import('./install.ts').then((m) => m.installCommand),
+    uninstall: () => import('./install.ts').then((m) => m.uninstallCommand),
+    lab: () => import('./lab.ts').then((m) => m.labCommand),
   },
 })
 

@@ -3,7 +3,7 @@ import { TincConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { bindAll, listenOn, type Binding } from '../util/listen.ts'
 import { createSvgCache, renderDot, renderSvg, type SvgResult } from './graph.ts'
-import { createMetrics } from './metrics.ts'
+import type { Metrics } from './metrics.ts'
 import { tincstat, type Status } from './model.ts'
 
 /**
@@ -42,7 +42,9 @@ const json = (res: ServerResponse, status: number, body: unknown) => send(res, s
 
 /** The request handler: one snapshot per request, rendered as the path asks. */
 function statusHandler(opts: StatusServerOptions, log: Logger): (req: IncomingMessage, res: ServerResponse) => Promise<void> {
-  const metrics = createMetrics()
+  // prom-client is loaded on the first scrape: a node nobody scrapes doesn't hold it in memory.
+  let metrics: Promise<Metrics> | undefined
+  const loadMetrics = () => (metrics ??= import('./metrics.ts').then((m) => m.createMetrics()))
   const render = opts.renderSvg ?? ((dot: string) => renderSvg(dot, opts.dotBin))
   const graph = createSvgCache({
     // Logged here, once per render, rather than once for every request the cached failure answers.
@@ -62,7 +64,10 @@ function statusHandler(opts: StatusServerOptions, log: Logger): (req: IncomingMe
     const s = await opts.snapshot()
     if (path === '/tincstat') return json(res, 200, tincstat(s))
     if (path === '/status') return json(res, 200, s)
-    if (path === '/metrics') return send(res, 200, metrics.registry.contentType, await metrics.render(s))
+    if (path === '/metrics') {
+      const m = await loadMetrics()
+      return send(res, 200, m.registry.contentType, await m.render(s))
+    }
     const dot = renderDot(s)
     if (path === '/graph.dot') return send(res, 200, 'text/vnd.graphviz; charset=utf-8', dot)
     const svg = await graph.svg(dot)
