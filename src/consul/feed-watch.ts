@@ -1,6 +1,6 @@
 import type { Logger } from '../log.ts'
 import type { ConsulClient } from './client.ts'
-import type { KvItem } from './kv.ts'
+import { readPrefixIndex, type KvItem } from './kv.ts'
 import { watchBlocking, watchPrefix, type Watch } from './watch.ts'
 
 /**
@@ -94,11 +94,13 @@ export function watchFeed(opts: FeedWatchOptions): Watch {
   return watchBlocking<Step>({ ...tuning, label: opts.prefix, read: (index, signal) => feed.step(index, signal), onChange: (s) => feed.apply(s) })
 }
 
-function valuesOf(items: KvItem[], nameOnly?: (key: string) => boolean): Map<string, KeyRead> {
-  const reads = new Map<string, KeyRead>()
-  for (const item of items) reads.set(item.key, nameOnly?.(item.key) ? { state: 'unreadable', reason: REFUSED_BY_NAME } : { state: 'value', item })
-  return reads
-}
+const readOf = (item: KvItem, nameOnly?: (key: string) => boolean): KeyRead => (nameOnly?.(item.key) ? { state: 'unreadable', reason: REFUSED_BY_NAME } : { state: 'value', item })
+
+const byKey = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
+
+/** In key order, as a snapshot hands them over. */
+const valuesOf = (items: KvItem[], nameOnly?: (key: string) => boolean): Map<string, KeyRead> =>
+  new Map(items.map((item) => [item.key, readOf(item, nameOnly)] as const).sort(([a], [b]) => byKey(a, b)))
 
 const sleep = (ms: number, signal: AbortSignal) =>
   new Promise<void>((resolve) => {
@@ -117,21 +119,18 @@ class Feed {
   private filtered = false
   private seen: number | undefined
   private index = 0
-  private lastFullAt = -Infinity
+  /** When the last few full reads were made, oldest first. */
   private fullReadsAt: number[] = []
-  private readonly probeKey: string
 
   constructor(
     private readonly opts: FeedWatchOptions,
     private readonly changes: ChangeSource,
-  ) {
-    this.probeKey = opts.prefix.replace(/\/$/, '')
-  }
+  ) {}
 
   /** One read: block until the prefix moves, then read what the source names, or everything. */
   async step(blockOn: number, signal: AbortSignal): Promise<Step> {
     if (this.index === 0) return this.full('start', 0, 0, signal)
-    if (Date.now() - this.lastFullAt > (this.opts.sweepMs ?? 3_600_000)) {
+    if (Date.now() - (this.fullReadsAt.at(-1) ?? -Infinity) > (this.opts.sweepMs ?? 3_600_000)) {
       // The index may not have moved since the last change we applied, and the watch hands over
       // only reads whose index moved: a sweep is applied here, and the loop sees no change.
       const sweep = await this.full('sweep', this.index, 0, signal)
@@ -181,7 +180,7 @@ class Feed {
 
   /** The prefix's index: blocking on `index`, or at once with 0. */
   probe(index: number, signal: AbortSignal) {
-    return this.opts.client.kvKeys(this.probeKey, { separator: '/', index, waitSeconds: this.opts.waitSeconds, signal })
+    return readPrefixIndex(this.opts.client, this.opts.prefix, { index, waitSeconds: this.opts.waitSeconds, signal })
   }
 
   private async full(reason: string, atLeast: number, bytes: number, signal: AbortSignal): Promise<Step> {
@@ -192,8 +191,7 @@ class Feed {
     // The baseline first: whatever the source names after it is at least as new as the list.
     const base = await this.changes.baseline(signal)
     const list = await this.opts.client.kvList(this.opts.prefix, { signal })
-    this.lastFullAt = Date.now()
-    this.fullReadsAt = [...this.fullReadsAt, this.lastFullAt].slice(-FULL_READ_BURST)
+    this.fullReadsAt = [...this.fullReadsAt, Date.now()].slice(-FULL_READ_BURST)
     return { kind: 'full', index: Math.max(list.index, atLeast), bytes: bytes + base.bytes + list.bytes, items: list.items, filtered: list.filtered, seen: base.seen, reason }
   }
 
@@ -201,7 +199,10 @@ class Feed {
     this.index = step.index
     if (step.kind === 'none') return
     if (step.kind === 'keys') {
-      for (const item of step.items) this.reads.set(item.key, this.opts.nameOnly?.(item.key) ? { state: 'unreadable', reason: REFUSED_BY_NAME } : { state: 'value', item })
+      // Map order is key order (full reads are sorted): a changed key keeps its place, and only a new one re-sorts.
+      const added = step.items.some((item) => !this.reads.has(item.key))
+      for (const item of step.items) this.reads.set(item.key, readOf(item, this.opts.nameOnly))
+      if (added) this.reads = new Map([...this.reads].sort(([a], [b]) => byKey(a, b)))
       this.seen = step.seen
     } else {
       if (step.items.length === 0 && this.reads.size > 0) {
@@ -217,7 +218,7 @@ class Feed {
       this.filtered = step.filtered
       this.seen = step.seen
     }
-    const keys = new Map([...this.reads].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
-    await this.opts.onChange({ keys, filtered: this.filtered, bytes: step.bytes })
+    // A copy: the consumer keeps the snapshot while this map moves on.
+    await this.opts.onChange({ keys: new Map(this.reads), filtered: this.filtered, bytes: step.bytes })
   }
 }

@@ -1,6 +1,7 @@
 import { z } from 'zod'
 import { b64, type ConsulClient, type TxnOp, type TxnResult } from '../consul/client.ts'
 import type { ChangeSource } from '../consul/feed-watch.ts'
+import { readPrefixIndex } from '../consul/kv.ts'
 import { ConsulError } from '../errors.ts'
 import type { Logger } from '../log.ts'
 import { isTincName } from '../tinc/names.ts'
@@ -68,11 +69,15 @@ const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
  */
 export async function txnWithChangeLog(client: ConsulClient, layout: KvLayout, ops: TxnOp[], names: readonly string[], log?: Logger): Promise<LoggedTxn> {
   let logRetries = 0
+  const alone = async (why: string, attempts: number): Promise<LoggedTxn> => {
+    log?.warn({ key: layout.changes }, `${why}; writing without it (every daemon reads all records once)`)
+    return { result: await client.txn(ops), logged: false, attempts, logRetries }
+  }
   for (let attempt = 1; attempt <= WRITE_ATTEMPTS; attempt++) {
     const current = await client.kvGet(layout.changes)
     const parsed = current ? decodeJson(current.value, changeLogSchema) : undefined
     // Read last, right before the write: what nodes/ holds that the log doesn't account for.
-    const nodes = await client.kvKeys(layout.nodesPrefix.replace(/\/$/, ''), { separator: '/' })
+    const nodes = await readPrefixIndex(client, layout.nodesPrefix)
     const next = appendChanges(parsed?.ok ? parsed.value : undefined, names, { p: current?.modifyIndex ?? 0, w: nodes.index })
     const logOp: TxnOp = { KV: { Verb: 'cas', Key: layout.changes, Value: b64(JSON.stringify(next)), Index: current?.modifyIndex ?? 0 } }
     let result: TxnResult
@@ -80,31 +85,23 @@ export async function txnWithChangeLog(client: ConsulClient, layout: KvLayout, o
       result = await client.txn([...ops, logOp])
     } catch (err) {
       if (!(err instanceof ConsulError && err.status === 403)) throw err
-      log?.warn({ key: layout.changes }, 'this token may not write the change log; writing without it (every daemon reads all records once)')
-      return { result: await client.txn(ops), logged: false, attempts: attempt + 1, logRetries }
+      return alone('this token may not write the change log', attempt + 1)
     }
     if (result.ok) return { result, logged: true, attempts: attempt, logRetries }
     const onLog = result.errors.filter((e) => e.OpIndex === ops.length)
     // One of the caller's ops failed: that is the caller's answer, about the caller's ops only.
     if (onLog.length < result.errors.length) return { result: { ok: false, errors: result.errors.filter((e) => e.OpIndex < ops.length) }, logged: false, attempts: attempt, logRetries }
-    if (onLog.some((e) => permissionDenied(e.What))) {
-      log?.warn({ key: layout.changes }, 'this token may not write the change log; writing without it (every daemon reads all records once)')
-      return { result: await client.txn(ops), logged: false, attempts: attempt + 1, logRetries }
-    }
+    if (onLog.some((e) => permissionDenied(e.What))) return alone('this token may not write the change log', attempt + 1)
     logRetries++
     // Full jitter over a doubling window (50 ms, 100 ms, … 3.2 s): writers that start together
     // (a rack powering up, a mass restart) spread out instead of colliding again in step.
     await pause(Math.random() * 25 * 2 ** attempt)
   }
-  log?.warn({ key: layout.changes }, 'the change log kept changing under us; writing without it')
-  return { result: await client.txn(ops), logged: false, attempts: WRITE_ATTEMPTS + 1, logRetries }
+  return alone('the change log kept changing under us', WRITE_ATTEMPTS + 1)
 }
 
 /** What a reader takes from the log after nodes/ moved to `index`. */
 export type Explained = { names: string[]; seq: number } | { full: string } | { ahead: number }
-
-/** Names the log can't honestly carry are dropped: they could not be a record's key. */
-const MAX_NAMES_PER_READ = CHANGE_LOG_ENTRIES
 
 /**
  * The reader's rule. `seen` is the seq it has read through (undefined: none yet). The log
@@ -128,7 +125,7 @@ export function explainChanges(read: { value: Uint8Array; modifyIndex: number } 
   // read): no change slipped in between without an entry.
   if (fresh.some((e) => e.p === undefined || e.w === undefined || e.w > Math.max(e.p, readThrough))) return { full: 'a record changed without a change-log entry' }
   const names = [...new Set(fresh.map((e) => e.n))].filter(isTincName)
-  if (names.length > MAX_NAMES_PER_READ) return { full: 'too many changes to read one by one' }
+  if (names.length > CHANGE_LOG_ENTRIES) return { full: 'too many changes to read one by one' }
   return { names, seq: cl.seq }
 }
 
