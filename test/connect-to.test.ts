@@ -44,6 +44,17 @@ test('rendezvous order: stable, spread evenly, and a public node leaving moves o
   assert.deepEqual(rendezvousOrder('a', ['a', 'b', 'b']), ['b'], 'never itself, never twice')
 })
 
+test('a repeated order is remembered per node, handed out as a copy, and forgotten when the list changes', () => {
+  const pubs = Array.from({ length: 50 }, (_, i) => `pub${i}`)
+  const first = rendezvousOrder('me', pubs)
+  first.reverse()
+  assert.notDeepEqual(first, rendezvousOrder('me', pubs), 'changing a returned order does not change the next one')
+  assert.deepEqual(rendezvousOrder('me', pubs), rendezvousOrder('me', [...pubs]), 'the same list gives the same order')
+  assert.deepEqual(rendezvousOrder('other', pubs).length, 50, 'another node has its own order')
+  const fewer = pubs.filter((p) => p !== rendezvousOrder('me', pubs)[0])
+  assert.deepEqual(rendezvousOrder('me', fewer), rendezvousOrder('me', pubs).slice(1), 'a node leaving the list is gone from the order')
+})
+
 /** Runs rounds of the planner as the daemon would, carrying its state. */
 function driver(base: Omit<ConnectToInput, 'now' | 'connected'>) {
   let state = new Map<string, CandidateState>()

@@ -14,7 +14,7 @@ import { zoneInputFrom } from '../src/dns/feed.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
 import { meshServices, serviceFilters } from '../src/mesh/services.ts'
 import type { MeshView } from '../src/mesh/view.ts'
-import { DefinitionError, parseDefinitionText, readDefinition } from '../src/services/definition.ts'
+import { DefinitionError, loadYamlParser, parseDefinitionText, readDefinition } from '../src/services/definition.ts'
 import { checkId, registrationFor, serviceId } from '../src/services/registration.ts'
 import { startServices, type ServicesRegistrar } from '../src/services/registrar.ts'
 import { staleServices } from '../src/services/agent-sync.ts'
@@ -26,6 +26,8 @@ import { TYPE } from '../src/dns/wire.ts'
 const EXAMPLES = join(import.meta.dirname, '..', 'examples', 'services.d')
 const quiet = pino({ level: 'silent' })
 const opts = { allowScripts: false }
+// The daemon imports the YAML parser with the first YAML file; parseDefinitionText needs it loaded.
+before(loadYamlParser)
 
 function errorOf(text: string, file: string, o = opts): string {
   try {

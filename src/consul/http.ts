@@ -1,5 +1,5 @@
 import http, { type IncomingHttpHeaders } from 'node:http'
-import https from 'node:https'
+import { httpsModule } from '../util/lazy-https.ts'
 import { ConsulError } from '../errors.ts'
 
 /**
@@ -67,7 +67,8 @@ export function blockingTimeoutMs(waitSeconds: number): number {
 // Keep-alive agents shared by every client: a daemon holds one long poll per peer record,
 // and each should reuse its socket rather than open a new one per read. Idle sockets are
 // unref'd by the agent, so a CLI command still exits when it is done.
-const agents = { http: new http.Agent({ keepAlive: true }), https: new https.Agent({ keepAlive: true }) }
+const httpAgent = new http.Agent({ keepAlive: true })
+let httpsAgent: http.Agent | undefined
 
 /**
  * Whether a reply says Consul can't serve us now: a server error (no leader, an RPC that
@@ -122,7 +123,8 @@ interface Attempt {
 function attempt(a: Attempt): Promise<Reply> {
   return new Promise((resolve, reject) => {
     const tls = a.url.protocol === 'https:'
-    const req = (tls ? https : http).request(a.url, { method: a.method, headers: a.headers, signal: a.signal, agent: tls ? agents.https : agents.http }, (res) => {
+    const agent = tls ? (httpsAgent ??= new (httpsModule().Agent)({ keepAlive: true })) : httpAgent
+    const req = (tls ? httpsModule() : http).request(a.url, { method: a.method, headers: a.headers, signal: a.signal, agent }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }))

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { z } from 'zod'
+import * as z from 'zod'
 import { isDnsLabel } from '../dns/zone.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
 import { isTincName } from '../tinc/names.ts'

@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import { b64, type ConsulClient, type TxnOp, type TxnResult } from '../consul/client.ts'
 import type { ChangeSource } from '../consul/feed-watch.ts'
 import { readPrefixIndex } from '../consul/kv.ts'

@@ -1,5 +1,5 @@
 import ipaddr from 'ipaddr.js'
-import { z } from 'zod'
+import * as z from 'zod'
 import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from './kv-layout.ts'

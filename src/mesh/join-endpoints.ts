@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import type { ConsulClient } from '../consul/client.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import type { KvLayout } from './kv-layout.ts'

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net'
 import { isGossipKey } from '../consul/gossip-key.ts'
-import { z } from 'zod'
+import * as z from 'zod'
 import { TincConsulError } from '../errors.ts'
 import { isTincName } from '../tinc/names.ts'
 import { networkRecordSchema } from './record.ts'

@@ -149,6 +149,13 @@ function collectCases(rules: Rules, refusals: Refusal[]): NameCase[] {
     if (!c && input.complete) continue
     c ??= { name, key: `${prefix}${name}`, listed: false, candidates: [], notes: [], unreadable: false, pending: false }
     cases.set(name, c)
+    // An unchanged record decodes to the very object accepted before (the memo), and judging
+    // one object again gives the same verdict: reuse it.
+    const current = c.candidates[0]
+    if (!networkChanged && current?.peer === peer) {
+      c.candidates.push({ ...current, source: 'kept' })
+      continue
+    }
     const rechecked = networkChanged ? checkPeer(peer.record, { network: input.network, keyName: name }) : undefined
     if (rechecked && !rechecked.ok) c.notes.push({ kind: 'invalid', reason: `the copy accepted before: ${rechecked.reason}` })
     else c.candidates.push(judge(peer, 'kept', name, rules))
@@ -160,10 +167,12 @@ function collectCases(rules: Rules, refusals: Refusal[]): NameCase[] {
 function decodeEntry(key: string, name: string, entry: Extract<NodeEntry, { state: 'value' }>, input: ReconcileInput): Decoded<AcceptedPeer> {
   const { value, createIndex } = entry
   const raw = value instanceof Uint8Array ? value : undefined
-  const hit = raw && input.memo?.get(key)
-  if (hit && Buffer.compare(hit.raw, raw) === 0 && (!hit.result.ok || hit.result.value.createIndex === createIndex)) return hit.result
+  const hit = raw ? input.memo?.get(key) : undefined
+  // The watch hands over the same bytes object for a key that did not change: no need to compare them.
+  const same = raw !== undefined && hit !== undefined && (hit.raw === raw || Buffer.compare(hit.raw, raw) === 0)
+  if (hit && same && (!hit.result.ok || hit.result.value.createIndex === createIndex)) return hit.result
   let result: Decoded<AcceptedPeer>
-  if (hit && Buffer.compare(hit.raw, raw) === 0 && hit.result.ok) result = { ok: true, value: { ...hit.result.value, createIndex } }
+  if (hit && same && hit.result.ok) result = { ok: true, value: { ...hit.result.value, createIndex } }
   else {
     const decoded = raw ? decodeJson(raw, nodeRecordSchema) : { ok: true as const, value: value as NodeRecord }
     const checked = decoded.ok ? checkPeer(decoded.value, { network: input.network, keyName: name }) : decoded
@@ -175,28 +184,33 @@ function decodeEntry(key: string, name: string, entry: Extract<NodeEntry, { stat
 
 /** Rules 2 and 5 for one candidate alone: our own identity, revocation, pin, ipam, and whether its key may be trusted yet. */
 function judge(peer: AcceptedPeer, source: Candidate['source'], name: string, rules: Rules): Candidate {
-  const { input, previous } = rules
-  const { fingerprint: fp, vpnAddress: vpn } = peer.record
-  const ownership = (reason: string): Candidate => ({ peer, source, verdict: { kind: 'ownership', reason } })
+  const reason = ownershipRefusal(peer, name, rules.input)
+  if (reason !== undefined) return { peer, source, verdict: { kind: 'ownership', reason } }
+  // A key seen for the first time waits for a fresh revoked/ read, unless this name already had it.
+  const fp = peer.record.fingerprint
+  if (!rules.trustNew && effectivePin(name, rules.input) === undefined && rules.previous?.peers.get(name)?.record.fingerprint !== fp) return { peer, source, verdict: 'pending' }
+  return { peer, source, verdict: undefined }
+}
+
+/** Why a candidate claims what isn't its own, or undefined when it doesn't. */
+function ownershipRefusal(peer: AcceptedPeer, name: string, input: ReconcileInput): string | undefined {
+  const { fingerprint: fp, vpnAddress: vpn, vpnAddress6: vpn6 } = peer.record
   const self = input.self
-  if (vpn === self.vpnAddress) return ownership(`address ${vpn} is this node's own (${self.name})`)
-  const vpn6 = peer.record.vpnAddress6
-  if (vpn6 !== undefined && vpn6 === self.vpnAddress6) return ownership(`address ${vpn6} is this node's own (${self.name})`)
-  if (fp === self.fingerprint) return ownership(`key ${fp} is this node's own (${self.name})`)
-  if (name.toLowerCase() === self.name.toLowerCase()) return ownership(`name "${name}" differs only in case from this node's own (${self.name})`)
-  if (input.revoked?.has(fp)) return ownership(`key ${fp} is revoked`)
+  if (vpn === self.vpnAddress) return `address ${vpn} is this node's own (${self.name})`
+  if (vpn6 !== undefined && vpn6 === self.vpnAddress6) return `address ${vpn6} is this node's own (${self.name})`
+  if (fp === self.fingerprint) return `key ${fp} is this node's own (${self.name})`
+  if (name.toLowerCase() === self.name.toLowerCase()) return `name "${name}" differs only in case from this node's own (${self.name})`
+  if (input.revoked?.has(fp)) return `key ${fp} is revoked`
   const pin = effectivePin(name, input)
-  if (pin !== undefined && pin !== fp) return ownership(`key ${fp} differs from the pinned ${pin}; run \`tinc-consul pin reset ${name}\` if the key really changed`)
+  if (pin !== undefined && pin !== fp) return `key ${fp} differs from the pinned ${pin}; run \`tinc-consul pin reset ${name}\` if the key really changed`
   const allocations = input.allocations
   if (allocations && allocations.size > 0) {
     const holder = allocations.get(vpn)
-    if (holder !== name) return ownership(holder ? `address ${vpn} is allocated to ${holder}` : `address ${vpn} was never allocated (ipam/${vpn} is missing)`)
+    if (holder !== name) return holder ? `address ${vpn} is allocated to ${holder}` : `address ${vpn} was never allocated (ipam/${vpn} is missing)`
     const holder6 = vpn6 === undefined ? name : allocations.get(vpn6)
-    if (holder6 !== name) return ownership(holder6 ? `address ${vpn6} is allocated to ${holder6}` : `address ${vpn6} was never allocated (ipam/${vpn6} is missing)`)
+    if (holder6 !== name) return holder6 ? `address ${vpn6} is allocated to ${holder6}` : `address ${vpn6} was never allocated (ipam/${vpn6} is missing)`
   }
-  // A key seen for the first time waits for a fresh revoked/ read, unless this name already had it.
-  if (pin === undefined && !rules.trustNew && previous?.peers.get(name)?.record.fingerprint !== fp) return { peer, source, verdict: 'pending' }
-  return { peer, source, verdict: undefined }
+  return undefined
 }
 
 /** The pinned fingerprint for a name; a pin on a revoked key is spent (revoke and re-join is how a name gets a new key). */
@@ -212,10 +226,10 @@ function effectivePin(name: string, input: ReconcileInput): string | undefined {
  * its kept copy if that one doesn't collide. (Our own identity was ruled out in `judge`.)
  */
 function claimIdentities(cases: NameCase[]): void {
-  const holders = new Map<string, string>()
-  const rank = (c: NameCase) => c.candidates.find((x) => x.verdict === undefined)?.peer.createIndex ?? Number.POSITIVE_INFINITY
-  const ordered = [...cases].sort((a, b) => rank(a) - rank(b) || compare(a.name, b.name))
-  for (const c of ordered) {
+  const holders: Holders = { address: new Map(), key: new Map(), name: new Map() }
+  const ranked = cases.map((c) => ({ c, rank: c.candidates.find((x) => x.verdict === undefined)?.peer.createIndex ?? Number.POSITIVE_INFINITY }))
+  ranked.sort((a, b) => a.rank - b.rank || compare(a.c.name, b.c.name))
+  for (const { c } of ranked) {
     for (const cand of c.candidates) {
       const label = cand.source === 'kept' ? 'the copy accepted before: ' : ''
       if (cand.verdict === 'pending') c.pending ||= cand.source === 'current'
@@ -225,7 +239,7 @@ function claimIdentities(cases: NameCase[]): void {
         if (conflict) c.notes.push({ kind: 'ownership', reason: `${label}${conflict}` })
         else {
           c.accepted = cand
-          for (const claim of claims(cand.peer, c.name)) holders.set(claim, c.name)
+          claim(cand.peer, c.name, holders)
           break
         }
       }
@@ -234,24 +248,30 @@ function claimIdentities(cases: NameCase[]): void {
   }
 }
 
-const addressClaim = (peer: AcceptedPeer) => `address ${peer.record.vpnAddress}`
-const address6Claim = (peer: AcceptedPeer) => (peer.record.vpnAddress6 === undefined ? undefined : `address ${peer.record.vpnAddress6}`)
-const keyClaim = (peer: AcceptedPeer) => `key ${peer.record.fingerprint}`
-const nameClaim = (name: string) => `name ${name.toLowerCase()}`
-
-function claims(peer: AcceptedPeer, name: string): string[] {
-  return [addressClaim(peer), address6Claim(peer) ?? [], keyClaim(peer), nameClaim(name)].flat()
+/** Who holds each VPN address (IPv4 and IPv6 share one map: their spellings never meet), key and lower-cased name. */
+interface Holders {
+  address: Map<string, string>
+  key: Map<string, string>
+  name: Map<string, string>
 }
 
-function collision(peer: AcceptedPeer, name: string, holders: ReadonlyMap<string, string>): string | undefined {
-  const byAddress = holders.get(addressClaim(peer))
-  if (byAddress) return `address ${peer.record.vpnAddress} is already held by ${byAddress}, which came first`
-  const claim6 = address6Claim(peer)
-  const byAddress6 = claim6 && holders.get(claim6)
-  if (byAddress6) return `address ${peer.record.vpnAddress6} is already held by ${byAddress6}, which came first`
-  const byKey = holders.get(keyClaim(peer))
-  if (byKey) return `key ${peer.record.fingerprint} is already used by ${byKey}, which came first`
-  const byName = holders.get(nameClaim(name))
+function claim(peer: AcceptedPeer, name: string, holders: Holders): void {
+  const { vpnAddress, vpnAddress6, fingerprint } = peer.record
+  holders.address.set(vpnAddress, name)
+  if (vpnAddress6 !== undefined) holders.address.set(vpnAddress6, name)
+  holders.key.set(fingerprint, name)
+  holders.name.set(name.toLowerCase(), name)
+}
+
+function collision(peer: AcceptedPeer, name: string, holders: Holders): string | undefined {
+  const { vpnAddress, vpnAddress6, fingerprint } = peer.record
+  const byAddress = holders.address.get(vpnAddress)
+  if (byAddress) return `address ${vpnAddress} is already held by ${byAddress}, which came first`
+  const byAddress6 = vpnAddress6 === undefined ? undefined : holders.address.get(vpnAddress6)
+  if (byAddress6) return `address ${vpnAddress6} is already held by ${byAddress6}, which came first`
+  const byKey = holders.key.get(fingerprint)
+  if (byKey) return `key ${fingerprint} is already used by ${byKey}, which came first`
+  const byName = holders.name.get(name.toLowerCase())
   if (byName) return `name "${name}" differs only in case from ${byName}, which came first`
   return undefined
 }

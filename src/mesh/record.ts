@@ -1,5 +1,5 @@
 import ipaddr from 'ipaddr.js'
-import { z } from 'zod'
+import * as z from 'zod'
 import { isTincName } from '../tinc/names.ts'
 import { ALLOWED_OPTIONS, isPlausibleRsaKey, keyFingerprint, parseHostFile, type HostFileEntry } from '../tinc/hostfile.ts'
 import { DEFAULT_TINC_MODE, TINC_MODES, type TincMode } from '../tinc/mode.ts'

@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import type { KvItem } from '../consul/kv.ts'
 import { isTincName } from '../tinc/names.ts'
 import type { KvLayout } from './kv-layout.ts'

@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import { metaFilter } from '../consul/agent.ts'
 import { isDnsLabel } from '../dns/zone.ts'
 import { namingFor, type ServiceNaming } from '../services/naming.ts'

@@ -2,8 +2,8 @@ import { constants, type Stats } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { basename, extname } from 'node:path'
 import { parse as parseToml, TomlError } from 'smol-toml'
-import { parse as parseYaml, YAMLParseError } from 'yaml'
-import { z } from 'zod'
+import type * as Yaml from 'yaml'
+import * as z from 'zod'
 import { TincConsulError } from '../errors.ts'
 import { isDnsLabel } from '../dns/zone.ts'
 import { modeProblem, scriptCheckProblem, scriptRefusal } from './strict-modes.ts'
@@ -209,14 +209,32 @@ function describeIssue(issue: z.core.$ZodIssue): string {
   return `${at || '(top level)'}: ${issue.message}`
 }
 
-/** Parses one file's text by its extension. */
+/**
+ * The YAML parser is a fifth of the code the daemon would load at start, and most nodes have no
+ * YAML service file: it is imported with the first one (readDefinition), not with the daemon.
+ */
+let yaml: typeof Yaml.default | undefined
+
+/** Loads the YAML parser; parseDefinitionText needs it for .yaml and .yml text. */
+export async function loadYamlParser(): Promise<void> {
+  // yaml is CommonJS: import() gives its exports as `default`, and the bundle gives nothing else.
+  yaml ??= (await import('yaml')).default
+}
+
+function yamlParser(): typeof Yaml.default {
+  if (!yaml) throw new Error('the YAML parser is not loaded (call loadYamlParser first)')
+  return yaml
+}
+
+/** Parses one file's text by its extension. A .yaml or .yml file needs loadYamlParser() first. */
 export function parseDefinitionText(text: string, file: string, opts: ParseOptions): ServiceDefinition {
   const name = basename(file)
   const ext = extname(name).toLowerCase()
   let data: unknown
+  if ((ext === '.yaml' || ext === '.yml') && !yaml) yamlParser()
   try {
     if (ext === '.toml') data = parseToml(text)
-    else if (ext === '.yaml' || ext === '.yml') data = parseYaml(text, { uniqueKeys: true, prettyErrors: true })
+    else if (ext === '.yaml' || ext === '.yml') data = yamlParser().parse(text, { uniqueKeys: true, prettyErrors: true })
     else if (ext === '.json') data = JSON.parse(text)
     else throw new DefinitionError(name, `not a service file (expected ${SERVICE_FILE_EXTENSIONS.join(', ')})`)
   } catch (err) {
@@ -228,7 +246,7 @@ export function parseDefinitionText(text: string, file: string, opts: ParseOptio
 
 function syntaxMessage(err: unknown): string {
   if (err instanceof TomlError) return `${err.message.split('\n')[0]?.replace(/^Invalid TOML document: /, '') ?? 'invalid'} at line ${err.line}, column ${err.column}`
-  if (err instanceof YAMLParseError) return (err.message.split('\n')[0] ?? 'invalid').replace(/:$/, '')
+  if (yaml && err instanceof yaml.YAMLParseError) return (err.message.split('\n')[0] ?? 'invalid').replace(/:$/, '')
   return (err as Error).message
 }
 
@@ -242,6 +260,7 @@ export async function readDefinition(path: string, opts: ParseOptions): Promise<
     if (err instanceof DefinitionError) throw err
     throw new DefinitionError(name, `cannot read: ${(err as Error).message}`, { cause: err })
   }
+  if (/\.ya?ml$/i.test(name)) await loadYamlParser()
   const def = { ...parseDefinitionText(file.text, name, opts), path }
   if (def.check.type === 'script') {
     // The file we read (by its descriptor), then the path and the program as they stand now.

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process'
 import http from 'node:http'
-import https from 'node:https'
+import { httpsModule } from '../util/lazy-https.ts'
 import type { CheckStatus } from '../consul/agent.ts'
 import type { ServiceDefinition } from './definition.ts'
 import { checkUrl } from './registration.ts'
@@ -65,7 +65,7 @@ function runScript(command: string[], timeoutMs: number): Promise<CheckResult> {
 function runHttp(url: string, expect: number, timeoutMs: number, skipVerify: boolean): Promise<CheckResult> {
   return new Promise((resolve) => {
     const u = new URL(url)
-    const mod = u.protocol === 'https:' ? https : http
+    const mod = u.protocol === 'https:' ? httpsModule() : http
     // No redirects followed: a 302 to a login page is exactly what `status = 302` may be waiting for.
     const req = mod.get(u, { timeout: timeoutMs, rejectUnauthorized: !skipVerify, headers: { 'user-agent': 'tinc-consul health check' } }, (res) => {
       res.resume()

@@ -85,6 +85,8 @@ interface CoreState {
   owned: boolean
   /** The last judgement from Consul: what the cache holds. */
   last: Judgement | undefined
+  /** How many route approvals the cache was last given. */
+  cachedApprovals?: number
   written: RenderOptions['written']
   /** The tinc.conf/network mode disagreement last logged, so it is logged once, not per apply. */
   modeMismatch?: string
@@ -147,7 +149,8 @@ export function meshCore(o: CoreOptions): Core {
       await commit(o, st, await judge(undefined, cacheInput(c, o.ctx), o.ctx, false), 'cache')
     },
     aliasesChanged: () => {
-      if (st.last) o.cache.set(cachedView(st.last, o.feed, st.routing.approvals()))
+      const last = st.last
+      if (last) o.cache.set(() => cachedView(last, o.feed, st.routing.approvals()))
       o.feed.emit(st.view, o.inputs.services)
     },
     servicesChanged: () => o.feed.emit(st.view, o.inputs.services),
@@ -206,8 +209,15 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   o.onApplied?.({ source, render, refusals: j.refusals, bytesRead: o.takeBytes() })
   o.feed.emit(st.view, o.inputs.services)
   if (source !== 'consul') return
+  const soon = takesTrustAway(st.last, j, st.cachedApprovals, st.routing.approvals())
   st.last = j
-  o.cache.set(cachedView(j, o.feed, st.routing.approvals()))
+  st.cachedApprovals = st.routing.approvals()?.length
+  o.cache.set(() => cachedView(j, o.feed, st.routing.approvals()), soon ? 'soon' : 'later')
+}
+
+/** Whether a judgement removes what the last one trusted: a peer, an unrevoked key, an approved route. */
+function takesTrustAway(before: Judgement | undefined, after: Judgement, approvalsBefore: number | undefined, approvalsAfter: Approval[] | undefined): boolean {
+  return after.removed.length > 0 || (after.revoked?.size ?? 0) > (before?.revoked?.size ?? 0) || (approvalsAfter?.length ?? 0) < (approvalsBefore ?? 0)
 }
 
 /**
