@@ -35,7 +35,18 @@ export async function makeTincDir(root: string, name: string, octet: number, isP
   return dir
 }
 
-export async function startNode(opts: { root: string; name: string; octet: number; isPublic: boolean; consulUrl: string; token?: string; tincDir?: string; keepFile?: string }): Promise<TestNode> {
+export async function startNode(opts: {
+  root: string
+  name: string
+  octet: number
+  isPublic: boolean
+  consulUrl: string
+  token?: string
+  tincDir?: string
+  keepFile?: string
+  /** Receives the access table's nft scripts; by default they go nowhere, so no test touches the host's rules. */
+  nft?: (script: string) => Promise<void>
+}): Promise<TestNode> {
   const tincDir = opts.tincDir ?? (await makeTincDir(opts.root, opts.name, opts.octet, opts.isPublic))
   const stateDir = join(opts.root, opts.name, 'state')
   const events: AppliedEvent[] = []
@@ -48,6 +59,7 @@ export async function startNode(opts: { root: string; name: string; octet: numbe
     consulUrl: opts.consulUrl,
     token: opts.token,
     keepFile: opts.keepFile,
+    accessNft: opts.nft ?? (async () => {}),
     waitSeconds: 30,
     log: quiet,
     onApplied: (e) => {

@@ -28,6 +28,7 @@ export const main = defineCommand({
     resolve: () => import('./dns.ts').then((m) => m.resolveCommand),
     alias: () => import('./dns.ts').then((m) => m.aliasCommand),
     subnet: () => import('./subnet.ts').then((m) => m.subnetCommand),
+    group: () => import('./group.ts').then((m) => m.groupCommand),
     hosts: () => import('./dns.ts').then((m) => m.hostsCommand),
     service: () => import('./service.ts').then((m) => m.serviceCommand),
     status: () => import('./status.ts').then((m) => m.statusCommand),

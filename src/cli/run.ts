@@ -76,6 +76,7 @@ async function runSettings(args: RunArgs) {
     servicesDir: args['services-dir'] || defaultServicesDir(args['config-dir'], net),
     keepFile: args['keep-file'] || keepPath(args['config-dir'], net),
     connectTo: connectToSettings(args),
+    accessEnforce: args['access-enforce'],
     scriptChecks: args['script-checks'],
     deregisterOnExit: args['deregister-on-exit'],
     runDir: args['run-dir'],
@@ -174,6 +175,7 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       maxServicesPerNode: s.maxServices,
       keepFile: s.keepFile,
       connectTo: s.connectTo && { ...s.connectTo, readState },
+      accessEnforce: s.accessEnforce,
       log,
       onState,
     })
@@ -422,6 +424,16 @@ const runArgs = {
   },
   ...dnsArgs,
   ...serviceRunArgs,
+  'access-enforce': {
+    type: 'boolean',
+    description: described(
+      "Enforce the network's groups and associations with an nftables table on the tinc interface (docs/groups.md); --no-access-enforce turns it off and removes the table",
+      'access-enforce',
+    ),
+    get default() {
+      return envFlag('access-enforce', true)
+    },
+  },
   status: {
     type: 'boolean',
     description: described('Serve /status, /tincstat, /metrics and the graph over HTTP (--no-status turns it off)', 'status'),

@@ -86,20 +86,21 @@ export function renderStatus(s: Status, opts: { colour: boolean; now?: number })
     ...(s.localServices?.refused.length ? [paint('yellow', localRefusedText(s.localServices))] : []),
     ...(s.node.forwardingOff ? [paint('red', s.node.forwardingOff)] : []),
     ...connectToLines(s, now, paint),
+    ...accessLines(s, paint),
     '',
   ]
   const rows = [['NAME', 'ADDRESS', 'REACHABLE', 'PATH', 'REMOTE', 'CHANGED']]
   const colours: Array<keyof typeof ANSI | undefined> = [undefined]
   for (const n of s.nodes) {
     rows.push([
-      n.name,
+      n.hidden ? `${n.name} (hidden)` : n.name,
       n.address6 ? `${n.address ?? '-'} ${n.address6}` : (n.address ?? '-'),
       n.reachable === undefined ? '?' : n.reachable ? 'yes' : 'no',
       pathText(n),
       n.remote ?? '-',
       n.path === 'self' ? '-' : ago(n.lastChange, now),
     ])
-    colours.push(n.path === 'direct' ? 'green' : n.path === 'relayed' ? 'yellow' : n.path === 'unreachable' ? 'red' : n.path === 'self' ? 'bold' : 'dim')
+    colours.push(n.hidden ? 'dim' : n.path === 'direct' ? 'green' : n.path === 'relayed' ? 'yellow' : n.path === 'unreachable' ? 'red' : n.path === 'self' ? 'bold' : 'dim')
   }
   const lines = alignRows(rows).map((text, i) => {
     const c = colours[i]
@@ -116,6 +117,20 @@ function connectToLines(s: Status, now: number, paint: (c: keyof typeof ANSI, t:
   return [
     `connect to: ${c.chosen.join(', ') || 'nobody'}${benched.length ? paint('yellow', `   sitting out: ${benched.join(', ')}`) : ''}`,
     ...(c.unknownPins.length ? [paint('yellow', `pinned but without a host file here: ${c.unknownPins.join(', ')}`)] : []),
+  ]
+}
+
+/** Groups (docs/groups.md): nothing in an open mesh; red when the policy or the table can't be applied. */
+function accessLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => string): string[] {
+  const a = s.access
+  if (!a || (a.groups === 0 && !a.unreadable && a.firewall?.mode !== 'failed')) return []
+  const fw = a.firewall
+  const table = !fw ? '' : fw.mode === 'enforced' ? `, enforced (reached from: ${(fw.allowedGroups ?? []).join(', ')})` : fw.mode === 'failed' ? '' : `, ${fw.mode}`
+  return [
+    `access: group ${a.group ?? '(none)'} of ${a.groups}, ${a.associations} association(s)${table}${a.hidden.length ? `, ${a.hidden.length} node(s) hidden` : ''}`,
+    ...(fw?.mode === 'failed' ? [paint('red', `access table NOT loaded (${fw.reason ?? 'unknown reason'}): the groups are not enforced on this node`)] : []),
+    ...(a.unreadable ? [paint('red', a.unreadable)] : []),
+    ...(a.refused.length ? [paint('yellow', `${a.refused.length} access policy key(s) refused: ${a.refused.map((r) => `${r.key}: ${r.reason}`).join('; ')}`)] : []),
   ]
 }
 

@@ -1,3 +1,6 @@
+import { interfaceOf } from '../tinc/setup.ts'
+import { accessFirewall } from './daemon/access-firewall.ts'
+import { accessFollower, type AccessStatus } from './daemon/access-follow.ts'
 import { watch as fsWatch, type FSWatcher } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
@@ -58,6 +61,10 @@ export interface SyncOptions {
   maxServicesPerNode?: number
   /** Keep K ConnectTo lines (src/mesh/connect-to.ts); without it, one to every public peer. */
   connectTo?: ConnectToSettings & { readState(): Promise<DumpResult> }
+  /** Enforce the access policy with an nftables table (default true; docs/groups.md). False removes a table an earlier run loaded. */
+  accessEnforce?: boolean
+  /** Loads an nft script (default: `nft -f -`); tests pass a recorder so they never touch the host's rules. */
+  accessNft?: (script: string) => Promise<void>
 }
 
 export interface ConnectToSettings {
@@ -103,6 +110,8 @@ export interface SyncDaemon {
   consul(): ConsulHealth
   /** The ConnectTo keeper's latest plan (chosen, benched, unknown pins); undefined when every public peer is kept. */
   connectTo(): ConnectToPlan | undefined
+  /** The access policy on this node: groups, hidden names, the table's state. */
+  access(): AccessStatus
   stop(): Promise<void>
 }
 
@@ -131,6 +140,8 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
   }
   const cache = cacheWriter(opts.stateDir, log)
   const keeper = opts.connectTo && connectToKeeper({ ...opts.connectTo, self, intervalMs: CONNECT_TO_TICK_MS, onChange: () => void core.schedule(), log })
+  const firewall = accessFirewall({ net: opts.net, log, enforce: opts.accessEnforce !== false, ...(opts.accessNft ? { nft: opts.accessNft } : {}) })
+  const access = accessFollower({ stateDir: opts.stateDir, firewall, iface: () => interfaceOf(opts.tincDir, opts.net), policy: () => inputs.access, self: () => ctx.self, log })
   const core = meshCore({
     tincDir: opts.tincDir,
     pidFile: opts.pidFile,
@@ -145,6 +156,7 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     takeBytes,
     own: () => owner.own().catch(() => undefined),
     chooseConnectTo: keeper ? (publics) => keeper.choose(publics) : undefined,
+    access,
   })
 
   const cached = await loadCache(opts.stateDir)
@@ -170,7 +182,9 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     routes: core.routes,
     consul: () => ({ reachable: client.reach.ok === true, ...(client.reach.lastOkAt ? { lastReadAt: client.reach.lastOkAt } : {}), index: watches.lead.index, failures: client.reach.failures }),
     connectTo: () => keeper?.plan(),
+    access: () => access.status(core.view()),
     async stop() {
+      firewall.stop()
       keeper?.stop()
       owner.stop()
       await files.close()
@@ -248,6 +262,7 @@ function reactor(p: ReactorParts): (what: InputName) => Promise<void> {
     const network = p.inputs.network
     if ((what === 'network' || what === 'aliases') && network && p.inputs.aliasItems && p.feed.setAliasItems(p.inputs.aliasItems, network.domain)) p.core.aliasesChanged()
     if (what === 'services') return p.core.servicesChanged()
+    if (what === 'access') return p.core.accessChanged()
     if (what === 'aliases') return
     if (what === 'network' && network) {
       p.owner.setNetwork(network)

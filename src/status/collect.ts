@@ -6,8 +6,7 @@ import type { LocalLimits } from '../services/registrar.ts'
 import type { DumpResult } from '../tinc/dump.ts'
 import { tincBackend } from '../tinc/backend.ts'
 import type { PeerLink } from '../tinc/events.ts'
-import { parseHostFile } from '../tinc/hostfile.ts'
-import { defaultInterface } from '../tinc/setup.ts'
+import { interfaceOf } from '../tinc/setup.ts'
 import { buildStatus, type InterfaceCounters, type Status, type StatusInputs } from './model.ts'
 
 /**
@@ -36,15 +35,6 @@ export interface CollectorOptions {
 export async function tincConfModeOf(tincDir: string): Promise<string | undefined> {
   const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => undefined)
   return text === undefined ? undefined : tincBackend().confMode(text)
-}
-
-/** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
-export async function interfaceOf(tincDir: string, net: string): Promise<string> {
-  const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => '')
-  const entry = parseHostFile(text).entries.find((e) => e.key.toLowerCase() === 'interface')
-  const name = entry?.value.trim()
-  // Only a real interface name can be joined into a /sys path.
-  return name && /^[A-Za-z0-9_.-]{1,15}$/.test(name) && name !== '.' && name !== '..' ? name : defaultInterface(net)
 }
 
 export async function readCounters(iface: string): Promise<InterfaceCounters | undefined> {
@@ -101,6 +91,7 @@ export async function createCollector(opts: CollectorOptions): Promise<Collector
         pending: opts.sync.pending(),
         ...(await routesOf(opts.sync, opts.self)),
         connectTo: opts.sync.connectTo(),
+        access: opts.sync.access(),
         now: new Date(),
       })
     },

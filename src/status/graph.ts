@@ -29,8 +29,9 @@ export function renderDot(s: Status): string {
       n.address,
       n.public === undefined ? undefined : n.public ? 'public' : 'behind NAT',
       n.path === 'relayed' && n.via ? `via ${n.via}` : n.path === 'self' ? 'this node' : n.path,
+      n.hidden ? 'hidden by groups' : undefined,
     ].filter(Boolean)
-    const style = n.path === 'self' ? ', fillcolor="#dbe8f5", penwidth=3' : n.path === 'unreachable' ? ', style="rounded,dashed"' : ''
+    const style = n.path === 'self' ? ', fillcolor="#dbe8f5", penwidth=3' : n.path === 'unreachable' || n.hidden ? ', style="rounded,dashed"' : ''
     // Real newlines become DOT's \n after quoting, so quoting can't double their backslash.
     lines.push(`  ${q(n.name)} [label=${q([n.name, ...detail].join('\n')).replace(/\n/g, '\\n')}, color=${q(colour)}${style}];`)
   }

@@ -1,3 +1,4 @@
+import type { AccessStatus } from '../mesh/daemon/access-follow.ts'
 import type { DnsStats } from '../dns/server.ts'
 import type { MeshService, ServiceRefusal } from '../mesh/services.ts'
 import type { LocalLimits } from '../services/registrar.ts'
@@ -52,6 +53,8 @@ export interface StatusInputs {
   forwarding?: { ipv4?: string; ipv6?: string }
   /** The ConnectTo keeper's plan (src/mesh/connect-to.ts); absent when every public peer is kept. */
   connectTo?: Pick<ConnectToPlan, 'connectTo' | 'benched' | 'unknownPins'>
+  /** The access policy on this node (src/mesh/daemon/access-follow.ts). */
+  access?: AccessStatus
   now: Date
 }
 
@@ -77,6 +80,8 @@ export interface NodeStatus {
   /** Known to tincd but not in the view (an old host file), or the other way round. */
   inView: boolean
   inTinc: boolean
+  /** The access policy keeps this node and us apart: DNS doesn't answer its name (docs/groups.md). */
+  hidden?: true
 }
 
 export interface Status {
@@ -132,6 +137,8 @@ export interface Status {
   refusedApprovals: Array<{ key: string; reason: string }>
   /** The public nodes this node keeps a ConnectTo to, those sitting out after going silent, and pins with no host file. */
   connectTo?: { chosen: string[]; benched: Array<{ name: string; until: string; strikes: number }>; unknownPins: string[] }
+  /** Groups and associations as this node applies them: its group, the names hidden from it, the table's state. */
+  access?: AccessStatus
 }
 
 /**
@@ -175,6 +182,7 @@ export function buildStatus(i: StatusInputs): Status {
   const dump = i.tinc.dump
   const dumped = new Map((i.tinc.state === 'up' ? (dump?.nodes ?? []) : []).map((n) => [n.name, n]))
   const names = new Set([...(i.view ? i.view.peers.keys() : []), ...dumped.keys(), ...i.links.keys(), i.self])
+  const hidden = new Set(i.access?.hidden ?? [])
   const nodes: NodeStatus[] = [...names].sort().map((name) => {
     const rec = i.view?.peers.get(name)?.record
     const d = dumped.get(name)
@@ -193,6 +201,7 @@ export function buildStatus(i: StatusInputs): Status {
       ...(link ? { lastChange: link.since.toISOString() } : {}),
       inView: rec !== undefined,
       inTinc: d !== undefined,
+      ...(hidden.has(name) ? { hidden: true as const } : {}),
     }
   })
   const selfRec = i.view?.peers.get(i.self)?.record
@@ -245,6 +254,7 @@ export function buildStatus(i: StatusInputs): Status {
           },
         }
       : {}),
+    ...(i.access ? { access: i.access } : {}),
     allocations: [...i.allocations].map(([address, node]) => ({ address, node })).sort((a, b) => a.address.localeCompare(b.address, undefined, { numeric: true })),
   }
 }

@@ -72,6 +72,15 @@ export const tincDirFor = (root: string, net: string): string => join(root, net)
 /** Linux caps interface names at 15 bytes. */
 export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 15)
 
+/** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
+export async function interfaceOf(tincDir: string, net: string): Promise<string> {
+  const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => '')
+  const entry = parseHostFile(text).entries.find((e) => e.key.toLowerCase() === 'interface')
+  const name = entry?.value.trim()
+  // Only a real interface name can be joined into a /sys path.
+  return name && /^[A-Za-z0-9_.-]{1,15}$/.test(name) && name !== '.' && name !== '..' ? name : defaultInterface(net)
+}
+
 /**
  * tinc.conf. The mode lines are written here, once, outside the managed block, like Name and
  * Interface: a network's mode is fixed when it is created, and tincd applies a new Mode or

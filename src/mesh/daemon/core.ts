@@ -13,6 +13,7 @@ import type { Approval, RouteJudgement } from '../routes.ts'
 import type { MeshInputs } from './inputs.ts'
 import { cacheInput, consulInput, judge, type JudgeContext, type Judgement } from './judge.ts'
 import type { StateFeed } from './state-feed.ts'
+import type { AccessFollower } from './access-follow.ts'
 
 export interface AppliedEvent {
   source: 'cache' | 'consul'
@@ -51,6 +52,8 @@ export interface CoreOptions {
   onApplied?(event: AppliedEvent): void
   /** Which of the public peers to ConnectTo (the keeper's choice); all of them when absent. */
   chooseConnectTo?(publics: readonly string[]): string[]
+  /** The access policy's follower: what DNS may answer, and the nftables table (src/mesh/daemon/access-follow.ts). */
+  access?: AccessFollower
 }
 
 export interface Core {
@@ -65,6 +68,8 @@ export interface Core {
   aliasesChanged(): void
   /** The services changed: feed DNS. */
   servicesChanged(): void
+  /** The access policy changed: feed DNS what it may answer, and load the table. */
+  accessChanged(): Promise<void>
   /** The routes behind nodes as last judged (src/mesh/routes.ts), and approvals under subnet-approvals/ that could not be used. */
   routes(): { judgement: RouteJudgement | undefined; refusedApprovals: ReadonlyArray<{ key: string; reason: string }> }
   stop(): Promise<void>
@@ -151,9 +156,13 @@ export function meshCore(o: CoreOptions): Core {
     aliasesChanged: () => {
       const last = st.last
       if (last) o.cache.set(() => cachedView(last, o.feed, st.routing.approvals()))
-      o.feed.emit(st.view, o.inputs.services)
+      emitState(o, st)
     },
-    servicesChanged: () => o.feed.emit(st.view, o.inputs.services),
+    servicesChanged: () => emitState(o, st),
+    accessChanged: async () => {
+      emitState(o, st)
+      await o.access?.apply()
+    },
     stop: async () => {
       stopped = true
       clearTimeout(retry)
@@ -207,12 +216,18 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
     if (await tincBackend().reload(o.pidFile, log)) o.stats.hups++
   }
   o.onApplied?.({ source, render, refusals: j.refusals, bytesRead: o.takeBytes() })
-  o.feed.emit(st.view, o.inputs.services)
+  emitState(o, st)
+  await o.access?.apply()
   if (source !== 'consul') return
   const soon = takesTrustAway(st.last, j, st.cachedApprovals, st.routing.approvals())
   st.last = j
   st.cachedApprovals = st.routing.approvals()?.length
   o.cache.set(() => cachedView(j, o.feed, st.routing.approvals()), soon ? 'soon' : 'later')
+}
+
+/** DNS and the hosts block get the peers this node may reach (all of them in an open mesh). */
+function emitState(o: CoreOptions, st: CoreState): void {
+  o.feed.emit(st.view && o.access ? o.access.visible(st.view) : st.view, o.inputs.services)
 }
 
 /** Whether a judgement removes what the last one trusted: a peer, an unrevoked key, an approved route. */

@@ -11,6 +11,7 @@ import { revokedFrom } from '../revoke.ts'
 import { parseApprovals, type ApprovalRead } from '../routes.ts'
 import type { KvLayout } from '../kv-layout.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from '../record.ts'
+import { parseAccessPolicy, type PolicyRead } from '../groups.ts'
 import { serviceFilters } from '../services.ts'
 
 /**
@@ -37,10 +38,15 @@ export interface MeshInputs {
   aliasItems?: KvItem[]
   /** subnet-approvals/ as last read: approvals of routes behind nodes (src/mesh/routes.ts). */
   approvals?: ApprovalRead
+  /**
+   * The access policy under network/ (docs/groups.md), read with the network record. `unreadable`
+   * when a read hid keys from our token: the policy read before is kept, never taken as "no groups".
+   */
+  access?: PolicyRead & { unreadable?: string }
   services: ReadonlyMap<string, unknown[]>
 }
 
-export type InputName = 'network' | 'nodes' | 'ipam' | 'revoked' | 'aliases' | 'approvals' | 'services'
+export type InputName = 'network' | 'access' | 'nodes' | 'ipam' | 'revoked' | 'aliases' | 'approvals' | 'services'
 
 export interface WatchSetOptions {
   /** Filled in place with each input's latest good read. */
@@ -175,11 +181,34 @@ function networkWatch(opts: WatchSetOptions): Watch {
       if (!item) return void log.warn({ key: layout.network }, 'no network record in consul yet; waiting for `tinc-consul init`')
       const d = decodeJson(item.value, networkRecordSchema)
       if (!d.ok) return void log.error({ key: layout.network, reason: d.reason }, 'refused the network record; keeping the last good one')
-      if (inputs.network && JSON.stringify(inputs.network) === JSON.stringify(d.value)) return
+      const accessChanged = takeAccess(opts, r.items, d.value, r.filtered)
+      if (inputs.network && JSON.stringify(inputs.network) === JSON.stringify(d.value)) return accessChanged ? opts.onChange('access') : undefined
       inputs.network = d.value
       await opts.onChange('network')
     },
   })
+}
+
+/**
+ * The access policy from the network watch's read: the network record is in the same read, so a
+ * read without groups means the operator has none. One filtered by ACLs (a node policy from a
+ * release without read on network/) can't say, and keeps the policy read before. Returns whether
+ * the policy or its refusals changed.
+ */
+function takeAccess(opts: WatchSetOptions, items: KvItem[], network: NetworkRecord, filtered: boolean): boolean {
+  const { inputs, log, layout } = opts
+  if (filtered) {
+    const reason = `consul hid keys under ${layout.network}/ from this node's token (a node policy from an older release?); keeping the access policy read before`
+    if (inputs.access?.unreadable !== reason) log.error({ prefix: `${layout.network}/` }, reason)
+    const changed = inputs.access?.unreadable !== reason
+    inputs.access = { ...(inputs.access ?? { policy: { groups: [], associations: [] }, refused: [] }), unreadable: reason }
+    return changed
+  }
+  const read = parseAccessPolicy(items, layout, network)
+  if (inputs.access && !inputs.access.unreadable && JSON.stringify(inputs.access) === JSON.stringify(read)) return false
+  for (const r of read.refused) if (!inputs.access?.refused.some((x) => x.key === r.key && x.reason === r.reason)) log.warn(r, 'refused an access policy key from consul')
+  inputs.access = read
+  return true
 }
 
 /**
