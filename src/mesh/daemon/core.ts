@@ -190,6 +190,11 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   const keep = adoption.handMade.size ? new Set([...ctx.keep, ...adoption.handMade.keys()]) : ctx.keep
   if (source === 'consul' && j.complete) st.owned = true
   const routes = st.routing.judge(j.network, j.view, await o.own(), o.inputs.approvals)
+  // At start, DNS answers from the cache before a thousand host files are checked: names don't wait on tinc's files.
+  if (source === 'cache') {
+    st.view = await withSelf(adoption.view, o, st)
+    emitState(o, st)
+  }
   // A name that is listed but can't be judged yet keeps its file: "unreadable" is not "gone".
   const render = await renderTinc(adoption.view, {
     tincDir: o.tincDir,
