@@ -1,3 +1,4 @@
+import { newGroupValue } from '../src/mesh/groups.ts'
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
@@ -58,6 +59,23 @@ describe('the join endpoint against a real Consul agent', () => {
       redeemInvite(inv, { name: 'laptop2', publicKey: rsaPublicPem(), addresses: [], port: 655 }),
       (err: Error) => err instanceof JoinRefusedError && err.message.includes(GENERIC_REFUSAL),
     )
+  })
+
+  test("an invite for a group gets an address in the group's range, and one whose group is gone is refused before anything is written", async () => {
+    await admin.kvPut(layout.group('lab'), JSON.stringify(newGroupValue({ cidr: '10.99.0.128/25' })))
+    const inv = decodeInvite((await createInvite({ client: admin, layout, net: 'test', endpoints: [endpoint], ttlMs: 3_600_000, createdBy: 'test', group: 'lab' })).invite)
+    const reply = await redeemInvite(inv, { name: 'benchpc', publicKey: rsaPublicPem(), addresses: [], port: 655 })
+    assert.equal(reply.address, '10.99.0.129', "the first free address of the group's range")
+    assert.equal(JSON.parse((await admin.kvGet(layout.ipam('10.99.0.129')))?.value ?? '{}').name, 'benchpc')
+    const made = await createInvite({ client: admin, layout, net: 'test', endpoints: [endpoint], ttlMs: 3_600_000, createdBy: 'test', group: 'lab' })
+    await admin.txn([{ KV: { Verb: 'delete', Key: layout.group('lab') } }])
+    await assert.rejects(
+      redeemInvite(decodeInvite(made.invite), { name: 'orphan', publicKey: rsaPublicPem(), addresses: [], port: 655 }),
+      /the invite is for group lab, which can't be used now: no group lab/,
+    )
+    assert.equal(await admin.kvGet(layout.node('orphan')), undefined, 'nothing written for a refused join')
+    assert.deepEqual(await keys(layout.invitesPrefix), [made.id], 'the invite is not spent: the operator can make the group again or revoke it')
+    await admin.txn([{ KV: { Verb: 'delete', Key: layout.invite(made.id) } }])
   })
 
   test('wrong, expired, tampered, oversized and misdirected requests are refused alike and change nothing', async () => {

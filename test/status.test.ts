@@ -188,6 +188,32 @@ describe('the status picture', () => {
     assert.equal(buildStatus(inputs()).node.nameConflict, undefined)
   })
 
+  test('the access policy shows in /status, the table, the graph and the metrics: hidden nodes, a table that failed, refused keys', async () => {
+    const access = {
+      groups: 2,
+      associations: 0,
+      group: 'left',
+      hidden: ['laptop'],
+      refused: [{ key: 'tinc-consul/home/network/groups/bad', reason: 'overlaps left' }],
+      firewall: { mode: 'failed' as const, table: 'tinc-consul-home-access', reason: 'nft is not installed', since: '2026-11-22T01:00:00.000Z' },
+    }
+    const s = buildStatus(inputs({ access }))
+    assert.equal(s.nodes.find((n) => n.name === 'laptop')?.hidden, true)
+    assert.equal(s.nodes.find((n) => n.name === 'alpha')?.hidden, undefined)
+    const plain = renderStatus(s, { colour: false })
+    assert.match(plain, /^access: group left of 2, 0 association\(s\), 1 node\(s\) hidden$/m)
+    assert.match(plain, /^access table NOT loaded \(nft is not installed\): the groups are not enforced on this node$/m)
+    assert.match(plain, /^1 access policy key\(s\) refused: tinc-consul\/home\/network\/groups\/bad: overlaps left$/m)
+    assert.match(plain, /^laptop \(hidden\) /m)
+    assert.match(renderDot(s), /"laptop" \[label="laptop\\n10\.99\.0\.7.*hidden by groups"/)
+    const text = await createMetrics().render(s)
+    assert.match(text, /^tinc_consul_access_table\{mode="failed"\} 1$/m)
+    assert.match(text, /^tinc_consul_access_table\{mode="enforced"\} 0$/m)
+    assert.match(text, /^tinc_consul_access_hidden_nodes 1$/m)
+    assert.match(text, /^tinc_consul_access_policy_refused 1$/m)
+    assert.doesNotMatch(renderStatus(buildStatus(inputs()), { colour: false }), /^access/m, 'an open mesh says nothing about access')
+  })
+
   test("refused services show in /status, the table and the metrics: other nodes' instances, and this node's files over its cap", async () => {
     const over = { file: 'z.toml', service: 'z', reason: "over this node's cap of 2 services (--max-services)" }
     const s = buildStatus(

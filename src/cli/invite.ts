@@ -1,7 +1,9 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
 import { createConsulClient } from '../consul/client.ts'
-import { kvLayout } from '../mesh/kv-layout.ts'
+import { TincConsulError } from '../errors.ts'
+import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
+import { readGroup, readNetwork } from '../mesh/network.ts'
 import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
 import { listJoinEndpoints } from '../mesh/join-endpoints.ts'
 import { printable } from '../util/text.ts'
@@ -25,6 +27,11 @@ const createArgs = {
   'serve-joins': { type: 'boolean', description: 'The new node is public and may serve joins itself (gets a join-server token: trust it like this one)', default: false },
   name: { type: 'string', description: described('Only a node of this name may use the invite (default: any name the joiner picks)', 'invite-name'), default: process.env.TINC_CONSUL_INVITE_NAME },
   ttl: { type: 'string', description: described('How long the invite stays valid', 'ttl'), default: envDefault('ttl', '1h') },
+  group: {
+    type: 'string',
+    description: described("The group (docs/groups.md) the new node joins: its address comes from the group's range", 'invite-group'),
+    default: process.env.TINC_CONSUL_INVITE_GROUP,
+  },
 } as const
 
 const create = defineCommand({
@@ -38,6 +45,7 @@ const create = defineCommand({
     // Every join server, so the joiner can try the next when one is down. They come from
     // join-endpoints/, which only join servers and operators can write: a node can't list
     // itself by adding a port to its own record.
+    const group = args.group ? await inviteGroup(client, layout, args.group) : undefined
     const { endpoints, skipped } = await listJoinEndpoints(client, layout)
     // Key names come from Consul, which any writer of the prefix chose: printed clean.
     for (const why of skipped) console.error(`left out of the invite: join-endpoints/${printable(why)}`)
@@ -50,11 +58,21 @@ const create = defineCommand({
       ttlMs: parseDurationFlag('ttl', args.ttl, 30 * 86_400_000),
       createdBy: hostname().slice(0, 64),
       serveJoins: args['serve-joins'],
+      group,
     })
     console.log(res.invite)
-    console.error(`invite ${res.id.slice(0, 8)} for ${args.name || 'any name'}, valid until ${res.expiresAt.toISOString()}, single use. On the new machine: tinc-consul join <invite>`)
+    console.error(
+      `invite ${res.id.slice(0, 8)} for ${args.name || 'any name'}${group ? ` in group ${group}` : ''}, valid until ${res.expiresAt.toISOString()}, single use. On the new machine: tinc-consul join <invite>`,
+    )
   },
 })
+
+/** Checks the group exists now, so a typo fails here rather than at the joiner's end. */
+async function inviteGroup(client: ReturnType<typeof createConsulClient>, layout: KvLayout, name: string): Promise<string> {
+  const network = await readNetwork(client, layout)
+  if (!network) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
+  return (await readGroup(client, layout, network, checkGroupName(name))).name
+}
 
 const list = defineCommand({
   meta: { name: 'list', description: 'Show open invites (ids, names, expiry); never the tokens, which Consul does not have' },

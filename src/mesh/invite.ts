@@ -4,7 +4,7 @@ import { hkdf } from '@noble/hashes/hkdf.js'
 import { sha256 } from '@noble/hashes/sha2.js'
 import * as z from 'zod'
 import { b64, type ConsulClient } from '../consul/client.ts'
-import { defaultPrefix, type KvLayout } from './kv-layout.ts'
+import { defaultPrefix, isGroupName, type KvLayout } from './kv-layout.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { isTincName, parseHostPort } from '../tinc/names.ts'
 import { decodeJson } from './record.ts'
@@ -109,6 +109,12 @@ export const storedInviteSchema = z
     createdBy: z.string().max(64),
     /** The operator chose to let this node serve joins: it gets a join-server token too. */
     serveJoins: z.boolean().optional(),
+    /**
+     * The group (docs/groups.md) whose range the joiner's address comes from. Strict parsing
+     * makes a broker of an older release refuse such an invite rather than place the node
+     * outside its group.
+     */
+    group: z.string().refine(isGroupName).optional(),
     key: z.string().regex(/^[A-Za-z0-9+/]{43}=$/),
   })
   .strict()
@@ -123,6 +129,8 @@ export interface CreateInviteOptions {
   ttlMs: number
   createdBy: string
   serveJoins?: boolean
+  /** The group the joiner's address is allocated in; the caller checked that it exists. */
+  group?: string
   now?: Date
 }
 
@@ -144,6 +152,7 @@ export async function createInvite(opts: CreateInviteOptions): Promise<{ invite:
     expiresAt: expiresAt.toISOString(),
     createdBy: opts.createdBy,
     ...(opts.serveJoins ? { serveJoins: true } : {}),
+    ...(opts.group ? { group: opts.group } : {}),
     key: Buffer.from(key).toString('base64'),
   }
   const res = await opts.client.txn([{ KV: { Verb: 'cas', Key: opts.layout.invite(id), Value: b64(JSON.stringify(stored)), Index: 0 } }])

@@ -14,6 +14,7 @@ import { DEFAULT_JOIN_PORT, endpointsFor, joinEndpointsValue } from './join-endp
 import { GENERIC_REFUSAL, STATUS_ERROR, STATUS_OK, type JoinReply } from './join-wire.ts'
 import { makeRecord, validateRecord } from './publish.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
+import { readGroup } from './network.ts'
 import { policyScopeFor } from '../services/naming.ts'
 
 export interface JoinBrokerOptions {
@@ -122,6 +123,17 @@ async function checkRequest(opts: JoinBrokerOptions, { h, found, req }: Authenti
   return network.value
 }
 
+/** Where the joiner's addresses come from: the invite's group's ranges (read now), else the network's. */
+async function joinRange(opts: JoinBrokerOptions, network: NetworkRecord, group: string | undefined): Promise<{ cidr: string; cidr6?: string }> {
+  const cidr6 = network.cidr6
+  if (group === undefined) return { cidr: network.cidr, ...(cidr6 ? { cidr6 } : {}) }
+  const g = await readGroup(opts.client, opts.layout, network, group).catch((err: unknown) => {
+    throw new Refusal(`the invite is for group ${group}, which can't be used now: ${err instanceof Error ? err.message : String(err)}`)
+  })
+  const six = cidr6 ? (g.cidr6 ?? cidr6) : undefined
+  return { cidr: g.cidr, ...(six ? { cidr6: six } : {}) }
+}
+
 const recordFor = (name: string, req: Authenticated<FoundInvite>['req'], address: string, address6?: string) =>
   makeRecord({ name, vpnAddress: address, vpnAddress6: address6, addresses: req.addresses, port: req.port, publicKey: req.publicKey })
 
@@ -140,6 +152,7 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
   const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())
   if (clash) throw new Refusal(`the name "${h.name}" differs from the existing node "${clash}" only in case, and peers would refuse it; join with another --name`)
   const servers = await consulServers(opts.client)
+  const range = await joinRange(opts, network, found.inv.group)
   const created: CreatedToken[] = []
   try {
     const acl = typeof opts.acl === 'function' ? await opts.acl() : opts.acl
@@ -148,8 +161,7 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
     const res = await allocateAddress({
       client: opts.client,
       layout: opts.layout,
-      cidr: network.cidr,
-      cidr6: network.cidr6,
+      ...range,
       name: h.name,
       records: [h.name],
       with: (address, address6) => [

@@ -2,6 +2,8 @@ import type { ConsulClient, TxnOp } from '../consul/client.ts'
 import { TincConsulError } from '../errors.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
+import { parseAccessPolicy } from './groups.ts'
+import type { Group } from './access-policy.ts'
 
 export interface NetworkWrite {
   /** True when this call made the network; false when one was there already. */
@@ -51,6 +53,23 @@ export async function readNetwork(client: ConsulClient, layout: KvLayout): Promi
   const d = decodeJson(entry.value, networkRecordSchema)
   if (!d.ok) throw new TincConsulError('NETWORK_UNREADABLE', `the network record at ${layout.network} is unreadable (${d.reason}); fix or delete it by hand`)
   return d.value
+}
+
+/**
+ * The group an invite names, from a fresh read of the policy (docs/groups.md). A group that
+ * doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs) is an
+ * error: a joiner placed outside its group would land in the wrong part of the mesh.
+ */
+export async function readGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string): Promise<Group> {
+  const r = await client.kvList(layout.network)
+  const read = parseAccessPolicy(r.items, layout, network)
+  const group = read.policy.groups.find((g) => g.name === name)
+  if (group) return group
+  const refused = read.refused.find((x) => x.key === layout.group(name))
+  if (refused) throw new TincConsulError('GROUP_REFUSED', `group ${name} is refused: ${refused.reason}`)
+  if (r.filtered) throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token, and group ${name} is not in what it showed`)
+  const known = read.policy.groups.map((g) => g.name)
+  throw new TincConsulError('NO_SUCH_GROUP', `no group ${name}${known.length ? ` (groups: ${known.join(', ')})` : ' (the network has no groups; `tinc-consul group add` makes one)'}`)
 }
 
 async function addMissingMarkers(client: ConsulClient, layout: KvLayout): Promise<void> {

@@ -25,6 +25,7 @@ export function createMetrics(): Metrics {
     async render(s) {
       fillTinc(m, s)
       fillConsul(m, s)
+      fillAccess(m, s)
       return registry.metrics()
     },
   }
@@ -102,6 +103,9 @@ function declareMetrics(registry: Registry) {
     dns: c('dns_queries_total', 'DNS queries answered, by outcome', ['outcome']),
     dnsTcpOpen: g('dns_tcp_connections', 'DNS over TCP connections open now'),
     dnsTcpRefused: c('dns_tcp_refused_total', 'DNS over TCP connections refused: over the per-source or total limit'),
+    accessTable: g('access_table', "The groups' nftables table on this node: 1 for its state (off, open, enforced, failed)", ['mode']),
+    accessHidden: g('access_hidden_nodes', 'Nodes this node may not reach under the groups: DNS does not answer them'),
+    accessRefused: g('access_policy_refused', 'Keys of the access policy refused right now (groups, associations)'),
   }
 }
 
@@ -126,6 +130,16 @@ function fillTinc(m: MetricSet, s: Status): void {
   m.connections.set(s.connections.length)
   m.subnets.set(s.subnets.length)
   m.skipped.set(s.tincd.skippedLines)
+}
+
+/** The groups (docs/groups.md): nothing before the daemon reports its access state. */
+function fillAccess(m: MetricSet, s: Status): void {
+  m.accessTable.reset()
+  const a = s.access
+  if (!a) return
+  for (const mode of ['off', 'open', 'enforced', 'failed'] as const) m.accessTable.set({ mode }, a.firewall?.mode === mode ? 1 : 0)
+  m.accessHidden.set(a.hidden.length)
+  m.accessRefused.set(a.refused.length)
 }
 
 /** Consul, records, services and DNS. */
