@@ -1,6 +1,9 @@
 import assert from 'node:assert/strict'
 import { spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { after, describe, test } from 'node:test'
 import ipaddr from 'ipaddr.js'
 import { pino } from 'pino'
@@ -9,9 +12,17 @@ import { accessFirewall, accessPlan, accessScript, accessTable, CONSUL_PORTS, de
 import { CommandError, TincConsulError } from '../src/errors.ts'
 import { listNamespaces } from '../src/lab/netns.ts'
 import { run } from '../src/util/exec.ts'
+import { accessFollower } from '../src/mesh/daemon/access-follow.ts'
+import type { PolicyRead } from '../src/mesh/groups.ts'
+import type { AcceptedPeer } from '../src/mesh/record.ts'
+import type { OwnIdentity } from '../src/mesh/reconcile.ts'
+import type { MeshView } from '../src/mesh/view.ts'
+import { NETWORK, nodeRecord, rsaPublicPem } from './helpers-keys.ts'
+import { quiet, recordingNft } from './sync-fixture.ts'
 
 // The access table (src/mesh/daemon/access-firewall.ts): the compiled script, the keeper around
-// nft, and the script loaded into a real kernel in a namespace of its own.
+// nft, the follower that feeds it and DNS (src/mesh/daemon/access-follow.ts), and the script
+// loaded into a real kernel in a namespace of its own.
 
 const POLICY: AccessPolicy = {
   groups: [
@@ -141,9 +152,9 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
 describe('the access firewall keeper', () => {
   test('nft runs at the first apply (an earlier run may have left a table) and then only on a change', async () => {
-    const calls: string[] = []
+    const { calls, nft } = recordingNft()
     const { log } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: true, nft: async (s) => void calls.push(s) })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, nft })
     await fw.apply(input({ policy: OPEN_POLICY }))
     assert.deepEqual(calls, [removal('home')])
     assert.equal(fw.state().mode, 'open')
@@ -166,19 +177,10 @@ describe('the access firewall keeper', () => {
   })
 
   test('a failed load says so loudly, is retried at the next apply and by the timer, and recovers', async () => {
-    let fail: Error | undefined = new CommandError('nft -f - failed (exit 1): Error: Could not process rule: Operation not permitted', 1, 'Operation not permitted')
-    const calls: string[] = []
+    const rec = recordingNft(new CommandError('nft -f - failed (exit 1): Error: Could not process rule: Operation not permitted', 1, 'Operation not permitted'))
+    const calls = rec.calls
     const { log, errors, lines } = recordingLog()
-    const fw = accessFirewall({
-      net: 'home',
-      log,
-      enforce: true,
-      retryMs: 20,
-      nft: async (s) => {
-        calls.push(s)
-        if (fail) throw fail
-      },
-    })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, retryMs: 20, nft: rec.nft })
     await fw.apply(input())
     const failed = fw.state()
     assert.equal(failed.mode, 'failed')
@@ -188,11 +190,11 @@ describe('the access firewall keeper', () => {
     await fw.apply(input())
     assert.equal(calls.length, 2, 'the same input is tried again while failed')
     assert.equal(errors().length, 1, 'the same reason is not logged again at once')
-    fail = new CommandError('cannot run nft: spawn nft ENOENT', null, '')
+    rec.fail = new CommandError('cannot run nft: spawn nft ENOENT', null, '')
     await fw.apply(input())
     assert.match(fw.state().reason ?? '', /not installed/)
     assert.equal(errors().length, 2, 'a new reason is logged')
-    fail = undefined
+    rec.fail = undefined
     const before = calls.length
     await sleep(150)
     assert.ok(calls.length > before, 'the timer retried')
@@ -205,9 +207,9 @@ describe('the access firewall keeper', () => {
   })
 
   test('a policy that is not safe to load is not loaded: the previous table stays and the state says failed', async () => {
-    const calls: string[] = []
+    const { calls, nft } = recordingNft()
     const { log, errors } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: true, retryMs: 60_000, nft: async (s) => void calls.push(s) })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, retryMs: 60_000, nft })
     await fw.apply(input())
     await fw.apply(input({ iface: 'tinc0"; flush ruleset' }))
     assert.equal(calls.length, 1)
@@ -221,18 +223,9 @@ describe('the access firewall keeper', () => {
   })
 
   test('an open network where nft cannot run warns once and stays open: nothing needs filtering', async () => {
-    const calls: string[] = []
+    const { calls, nft } = recordingNft(new CommandError('cannot run nft: spawn nft ENOENT', null, ''))
     const { log, errors, lines } = recordingLog()
-    const fw = accessFirewall({
-      net: 'home',
-      log,
-      enforce: true,
-      retryMs: 10,
-      nft: async (s) => {
-        calls.push(s)
-        throw new CommandError('cannot run nft: spawn nft ENOENT', null, '')
-      },
-    })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, retryMs: 10, nft })
     await fw.apply(input({ policy: OPEN_POLICY }))
     await fw.apply(input({ policy: OPEN_POLICY }))
     await sleep(50)
@@ -248,9 +241,9 @@ describe('the access firewall keeper', () => {
   })
 
   test('enforcement off: the table is removed once, the state says off, and nothing is loaded', async () => {
-    const calls: string[] = []
+    const { calls, nft } = recordingNft()
     const { log, lines } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: false, nft: async (s) => void calls.push(s) })
+    const fw = accessFirewall({ net: 'home', log, enforce: false, nft })
     assert.equal(fw.state().mode, 'off')
     await fw.apply(input())
     await fw.apply(input({ selfAddress: '10.99.0.100' }))
@@ -260,16 +253,16 @@ describe('the access firewall keeper', () => {
   })
 
   test('remove deletes the table for good; a failed removal rejects', async () => {
-    const calls: string[] = []
+    const { calls, nft } = recordingNft()
     const { log } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: true, nft: async (s) => void calls.push(s) })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, nft })
     await fw.apply(input())
     await fw.remove()
     assert.equal(calls.at(-1), removal('home'))
     assert.equal(fw.state().mode, 'off')
     await fw.apply(input())
     assert.equal(calls.length, 2, 'no apply after remove')
-    const broken = accessFirewall({ net: 'home', log, enforce: true, nft: () => Promise.reject(new CommandError('cannot run nft: spawn nft ENOENT', null, '')) })
+    const broken = accessFirewall({ net: 'home', log, enforce: true, nft: recordingNft(new CommandError('cannot run nft: spawn nft ENOENT', null, '')).nft })
     await assert.rejects(broken.remove(), CommandError)
     assert.throws(() => accessFirewall({ net: 'a b', log, enforce: true }), TincConsulError)
   })
@@ -278,6 +271,90 @@ describe('the access firewall keeper', () => {
     assert.match(describeNftFailure(new CommandError('cannot run nft: spawn nft ENOENT', null, '')), /not installed/)
     assert.match(describeNftFailure(new CommandError('nft -f - failed (exit 1): netlink: Error: cache initialization failed: Operation not permitted', 1, '')), /root/)
     assert.match(describeNftFailure(new CommandError('nft -f - failed (exit 1): Error: syntax error, unexpected }', 1, 'Error: syntax error')), /nft refused the rules: .*syntax error/)
+  })
+})
+
+describe('the access follower', () => {
+  const pem = rsaPublicPem()
+  const peer = (name: string, octet: number): AcceptedPeer => ({ record: nodeRecord(name, octet, pem), publicKey: pem, options: [], dropped: [], createIndex: 1 })
+  // NETWORK is 10.99.0.0/24: office2 (.41) in office, lab1 (.70) in lab, guest (.100) in guests, pub (.3) in infra, stray (.200) in none.
+  const VIEW: MeshView = { network: NETWORK, peers: new Map([peer('office2', 41), peer('lab1', 70), peer('guest', 100), peer('pub', 3), peer('stray', 200)].map((p) => [p.record.name, p])) }
+  const dirs: string[] = []
+  after(async () => {
+    for (const d of dirs) await rm(d, { recursive: true, force: true })
+  })
+
+  async function follower(o: { read: () => PolicyRead | undefined; self?: () => OwnIdentity; iface?: () => Promise<string> }) {
+    const stateDir = await mkdtemp(join(tmpdir(), 'tc-access-follow-'))
+    dirs.push(stateDir)
+    const rec = recordingNft()
+    const firewall = accessFirewall({ net: 'home', log: quiet, enforce: true, nft: rec.nft })
+    const f = accessFollower({ stateDir, firewall, iface: o.iface ?? (async () => 'tinc0'), policy: o.read, self: o.self ?? (() => ({ name: 'me', vpnAddress: OFFICE })), log: quiet })
+    return { f, firewall, calls: rec.calls }
+  }
+
+  test('hides exactly the peers mayReach refuses, and judges a view once per view, policy and address', async () => {
+    let read: PolicyRead = { policy: POLICY, refused: [] }
+    let self: OwnIdentity = { name: 'me', vpnAddress: OFFICE }
+    const { f } = await follower({ read: () => read, self: () => self })
+    const want = (address: string) => [...VIEW.peers.values()].filter((p) => !mayReach(read.policy, address, p.record.vpnAddress)).map((p) => p.record.name)
+    assert.deepEqual(want(OFFICE).sort(), ['guest', 'stray'], 'the example both shows and hides')
+    const visible = f.visible(VIEW)
+    assert.deepEqual([...visible.peers.keys()].sort(), ['lab1', 'office2', 'pub'])
+    assert.equal(visible.network, VIEW.network)
+    assert.equal(f.visible(VIEW), visible, 'the same view, policy and address: the same answer, not worked out again')
+    const status = f.status(VIEW)
+    assert.deepEqual(status.hidden, want(OFFICE).sort())
+    assert.equal(status.group, 'office')
+    status.hidden.push('changed by a caller')
+    assert.deepEqual(f.status(VIEW).hidden, ['guest', 'stray'], "status hands out a copy, not the follower's own list")
+    assert.equal(f.visible(VIEW), visible)
+
+    read = { policy: { ...POLICY, associations: [...POLICY.associations, ['guests', 'office']] }, refused: [] }
+    assert.deepEqual(f.status(VIEW).hidden, ['stray'], 'a new policy is judged again')
+    self = { name: 'me', vpnAddress: '10.99.0.100' }
+    assert.deepEqual(f.status(VIEW).hidden, want('10.99.0.100').sort(), 'so is a new address of ours')
+    const copy: MeshView = { network: VIEW.network, peers: new Map(VIEW.peers) }
+    assert.notEqual(f.visible(copy), f.visible(VIEW), 'and another view')
+    assert.deepEqual([...f.visible(copy).peers.keys()], [...f.visible(VIEW).peers.keys()])
+  })
+
+  test('an open network: the view passes as it is, and neither the interface nor nft is asked for', async () => {
+    let asked = 0
+    const { f, calls } = await follower({ read: () => ({ policy: OPEN_POLICY, refused: [] }), iface: async () => `tinc${asked++}` })
+    assert.equal(f.visible(VIEW), VIEW)
+    assert.deepEqual(f.status(VIEW).hidden, [])
+    await f.apply()
+    await f.apply()
+    assert.equal(asked, 0)
+    assert.deepEqual(calls, [])
+  })
+
+  test('the interface is resolved once, not at every apply; a failure is logged and asked again at the next one', async () => {
+    let asked = 0
+    let broken = true
+    let read: PolicyRead = { policy: POLICY, refused: [] }
+    const { f, firewall, calls } = await follower({
+      read: () => read,
+      iface: async () => {
+        asked++
+        if (broken) throw new Error('tinc.conf unreadable')
+        return 'tinc0'
+      },
+    })
+    await f.apply()
+    assert.equal(asked, 1)
+    assert.equal(calls.length, 0, 'no interface, nothing loaded')
+    broken = false
+    await f.apply()
+    assert.equal(asked, 2, 'a failure is not kept')
+    assert.equal(firewall.state().mode, 'enforced')
+    read = { policy: { ...POLICY, associations: [] }, refused: [] }
+    for (let i = 0; i < 5; i++) await f.apply()
+    assert.equal(asked, 2, 'resolved once for every later apply')
+    assert.equal(calls.length, 2, 'the changed policy was loaded')
+    assert.ok(calls.every((c) => c.includes('iifname "tinc0"')))
+    firewall.stop()
   })
 })
 

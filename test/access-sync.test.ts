@@ -7,7 +7,7 @@ import { newAssociationValue, newGroupValue } from '../src/mesh/groups.ts'
 import { kvLayout } from '../src/mesh/kv-layout.ts'
 import { createNetwork } from '../src/mesh/network.ts'
 import { NETWORK } from './helpers-keys.ts'
-import { startNode, tempRoot, type TestNode } from './sync-fixture.ts'
+import { recordingNft, startNode, tempRoot, type TestNode } from './sync-fixture.ts'
 
 const layout = kvLayout('test')
 
@@ -17,14 +17,15 @@ describe('the access policy against a real Consul agent', () => {
   let admin: ConsulClient
   let root: string
   const nodes: TestNode[] = []
-  const scripts: string[] = []
+  const nft = recordingNft()
+  const scripts = nft.calls
 
   before(async () => {
     consul = await startDevConsul()
     admin = createConsulClient({ url: consul.url })
     root = await tempRoot()
     await createNetwork(admin, layout, NETWORK)
-    nodes.push(await startNode({ root, name: 'alpha', octet: 1, isPublic: true, consulUrl: consul.url, nft: async (s) => void scripts.push(s) }))
+    nodes.push(await startNode({ root, name: 'alpha', octet: 1, isPublic: true, consulUrl: consul.url, nft: nft.nft }))
     nodes.push(await startNode({ root, name: 'beta', octet: 2, isPublic: true, consulUrl: consul.url }))
     nodes.push(await startNode({ root, name: 'gamma', octet: 5, isPublic: false, consulUrl: consul.url }))
   })

@@ -10,7 +10,8 @@ import { createConsulClient, type ConsulClient } from '../src/consul/client.ts'
 import type { KvItem } from '../src/consul/kv.ts'
 import { ConsulError } from '../src/errors.ts'
 import { startDevConsul, type DevConsul } from '../src/lab/dev-consul.ts'
-import { mayReach } from '../src/mesh/access-policy.ts'
+import ipaddr from 'ipaddr.js'
+import { compilePolicy, groupOf, mayReach, OPEN_POLICY, reachableGroups, type AccessPolicy, type Group } from '../src/mesh/access-policy.ts'
 import { associatedWith, associationKeysNaming, groupMembers, MAX_POLICY_VALUE_BYTES, newGroupValue, parseAccessPolicy, refusalOfNew, type PolicyRead } from '../src/mesh/groups.ts'
 import { isGroupName, kvLayout } from '../src/mesh/kv-layout.ts'
 import { createNetwork } from '../src/mesh/network.ts'
@@ -223,6 +224,156 @@ describe('parseAccessPolicy', () => {
       keys.map((k) => k.slice(L.associationsPrefix.length)),
       ['engineering+installations', 'humans+installations', 'installations+zz'],
     )
+  })
+})
+
+const toNum = (a: ipaddr.IPv4 | ipaddr.IPv6): bigint => a.toByteArray().reduce((n, b) => (n << 8n) | BigInt(b), 0n)
+
+/**
+ * The rule of docs/groups.md written out plainly, every range parsed and every set built at each
+ * question, with the range arithmetic done by hand: what the compiled form must agree with.
+ */
+const reference = {
+  inRange(address: ipaddr.IPv4 | ipaddr.IPv6, cidr: string): boolean {
+    const [net, bits] = ipaddr.parseCIDR(cidr)
+    if (net.kind() !== address.kind()) return false
+    const shift = BigInt((address.kind() === 'ipv4' ? 32 : 128) - bits)
+    return toNum(address) >> shift === toNum(net) >> shift
+  },
+  groupOf(policy: AccessPolicy, address: string | undefined): Group | undefined {
+    if (address === undefined || !ipaddr.isValid(address)) return undefined
+    const a = ipaddr.parse(address)
+    return policy.groups.find((g) => {
+      const cidr = a.kind() === 'ipv6' ? g.cidr6 : g.cidr
+      return cidr !== undefined && reference.inRange(a, cidr)
+    })
+  },
+  reachable(policy: AccessPolicy, group: string | undefined): string[] {
+    const infra = policy.groups.filter((g) => g.infra).map((g) => g.name)
+    if (group !== undefined && infra.includes(group)) return [...new Set(policy.groups.map((g) => g.name))].sort()
+    const out = new Set(infra)
+    if (group !== undefined) out.add(group)
+    for (const [a, b] of policy.associations) if (group !== undefined && (a === group || b === group)) out.add(a === group ? b : a)
+    return [...out].sort()
+  },
+  mayReach(policy: AccessPolicy, a: string | undefined, b: string | undefined): boolean {
+    if (policy.groups.length === 0) return true
+    const [ga, gb] = [reference.groupOf(policy, a), reference.groupOf(policy, b)]
+    if (ga?.infra || gb?.infra) return true
+    return ga !== undefined && gb !== undefined && reference.reachable(policy, ga.name).includes(gb.name)
+  },
+}
+
+/** A small seeded generator, so a failing case can be run again. */
+function prng(seed: number): (n: number) => number {
+  let t = seed >>> 0
+  return (n) => {
+    t = (t + 0x6d2b79f5) >>> 0
+    let r = Math.imul(t ^ (t >>> 15), 1 | t)
+    r ^= r + Math.imul(r ^ (r >>> 7), 61 | r)
+    return ((r ^ (r >>> 14)) >>> 0) % n
+  }
+}
+
+/** The address `offset` places into `cidr` (modulo its size: -1n is its last address). */
+function addressIn(cidr: string, offset: bigint): string {
+  const [net, bits] = ipaddr.parseCIDR(cidr)
+  const bytes = net.toByteArray()
+  const size = 1n << BigInt(bytes.length * 8 - bits)
+  let n = toNum(net) + (((offset % size) + size) % size)
+  for (let i = bytes.length - 1; i >= 0; i--, n >>= 8n) bytes[i] = Number(n & 255n)
+  return ipaddr.fromByteArray(bytes).toString()
+}
+
+/** Random policies as a hand-made one might be: ranges that may overlap, associations naming groups that don't exist, the odd duplicate name. */
+function randomPolicy(rand: (n: number) => number): { policy: AccessPolicy; addresses: Array<string | undefined> } {
+  const randomBits = (n: number): bigint => {
+    let x = 0n
+    for (let i = 0; i < n; i++) x = (x << 1n) | BigInt(rand(2))
+    return x
+  }
+  // A prefix of `from` to `to` bits inside `base`, at a random place in it.
+  const randomRange = (base: string, from: number, to: number): string => {
+    const [net, baseBits] = ipaddr.parseCIDR(base)
+    const bits = from + rand(to - from + 1)
+    const width = net.kind() === 'ipv4' ? 32 : 128
+    return `${addressIn(base, randomBits(bits - baseBits) << BigInt(width - bits))}/${bits}`
+  }
+  const pool = ['infra', 'eng', 'ops', 'lab', 'guests', 'humans']
+  const groups: Group[] = []
+  for (let i = rand(6); i > 0; i--) {
+    const g: Group = { name: pool[rand(pool.length)] ?? 'eng', cidr: randomRange('10.20.0.0/16', 16, 30), infra: rand(4) === 0 }
+    if (rand(2) === 0) g.cidr6 = randomRange('fd12:3456:789a:1::/64', 64, 124)
+    groups.push(g)
+  }
+  const names = [...pool, 'ghost']
+  const associations: Array<readonly [string, string]> = []
+  for (let i = rand(5); i > 0; i--) {
+    const [a, b] = [names[rand(names.length)] ?? 'eng', names[rand(names.length)] ?? 'ops']
+    if (a !== b) associations.push(a < b ? [a, b] : [b, a])
+  }
+  const addresses: Array<string | undefined> = [undefined, 'not an address', '10.20.1', '::ffff:10.20.0.1', '10.21.0.1', 'fd12:3456:789b::1']
+  for (const cidr of groups.flatMap((g) => [g.cidr, ...(g.cidr6 ? [g.cidr6] : [])])) addresses.push(addressIn(cidr, 0n), addressIn(cidr, -1n), addressIn(cidr, randomBits(24)))
+  for (let i = 0; i < 6; i++) addresses.push(`10.20.${rand(256)}.${rand(256)}`, `fd12:3456:789a:1::${rand(0x10000).toString(16)}`)
+  return { policy: { groups, associations }, addresses }
+}
+
+describe('the compiled policy', () => {
+  test('agrees with the plain rule on random policies and addresses', () => {
+    for (let seed = 1; seed <= 150; seed++) {
+      const rand = prng(seed)
+      const { policy, addresses } = randomPolicy(rand)
+      const c = compilePolicy(policy)
+      const at = `seed ${seed}: ${JSON.stringify(policy)}`
+      for (const a of addresses) {
+        assert.equal(c.groupOf(a), reference.groupOf(policy, a), `${at}: groupOf(${a})`)
+        assert.equal(groupOf(policy, a), reference.groupOf(policy, a), `${at}: groupOf(${a})`)
+      }
+      for (const name of [undefined, 'ghost', ...policy.groups.map((g) => g.name)]) {
+        assert.deepEqual([...c.reachableGroups(name)].sort(), reference.reachable(policy, name), `${at}: reachableGroups(${name})`)
+        assert.deepEqual([...reachableGroups(policy, name)].sort(), reference.reachable(policy, name), `${at}: reachableGroups(${name})`)
+      }
+      // Each address against a few others, both ways round: every pair of every policy would take seconds.
+      for (const a of addresses)
+        for (let i = 0; i < 4; i++) {
+          const b = addresses[rand(addresses.length)]
+          for (const [x, y] of [
+            [a, b],
+            [b, a],
+          ]) {
+            const want = reference.mayReach(policy, x, y)
+            if (mayReach(policy, x, y) !== want || c.groupsMayReach(c.groupOf(x), c.groupOf(y)) !== want) assert.fail(`${at}: mayReach(${x}, ${y}) should be ${want}`)
+          }
+        }
+    }
+  })
+
+  test('is made once per policy object; an open policy parses nothing; the public sets are copies', () => {
+    const { policy } = parseAccessPolicy(base(), L, NET)
+    assert.equal(compilePolicy(policy), compilePolicy(policy))
+    assert.notEqual(compilePolicy({ ...policy }), compilePolicy(policy), 'another object is compiled on its own')
+    const open = compilePolicy(OPEN_POLICY)
+    assert.equal(open.open, true)
+    assert.equal(open.groupOf('10.20.0.1'), undefined)
+    assert.equal(open.mayReach('10.20.0.1', 'nonsense'), true)
+    assert.deepEqual([...reachableGroups(OPEN_POLICY, 'x')], ['x'], 'as the plain rule answers')
+    const mine = reachableGroups(policy, 'humans')
+    mine.add('engineering')
+    assert.equal(reachableGroups(policy, 'humans').has('engineering'), false)
+    assert.equal(mayReach(policy, '10.20.16.5', '10.20.64.5'), false)
+  })
+
+  test('a malformed range throws where the plain rule would parse it, and only there', () => {
+    const policy: AccessPolicy = {
+      groups: [
+        { name: 'a', cidr: '10.20.0.0/24', infra: false },
+        { name: 'b', cidr: 'nonsense', cidr6: 'fd12:3456:789a:1::/80', infra: false },
+      ],
+      associations: [],
+    }
+    assert.equal(groupOf(policy, '10.20.0.5')?.name, 'a', 'found before the malformed range is reached')
+    assert.throws(() => groupOf(policy, '10.20.9.9'))
+    assert.equal(groupOf(policy, 'fd12:3456:789a:1::5')?.name, 'b', 'IPv6 never looks at the malformed IPv4 range')
   })
 })
 

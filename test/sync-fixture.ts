@@ -94,6 +94,26 @@ export async function startNode(opts: {
   return { name: opts.name, tincDir, stateDir, daemon, events, until }
 }
 
+/** A stand-in for `nft -f -` (the access table's loader) that records every script, and then throws `fail` while it is set. */
+export interface RecordingNft {
+  /** Every script given, in order, failed ones included. */
+  calls: string[]
+  fail: Error | undefined
+  nft: (script: string) => Promise<void>
+}
+
+export function recordingNft(fail?: Error): RecordingNft {
+  const r: RecordingNft = {
+    calls: [],
+    fail,
+    nft: async (script) => {
+      r.calls.push(script)
+      if (r.fail) throw r.fail
+    },
+  }
+  return r
+}
+
 export async function tempRoot(): Promise<string> {
   return mkdtemp(join(tmpdir(), 'tc-sync-'))
 }

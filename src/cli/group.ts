@@ -1,12 +1,11 @@
 import { defineCommand } from 'citty'
 import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
-import type { KvItem } from '../consul/kv.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import type { AccessPolicy } from '../mesh/access-policy.ts'
 import { cidrArg } from '../mesh/approvals.ts'
-import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, parseAccessPolicy, refusalOfNew, type MemberNode, type PolicyRead } from '../mesh/groups.ts'
+import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, refusalOfNew, type MemberNode } from '../mesh/groups.ts'
 import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
-import { readNetwork } from '../mesh/network.ts'
+import { readAccessPolicy, readNetwork, type PolicyState } from '../mesh/network.ts'
 import { checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord } from '../mesh/record.ts'
 import { consulArgs } from './common.ts'
 import { described, envFlag } from './env.ts'
@@ -41,19 +40,11 @@ async function target(args: { net?: string; prefix?: string; consul: string; tok
   return { layout, client, network }
 }
 
-interface PolicyState {
-  /** The `?recurse` read of `<prefix>network` the daemons make too. */
-  items: KvItem[]
-  read: PolicyRead
-  /** Consul hid keys from this token, so the listing may lack groups. */
-  filtered: boolean
-}
-
 async function readPolicy(t: Target, forWriting: boolean): Promise<PolicyState> {
-  const r = await t.client.kvList(t.layout.network)
+  const state = await readAccessPolicy(t.client, t.layout, t.network)
   // A write judged against a listing with holes could create an overlap, so it needs the whole picture.
-  if (r.filtered && forWriting) throw new TincConsulError('ACL_DENIED', `consul hid part of ${t.layout.network}/ from this token: changing groups takes an operator (management) token`)
-  return { items: r.items, read: parseAccessPolicy(r.items, t.layout, t.network), filtered: r.filtered }
+  if (state.filtered && forWriting) throw new TincConsulError('ACL_DENIED', `consul hid part of ${t.layout.network}/ from this token: changing groups takes an operator (management) token`)
+  return state
 }
 
 /** Every node record that passes the record checks, for membership; the others with why. */

@@ -31,25 +31,38 @@ export interface AccessPolicy {
 /** The open policy of a network without groups. */
 export const OPEN_POLICY: AccessPolicy = { groups: [], associations: [] }
 
-/** The group whose range holds `address` (IPv4 or IPv6), or undefined. Groups never overlap (groups.ts refuses overlaps). */
-export function groupOf(policy: AccessPolicy, address: string | undefined): Group | undefined {
-  if (address === undefined || !ipaddr.isValid(address)) return undefined
-  const addr = ipaddr.parse(address)
-  const v6 = addr.kind() === 'ipv6'
-  return policy.groups.find((g) => {
-    const cidr = v6 ? g.cidr6 : g.cidr
-    if (cidr === undefined) return false
-    const [net, bits] = ipaddr.parseCIDR(cidr)
-    return net.kind() === addr.kind() && addr.match(net, bits)
-  })
-}
+/** A group's range, parsed once. A malformed one keeps its error for the lookup that reaches it, which is where parsing it would throw. */
+type Range = { net: ipaddr.IPv4 | ipaddr.IPv6; bits: number } | { error: unknown }
 
 /**
- * The groups a member of `group` may reach (and be reached by): its own, every infrastructure
- * group, and every group associated with it. A node in no group (undefined) reaches the
- * infrastructure groups only; an infrastructure group reaches every group.
+ * A policy made ready for many questions: every range parsed and every reachable set built once,
+ * where the plain rule would do both again for each pair of nodes. The daemon asks about every
+ * peer at every change of the view, so it asks this. Answers are exactly the plain rule's
+ * (test/groups.test.ts compares them with a reference implementation).
  */
-export function reachableGroups(policy: AccessPolicy, group: string | undefined): Set<string> {
+export interface CompiledPolicy {
+  readonly policy: AccessPolicy
+  /** No groups: every node reaches every node, and nothing was parsed. */
+  readonly open: boolean
+  groupOf(address: string | undefined): Group | undefined
+  /** Shared and cached: callers must not change it. */
+  reachableGroups(group: string | undefined): ReadonlySet<string>
+  /** mayReach for two nodes whose groups are known (undefined: in no group). */
+  groupsMayReach(a: Group | undefined, b: Group | undefined): boolean
+  mayReach(a: string | undefined, b: string | undefined): boolean
+}
+
+function parseRange(cidr: string): Range {
+  try {
+    const [net, bits] = ipaddr.parseCIDR(cidr)
+    return { net, bits }
+  } catch (error) {
+    return { error }
+  }
+}
+
+/** The plain rule for reachableGroups, run once per group by the compiled form. */
+function reachSet(policy: AccessPolicy, group: string | undefined): Set<string> {
   const all = policy.groups.map((g) => g.name)
   const infra = policy.groups.filter((g) => g.infra).map((g) => g.name)
   if (group !== undefined && infra.includes(group)) return new Set(all)
@@ -63,15 +76,75 @@ export function reachableGroups(policy: AccessPolicy, group: string | undefined)
   return out
 }
 
+function compile(policy: AccessPolicy): CompiledPolicy {
+  const open = policy.groups.length === 0
+  // In the policy's order, as the plain rule's find() looks: the first group holding the address wins.
+  const ranges = (field: 'cidr' | 'cidr6') => policy.groups.flatMap((group) => (group[field] === undefined ? [] : [{ group, range: parseRange(group[field]) }]))
+  const v4 = open ? [] : ranges('cidr')
+  const v6 = open ? [] : ranges('cidr6')
+  // Only for names the policy has (and no group): a name from elsewhere is computed, not kept.
+  const reach = new Map<string | undefined, ReadonlySet<string>>()
+  const named = new Set<string | undefined>([undefined, ...policy.groups.map((g) => g.name)])
+  const c: CompiledPolicy = {
+    policy,
+    open,
+    groupOf(address) {
+      if (open || address === undefined || !ipaddr.isValid(address)) return undefined
+      const addr = ipaddr.parse(address)
+      for (const { group, range } of addr.kind() === 'ipv6' ? v6 : v4) {
+        if ('error' in range) throw range.error
+        if (range.net.kind() === addr.kind() && addr.match(range.net, range.bits)) return group
+      }
+      return undefined
+    },
+    reachableGroups(group) {
+      const known = reach.get(group)
+      if (known) return known
+      const set = reachSet(policy, group)
+      if (named.has(group)) reach.set(group, set)
+      return set
+    },
+    groupsMayReach(a, b) {
+      if (open || a?.infra || b?.infra) return true
+      if (a === undefined || b === undefined) return false
+      return c.reachableGroups(a.name).has(b.name)
+    },
+    mayReach: (a, b) => open || c.groupsMayReach(c.groupOf(a), c.groupOf(b)),
+  }
+  return c
+}
+
+/** Policies are never changed once made (their fields are readonly), so one compiled form per policy object serves every caller. */
+const compiled = new WeakMap<AccessPolicy, CompiledPolicy>()
+
+export function compilePolicy(policy: AccessPolicy): CompiledPolicy {
+  let c = compiled.get(policy)
+  if (!c) {
+    c = compile(policy)
+    compiled.set(policy, c)
+  }
+  return c
+}
+
+/** The group whose range holds `address` (IPv4 or IPv6), or undefined. Groups never overlap (groups.ts refuses overlaps). */
+export function groupOf(policy: AccessPolicy, address: string | undefined): Group | undefined {
+  return compilePolicy(policy).groupOf(address)
+}
+
+/**
+ * The groups a member of `group` may reach (and be reached by): its own, every infrastructure
+ * group, and every group associated with it. A node in no group (undefined) reaches the
+ * infrastructure groups only; an infrastructure group reaches every group.
+ */
+export function reachableGroups(policy: AccessPolicy, group: string | undefined): Set<string> {
+  // A copy: the compiled form's set is shared.
+  return new Set(compilePolicy(policy).reachableGroups(group))
+}
+
 /**
  * Whether two nodes, by their VPN addresses, may talk. Symmetric. In an open network (no groups)
  * always true; otherwise by their groups, where a node in no group reaches only infrastructure.
  */
 export function mayReach(policy: AccessPolicy, a: string | undefined, b: string | undefined): boolean {
-  if (policy.groups.length === 0) return true
-  const ga = groupOf(policy, a)
-  const gb = groupOf(policy, b)
-  if (ga?.infra || gb?.infra) return true
-  if (ga === undefined || gb === undefined) return false
-  return reachableGroups(policy, ga.name).has(gb.name)
+  return compilePolicy(policy).mayReach(a, b)
 }

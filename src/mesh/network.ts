@@ -1,8 +1,9 @@
 import type { ConsulClient, TxnOp } from '../consul/client.ts'
+import type { KvItem } from '../consul/kv.ts'
 import { TincConsulError } from '../errors.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
-import { parseAccessPolicy } from './groups.ts'
+import { parseAccessPolicy, type PolicyRead } from './groups.ts'
 import type { Group } from './access-policy.ts'
 
 export interface NetworkWrite {
@@ -55,19 +56,33 @@ export async function readNetwork(client: ConsulClient, layout: KvLayout): Promi
   return d.value
 }
 
+/** A fresh read of the access policy, with what it was read from. */
+export interface PolicyState {
+  /** The `?recurse` read of `<prefix>network` the daemons make too. */
+  items: KvItem[]
+  read: PolicyRead
+  /** Consul hid keys from this token, so the policy may lack groups: callers decide what that means for them. */
+  filtered: boolean
+}
+
+/** The access policy from one `?recurse` read of `<prefix>network`, judged by the rules every reader applies (src/mesh/groups.ts). */
+export async function readAccessPolicy(client: ConsulClient, layout: KvLayout, network: NetworkRecord): Promise<PolicyState> {
+  const r = await client.kvList(layout.network)
+  return { items: r.items, read: parseAccessPolicy(r.items, layout, network), filtered: r.filtered }
+}
+
 /**
  * The group an invite names, from a fresh read of the policy (docs/groups.md). A group that
  * doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs) is an
  * error: a joiner placed outside its group would land in the wrong part of the mesh.
  */
 export async function readGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string): Promise<Group> {
-  const r = await client.kvList(layout.network)
-  const read = parseAccessPolicy(r.items, layout, network)
+  const { read, filtered } = await readAccessPolicy(client, layout, network)
   const group = read.policy.groups.find((g) => g.name === name)
   if (group) return group
   const refused = read.refused.find((x) => x.key === layout.group(name))
   if (refused) throw new TincConsulError('GROUP_REFUSED', `group ${name} is refused: ${refused.reason}`)
-  if (r.filtered) throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token, and group ${name} is not in what it showed`)
+  if (filtered) throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token, and group ${name} is not in what it showed`)
   const known = read.policy.groups.map((g) => g.name)
   throw new TincConsulError('NO_SUCH_GROUP', `no group ${name}${known.length ? ` (groups: ${known.join(', ')})` : ' (the network has no groups; `tinc-consul group add` makes one)'}`)
 }

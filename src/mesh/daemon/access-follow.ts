@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs'
 import { rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Logger } from '../../log.ts'
-import { groupOf, mayReach } from '../access-policy.ts'
+import { compilePolicy, type AccessPolicy } from '../access-policy.ts'
 import type { PolicyRead } from '../groups.ts'
 import type { OwnIdentity } from '../reconcile.ts'
 import type { MeshView } from '../view.ts'
@@ -34,10 +34,32 @@ export interface AccessFollowerOptions {
   stateDir: string
   /** Undefined: enforcement is off, or this process can't enforce. */
   firewall: AccessFirewall | undefined
+  /** The tinc interface; asked once (again only after it failed), see accessFollower. */
   iface(): Promise<string>
   policy(): (PolicyRead & { unreadable?: string }) | undefined
   self(): OwnIdentity
   log: Logger
+}
+
+/** The last judgement of a view, and what it was made from: the view and the policy by identity (neither is changed once made), ourselves by value. */
+interface HiddenMemo {
+  view: MeshView
+  policy: AccessPolicy
+  name: string
+  address: string | undefined
+  /** Sorted. */
+  hidden: string[]
+  visible: MeshView
+}
+
+/** The names in `view` this node may not reach, sorted, and the view without them. */
+function judgeView(view: MeshView, policy: AccessPolicy, self: OwnIdentity): Pick<HiddenMemo, 'hidden' | 'visible'> {
+  const c = compilePolicy(policy)
+  const mine = c.groupOf(self.vpnAddress)
+  const hidden = [...view.peers.values()].filter((p) => p.record.name !== self.name && !c.groupsMayReach(mine, c.groupOf(p.record.vpnAddress))).map((p) => p.record.name)
+  if (hidden.length === 0) return { hidden, visible: view }
+  const gone = new Set(hidden)
+  return { hidden: hidden.sort(), visible: { network: view.network, peers: new Map([...view.peers].filter(([name]) => !gone.has(name))) } }
 }
 
 /**
@@ -47,27 +69,43 @@ export interface AccessFollowerOptions {
  *
  * nft runs only once a network has groups, or when an earlier run left a table: a marker file
  * in the state directory says so, so a node of an open mesh never touches nftables.
+ *
+ * The core emits the same view many times (each alias or service change) and status asks for it
+ * too, so the judgement of a view is kept until the view, the policy or our address changes. The
+ * interface name is resolved once: tincd takes `Interface` from tinc.conf only when it starts,
+ * and the unit binds this daemon to tinc@<net> (BindsTo=), so a restart of tincd restarts us too.
  */
 export function accessFollower(o: AccessFollowerOptions): AccessFollower {
   const marker = join(o.stateDir, 'access-table')
   let loadedBefore = existsSync(marker)
-  const hiddenIn = (view: MeshView): string[] => {
-    const read = o.policy()
+  let memo: HiddenMemo | undefined
+  let iface: Promise<string> | undefined
+  const judged = (view: MeshView): Pick<HiddenMemo, 'hidden' | 'visible'> => {
+    const policy = o.policy()?.policy
+    if (!policy || policy.groups.length === 0) return { hidden: [], visible: view }
     const self = o.self()
-    if (!read || read.policy.groups.length === 0) return []
-    return [...view.peers.values()].filter((p) => p.record.name !== self.name && !mayReach(read.policy, self.vpnAddress, p.record.vpnAddress)).map((p) => p.record.name)
+    if (memo?.view === view && memo.policy === policy && memo.name === self.name && memo.address === self.vpnAddress) return memo
+    memo = { view, policy, name: self.name, address: self.vpnAddress, ...judgeView(view, policy, self) }
+    return memo
+  }
+  const resolveIface = (): Promise<string> => {
+    // A failure is not kept: the next apply asks again.
+    iface ??= o.iface().catch((err: unknown) => {
+      iface = undefined
+      throw err
+    })
+    return iface
   }
   return {
-    visible(view) {
-      const hidden = new Set(hiddenIn(view))
-      return hidden.size === 0 ? view : { network: view.network, peers: new Map([...view.peers].filter(([name]) => !hidden.has(name))) }
-    },
+    visible: (view) => judged(view).visible,
     async apply() {
       const read = o.policy()
       const self = o.self()
       if (!o.firewall || !read || self.vpnAddress === undefined) return
       if (read.policy.groups.length === 0 && !loadedBefore) return
-      await o.firewall.apply({ iface: await o.iface(), policy: read.policy, selfAddress: self.vpnAddress, ...(self.vpnAddress6 ? { selfAddress6: self.vpnAddress6 } : {}) })
+      const iface = await resolveIface().catch((err: unknown) => void o.log.error({ err }, 'cannot tell the tinc interface; the access table is loaded at the next change'))
+      if (iface === undefined) return
+      await o.firewall.apply({ iface, policy: read.policy, selfAddress: self.vpnAddress, ...(self.vpnAddress6 ? { selfAddress6: self.vpnAddress6 } : {}) })
       const mode = o.firewall.state().mode
       if (mode === 'enforced' && !loadedBefore) {
         await writeFile(marker, 'tinc-consul loaded an access table for this network; removed when it is gone\n').catch((err: unknown) =>
@@ -81,12 +119,12 @@ export function accessFollower(o: AccessFollowerOptions): AccessFollower {
     },
     status(view) {
       const read = o.policy()
-      const group = read ? groupOf(read.policy, o.self().vpnAddress)?.name : undefined
+      const group = read ? compilePolicy(read.policy).groupOf(o.self().vpnAddress)?.name : undefined
       return {
         groups: read?.policy.groups.length ?? 0,
         associations: read?.policy.associations.length ?? 0,
         ...(group ? { group } : {}),
-        hidden: view ? hiddenIn(view).sort() : [],
+        hidden: view ? [...judged(view).hidden] : [],
         refused: read?.refused ?? [],
         ...(read?.unreadable ? { unreadable: read.unreadable } : {}),
         ...(o.firewall ? { firewall: o.firewall.state() } : {}),
