@@ -129,7 +129,8 @@ const healCmd = defineCommand({
 const demoCmd = defineCommand({
   meta: {
     name: 'demo',
-    description: 'The story end to end: a lab with no tinc config, `init` on node1, an invite and a `join` for every other node (some behind NAT), a ping matrix and join-to-ping times; then teardown',
+    description:
+      'The story end to end: a lab with no tinc config, `init` on node1, an invite and a `join` for every other node (some behind NAT), a ping matrix and join-to-ping times, a service, then groups and the reachability matrix before and after `group associate`; then teardown',
   },
   args: {
     nodes: { type: 'string', description: described('Number of nodes', 'demo-nodes'), default: envDefault('demo-nodes', '5') },

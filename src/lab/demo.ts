@@ -1,6 +1,7 @@
 /* eslint-disable no-console -- the demo's job is to print the story */
 import { LabError } from '../errors.ts'
 import { waitFor } from './daemon.ts'
+import { groupsDemo } from './demo-groups.ts'
 import { LAB_NETNAME, type Lab } from './lab.ts'
 import { labConfigDir } from './tinc-manual.ts'
 
@@ -30,7 +31,9 @@ const indent: Indent = (text) => console.log(text.trimEnd().replace(/^/gm, '    
 /**
  * The story of issue 4 on a running lab (started without tinc configs): `init`
  * on the first node, then an invite and a `join` for each of the others, and
- * how long each new node takes to reach every peer.
+ * how long each new node takes to reach every peer. Then services (issue 6),
+ * and groups with the reachability matrix before and after an association
+ * (issue 20, src/lab/demo-groups.ts).
  */
 export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined: Joined[]; failures: number }> {
   const joined = await initAndJoin(lab, opts)
@@ -63,6 +66,7 @@ export async function runJoinDemo(lab: Lab, opts: DemoOptions): Promise<{ joined
   console.log(
     `\njoin → ping every peer, after key generation: worst ${(worst / 1000).toFixed(2)} s, mean ${(times.reduce((a, b) => a + b, 0) / times.length / 1000).toFixed(2)} s over ${times.length} joins (target <= 3 s: ${worst <= 3000 ? 'met' : 'MISSED'})`,
   )
+  failures += await groupsDemo(lab, joined, { show, indent })
   return { joined, failures }
 }
 

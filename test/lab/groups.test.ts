@@ -7,9 +7,23 @@ import { kvPath } from '../../src/consul/kv.ts'
 import { waitFor, type Daemon } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir } from '../../src/lab/tinc-manual.ts'
-import { groupOf, mayReach, reachableGroups, OPEN_POLICY, type AccessPolicy, type Group } from '../../src/mesh/access-policy.ts'
+import { groupOf, mayReach, OPEN_POLICY, type AccessPolicy, type Group } from '../../src/mesh/access-policy.ts'
 import { kvLayout } from '../../src/mesh/kv-layout.ts'
-import { dig, labTest, sidecarStatus, useLab, withLogs } from './helpers.ts'
+import {
+  CONNECT,
+  groupLabel,
+  LISTENER,
+  listening,
+  matrixDiffs,
+  measureMatrix,
+  policyExpectation,
+  renderMatrix,
+  startListeners,
+  TCP_MATRIX,
+  waitApplied,
+  type MatrixNode,
+} from '../../src/lab/reach-matrix.ts'
+import { dig, labTest, useLab, withLogs } from './helpers.ts'
 
 /**
  * Who may talk to whom (issue 20, "Proof"), on real tincd 1.0, real Consul with ACLs and real
@@ -60,50 +74,12 @@ const asOperator = (lab: Lab): string[] => [
   labConfigDir(lab.state.runDir, 'node1'),
 ]
 
-/** A listener on the node's VPN address: answers "ok" to every connection. */
-const LISTENER = `
-const [host, port] = process.argv.slice(1)
-require('node:net').createServer((s) => s.end('ok')).listen(Number(port), host, () => console.log('listening on ' + host + ':' + port))
-`
-
 /** A UDP echo on the node's VPN address (Consul's gossip port, for the exception). */
 const UDP_ECHO = `
 const [host, port] = process.argv.slice(1)
 const s = require('node:dgram').createSocket('udp4')
 s.on('message', (m, r) => s.send(m, r.port, r.address))
 s.bind(Number(port), host, () => console.log('listening on udp ' + host + ':' + port))
-`
-
-/** One TCP connection that must bring back "ok" within `ms`. Shared by the scripts below. */
-const CONNECT = `
-const net = require('node:net')
-const once = (host, port, ms) => new Promise((resolve) => {
-  const s = net.connect({ host, port })
-  let got = ''
-  const done = (ok) => { clearTimeout(timer); s.destroy(); resolve(ok) }
-  const timer = setTimeout(() => done(false), ms)
-  s.on('data', (d) => { got += d; if (got === 'ok') done(true) })
-  s.on('error', () => done(false))
-  s.on('close', () => done(got === 'ok'))
-})
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
-`
-
-/**
- * From one namespace, TCP to every target at once: up to `tries` connections of `ms` each, stopped
- * at the first that works. Retries only guard an allowed path against a packet tinc lost (it loses
- * a few around each key renewal); a dropped SYN can't succeed however often it is retried.
- */
-const TCP_MATRIX = `${CONNECT}
-const { targets, port, tries, ms } = JSON.parse(process.argv[1])
-;(async () => {
-  const out = {}
-  await Promise.all(targets.map(async (host) => {
-    for (let i = 0; i < tries; i++) if (await once(host, port, ms)) return void (out[host] = true)
-    out[host] = false
-  }))
-  process.stdout.write(JSON.stringify(out))
-})()
 `
 
 /**
@@ -148,97 +124,18 @@ s.on('message', (m) => { if (String(m) === 'probe') { process.stdout.write('echo
 send()
 `
 
-type Matrix = Record<string, Record<string, boolean>>
-
-async function tcpRow(lab: Lab, from: string): Promise<Record<string, boolean>> {
-  const targets = NODES.filter((n) => n !== from).map(vpn)
-  const r = await lab.exec(from, [process.execPath, '-e', TCP_MATRIX, JSON.stringify({ targets, port: PORT, tries: 3, ms: 1000 })], { timeoutMs: 30_000 })
-  const byIp = JSON.parse(r.stdout) as Record<string, boolean>
-  return Object.fromEntries(NODES.filter((n) => n !== from).map((n) => [n, byIp[vpn(n)] === true]))
-}
-
-/** Five echo requests, 0.3 s apart, one second for the last reply: exit 0 when any came back (the same guard against loss as the TCP retries). */
-const pings = async (lab: Lab, from: string, to: string): Promise<boolean> =>
-  (await lab.exec(from, ['ping', '-n', '-q', '-c5', '-i0.3', '-W1', vpn(to)], { allowFailure: true, timeoutMs: 15_000 })).code === 0
-
-async function measure(lab: Lab): Promise<{ tcp: Matrix; icmp: Matrix }> {
-  const tcp: Matrix = {}
-  const icmp: Matrix = {}
-  await Promise.all(
-    NODES.map(async (from) => {
-      tcp[from] = await tcpRow(lab, from)
-      const row: Record<string, boolean> = {}
-      await Promise.all(NODES.filter((n) => n !== from).map(async (to) => void (row[to] = await pings(lab, from, to))))
-      icmp[from] = row
-    }),
-  )
-  return { tcp, icmp }
-}
-
-const expected = (policy: AccessPolicy): Matrix => Object.fromEntries(NODES.map((a) => [a, Object.fromEntries(NODES.filter((b) => b !== a).map((b) => [b, mayReach(policy, vpn(a), vpn(b))]))]))
+/** The nodes as the matrix module (src/lab/reach-matrix.ts) takes them. */
+const MATRIX_NODES: MatrixNode[] = NODES.map((name) => ({ name, address: vpn(name) }))
 
 const groupName = (policy: AccessPolicy, n: string): string => groupOf(policy, vpn(n))?.name ?? '(none)'
-
-function printMatrix(t: TestContext, title: string, policy: AccessPolicy, m: { tcp: Matrix; icmp: Matrix }, want: Matrix): void {
-  const cell = (a: string, b: string): string => {
-    if (a === b) return '·'
-    const [tcp, icmp, w] = [m.tcp[a]?.[b], m.icmp[a]?.[b], want[a]?.[b]]
-    const got = tcp && icmp ? 'yes' : !tcp && !icmp ? 'no' : tcp ? 'tcp only' : 'icmp only'
-    return got === (w ? 'yes' : 'no') ? got : `${got} ✗ (want ${w ? 'yes' : 'no'})`
-  }
-  const head = ['from \\ to', ...NODES.map((n) => `${n} ${groupName(policy, n)}`)]
-  const rows = NODES.map((a) => [`${a} ${groupName(policy, a)}`, ...NODES.map((b) => cell(a, b))])
-  const width = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)))
-  const fmt = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(width[i] ?? 0)).join(' | ')} |`
-  t.diagnostic(`${title} (TCP to :${PORT} and ICMP echo over the VPN; "yes" = both got through)`)
-  t.diagnostic(fmt(head))
-  t.diagnostic(fmt(width.map((w) => '-'.repeat(w))))
-  for (const r of rows) t.diagnostic(fmt(r))
-}
 
 /** Takes the matrix, prints it, and asserts both protocols equal mayReach() for every ordered pair. */
 async function checkMatrix(t: TestContext, lab: Lab, title: string, policy: AccessPolicy): Promise<void> {
   const started = Date.now()
-  const m = await measure(lab)
-  const want = expected(policy)
-  printMatrix(t, `${title}, taken in ${Date.now() - started} ms`, policy, m, want)
-  const wrong = NODES.flatMap((a) =>
-    NODES.filter((b) => b !== a).flatMap((b) =>
-      (['tcp', 'icmp'] as const).filter((p) => m[p][a]?.[b] !== want[a]?.[b]).map((p) => `${a} → ${b} ${p}: got ${m[p][a]?.[b] ? 'through' : 'nothing'}, policy says ${want[a]?.[b] ? 'reach' : 'no'}`),
-    ),
-  )
-  assert.deepEqual(wrong, [], `${title}: the matrix differs from mayReach()`)
-}
-
-/** What a node's status must show once it applies `policy`: the table's mode and groups, and the names it hides. */
-function wantedAccess(policy: AccessPolicy, n: string) {
-  const hidden = NODES.filter((o) => o !== n && !mayReach(policy, vpn(n), vpn(o))).sort()
-  if (policy.groups.length === 0) return { groups: 0, associations: 0, mode: 'open', allowedGroups: undefined, hidden }
-  const own = groupOf(policy, vpn(n))
-  if (own?.infra) return { groups: policy.groups.length, associations: policy.associations.length, mode: 'open', allowedGroups: undefined, hidden }
-  return { groups: policy.groups.length, associations: policy.associations.length, mode: 'enforced', allowedGroups: [...reachableGroups(policy, own?.name)].sort(), hidden }
-}
-
-/** Waits until every node's /status shows `policy` read and its table in the state the policy asks for. */
-async function waitApplied(lab: Lab, policy: AccessPolicy, what: string): Promise<void> {
-  await Promise.all(
-    NODES.map(async (n) => {
-      const want = wantedAccess(policy, n)
-      let last = 'no status yet'
-      await waitFor(
-        `${n}'s status to show ${what} applied`,
-        async () => {
-          const a = (await sidecarStatus(lab, n)).access
-          const got = { groups: a?.groups, associations: a?.associations, mode: a?.firewall?.mode, allowedGroups: a?.firewall?.allowedGroups, hidden: a?.hidden }
-          last = JSON.stringify({ ...got, reason: a?.firewall?.reason })
-          return JSON.stringify(got) === JSON.stringify(want) ? true : undefined
-        },
-        { timeoutMs: 60_000, intervalMs: 200 },
-      ).catch((err: unknown) => {
-        throw new Error(`${n}'s status never showed ${what} applied: want ${JSON.stringify(want)}, last seen ${last}`, { cause: err })
-      })
-    }),
-  )
+  const m = await measureMatrix(lab, MATRIX_NODES, PORT)
+  const want = policyExpectation(policy)
+  for (const line of renderMatrix(`${title}, taken in ${Date.now() - started} ms`, MATRIX_NODES, m, want, (n) => groupLabel(policy, n), PORT)) t.diagnostic(line)
+  assert.deepEqual(matrixDiffs(MATRIX_NODES, m, want), [], `${title}: the matrix differs from mayReach()`)
 }
 
 async function groupLs(
@@ -276,10 +173,6 @@ async function consulHealthy(t: TestContext, lab: Lab, when: string): Promise<vo
   assert.equal(members.length, lab.state.plan.servers.length + NODES.length, `every agent is a member ${when}`)
 }
 
-async function listenerUp(lab: Lab, d: Daemon, what: string): Promise<void> {
-  await waitFor(`${what} to listen`, async () => (readFileSync(d.logFile, 'utf8').includes('listening on') ? true : undefined), { timeoutMs: 15_000, intervalMs: 50, daemons: [d] })
-}
-
 describe('lab, ACLs on: groups and associations decide who reaches whom, enforced by every node', () => {
   // node1..node5 public, node6 behind NAT; every node has every host file.
   const get = useLab({ nodes: 6, nat: 1, consulServers: 1, acl: true, tinc: true, hostFiles: 'all' })
@@ -291,12 +184,16 @@ describe('lab, ACLs on: groups and associations decide who reaches whom, enforce
       await lab.writeNetwork()
       for (const n of NODES) await lab.startSidecar(n)
       await withLogs(lab, NODES, () => lab.waitForMesh())
-      for (const n of NODES) await listenerUp(lab, await lab.spawn(n, `listener-${PORT}`, [process.execPath, '-e', LISTENER, vpn(n), String(PORT)]), `${n}'s listener`)
+      await startListeners(lab, MATRIX_NODES, PORT)
 
       await withLogs(lab, NODES, async () => {
-        await waitApplied(lab, OPEN_POLICY, 'the open network')
+        await waitApplied(lab, MATRIX_NODES, OPEN_POLICY, 'the open network')
         // Every sidecar has published its record: node1 resolves every name.
         await dnsFollows(lab, OPEN_POLICY, 'node1', NODES.slice(1))
+        // The mesh again, now that every record is out: a sidecar's first sync drops the host files
+        // of peers it has no record for yet, and tinc can take ten seconds or more to take back
+        // the node that started last (node6), which the first wait may have passed before.
+        await lab.waitForMesh()
         await checkMatrix(t, lab, 'no groups (open network)', OPEN_POLICY)
 
         // The real CLI, with the operator token, on node1's agent.
@@ -312,7 +209,7 @@ describe('lab, ACLs on: groups and associations decide who reaches whom, enforce
         assert.deepEqual(ls.ungrouped, ['node6'])
         assert.deepEqual(ls.refused, [])
 
-        await waitApplied(lab, GROUPED, 'three groups, no association')
+        await waitApplied(lab, MATRIX_NODES, GROUPED, 'three groups, no association')
         await checkMatrix(t, lab, 'groups infra/eng/ops, no association', GROUPED)
         // The tables as the kernel holds them, for the record: node2's (eng) and node6's (no group).
         for (const n of ['node2', 'node6'])
@@ -331,8 +228,8 @@ describe('lab, ACLs on: groups and associations decide who reaches whom, enforce
 
         // The table's Consul exception: node2 (eng) is kept from node4 (ops) on every other port, yet
         // reaches TCP 8300/8301 and UDP 8301 on node4's VPN address, as Consul's agents must.
-        for (const port of [8300, 8301]) await listenerUp(lab, await lab.spawn('node4', `listener-${port}`, [process.execPath, '-e', LISTENER, vpn('node4'), String(port)]), `node4's TCP ${port}`)
-        await listenerUp(lab, await lab.spawn('node4', 'udp-8301', [process.execPath, '-e', UDP_ECHO, vpn('node4'), '8301']), "node4's UDP 8301")
+        for (const port of [8300, 8301]) await listening(await lab.spawn('node4', `listener-${port}`, [process.execPath, '-e', LISTENER, vpn('node4'), String(port)]), `node4's TCP ${port}`)
+        await listening(await lab.spawn('node4', 'udp-8301', [process.execPath, '-e', UDP_ECHO, vpn('node4'), '8301']), "node4's UDP 8301")
         for (const port of [8300, 8301]) {
           const r = await lab.exec('node2', [process.execPath, '-e', TCP_MATRIX, JSON.stringify({ targets: [vpn('node4')], port, tries: 3, ms: 1000 })])
           assert.deepEqual(JSON.parse(r.stdout), { [vpn('node4')]: true }, `node2 (eng) reaches node4 (ops) on TCP ${port}, Consul's port`)
@@ -380,7 +277,7 @@ describe('lab, ACLs on: groups and associations decide who reaches whom, enforce
       await withLogs(lab, NODES, async () => {
         t.diagnostic((await lab.cli('node1', ['group', 'associate', 'eng', 'ops', ...asOperator(lab)])).stdout.trim())
         assert.deepEqual((await groupLs(lab)).associations, [['eng', 'ops']])
-        await waitApplied(lab, ASSOCIATED, 'the association eng+ops')
+        await waitApplied(lab, MATRIX_NODES, ASSOCIATED, 'the association eng+ops')
         await checkMatrix(t, lab, 'after `group associate eng ops`', ASSOCIATED)
         for (const l of await dnsFollows(lab, ASSOCIATED, 'node2', ['node4', 'node5', 'node6'])) t.diagnostic(`DNS: ${l}`)
         await consulHealthy(t, lab, 'with eng and ops associated')
@@ -446,7 +343,7 @@ describe('lab, ACLs on: groups and associations decide who reaches whom, enforce
           `dissociate → closed: ${Math.max(...closed) - t0} ms from the start of \`group dissociate\` to the last node's path closing (${Math.max(...closed) - cliDone} ms after the command returned; the command took ${cliDone - t0} ms); per node: ${took.join(', ')} (TCP every 50 ms, 400 ms timeout, closed = first of 3 failures in a row)`,
         )
 
-        await waitApplied(lab, GROUPED, 'the dissociation')
+        await waitApplied(lab, MATRIX_NODES, GROUPED, 'the dissociation')
         await checkMatrix(t, lab, 'after `group dissociate eng ops`', GROUPED)
         for (const l of await dnsFollows(lab, GROUPED, 'node2', ['node4', 'node5', 'node1'])) t.diagnostic(`DNS: ${l}`)
         await consulHealthy(t, lab, 'after the dissociation')

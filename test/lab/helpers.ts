@@ -3,7 +3,6 @@ import { spawnSync } from 'node:child_process'
 import { after, before, test, type TestContext } from 'node:test'
 import { labUp, type Lab, type LabUpOptions } from '../../src/lab/lab.ts'
 import { listNamespaces } from '../../src/lab/netns.ts'
-import type { Status } from '../../src/status/model.ts'
 
 /** Why the lab can't run here, or undefined when it can. */
 function unavailable(): string | undefined {
@@ -97,8 +96,4 @@ export async function dig(lab: Lab, from: string, ...args: string[]): Promise<st
   return out.replace(/^;; communications error to \S+: timed out\n/gm, '')
 }
 
-/** A node's sidecar's /status, fetched inside its namespace (no curl needed: this Node does it). */
-export async function sidecarStatus(lab: Lab, node: string): Promise<Status> {
-  const script = `fetch('http://127.0.0.1:9000/status').then(async (r) => process.stdout.write(await r.text()))`
-  return JSON.parse((await lab.exec(node, [process.execPath, '-e', script])).stdout) as Status
-}
+export { sidecarStatus } from '../../src/lab/reach-matrix.ts'
