@@ -214,6 +214,15 @@ describe('the status picture', () => {
     assert.doesNotMatch(renderStatus(buildStatus(inputs()), { colour: false }), /^access/m, 'an open mesh says nothing about access')
   })
 
+  test('a `group move` this node could not follow is shown in red, in an open mesh too; one it made, plainly', () => {
+    const open = { groups: 0, associations: 0, hidden: [], refused: [] }
+    const failed = { from: '10.99.0.2', to: '10.99.0.65', state: 'failed' as const, reason: 'hosts/alpha has no "Subnet = 10.99.0.2" line', at: '2026-12-02T07:00:00.000Z' }
+    const red = renderStatus(buildStatus(inputs({ access: { ...open, renumber: failed } })), { colour: true })
+    assert.ok(red.includes('\x1b[31mgroup move to 10.99.0.65 NOT done (hosts/alpha has no "Subnet = 10.99.0.2" line); retried on the next ipam/ change'), red)
+    const done = renderStatus(buildStatus(inputs({ access: { ...open, renumber: { ...failed, state: 'done' as const, reason: undefined } } })), { colour: false })
+    assert.match(done, /^renumbered from 10\.99\.0\.2 to 10\.99\.0\.65 at 2026-12-02T07:00:00\.000Z \(group move\)$/m)
+  })
+
   test("refused services show in /status, the table and the metrics: other nodes' instances, and this node's files over its cap", async () => {
     const over = { file: 'z.toml', service: 'z', reason: "over this node's cap of 2 services (--max-services)" }
     const s = buildStatus(

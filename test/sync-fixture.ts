@@ -46,6 +46,8 @@ export async function startNode(opts: {
   keepFile?: string
   /** Receives the access table's nft scripts; by default they go nowhere, so no test touches the host's rules. */
   nft?: (script: string) => Promise<void>
+  /** Receives `ip` commands (a `group move` renumbering the node); by default they go nowhere, like nft's. */
+  ip?: (args: string[]) => Promise<void>
 }): Promise<TestNode> {
   const tincDir = opts.tincDir ?? (await makeTincDir(opts.root, opts.name, opts.octet, opts.isPublic))
   const stateDir = join(opts.root, opts.name, 'state')
@@ -60,6 +62,7 @@ export async function startNode(opts: {
     token: opts.token,
     keepFile: opts.keepFile,
     accessNft: opts.nft ?? (async () => {}),
+    ip: opts.ip ?? (async () => {}),
     waitSeconds: 30,
     log: quiet,
     onApplied: (e) => {

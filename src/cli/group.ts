@@ -4,10 +4,13 @@ import { TincConsulError, UsageError } from '../errors.ts'
 import type { AccessPolicy } from '../mesh/access-policy.ts'
 import { cidrArg } from '../mesh/approvals.ts'
 import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, refusalOfNew, type MemberNode } from '../mesh/groups.ts'
+import { readIpam } from '../mesh/ipam.ts'
 import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
+import { pendingMoves } from '../mesh/move.ts'
 import { readAccessPolicy, readNetwork, type PolicyState } from '../mesh/network.ts'
 import { checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord } from '../mesh/record.ts'
 import { consulArgs } from './common.ts'
+import { groupMove } from './group-move.ts'
 import { described, envFlag } from './env.ts'
 import { requireNet } from './run.ts'
 import { alignRows } from './table.ts'
@@ -156,7 +159,7 @@ interface GroupRow {
 }
 
 async function listing(t: Target) {
-  const [state, nodes] = await Promise.all([readPolicy(t, false), readNodes(t)])
+  const [state, nodes, held] = await Promise.all([readPolicy(t, false), readNodes(t), readIpam(t.client, t.layout)])
   const policy = state.read.policy
   const m = groupMembers(policy, nodes.nodes)
   const groups: GroupRow[] = policy.groups.map((g) => ({ ...g, members: m.members.get(g.name) ?? [], associations: associatedWith(policy, g.name) }))
@@ -166,6 +169,7 @@ async function listing(t: Target) {
     associations: policy.associations,
     ungrouped: m.ungrouped,
     split: m.split,
+    moving: pendingMoves(nodes.nodes, held, policy),
     refused: state.read.refused,
     unreadable: nodes.unreadable,
     filtered: state.filtered,
@@ -192,6 +196,7 @@ const groupLs = defineCommand({
       console.log(alignRows([['GROUP', 'CIDR', 'CIDR6', 'INFRA', 'MEMBERS', 'ASSOCIATED'], ...l.groups.map(row)]).join('\n'))
       if (l.ungrouped.length) console.log(`in no group (reach only infrastructure groups): ${l.ungrouped.join(', ')}`)
     }
+    for (const m of l.moving) console.log(`moving: ${m.node} from ${m.from} to ${m.to} (${m.group ?? 'no group'}); its sidecar hasn't renumbered it yet`)
     for (const s of l.split) console.log(`${s.node}'s IPv6 address is in ${s.group6 ?? 'no group'}, its IPv4 address in ${s.group ?? 'no group'}`)
     for (const r of l.refused) console.log(`refused: ${r.key}: ${r.reason}`)
     for (const u of l.unreadable) console.log(`record not usable, not listed as a member: ${u}`)
@@ -275,6 +280,6 @@ export const groupCommand = defineCommand({
   meta: { name: 'group', description: 'Who may talk to whom: groups of VPN addresses and the associations between them (docs/groups.md)' },
   // The same flags as `ls`, so `group --net NET` parses (`NET` is not a subcommand).
   args: groupLs.args,
-  subCommands: { add: groupAdd, ls: groupLs, rm: groupRm, associate: groupAssociate, dissociate: groupDissociate },
+  subCommands: { add: groupAdd, ls: groupLs, rm: groupRm, associate: groupAssociate, dissociate: groupDissociate, move: groupMove },
   default: 'ls',
 })

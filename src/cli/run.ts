@@ -133,7 +133,7 @@ function logLevel(v: string): string {
  * Starts the daemon's parts and returns what stops them, in reverse order. When
  * one fails to start, those already started are stopped before the error goes up.
  */
-async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<void>> {
+async function startParts(s: RunSettings, log: Logger, reread: () => void): Promise<() => Promise<void>> {
   const { net, self } = s
   const withVpn = (extra: string[]) => [s.vpnAddress, ...extra.filter((h) => h !== s.vpnAddress)]
   const closers: Array<() => unknown> = []
@@ -178,6 +178,9 @@ async function startParts(s: RunSettings, log: Logger): Promise<() => Promise<vo
       accessEnforce: s.accessEnforce,
       log,
       onState,
+      // `group move` gave this node a new address: read the settings again, as a SIGHUP does, and
+      // the parts bound to the old address start again on the new one.
+      onRenumbered: reread,
     })
     closers.push(() => daemon.stop())
     const services = await startRegistrar(s, daemon, log)
@@ -500,7 +503,7 @@ export const runCommand = defineCommand({
     let close: () => Promise<void> = async () => {}
     // SIGHUPs queue behind start-up and behind each other, so two never restart the parts at once.
     let busy = (async () => {
-      close = await startParts(settings, log)
+      close = await startParts(settings, log, () => onHup())
     })()
     const reload = async () => {
       let next: RunSettings
@@ -519,13 +522,13 @@ export const runCommand = defineCommand({
       const began = Date.now()
       await close()
       try {
-        close = await startParts(next, log)
+        close = await startParts(next, log, () => onHup())
         settings = next
         log.info({ ms: Date.now() - began }, 'SIGHUP: running with the new settings')
       } catch (err) {
         log.error({ err }, 'SIGHUP: the new settings did not start; going back to the previous ones')
         try {
-          close = await startParts(settings, log)
+          close = await startParts(settings, log, () => onHup())
         } catch (again) {
           // Neither starts: exit non-zero so the service manager restarts the daemon from scratch.
           log.fatal({ err: again }, 'SIGHUP: the previous settings did not start again either; exiting')

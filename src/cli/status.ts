@@ -123,7 +123,13 @@ function connectToLines(s: Status, now: number, paint: (c: keyof typeof ANSI, t:
 /** Groups (docs/groups.md): nothing in an open mesh; red when the policy or the table can't be applied. */
 function accessLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => string): string[] {
   const a = s.access
-  if (!a || (a.groups === 0 && !a.unreadable && a.firewall?.mode !== 'failed')) return []
+  const moved = a?.renumber
+  const move = !moved
+    ? []
+    : moved.state === 'failed'
+      ? [paint('red', `group move to ${moved.to} NOT done (${moved.reason ?? 'unknown reason'}); retried on the next ipam/ change`)]
+      : [`renumbered from ${moved.from} to ${moved.to} at ${moved.at} (group move)`]
+  if (!a || (a.groups === 0 && !a.unreadable && a.firewall?.mode !== 'failed')) return move
   const fw = a.firewall
   const table = !fw ? '' : fw.mode === 'enforced' ? `, enforced (reached from: ${(fw.allowedGroups ?? []).join(', ')})` : fw.mode === 'failed' ? '' : `, ${fw.mode}`
   return [
@@ -131,6 +137,7 @@ function accessLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => stri
     ...(fw?.mode === 'failed' ? [paint('red', `access table NOT loaded (${fw.reason ?? 'unknown reason'}): the groups are not enforced on this node`)] : []),
     ...(a.unreadable ? [paint('red', a.unreadable)] : []),
     ...(a.refused.length ? [paint('yellow', `${a.refused.length} access policy key(s) refused: ${a.refused.map((r) => `${r.key}: ${r.reason}`).join('; ')}`)] : []),
+    ...move,
   ]
 }
 

@@ -22,6 +22,10 @@ import { canonicalIpv6, decodeJson } from './record.ts'
  * A network with an IPv6 range (`cidr6`) gives each node a /128 as well, held
  * the same way under `ipam/<address6>` (RFC 5952 form, e.g. `ipam/fd12:3456:789a:1::1`;
  * ':' is valid in a KV key) and reserved in the same transaction as the IPv4 one.
+ *
+ * A node may hold two active entries for a while: `group move` reserves the new address beside
+ * the old one, the node's daemon follows the one written last (src/mesh/renumber.ts), and the
+ * old one is released once the node's record shows the new one.
  */
 export const ipamEntrySchema = z
   .object({
@@ -186,6 +190,9 @@ export async function allocateAddress(opts: AllocateOptions): Promise<AllocateRe
       const ops = [...own, ...(opts.with?.(c.address, c6?.address) ?? [])]
       const res = opts.records?.length ? (await txnWithChangeLog(opts.client, opts.layout, ops, opts.records)).result : await opts.client.txn(ops)
       if (res.ok) return { ok: true, address: c.address, ...(c6 ? { address6: c6.address } : {}) }
+      // A token that may not write ipam/ fails on every candidate alike: say so instead of walking the range.
+      if (res.errors.some((e) => e.OpIndex < own.length && /permission denied|ACL not found/i.test(e.What)))
+        throw new TincConsulError('ACL_DENIED', `consul refused to reserve ${c.address} in ${opts.layout.ipamPrefix}: this token may not write there (an operator or join server token may)`)
       const failed = res.errors.find((e) => e.OpIndex >= own.length)
       if (failed) return { ok: false, op: failed.OpIndex - own.length, what: failed.What }
       // Another node won one of the two addresses: only that one moves on to its next candidate.

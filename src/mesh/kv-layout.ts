@@ -16,7 +16,9 @@ import { isTincName } from '../tinc/names.ts'
  *   <prefix>revoked/             empty; gives the prefix its own node in Consul's tree
  *   <prefix>revoked/<sha256hex>  a revoked key: {"name":"…","revokedAt":"…"}
  *   <prefix>ipam/                empty, like revoked/
- *   <prefix>ipam/<address>       who holds a VPN address: {"name":"…","at":"…"[,"releasedAt":"…"]}
+ *   <prefix>ipam/<address>       who holds a VPN address: {"name":"…","at":"…"[,"releasedAt":"…"]};
+ *                                a node's active entry written last is the address it must use
+ *                                (`group move`, src/mesh/renumber.ts)
  *   <prefix>invites/<id hex>     an open invite (never the token): see src/mesh/invite.ts
  *   <prefix>aliases/             empty, like revoked/
  *   <prefix>aliases/<label>      an operator's DNS alias: the target name as plain text ("laptop", "nfs.service")

@@ -72,12 +72,16 @@ export async function readAccessPolicy(client: ConsulClient, layout: KvLayout, n
 }
 
 /**
- * The group an invite names, from a fresh read of the policy (docs/groups.md). A group that
- * doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs) is an
- * error: a joiner placed outside its group would land in the wrong part of the mesh.
+ * The group an invite or a move names, from a fresh read of the policy (docs/groups.md). A group
+ * that doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs)
+ * is an error: a node placed outside its group would land in the wrong part of the mesh.
  */
 export async function readGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string): Promise<Group> {
-  const { read, filtered } = await readAccessPolicy(client, layout, network)
+  return groupIn(await readAccessPolicy(client, layout, network), layout, name)
+}
+
+/** The group `name` of a policy read, or readGroup's error. */
+export function groupIn({ read, filtered }: PolicyState, layout: KvLayout, name: string): Group {
   const group = read.policy.groups.find((g) => g.name === name)
   if (group) return group
   const refused = read.refused.find((x) => x.key === layout.group(name))

@@ -26,6 +26,10 @@ import type { RouteJudgement } from './routes.ts'
 import type { DumpResult } from '../tinc/dump.ts'
 import type { ConnectToPlan, ConnectToTimers } from './connect-to.ts'
 import { connectToKeeper } from './daemon/connect-to-keeper.ts'
+import { renumberer, type Renumberer, type RenumberState } from './daemon/renumber.ts'
+import type { Renumbering } from './renumber.ts'
+import { tincBackend } from '../tinc/backend.ts'
+import { run } from '../util/exec.ts'
 
 export { NODES_WATCHES, type NodesWatch } from './daemon/inputs.ts'
 export type { AppliedEvent, MeshState, NameConflict, SyncStats }
@@ -65,6 +69,13 @@ export interface SyncOptions {
   accessEnforce?: boolean
   /** Loads an nft script (default: `nft -f -`); tests pass a recorder so they never touch the host's rules. */
   accessNft?: (script: string) => Promise<void>
+  /**
+   * `group move` gave this node new addresses and its files, interface and tincd have them: the
+   * parts bound to the old ones (DNS, status, the services' address) must start again.
+   */
+  onRenumbered?(r: Renumbering): void
+  /** Runs `ip ARGS` to swap the address on the tinc interface (default: the ip command); tests pass a recorder. */
+  ip?: (args: string[]) => Promise<void>
 }
 
 export interface ConnectToSettings {
@@ -112,6 +123,8 @@ export interface SyncDaemon {
   connectTo(): ConnectToPlan | undefined
   /** The access policy on this node: groups, hidden names, the table's state. */
   access(): AccessStatus
+  /** The latest move to new addresses this daemon made or tried (`group move`). */
+  renumber(): RenumberState | undefined
   stop(): Promise<void>
 }
 
@@ -164,7 +177,8 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     log.info({ peers: cached.records.length }, 'rendering from the on-disk cache until consul answers')
     await core.applyCache(cached).catch((err: unknown) => log.error({ err }, 'could not render from cache'))
   }
-  const react = reactor({ inputs, core, owner, feed, ownKey: layout.node(self), log })
+  const renumber = followMoves(opts, ctx, inputs, log)
+  const react = reactor({ inputs, core, owner, feed, renumber, ownKey: layout.node(self), log })
   const watches = startWatches(opts, { inputs, client, layout, log, react, stats }, (b) => (pendingBytes += b))
   const files = watchLocalFiles(opts, ctx, core, owner, log)
   return {
@@ -182,7 +196,11 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
     routes: core.routes,
     consul: () => ({ reachable: client.reach.ok === true, ...(client.reach.lastOkAt ? { lastReadAt: client.reach.lastOkAt } : {}), index: watches.lead.index, failures: client.reach.failures }),
     connectTo: () => keeper?.plan(),
-    access: () => access.status(core.view()),
+    access: () => {
+      const moved = renumber.state()
+      return { ...access.status(core.view()), ...(moved ? { renumber: moved } : {}) }
+    },
+    renumber: renumber.state,
     async stop() {
       firewall.stop()
       keeper?.stop()
@@ -193,6 +211,21 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       await cache.flush()
     },
   }
+}
+
+/** `group move` on this node: ipam/ giving us a new address renumbers us (src/mesh/daemon/renumber.ts). */
+function followMoves(opts: SyncOptions, ctx: JudgeContext, inputs: MeshInputs, log: Logger): Renumberer {
+  return renumberer({
+    tincDir: opts.tincDir,
+    self: () => ctx.self,
+    network: () => inputs.network,
+    held: () => inputs.ipam,
+    iface: () => interfaceOf(opts.tincDir, opts.net),
+    ip: opts.ip ?? (async (args) => void (await run(['ip', ...args], { timeoutMs: 10_000 }))),
+    reloadTincd: () => tincBackend().reload(opts.pidFile, log),
+    ...(opts.onRenumbered ? { onRenumbered: opts.onRenumbered } : {}),
+    log,
+  })
 }
 
 /** The watch set that feeds the inputs, counting the bytes read, the full reads and the reads not taken. */
@@ -252,6 +285,7 @@ interface ReactorParts {
   core: Core
   owner: OwnRecordKeeper
   feed: StateFeed
+  renumber: Renumberer
   ownKey: string
   log: Logger
 }
@@ -264,6 +298,8 @@ function reactor(p: ReactorParts): (what: InputName) => Promise<void> {
     if (what === 'services') return p.core.servicesChanged()
     if (what === 'access') return p.core.accessChanged()
     if (what === 'aliases') return
+    // The renumbering runs beside the loop: it ends in our host file changing, which publishes.
+    if (what === 'ipam' || what === 'network') void p.renumber.check()
     if (what === 'network' && network) {
       p.owner.setNetwork(network)
       await p.owner.publish()

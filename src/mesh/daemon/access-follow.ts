@@ -7,6 +7,7 @@ import type { PolicyRead } from '../groups.ts'
 import type { OwnIdentity } from '../reconcile.ts'
 import type { MeshView } from '../view.ts'
 import type { AccessFirewall, AccessFirewallState } from './access-firewall.ts'
+import type { RenumberState } from './renumber.ts'
 
 /** What status shows about the access policy on this node. */
 export interface AccessStatus {
@@ -20,6 +21,8 @@ export interface AccessStatus {
   /** Why the policy could not be read (it is kept as read before). */
   unreadable?: string
   firewall?: AccessFirewallState
+  /** The latest move of this node to new addresses (`group move`) its daemon made or tried. */
+  renumber?: RenumberState
 }
 
 export interface AccessFollower {

@@ -6,7 +6,7 @@ import { watchPrefix, type Watch } from '../../consul/watch.ts'
 import type { Logger } from '../../log.ts'
 import { isTincName } from '../../tinc/names.ts'
 import { changeLogSource } from '../change-log.ts'
-import { activeHolders, parseIpam } from '../ipam.ts'
+import { activeHolders, parseIpam, type HeldAddress } from '../ipam.ts'
 import { revokedFrom } from '../revoke.ts'
 import { parseApprovals, type ApprovalRead } from '../routes.ts'
 import type { KvLayout } from '../kv-layout.ts'
@@ -34,6 +34,8 @@ export interface MeshInputs {
   nodes?: TreeSnapshot
   /** ipam/ active holders, address → name. */
   allocations?: ReadonlyMap<string, string>
+  /** ipam/ as read, released entries and write indexes included: how a `group move` reaches the node it moves. */
+  ipam?: ReadonlyMap<string, HeldAddress>
   revoked?: ReadonlySet<string>
   aliasItems?: KvItem[]
   /** subnet-approvals/ as last read: approvals of routes behind nodes (src/mesh/routes.ts). */
@@ -75,6 +77,9 @@ export interface WatchSet {
 }
 
 const sameSet = (a: ReadonlySet<string> | undefined, b: ReadonlySet<string>) => a !== undefined && a.size === b.size && [...b].every((x) => a.has(x))
+/** Active entries as address → "name@index": equal when no entry was given, taken back or rewritten. */
+const writesOf = (held: ReadonlyMap<string, HeldAddress>): Map<string, string> =>
+  new Map([...held.values()].flatMap((h) => (h.entry && !h.entry.releasedAt ? [[h.address, `${h.entry.name}@${h.index}`] as [string, string]] : [])))
 const sameMap = (a: ReadonlyMap<string, string> | undefined, b: ReadonlyMap<string, string>) => a !== undefined && a.size === b.size && [...b].every(([k, v]) => a.get(k) === v)
 
 /**
@@ -109,10 +114,12 @@ export function watchInputs(opts: WatchSetOptions): WatchSet {
       opts,
       'ipam',
       layout.ipamPrefix,
-      (items) => activeHolders(parseIpam(items, layout)),
-      (next) => {
-        if (sameMap(inputs.allocations, next)) return false
-        inputs.allocations = next
+      (items) => parseIpam(items, layout),
+      (held) => {
+        // An entry rewritten in place (a move back to an address the node still holds) changes only its index.
+        if (inputs.ipam && sameMap(writesOf(inputs.ipam), writesOf(held))) return false
+        inputs.ipam = held
+        inputs.allocations = activeHolders(held)
         return true
       },
     ),
