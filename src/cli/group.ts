@@ -1,9 +1,8 @@
 import { defineCommand } from 'citty'
 import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import type { AccessPolicy } from '../mesh/access-policy.ts'
-import { cidrArg } from '../mesh/approvals.ts'
 import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, refusalOfNew, type MemberNode } from '../mesh/groups.ts'
+import { createGroup, policyTxn, readPolicyForWriting } from '../mesh/group-admin.ts'
 import { readIpam } from '../mesh/ipam.ts'
 import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
 import { pendingMoves } from '../mesh/move.ts'
@@ -12,6 +11,7 @@ import { checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord } from '../
 import { consulArgs } from './common.ts'
 import { groupMove } from './group-move.ts'
 import { described, envFlag } from './env.ts'
+import { rangeFlag } from './parse.ts'
 import { requireNet } from './run.ts'
 import { alignRows } from './table.ts'
 
@@ -43,12 +43,7 @@ async function target(args: { net?: string; prefix?: string; consul: string; tok
   return { layout, client, network }
 }
 
-async function readPolicy(t: Target, forWriting: boolean): Promise<PolicyState> {
-  const state = await readAccessPolicy(t.client, t.layout, t.network)
-  // A write judged against a listing with holes could create an overlap, so it needs the whole picture.
-  if (state.filtered && forWriting) throw new TincConsulError('ACL_DENIED', `consul hid part of ${t.layout.network}/ from this token: changing groups takes an operator (management) token`)
-  return state
-}
+const readPolicy = (t: Target, forWriting: boolean): Promise<PolicyState> => (forWriting ? readPolicyForWriting(t.client, t.layout, t.network) : readAccessPolicy(t.client, t.layout, t.network))
 
 /** Every node record that passes the record checks, for membership; the others with why. */
 async function readNodes(t: Target): Promise<{ nodes: MemberNode[]; unreadable: string[] }> {
@@ -66,21 +61,7 @@ async function readNodes(t: Target): Promise<{ nodes: MemberNode[]; unreadable: 
   return { nodes, unreadable }
 }
 
-async function send(t: Target, ops: TxnOp[], what: string, raced: string): Promise<void> {
-  const res = await t.client.txn(ops)
-  if (res.ok) return
-  if (res.errors.some((e) => /permission denied|ACL not found/i.test(e.What)))
-    throw new TincConsulError('ACL_DENIED', `consul refused ${what}: only an operator (management) token may write ${t.layout.network}/ (pass --token or set CONSUL_HTTP_TOKEN)`)
-  const why = res.errors.map((e) => e.What).join('; ')
-  throw new TincConsulError('GROUP_RACED', `${what} failed: ${raced}${why ? ` (${why})` : ''}; look at \`tinc-consul group ls\` and try again`)
-}
-
-/** A range flag: canonical, of the right family, or a usage error naming the flag. */
-function rangeFlag(flag: string, value: string, family: 4 | 6): string {
-  const cidr = cidrArg(value)
-  if (cidr.includes(':') !== (family === 6)) throw new UsageError('BAD_CIDR', `--${flag} takes an IPv${family} range, got ${cidr}`)
-  return cidr
-}
+const send = (t: Target, ops: TxnOp[], what: string, raced: string): Promise<void> => policyTxn(t.client, t.layout, ops, what, raced)
 
 const groupAdd = defineCommand({
   meta: {
@@ -115,16 +96,7 @@ const groupAdd = defineCommand({
     if (!args.cidr) throw new UsageError('BAD_FLAG', '--cidr is required: the IPv4 range of the group (or set TINC_CONSUL_GROUP_CIDR)')
     const value = newGroupValue({ cidr: rangeFlag('cidr', args.cidr, 4), cidr6: args.cidr6 ? rangeFlag('cidr6', args.cidr6, 6) : undefined, infra: args.infra })
     const t = await target(args)
-    const key = t.layout.group(name)
-    const state = await readPolicy(t, true)
-    if (state.items.some((i) => i.key === key)) {
-      const stale = state.read.refused.find((r) => r.key === key)
-      throw new UsageError('GROUP_EXISTS', `group ${name} exists already${stale ? ` but is refused (${stale.reason})` : ''}; to change its ranges remove it first (\`tinc-consul group rm ${name}\`)`)
-    }
-    const refusal = refusalOfNew(state.items, t.layout, t.network, key, value)
-    if (refusal) throw new UsageError('GROUP_REFUSED', `group ${name} can't be created: ${refusal}`)
-    await send(t, [{ KV: { Verb: 'cas', Key: key, Value: b64(JSON.stringify(value)), Index: 0 } }], `the creation of group ${name}`, `group ${name} was created meanwhile`)
-    const policy = await keepOnlyIfAccepted(t, key, name)
+    const { before: state, policy } = await createGroup(t.client, t.layout, t.network, name, value)
     const first = state.read.policy.groups.length === 0
     const members = groupMembers(policy, (await readNodes(t)).nodes).members.get(name) ?? []
     console.log(
@@ -134,20 +106,6 @@ const groupAdd = defineCommand({
     if (!value.infra && !state.read.policy.groups.some((g) => g.infra)) console.log('No infrastructure group yet: add one for the public nodes (`group add NAME --cidr CIDR --infra`).')
   },
 })
-
-/**
- * Two adds racing can each pass the overlap check against a listing without the other. Both
- * keys then exist, and every reader refuses the newer; so the newer one takes its key back
- * out rather than leave a group that is listed but not used.
- */
-async function keepOnlyIfAccepted(t: Target, key: string, name: string): Promise<AccessPolicy> {
-  const after = await readPolicy(t, true)
-  const refusal = after.read.refused.find((r) => r.key === key)
-  if (!refusal) return after.read.policy
-  const mine = after.items.find((i) => i.key === key)
-  if (mine) await t.client.txn([{ KV: { Verb: 'delete-cas', Key: key, Index: mine.modifyIndex } }])
-  throw new TincConsulError('GROUP_RACED', `group ${name} was written, but another write came first: ${refusal.reason}; removed it again`)
-}
 
 interface GroupRow {
   name: string

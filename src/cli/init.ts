@@ -10,7 +10,7 @@ import { sanitizeTincName } from '../tinc/names.ts'
 import { consulArgs, newNetworkArgs } from './common.ts'
 import { described, envDefault, envFlag } from './env.ts'
 import { finishArgs, placeFrom } from './install.ts'
-import { parseIntFlag } from './parse.ts'
+import { parseIntFlag, rangeFlag } from './parse.ts'
 import { requireNet } from './run.ts'
 import { setupArgs, setupFrom } from './setup-args.ts'
 
@@ -44,6 +44,22 @@ export const initCommand = defineCommand({
       description: described("When creating the network: tinc's Mode on every node, router (tun, IP routing) or switch (tap, layer 2; docs/joining.md). Default router", 'mode'),
       default: process.env.TINC_CONSUL_MODE,
     },
+    'infra-group': {
+      type: 'string',
+      description: described(
+        "The infrastructure group (docs/groups.md) this public node's address comes from; created with --infra-cidr. Default: infra with --infra-cidr, else the network's only infrastructure group if it has one",
+        'infra-group',
+      ),
+      default: process.env.TINC_CONSUL_INFRA_GROUP,
+    },
+    'infra-cidr': {
+      type: 'string',
+      description: described(
+        "Create the infrastructure group with this IPv4 range (inside the network's, e.g. 10.20.0.0/22) and give this node its address from it. The network's first group: nodes in no group then reach only infrastructure",
+        'infra-cidr',
+      ),
+      default: process.env.TINC_CONSUL_INFRA_CIDR,
+    },
     ...setupArgs,
     ...finishArgs,
   },
@@ -62,6 +78,8 @@ export const initCommand = defineCommand({
       bareServiceNames: args['bare-service-names'],
       mode: parseModeFlag(args.mode),
       cidr6: parseCidr6Flag(args.cidr6),
+      ...(args['infra-group'] ? { infraGroup: args['infra-group'] } : {}),
+      ...(args['infra-cidr'] ? { infraCidr: rangeFlag('infra-cidr', args['infra-cidr'], 4) } : {}),
     })
     console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}${res.address6 ? ` and ${res.address6}` : ''}.`)
     // init needs a running Consul, so it installs only where install set that agent up (the

@@ -1,6 +1,7 @@
 import { isIPv4 } from 'node:net'
 import { UsageError } from '../errors.ts'
 import { parseHostPort } from '../tinc/names.ts'
+import { cidrArg } from '../mesh/approvals.ts'
 
 export function parseIntFlag(name: string, value: string | undefined, min: number, max: number): number {
   const n = Number(value)
@@ -47,4 +48,11 @@ export function listFlag(name: string, value: string | undefined): string[] {
   const list = splitList(value)
   for (const h of list) if (!isIPv4(h)) throw new UsageError('BAD_FLAG', `--${name} takes IPv4 addresses, got ${JSON.stringify(h)}`)
   return list
+}
+
+/** A range flag: canonical, of the right family, or a usage error naming the flag. */
+export function rangeFlag(flag: string, value: string, family: 4 | 6): string {
+  const cidr = cidrArg(value)
+  if (cidr.includes(':') !== (family === 6)) throw new UsageError('BAD_CIDR', `--${flag} takes an IPv${family} range, got ${cidr}`)
+  return cidr
 }

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
 import { b64, createConsulClient, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
-import { kvLayout, type KvLayout } from './kv-layout.ts'
+import { checkGroupName, kvLayout, type KvLayout } from './kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import { keyFingerprint, parseHostFile } from '../tinc/hostfile.ts'
@@ -14,7 +14,10 @@ import { tincBackend } from '../tinc/backend.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, firstAddress6, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
-import { createNetwork, readNetwork, type NetworkWrite } from './network.ts'
+import { createNetwork, groupIn, readAccessPolicy, readNetwork, type NetworkWrite } from './network.ts'
+import { createGroup } from './group-admin.ts'
+import { newGroupValue } from './groups.ts'
+import type { Group } from './access-policy.ts'
 import { endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { peerHostFiles } from './peer-files.ts'
 import { decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
@@ -56,6 +59,14 @@ export interface InitOptions {
    * IPv4 only. For an existing network it must match if given.
    */
   cidr6?: string
+  /**
+   * The infrastructure group this public node's address comes from (docs/groups.md): created
+   * with `infraCidr` when it doesn't exist. Absent: the network's only infrastructure group, if it
+   * has exactly one, else the whole network.
+   */
+  infraGroup?: string
+  /** The infrastructure group's IPv4 range, to create it (with `infraGroup`, default `infra`). */
+  infraCidr?: string
   progress(step: string): void
 }
 
@@ -117,7 +128,12 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       publicKey = await tincBackend().generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
     }
 
-    const res = await reserveAndPublish(o, { layout, client, network, publicKey })
+    // A node already in the network keeps its address (`group move` moves it); a new one starts in infrastructure.
+    const infra = await infraRange(o, { layout, client, network })
+    const known = (await client.kvGet(layout.node(o.name))) !== undefined
+    const range = known ? { cidr: network.cidr, ...(network.cidr6 ? { cidr6: network.cidr6 } : {}) } : infra
+    if (known && infra.cidr !== network.cidr) o.progress(`${o.name} is in the network already and keeps its address; \`tinc-consul group move ${o.name} GROUP\` moves it`)
+    const res = await reserveAndPublish(o, { layout, client, network, publicKey, range })
     o.progress(`address ${res.address}${res.address6 ? ` and ${res.address6}` : ''} reserved and record published`)
 
     const { acl, nodeToken, joinToken } = await nodeTokens(o, { client, layout, network, reuse })
@@ -165,11 +181,59 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
   }
 }
 
+/** Where init's addresses come from: an infrastructure group's ranges, or the network's. */
+interface AddressRange {
+  cidr: string
+  cidr6?: string
+}
+
+/**
+ * Public nodes and Consul servers belong in an infrastructure group (docs/groups.md), which every
+ * node reaches: init gives this node its address from one. `--infra-cidr` creates the group (the
+ * network's first group closes it: nodes in no group then reach only infrastructure); otherwise
+ * the one named, or the network's only one. Without any, the address comes from the network.
+ */
+async function infraRange(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord }): Promise<AddressRange> {
+  const { layout, client, network } = c
+  const ranges = (g: Group): AddressRange => ({ cidr: g.cidr, ...(network.cidr6 ? { cidr6: g.cidr6 ?? network.cidr6 } : {}) })
+  const name = checkGroupName(o.infraGroup ?? 'infra')
+  const state = await readAccessPolicy(client, layout, network)
+  if (o.infraCidr !== undefined) {
+    const found = state.read.policy.groups.find((g) => g.name === name)
+    if (found?.infra && found.cidr === o.infraCidr) return ranges(found)
+    if (found)
+      throw new UsageError('GROUP_EXISTS', `group ${name} exists already (${found.cidr}${found.infra ? '' : ', not infrastructure'}); drop --infra-cidr to use it, or name another with --infra-group`)
+    const { before, policy } = await createGroup(client, layout, network, name, newGroupValue({ cidr: o.infraCidr, infra: true }))
+    o.progress(
+      `created infrastructure group ${name} (${o.infraCidr})${before.read.policy.groups.length === 0 ? ': the first group, so from now on a node in no group reaches only infrastructure' : ''}`,
+    )
+    const made = policy.groups.find((g) => g.name === name)
+    if (!made) throw new TincConsulError('GROUP_RACED', `group ${name} was created but is not in the policy read back; look at \`tinc-consul group ls\``)
+    return ranges(made)
+  }
+  if (o.infraGroup !== undefined) {
+    const g = groupIn(state, layout, name)
+    if (!g.infra) throw new UsageError('NOT_INFRA', `group ${name} is not an infrastructure group: public nodes go in one (\`group add NAME --cidr CIDR --infra\`)`)
+    return ranges(g)
+  }
+  if (state.filtered)
+    throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token, so init can't tell which infrastructure group this node belongs in: use an operator token`)
+  const infra = state.read.policy.groups.filter((g) => g.infra)
+  if (infra.length > 1) throw new UsageError('WHICH_INFRA', `the network has ${infra.length} infrastructure groups (${infra.map((g) => g.name).join(', ')}): name one with --infra-group`)
+  const only = infra[0]
+  if (!only) return { cidr: network.cidr, ...(network.cidr6 ? { cidr6: network.cidr6 } : {}) }
+  o.progress(`this node's address comes from infrastructure group ${only.name} (${only.cidr})`)
+  return ranges(only)
+}
+
 /**
  * Reserves this node's addresses (IPv4, and IPv6 where the network has a range) and writes its
  * record, in one transaction: a name taken meanwhile leaves nothing reserved.
  */
-async function reserveAndPublish(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; publicKey: string }): Promise<{ address: string; address6?: string }> {
+async function reserveAndPublish(
+  o: InitOptions,
+  c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; publicKey: string; range: AddressRange },
+): Promise<{ address: string; address6?: string }> {
   const { layout, client, network, publicKey } = c
   const nodeKey = layout.node(o.name)
   const current = await client.kvGet(nodeKey)
@@ -186,8 +250,8 @@ async function reserveAndPublish(o: InitOptions, c: { layout: KvLayout; client: 
   const res = await allocateAddress({
     client,
     layout,
-    cidr: network.cidr,
-    cidr6: network.cidr6,
+    cidr: c.range.cidr,
+    cidr6: c.range.cidr6,
     name: o.name,
     records: [o.name],
     with: (address, address6): TxnOp[] => [

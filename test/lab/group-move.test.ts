@@ -17,7 +17,7 @@ import { dig, labTest, useLab, withLogs } from './helpers.ts'
  * its address") on real tincd 1.0, Consul with ACLs and nftables. A network made with init and
  * group invites, so every address is in ipam/:
  *
- *   infra (--infra) 10.99.0.0/28   node1 (init, public)
+ *   infra (--infra) 10.99.0.0/28   node1 (public; the group made by `init --infra-cidr`)
  *   eng             10.99.0.16/28  node2, node3
  *   ops             10.99.0.32/28  node4 (behind NAT)
  *
@@ -74,17 +74,16 @@ describe('lab, ACLs on: `group move` renumbers a node into another group, nobody
     'node3 moves from eng to ops: its own sidecar renumbers it, the matrix, DNS and tables follow, the old address is released',
     async (t) => {
       const lab = get()
+      // The infrastructure group is defined at init, and node1 takes its address from it.
       const init = await lab.cli(
         'node1',
-        ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--address', planOf(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')],
+        ['init', '--net', LAB_NETNAME, '--name', 'node1', '--cidr', '10.99.0.0/24', '--infra-cidr', '10.99.0.0/28', '--address', planOf(lab, 'node1').publicIp, ...KEY, ...lab.setupFlags('node1')],
         operator(lab),
       )
+      assert.match(init.stdout, /created infrastructure group infra \(10\.99\.0\.0\/28\)/)
       assert.match(init.stdout, /This node has address 10\.99\.0\.1\./)
       await start(lab, 'node1')
-      for (const g of ['infra', 'eng', 'ops']) {
-        const cidr = GROUPS.find((x) => x.name === g)?.cidr ?? ''
-        await lab.cli('node1', ['group', 'add', g, '--cidr', cidr, ...(g === 'infra' ? ['--infra'] : []), ...onNode1(lab)], operator(lab))
-      }
+      for (const g of ['eng', 'ops']) await lab.cli('node1', ['group', 'add', g, '--cidr', GROUPS.find((x) => x.name === g)?.cidr ?? '', ...onNode1(lab)], operator(lab))
       const nodes: MatrixNode[] = [{ name: 'node1', address: '10.99.0.1' }]
       for (const [name, group] of [
         ['node2', 'eng'],
