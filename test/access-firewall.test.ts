@@ -1,14 +1,15 @@
 import assert from 'node:assert/strict'
 import { spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { existsSync } from 'node:fs'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { after, describe, test } from 'node:test'
+import { after, describe, test, type TestContext } from 'node:test'
 import ipaddr from 'ipaddr.js'
 import { pino } from 'pino'
-import { mayReach, OPEN_POLICY, type AccessPolicy } from '../src/mesh/access-policy.ts'
-import { accessFirewall, accessPlan, accessScript, accessTable, CONSUL_PORTS, describeNftFailure, type AccessInput } from '../src/mesh/daemon/access-firewall.ts'
+import { compilePolicy, mayReach, OPEN_POLICY, type AccessPolicy } from '../src/mesh/access-policy.ts'
+import { accessFirewall, accessPlan, accessScript, accessTable, CONSUL_PORTS, describeNftFailure, ownGroup, type AccessInput } from '../src/mesh/daemon/access-firewall.ts'
 import { CommandError, TincConsulError } from '../src/errors.ts'
 import { listNamespaces } from '../src/lab/netns.ts'
 import { run } from '../src/util/exec.ts'
@@ -100,11 +101,17 @@ describe('accessScript', () => {
     })
   })
 
-  test('IPv6: the groups with a cidr6 are accepted, and the IPv6 address places a node the IPv4 one does not', () => {
-    const text = script({ selfAddress: '10.99.1.9', selfAddress6: 'fd42:7e57:1ab::2:9' })
-    const want6 = POLICY.groups.filter((g) => g.cidr6 !== undefined && mayReach(POLICY, 'fd42:7e57:1ab::2:9', hostIn(g.cidr6))).map((g) => g.cidr6 ?? '')
+  test('IPv6: the groups with a cidr6 are accepted; the IPv4 address alone places the node', () => {
+    const text = script({ selfAddress: '10.99.0.70' })
+    const want6 = POLICY.groups.filter((g) => g.cidr6 !== undefined && mayReach(POLICY, '10.99.0.70', hostIn(g.cidr6))).map((g) => g.cidr6 ?? '')
     assert.deepEqual(accepted(text, 'ip6'), want6.sort())
     assert.deepEqual(accepted(text, 'ip'), ['10.99.0.0/27', '10.99.0.32/27', '10.99.0.64/27'])
+    // Membership is the IPv4 address (docs/groups.md): the table, DNS and status all ask ownGroup.
+    const c = compilePolicy(POLICY)
+    assert.equal(ownGroup(c, '10.99.0.70')?.name, 'lab')
+    assert.equal(ownGroup(c, 'fd42:7e57:1ab::2:9'), undefined, 'an IPv6 address places a node in no group')
+    assert.equal(ownGroup(c, '10.99.1.9'), undefined)
+    assert.deepEqual(accessPlan(POLICY, '10.99.1.9'), { open: false, group: undefined, groups: ['infra'], cidrs4: ['10.99.0.0/27'], cidrs6: ['fd42:7e57:1ab::/112'] })
     const onlyV4 = script({ policy: { ...POLICY, groups: POLICY.groups.map(({ cidr6: _, ...g }) => g) } })
     assert.ok(!onlyV4.includes('ip6 saddr'), 'no IPv6 ranges, no IPv6 rule')
   })
@@ -150,6 +157,15 @@ function recordingLog() {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
+/** Moves the mocked interval timers on (setTimeout stays real), then lets the attempts they started finish. */
+async function tick(t: TestContext, ms: number): Promise<void> {
+  t.mock.timers.tick(ms)
+  await sleep(5)
+}
+
+const EPERM = () => new CommandError('nft -f - failed (exit 1): Error: Could not process rule: Operation not permitted', 1, 'Operation not permitted')
+const ENOENT = () => new CommandError('cannot run nft: spawn nft ENOENT', null, '')
+
 describe('the access firewall keeper', () => {
   test('nft runs at the first apply (an earlier run may have left a table) and then only on a change', async () => {
     const { calls, nft } = recordingNft()
@@ -176,34 +192,79 @@ describe('the access firewall keeper', () => {
     assert.equal(calls.length, 3, 'stopped: the table stays as it is')
   })
 
-  test('a failed load says so loudly, is retried at the next apply and by the timer, and recovers', async () => {
-    const rec = recordingNft(new CommandError('nft -f - failed (exit 1): Error: Could not process rule: Operation not permitted', 1, 'Operation not permitted'))
+  test('a failed load says so loudly, is retried by the 30 s timer (an apply of the same script does not run nft), and recovers', async (t) => {
+    t.mock.timers.enable({ apis: ['setInterval'] })
+    const rec = recordingNft(EPERM())
     const calls = rec.calls
     const { log, errors, lines } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: true, retryMs: 20, nft: rec.nft })
+    const fw = accessFirewall({ net: 'home', log, enforce: true, nft: rec.nft })
     await fw.apply(input())
     const failed = fw.state()
     assert.equal(failed.mode, 'failed')
     assert.match(failed.reason ?? '', /root/)
     assert.equal(errors().length, 1)
     assert.match(errors()[0]?.msg ?? '', /NOT ENFORCED/)
-    await fw.apply(input())
-    assert.equal(calls.length, 2, 'the same input is tried again while failed')
+    for (let i = 0; i < 3; i++) await fw.apply(input())
+    assert.equal(calls.length, 1, 'the daemon applies at every change of the view: the same failed script waits for the timer')
     assert.equal(errors().length, 1, 'the same reason is not logged again at once')
-    rec.fail = new CommandError('cannot run nft: spawn nft ENOENT', null, '')
-    await fw.apply(input())
+    await tick(t, 29_999)
+    assert.equal(calls.length, 1)
+    rec.fail = ENOENT()
+    await tick(t, 1)
+    assert.equal(calls.length, 2, 'the timer retried')
     assert.match(fw.state().reason ?? '', /not installed/)
     assert.equal(errors().length, 2, 'a new reason is logged')
+    await fw.apply(input({ selfAddress: '10.99.0.100' }))
+    assert.equal(calls.length, 3, 'a changed script runs at once')
+    await fw.apply(input())
+    assert.equal(calls.length, 4, 'and so does the earlier one, once another has failed since')
     rec.fail = undefined
     const before = calls.length
-    await sleep(150)
+    await tick(t, 30_000)
     assert.ok(calls.length > before, 'the timer retried')
     assert.equal(fw.state().mode, 'enforced')
     assert.ok(lines.some((l) => /loaded again/.test(l.msg)))
     const settled = calls.length
-    await sleep(100)
+    await tick(t, 90_000)
     assert.equal(calls.length, settled, 'the timer stops once loaded')
     fw.stop()
+  })
+
+  test('a removal that fails while our table is there is a failure: not recorded as done, retried by the timer, never "open"', async (t) => {
+    t.mock.timers.enable({ apis: ['setInterval'] })
+    const rec = recordingNft()
+    const { log, errors } = recordingLog()
+    const fw = accessFirewall({ net: 'home', log, enforce: true, nft: rec.nft })
+    await fw.apply(input())
+    assert.equal(fw.loaded(), true)
+    rec.fail = EPERM()
+    await fw.apply(input({ policy: OPEN_POLICY }))
+    assert.deepEqual(rec.calls.slice(1), [removal('home')])
+    assert.equal(fw.state().mode, 'failed')
+    assert.match(fw.state().reason ?? '', /earlier policy.*root/)
+    assert.equal(fw.loaded(), true, 'the table is still there')
+    assert.match(errors()[0]?.msg ?? '', /NOT REMOVED/)
+    await fw.apply(input({ policy: OPEN_POLICY }))
+    assert.equal(rec.calls.length, 2, 'not run again by an apply')
+    await tick(t, 30_000)
+    assert.equal(rec.calls.length, 3, 'the timer retries the removal')
+    assert.equal(fw.state().mode, 'failed', 'still failed, not open')
+    rec.fail = undefined
+    await tick(t, 30_000)
+    assert.equal(rec.calls.length, 4)
+    assert.equal(fw.state().mode, 'open')
+    assert.equal(fw.loaded(), false)
+    await tick(t, 90_000)
+    assert.equal(rec.calls.length, 4, 'the timer stops once the table is gone')
+    fw.stop()
+
+    // A table an earlier run left (the follower's marker) counts the same.
+    const left = recordingNft(ENOENT())
+    const restarted = accessFirewall({ net: 'home', log, enforce: true, nft: left.nft })
+    await restarted.apply(input({ policy: OPEN_POLICY, tableLeft: true }))
+    assert.equal(restarted.state().mode, 'failed')
+    assert.equal(restarted.loaded(), undefined)
+    restarted.stop()
   })
 
   test('a policy that is not safe to load is not loaded: the previous table stays and the state says failed', async () => {
@@ -220,6 +281,7 @@ describe('the access firewall keeper', () => {
     assert.equal(calls.length, 1, 'the loaded table already matches')
     assert.equal(fw.state().mode, 'enforced')
     fw.stop()
+    assert.throws(() => accessFirewall({ net: 'a b', log, enforce: true }), TincConsulError, 'a network name is checked at once')
   })
 
   test('an open network where nft cannot run warns once and stays open: nothing needs filtering', async () => {
@@ -252,21 +314,6 @@ describe('the access firewall keeper', () => {
     assert.ok(lines.some((l) => l.level === 40 && /enforcement is off/.test(l.msg)))
   })
 
-  test('remove deletes the table for good; a failed removal rejects', async () => {
-    const { calls, nft } = recordingNft()
-    const { log } = recordingLog()
-    const fw = accessFirewall({ net: 'home', log, enforce: true, nft })
-    await fw.apply(input())
-    await fw.remove()
-    assert.equal(calls.at(-1), removal('home'))
-    assert.equal(fw.state().mode, 'off')
-    await fw.apply(input())
-    assert.equal(calls.length, 2, 'no apply after remove')
-    const broken = accessFirewall({ net: 'home', log, enforce: true, nft: recordingNft(new CommandError('cannot run nft: spawn nft ENOENT', null, '')).nft })
-    await assert.rejects(broken.remove(), CommandError)
-    assert.throws(() => accessFirewall({ net: 'a b', log, enforce: true }), TincConsulError)
-  })
-
   test('failure reasons in plain words', () => {
     assert.match(describeNftFailure(new CommandError('cannot run nft: spawn nft ENOENT', null, '')), /not installed/)
     assert.match(describeNftFailure(new CommandError('nft -f - failed (exit 1): netlink: Error: cache initialization failed: Operation not permitted', 1, '')), /root/)
@@ -284,13 +331,15 @@ describe('the access follower', () => {
     for (const d of dirs) await rm(d, { recursive: true, force: true })
   })
 
-  async function follower(o: { read: () => PolicyRead | undefined; self?: () => OwnIdentity; iface?: () => Promise<string> }) {
+  async function follower(o: { read: () => PolicyRead | undefined; self?: () => OwnIdentity; iface?: () => Promise<string>; fail?: Error; markerLeft?: boolean }) {
     const stateDir = await mkdtemp(join(tmpdir(), 'tc-access-follow-'))
     dirs.push(stateDir)
-    const rec = recordingNft()
+    const marker = join(stateDir, 'access-table')
+    if (o.markerLeft) await writeFile(marker, 'left by an earlier run\n')
+    const rec = recordingNft(o.fail)
     const firewall = accessFirewall({ net: 'home', log: quiet, enforce: true, nft: rec.nft })
     const f = accessFollower({ stateDir, firewall, iface: o.iface ?? (async () => 'tinc0'), policy: o.read, self: o.self ?? (() => ({ name: 'me', vpnAddress: OFFICE })), log: quiet })
-    return { f, firewall, calls: rec.calls }
+    return { f, firewall, calls: rec.calls, rec, marker }
   }
 
   test('hides exactly the peers mayReach refuses, and judges a view once per view, policy and address', async () => {
@@ -354,6 +403,41 @@ describe('the access follower', () => {
     assert.equal(asked, 2, 'resolved once for every later apply')
     assert.equal(calls.length, 2, 'the changed policy was loaded')
     assert.ok(calls.every((c) => c.includes('iifname "tinc0"')))
+    firewall.stop()
+  })
+
+  test('the marker goes only after a removal that worked: a failed one keeps it (and the table), says failed and is retried', async (t) => {
+    t.mock.timers.enable({ apis: ['setInterval'] })
+    let read: PolicyRead = { policy: POLICY, refused: [] }
+    const { f, firewall, rec, marker } = await follower({ read: () => read })
+    await f.apply()
+    assert.equal(firewall.state().mode, 'enforced')
+    assert.ok(existsSync(marker), 'a table was loaded: the marker says so')
+    rec.fail = ENOENT()
+    read = { policy: OPEN_POLICY, refused: [] }
+    await f.apply()
+    assert.equal(rec.calls.at(-1), removal('home'))
+    assert.equal(f.status(VIEW).firewall?.mode, 'failed')
+    assert.ok(existsSync(marker), 'the table is still there, and so is the marker')
+    for (let i = 0; i < 3; i++) await f.apply()
+    assert.equal(rec.calls.length, 2, 'the applies do not run the failed removal again')
+    rec.fail = undefined
+    await tick(t, 30_000)
+    assert.equal(rec.calls.length, 3, 'the 30 s timer does')
+    assert.equal(firewall.state().mode, 'open')
+    await f.apply()
+    assert.ok(!existsSync(marker), 'gone with the table')
+    assert.equal(rec.calls.length, 3)
+    firewall.stop()
+  })
+
+  test('a marker an earlier run left: an open network removes the table, and a removal that fails is a failure that keeps the marker', async () => {
+    const { f, firewall, calls, marker } = await follower({ read: () => ({ policy: OPEN_POLICY, refused: [] }), fail: ENOENT(), markerLeft: true })
+    await f.apply()
+    assert.deepEqual(calls, [removal('home')])
+    assert.equal(firewall.state().mode, 'failed')
+    assert.match(firewall.state().reason ?? '', /earlier policy.*not installed/)
+    assert.ok(existsSync(marker))
     firewall.stop()
   })
 })

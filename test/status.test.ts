@@ -203,6 +203,11 @@ describe('the status picture', () => {
     const plain = renderStatus(s, { colour: false })
     assert.match(plain, /^access: group left of 2, 0 association\(s\), 1 node\(s\) hidden$/m)
     assert.match(plain, /^access table NOT loaded \(nft is not installed\): the groups are not enforced on this node$/m)
+    const stale = renderStatus(
+      buildStatus(inputs({ access: { ...access, firewall: { ...access.firewall, stale: true as const, reason: 'could not remove the access table of an earlier policy' } } })),
+      { colour: false },
+    )
+    assert.match(stale, /^access table of an earlier policy NOT removed \(could not remove the access table of an earlier policy\): retried every 30 s$/m)
     assert.match(plain, /^1 access policy key\(s\) refused: tinc-consul\/home\/network\/groups\/bad: overlaps left$/m)
     assert.match(plain, /^laptop \(hidden\) /m)
     assert.match(renderDot(s), /"laptop" \[label="laptop\\n10\.99\.0\.7.*hidden by groups"/)

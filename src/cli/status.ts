@@ -134,7 +134,16 @@ function accessLines(s: Status, paint: (c: keyof typeof ANSI, t: string) => stri
   const table = !fw ? '' : fw.mode === 'enforced' ? `, enforced (reached from: ${(fw.allowedGroups ?? []).join(', ')})` : fw.mode === 'failed' ? '' : `, ${fw.mode}`
   return [
     `access: group ${a.group ?? '(none)'} of ${a.groups}, ${a.associations} association(s)${table}${a.hidden.length ? `, ${a.hidden.length} node(s) hidden` : ''}`,
-    ...(fw?.mode === 'failed' ? [paint('red', `access table NOT loaded (${fw.reason ?? 'unknown reason'}): the groups are not enforced on this node`)] : []),
+    ...(fw?.mode === 'failed'
+      ? [
+          paint(
+            'red',
+            fw.stale
+              ? `access table of an earlier policy NOT removed (${fw.reason ?? 'unknown reason'}): retried every 30 s`
+              : `access table NOT loaded (${fw.reason ?? 'unknown reason'}): the groups are not enforced on this node`,
+          ),
+        ]
+      : []),
     ...(a.unreadable ? [paint('red', a.unreadable)] : []),
     ...(a.refused.length ? [paint('yellow', `${a.refused.length} access policy key(s) refused: ${a.refused.map((r) => `${r.key}: ${r.reason}`).join('; ')}`)] : []),
     ...move,

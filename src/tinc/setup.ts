@@ -72,13 +72,19 @@ export const tincDirFor = (root: string, net: string): string => join(root, net)
 /** Linux caps interface names at 15 bytes. */
 export const defaultInterface = (net: string): string => `tinc-${net}`.slice(0, 15)
 
+/**
+ * A name safe to use as a Linux interface name: at most IFNAMSIZ-1 = 15 bytes, not "." or "..",
+ * of letters, digits, "_", "." and "-" (the kernel allows more; this subset is safe to join into a
+ * /sys path and to quote in an nft rule).
+ */
+export const isInterfaceName = (name: string): boolean => /^[A-Za-z0-9_.-]{1,15}$/.test(name) && name !== '.' && name !== '..'
+
 /** The tun device tincd uses: `Interface` in tinc.conf, else tinc's default for the network. */
 export async function interfaceOf(tincDir: string, net: string): Promise<string> {
   const text = await readFile(join(tincDir, 'tinc.conf'), 'utf8').catch(() => '')
   const entry = parseHostFile(text).entries.find((e) => e.key.toLowerCase() === 'interface')
   const name = entry?.value.trim()
-  // Only a real interface name can be joined into a /sys path.
-  return name && /^[A-Za-z0-9_.-]{1,15}$/.test(name) && name !== '.' && name !== '..' ? name : defaultInterface(net)
+  return name && isInterfaceName(name) ? name : defaultInterface(net)
 }
 
 /**

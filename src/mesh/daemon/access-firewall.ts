@@ -1,9 +1,10 @@
 import { TincConsulError } from '../../errors.ts'
 import type { Logger } from '../../log.ts'
 import { isNetName } from '../kv-layout.ts'
-import { run } from '../../util/exec.ts'
+import { isInterfaceName } from '../../tinc/setup.ts'
 import { isCanonicalRoute } from '../route-cidr.ts'
-import { groupOf, reachableGroups, type AccessPolicy, type Group } from '../access-policy.ts'
+import { compilePolicy, type AccessPolicy, type CompiledPolicy, type Group } from '../access-policy.ts'
+import { dropTableLines, loadNftScript } from './nft.ts'
 
 /**
  * Enforcement of who may talk to whom (docs/groups.md, src/mesh/access-policy.ts) in the kernel.
@@ -19,8 +20,8 @@ import { groupOf, reachableGroups, type AccessPolicy, type Group } from '../acce
  */
 export const accessTable = (net: string): string => `tinc-consul-${net}-access`
 
-/** Declaring the table first makes the delete succeed whether or not it existed. */
-const removeScript = (table: string): string => `table inet ${table} {}\ndelete table inet ${table}\n`
+/** The script that leaves no access table, whether or not there was one. */
+const removeScript = (table: string): string => `${dropTableLines('inet', table).join('\n')}\n`
 
 /**
  * Consul's ports between agents, as consul/server.hcl.tmpl and consul/client.hcl.tmpl set them:
@@ -34,24 +35,39 @@ export interface AccessInput {
   /** The tinc interface: `Interface` in tinc.conf, else `tinc-<net>` (interfaceOf in src/tinc/setup.ts reads it). */
   iface: string
   policy: AccessPolicy
-  /** This node's VPN address: its group decides what it may be reached from. */
+  /** This node's IPv4 VPN address: its group (ownGroup) decides what it may be reached from. */
   selfAddress: string
-  /** This node's IPv6 VPN address, used for the group when the IPv4 one is in none. */
-  selfAddress6?: string
+  /**
+   * An earlier run loaded a table that no removal has taken away since (the follower's marker).
+   * A removal that fails then leaves that table dropping what the policy now allows: a failure,
+   * retried, not the warning a node that never had a table gets.
+   */
+  tableLeft?: boolean
   consulPorts?: { tcp: readonly number[]; udp: readonly number[] }
 }
 
 /** What the policy means for this node: nothing to filter, or the groups (and their ranges) it may be reached from. */
 export type AccessPlan = { open: true; why: string } | { open: false; group: string | undefined; groups: string[]; cidrs4: string[]; cidrs6: string[] }
 
-export function accessPlan(policy: AccessPolicy, selfAddress: string, selfAddress6?: string): AccessPlan {
+/**
+ * This node's group: the one whose `cidr` holds its IPv4 VPN address ("Membership is the address"
+ * in docs/groups.md). The table, DNS and status all ask this, so they agree on one group; an IPv6
+ * address in another group's `cidr6` places the node nowhere (`group ls` reports such a node).
+ */
+export function ownGroup(policy: CompiledPolicy, vpnAddress: string | undefined): Group | undefined {
+  // groupOf would look an IPv6 address up among the cidr6 ranges.
+  return vpnAddress?.includes(':') ? undefined : policy.groupOf(vpnAddress)
+}
+
+export function accessPlan(policy: AccessPolicy, selfAddress: string): AccessPlan {
   checkRanges(policy)
   if (policy.groups.length === 0) return { open: true, why: 'the network has no groups: every node may reach every node' }
-  const self = groupOf(policy, selfAddress) ?? groupOf(policy, selfAddress6)
+  const compiled = compilePolicy(policy)
+  const self = ownGroup(compiled, selfAddress)
   // mayReach: an infrastructure node is reached by every node, those in no group included, whose
   // addresses no group CIDR lists; so there is nothing to drop, and a table would only get in the way.
   if (self?.infra) return { open: true, why: `this node is in the infrastructure group ${self.name}, which every node may reach` }
-  const names = reachableGroups(policy, self?.name)
+  const names = compiled.reachableGroups(self?.name)
   const allowed: Group[] = policy.groups.filter((g) => names.has(g.name))
   return {
     open: false,
@@ -62,14 +78,11 @@ export function accessPlan(policy: AccessPolicy, selfAddress: string, selfAddres
   }
 }
 
-/** Linux interface names: at most IFNAMSIZ-1 = 15 bytes, not "." or "..", no "/" or whitespace; we allow a safe subset. */
-const IFACE_RE = /^[A-Za-z0-9_.-]{1,15}$/
-
 function refuse(message: string): never {
   throw new TincConsulError('ACCESS_FIREWALL_INPUT', message)
 }
 
-/** Every group's ranges, before groupOf parses them (it throws on a malformed one) and before they go into a script. */
+/** Every group's ranges, before ownGroup parses them (it throws on a malformed one) and before they go into a script. */
 function checkRanges(policy: AccessPolicy): void {
   for (const g of policy.groups) {
     if (!isCanonicalRoute(g.cidr) || g.cidr.includes(':')) refuse(`group ${JSON.stringify(g.name)}: ${JSON.stringify(g.cidr)} is not a canonical IPv4 CIDR`)
@@ -83,7 +96,7 @@ function checkRanges(policy: AccessPolicy): void {
  */
 function checkInput(net: string, input: AccessInput, plan: AccessPlan): void {
   if (!isNetName(net)) refuse(`${JSON.stringify(net)} is not a network name`)
-  if (!IFACE_RE.test(input.iface) || input.iface === '.' || input.iface === '..') refuse(`${JSON.stringify(input.iface)} is not an interface name (letters, digits, "_", "." and "-", at most 15)`)
+  if (!isInterfaceName(input.iface)) refuse(`${JSON.stringify(input.iface)} is not an interface name (letters, digits, "_", "." and "-", at most 15)`)
   if (plan.open) return
   const ports = input.consulPorts ?? CONSUL_PORTS
   for (const p of [...ports.tcp, ...ports.udp]) if (!Number.isInteger(p) || p < 1 || p > 65535) refuse(`${JSON.stringify(p)} is not a port`)
@@ -116,9 +129,13 @@ function chainRules(iface: string, plan: AccessPlan & { open: false }, ports: { 
  * safe to hand to nft.
  */
 export function accessScript(o: { net: string } & AccessInput): string {
-  const table = accessTable(o.net)
-  const plan = accessPlan(o.policy, o.selfAddress, o.selfAddress6)
-  checkInput(o.net, o, plan)
+  return planScript(o.net, o, accessPlan(o.policy, o.selfAddress))
+}
+
+/** accessScript for a plan already made from this input. */
+function planScript(net: string, o: AccessInput, plan: AccessPlan): string {
+  const table = accessTable(net)
+  checkInput(net, o, plan)
   if (plan.open) return removeScript(table)
   const rules = chainRules(o.iface, plan, o.consulPorts ?? CONSUL_PORTS).map((r) => `    ${r}`)
   const chain = (hook: 'input' | 'forward') => [`  chain ${hook} {`, `    type filter hook ${hook} priority filter; policy accept;`, ...rules, '  }']
@@ -144,19 +161,21 @@ export interface AccessFirewallState {
   since: string
   /** The groups this node may be reached from, when enforced. */
   allowedGroups?: string[]
+  /** Failed while removing the table of an earlier policy: it still drops what this node may now be reached from. */
+  stale?: true
 }
 
 export interface AccessFirewall {
   /** Makes the table match; nft runs only when the script differs from the last one loaded. Never throws. */
   apply(input: AccessInput): Promise<void>
   state(): AccessFirewallState
+  /** Whether our table is in the kernel: true after a load, false after a removal that worked, undefined while not known. */
+  loaded(): boolean | undefined
   /**
    * Stops the retry timer. The table stays: a sidecar that stops (or restarts, or crashes) must
-   * not open the mesh; the next start replaces it, and `remove()` takes it away on purpose.
+   * not open the mesh; the next start replaces it.
    */
   stop(): void
-  /** Deletes the table (uninstall, or enforcement turned off). Rejects when nft can't. */
-  remove(): Promise<void>
 }
 
 export interface AccessFirewallOptions {
@@ -180,16 +199,16 @@ export function describeNftFailure(err: unknown): string {
   return `nft refused the rules: ${message}`
 }
 
-/** A failure is logged at once, and again when its reason changes or (errors) every 5 minutes while it lasts. */
+/** A failure is logged at once, and again when its reason or level changes or (errors) every 5 minutes while it lasts. */
 const RELOG_MS = 5 * 60_000
 
 function failureLog(log: Logger, table: string, now: () => Date) {
-  let last: { reason: string; at: number } | undefined
+  let last: { reason: string; level: 'warn' | 'error'; at: number } | undefined
   return {
     report(level: 'warn' | 'error', err: unknown, reason: string, message: string): void {
       const t = now().getTime()
-      if (last?.reason === reason && (level === 'warn' || t - last.at < RELOG_MS)) return
-      last = { reason, at: t }
+      if (last?.reason === reason && last.level === level && (level === 'warn' || t - last.at < RELOG_MS)) return
+      last = { reason, level, at: t }
       log[level]({ err, table, reason }, message)
     },
     reset: (): void => void (last = undefined),
@@ -203,13 +222,15 @@ function loadedState(plan: AccessPlan): Omit<AccessFirewallState, 'table' | 'sin
   return { mode: 'enforced', allowedGroups: plan.groups, ...reason }
 }
 
-/** Enforcement off: takes away a table an earlier run left, and says what that means. */
-async function removeForOff(o: AccessFirewallOptions, nft: (script: string) => Promise<void>, table: string, groups: number): Promise<void> {
+/** Enforcement off: takes away a table an earlier run left, and says what that means. True when the table is gone. */
+async function removeForOff(o: AccessFirewallOptions, nft: (script: string) => Promise<void>, table: string, groups: number): Promise<boolean> {
   if (groups > 0) o.log.warn({ table }, 'access enforcement is off (operator choice): this node accepts traffic from every node whatever the groups say')
   try {
     await nft(removeScript(table))
+    return true
   } catch (err) {
     o.log.warn({ err, table, reason: describeNftFailure(err) }, 'enforcement is off, and the access table (if an earlier run left one) could not be removed')
+    return false
   }
 }
 
@@ -241,10 +262,15 @@ function retryTimer(ms: number, fn: () => void) {
   }
 }
 
-/** A load that failed: a warning while nothing needs filtering, else the failed state, a loud error and the retry timer. */
+/**
+ * A load that failed: the failed state, a loud error and the retry timer; but only a warning when
+ * nothing needs filtering and no table is known to be there.
+ */
 function reportFailure(c: {
   err: unknown
   plan: AccessPlan | undefined
+  /** A table is known to be in the kernel: loaded by this process, or left by an earlier run. */
+  tableLeft: boolean
   table: string
   retryMs: number
   failures: ReturnType<typeof failureLog>
@@ -253,16 +279,23 @@ function reportFailure(c: {
   stopped: boolean
 }): void {
   const reason = describeNftFailure(c.err)
-  // Nothing to enforce, and nft can't run (not installed, no CAP_NET_ADMIN): a stale table from
-  // an earlier run is all that could be wrong, so a warning, not a failure every node repeats.
-  if (c.plan?.open) {
+  const retrying = `retrying every ${Math.round(c.retryMs / 1000)} s`
+  // Nothing to enforce, no table known, and nft can't run (not installed, no CAP_NET_ADMIN): a
+  // table nobody knows of is all that could be wrong, so a warning, not a failure every node repeats.
+  if (c.plan?.open && !c.tableLeft) {
     c.failures.report('warn', c.err, reason, 'could not remove a stale access table, if there is one; nothing needs filtering')
     c.timer.off()
     return c.state.set({ mode: 'open', reason: `${c.plan.why} (removing a stale table failed: ${reason})` })
   }
-  c.state.set({ mode: 'failed', reason })
-  const message = `ACCESS POLICY NOT ENFORCED: could not load nftables table ${c.table} (${reason}); the rules loaded before, if any, stay; retrying every ${Math.round(c.retryMs / 1000)} s`
-  c.failures.report('error', c.err, reason, message)
+  // The table of an earlier policy stays, dropping what the policy now allows: as loud as a load that failed.
+  const [why, message] = c.plan?.open
+    ? [
+        `could not remove the access table of an earlier policy, which still drops what this node may now be reached from: ${reason}`,
+        `ACCESS TABLE NOT REMOVED: nftables table ${c.table} stays (${reason}); ${retrying}`,
+      ]
+    : [reason, `ACCESS POLICY NOT ENFORCED: could not load nftables table ${c.table} (${reason}); the rules loaded before, if any, stay; ${retrying}`]
+  c.state.set({ mode: 'failed', reason: why, ...(c.plan?.open ? { stale: true as const } : {}) })
+  c.failures.report('error', c.err, why, message)
   if (!c.stopped) c.timer.on()
 }
 
@@ -275,11 +308,16 @@ export function accessFirewall(o: AccessFirewallOptions): AccessFirewall {
   // The table name goes into every script, the removal ones too, which accessScript doesn't check.
   if (!isNetName(o.net)) refuse(`${JSON.stringify(o.net)} is not a network name`)
   const table = accessTable(o.net)
-  const nft = o.nft ?? runNft
+  const nft = o.nft ?? loadNftScript
   const now = o.now ?? (() => new Date())
   const retryMs = o.retryMs ?? 30_000
-  // undefined: not known. A previous process may have left a table, so the first apply always loads.
+  // The script last loaded. undefined: not known; a previous process may have left a table, so the first apply always loads.
   let applied: string | undefined
+  let loaded: boolean | undefined
+  // The script whose load failed last. Only the retry timer runs it again: the daemon applies at
+  // every change of the view, and while nft can't load, each apply would spawn nft (and wait up to
+  // its timeout) for the same answer.
+  let failed: string | undefined
   let input: AccessInput | undefined
   let queue: Promise<void> = Promise.resolve()
   let stopped = false
@@ -287,34 +325,37 @@ export function accessFirewall(o: AccessFirewallOptions): AccessFirewall {
   const failures = failureLog(o.log, table, now)
   const state = stateCell(table, now, o.enforce ? { mode: 'open', reason: 'no policy applied yet' } : { mode: 'off', reason: 'enforcement turned off by the operator' })
   const enqueue = (job: () => Promise<void>): Promise<void> => (queue = queue.then(job, job))
-  const timer = retryTimer(retryMs, () => void enqueue(attempt))
+  const timer = retryTimer(retryMs, () => void enqueue(() => attempt(true)))
 
-  const fail = (err: unknown, plan: AccessPlan | undefined): void => reportFailure({ err, plan, table, retryMs, failures, state, timer, stopped })
+  const fail = (err: unknown, plan: AccessPlan | undefined, tableLeft: boolean): void => reportFailure({ err, plan, tableLeft, table, retryMs, failures, state, timer, stopped })
 
-  const attempt = async (): Promise<void> => {
+  const attempt = async (retry = false): Promise<void> => {
     if (stopped || !input) return
     const i = input
     if (!o.enforce) {
       if (offDone) return
       offDone = true
-      return removeForOff(o, nft, table, i.policy.groups.length)
+      if (await removeForOff(o, nft, table, i.policy.groups.length)) loaded = false
+      return
     }
     let plan: AccessPlan | undefined
     let script: string | undefined
     try {
-      plan = accessPlan(i.policy, i.selfAddress, i.selfAddress6)
-      script = accessScript({ net: o.net, ...i })
+      plan = accessPlan(i.policy, i.selfAddress)
+      script = planScript(o.net, i, plan)
+      if (script === failed && !retry) return
       if (script !== applied) await nft(script)
     } catch (err) {
-      // Open, and nft can't run: trying again at every change of the view would only spawn nft in vain.
-      if (plan?.open) applied = script
-      return fail(err, plan)
+      failed = script
+      return fail(err, plan, loaded === true || i.tableLeft === true)
     }
     const [changed, wasFailed] = [script !== applied, state.get().mode === 'failed']
     applied = script
+    loaded = !plan.open
+    failed = undefined
     timer.off()
     failures.reset()
-    if (wasFailed) o.log.info({ table }, 'access table loaded again: the policy is enforced')
+    if (wasFailed) o.log.info({ table }, plan.open ? 'access table removed at last: nothing to filter' : 'access table loaded again: the policy is enforced')
     // Unchanged and not failed: the state stands, with any note about a stale table it carries.
     if (changed || wasFailed) state.set(loadedState(plan))
     if (changed) o.log.info({ table, mode: state.get().mode, allowedGroups: state.get().allowedGroups }, plan.open ? 'access table removed: nothing to filter' : 'access table updated')
@@ -323,41 +364,17 @@ export function accessFirewall(o: AccessFirewallOptions): AccessFirewall {
   return {
     apply(next) {
       input = next
-      return enqueue(attempt)
+      return enqueue(() => attempt())
     },
     state() {
       // A copy: the status model must not be able to change ours.
       const s = state.get()
       return s.allowedGroups ? { ...s, allowedGroups: [...s.allowedGroups] } : { ...s }
     },
+    loaded: () => loaded,
     stop() {
       stopped = true
       timer.off()
     },
-    remove() {
-      // Final: after an uninstall or an explicit "off", no later apply may load the table again.
-      stopped = true
-      timer.off()
-      return enqueue(async () => {
-        await removeTable(o.log, nft, table)
-        applied = undefined
-        state.set({ mode: 'off', reason: 'table removed' })
-      })
-    },
   }
-}
-
-/** Deletes the table on purpose (uninstall, enforcement turned off); the caller learns of a failure. */
-async function removeTable(log: Logger, nft: (script: string) => Promise<void>, table: string): Promise<void> {
-  try {
-    await nft(removeScript(table))
-  } catch (err) {
-    log.error({ err, table, reason: describeNftFailure(err) }, 'could not remove the access table')
-    throw err
-  }
-  log.info({ table }, 'access table removed')
-}
-
-async function runNft(script: string): Promise<void> {
-  await run(['nft', '-f', '-'], { input: script, timeoutMs: 10_000 })
 }

@@ -6,14 +6,14 @@ import { compilePolicy, type AccessPolicy } from '../access-policy.ts'
 import type { PolicyRead } from '../groups.ts'
 import type { OwnIdentity } from '../reconcile.ts'
 import type { MeshView } from '../view.ts'
-import type { AccessFirewall, AccessFirewallState } from './access-firewall.ts'
+import { ownGroup, type AccessFirewall, type AccessFirewallState } from './access-firewall.ts'
 import type { RenumberState } from './renumber.ts'
 
 /** What status shows about the access policy on this node. */
 export interface AccessStatus {
   groups: number
   associations: number
-  /** This node's group, by its VPN address. */
+  /** This node's group, by its IPv4 VPN address (ownGroup). */
   group?: string
   /** Names in the view this node may not reach: DNS doesn't answer them. */
   hidden: string[]
@@ -35,8 +35,8 @@ export interface AccessFollower {
 
 export interface AccessFollowerOptions {
   stateDir: string
-  /** Undefined: enforcement is off, or this process can't enforce. */
-  firewall: AccessFirewall | undefined
+  /** Keeps the table; with enforcement off (AccessFirewallOptions.enforce) it only takes away one an earlier run left. */
+  firewall: AccessFirewall
   /** The tinc interface; asked once (again only after it failed), see accessFollower. */
   iface(): Promise<string>
   policy(): (PolicyRead & { unreadable?: string }) | undefined
@@ -58,7 +58,7 @@ interface HiddenMemo {
 /** The names in `view` this node may not reach, sorted, and the view without them. */
 function judgeView(view: MeshView, policy: AccessPolicy, self: OwnIdentity): Pick<HiddenMemo, 'hidden' | 'visible'> {
   const c = compilePolicy(policy)
-  const mine = c.groupOf(self.vpnAddress)
+  const mine = ownGroup(c, self.vpnAddress)
   const hidden = [...view.peers.values()].filter((p) => p.record.name !== self.name && !c.groupsMayReach(mine, c.groupOf(p.record.vpnAddress))).map((p) => p.record.name)
   if (hidden.length === 0) return { hidden, visible: view }
   const gone = new Set(hidden)
@@ -104,25 +104,26 @@ export function accessFollower(o: AccessFollowerOptions): AccessFollower {
     async apply() {
       const read = o.policy()
       const self = o.self()
-      if (!o.firewall || !read || self.vpnAddress === undefined) return
+      if (!read || self.vpnAddress === undefined) return
       if (read.policy.groups.length === 0 && !loadedBefore) return
       const iface = await resolveIface().catch((err: unknown) => void o.log.error({ err }, 'cannot tell the tinc interface; the access table is loaded at the next change'))
       if (iface === undefined) return
-      await o.firewall.apply({ iface, policy: read.policy, selfAddress: self.vpnAddress, ...(self.vpnAddress6 ? { selfAddress6: self.vpnAddress6 } : {}) })
-      const mode = o.firewall.state().mode
-      if (mode === 'enforced' && !loadedBefore) {
+      await o.firewall.apply({ iface, policy: read.policy, selfAddress: self.vpnAddress, tableLeft: loadedBefore })
+      // By what nft did, not by the mode: a removal that failed leaves the table, and the marker with it.
+      const loaded = o.firewall.loaded()
+      if (loaded === true && !loadedBefore) {
         await writeFile(marker, 'tinc-consul loaded an access table for this network; removed when it is gone\n').catch((err: unknown) =>
           o.log.warn({ err, file: marker }, 'could not write the access table marker'),
         )
         loadedBefore = true
-      } else if (mode === 'open' && loadedBefore) {
-        await rm(marker, { force: true })
+      } else if (loaded === false && loadedBefore) {
+        await rm(marker, { force: true }).catch((err: unknown) => o.log.warn({ err, file: marker }, 'could not remove the access table marker'))
         loadedBefore = false
       }
     },
     status(view) {
       const read = o.policy()
-      const group = read ? compilePolicy(read.policy).groupOf(o.self().vpnAddress)?.name : undefined
+      const group = read ? ownGroup(compilePolicy(read.policy), o.self().vpnAddress)?.name : undefined
       return {
         groups: read?.policy.groups.length ?? 0,
         associations: read?.policy.associations.length ?? 0,
@@ -130,7 +131,7 @@ export function accessFollower(o: AccessFollowerOptions): AccessFollower {
         hidden: view ? [...judged(view).hidden] : [],
         refused: read?.refused ?? [],
         ...(read?.unreadable ? { unreadable: read.unreadable } : {}),
-        ...(o.firewall ? { firewall: o.firewall.state() } : {}),
+        firewall: o.firewall.state(),
       }
     },
   }

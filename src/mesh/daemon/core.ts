@@ -9,7 +9,7 @@ import type { Refusal } from '../reconcile.ts'
 import { viewRecords, type MeshView } from '../view.ts'
 import type { CacheWriter } from './cache-writer.ts'
 import { routeFollower, type RouteFollower } from './routes-follow.ts'
-import type { Approval, RouteJudgement } from '../routes.ts'
+import { approvalKeySuffix, type Approval, type RouteJudgement } from '../routes.ts'
 import type { MeshInputs } from './inputs.ts'
 import { cacheInput, consulInput, judge, type JudgeContext, type Judgement } from './judge.ts'
 import type { StateFeed } from './state-feed.ts'
@@ -90,8 +90,8 @@ interface CoreState {
   owned: boolean
   /** The last judgement from Consul: what the cache holds. */
   last: Judgement | undefined
-  /** How many route approvals the cache was last given. */
-  cachedApprovals?: number
+  /** The route approvals the cache was last given, by key (approvalKeys). */
+  cachedApprovals?: ReadonlySet<string>
   written: RenderOptions['written']
   /** The tinc.conf/network mode disagreement last logged, so it is logged once, not per apply. */
   modeMismatch?: string
@@ -226,7 +226,7 @@ async function commit(o: CoreOptions, st: CoreState, j: Judgement, source: Appli
   if (source !== 'consul') return
   const soon = takesTrustAway(st.last, j, st.cachedApprovals, st.routing.approvals())
   st.last = j
-  st.cachedApprovals = st.routing.approvals()?.length
+  st.cachedApprovals = approvalKeys(st.routing.approvals())
   o.cache.set(() => cachedView(j, o.feed, st.routing.approvals()), soon ? 'soon' : 'later')
 }
 
@@ -235,9 +235,23 @@ function emitState(o: CoreOptions, st: CoreState): void {
   o.feed.emit(st.view && o.access ? o.access.visible(st.view) : st.view, o.inputs.services)
 }
 
-/** Whether a judgement removes what the last one trusted: a peer, an unrevoked key, an approved route. */
-function takesTrustAway(before: Judgement | undefined, after: Judgement, approvalsBefore: number | undefined, approvalsAfter: Approval[] | undefined): boolean {
-  return after.removed.length > 0 || (after.revoked?.size ?? 0) > (before?.revoked?.size ?? 0) || (approvalsAfter?.length ?? 0) < (approvalsBefore ?? 0)
+/** Approvals by what they approve: a node's route (its key under subnet-approvals/). */
+const approvalKeys = (approvals: readonly Approval[] | undefined): ReadonlySet<string> => new Set((approvals ?? []).map((a) => approvalKeySuffix(a.node, a.cidr)))
+
+/**
+ * Whether a judgement removes what the last one trusted: a peer, an unrevoked key, an approved
+ * route. Revocations and approvals are compared by key, not counted: one approval withdrawn while
+ * another is given keeps the count and still takes trust away.
+ */
+export function takesTrustAway(
+  before: Pick<Judgement, 'revoked'> | undefined,
+  after: Pick<Judgement, 'removed' | 'revoked'>,
+  approvalsBefore: ReadonlySet<string> | undefined,
+  approvalsAfter: readonly Approval[] | undefined,
+): boolean {
+  if (after.removed.length > 0 || [...(after.revoked ?? [])].some((fp) => !before?.revoked?.has(fp))) return true
+  const now = approvalKeys(approvalsAfter)
+  return [...(approvalsBefore ?? [])].some((key) => !now.has(key))
 }
 
 /**

@@ -1,6 +1,6 @@
 import type { Logger } from '../../log.ts'
-import { run } from '../../util/exec.ts'
 import type { OwnRoute } from '../own-routes.ts'
+import { dropTableLines, loadNftScript } from './nft.ts'
 
 /**
  * Masquerading for LANs behind this node whose hosts don't route the VPN range back
@@ -16,8 +16,7 @@ export const masqueradeTable = (net: string): string => `tinc-consul-${net}`
 export function masqueradeScript(net: string, vpnCidr: string, routes: readonly OwnRoute[]): string {
   const table = masqueradeTable(net)
   const lans = routes.filter((r) => r.masquerade && !r.cidr.includes(':')).map((r) => r.cidr)
-  // Declaring the table first makes the delete succeed whether or not it existed.
-  const reset = [`table ip ${table} {}`, `delete table ip ${table}`]
+  const reset = dropTableLines('ip', table)
   if (lans.length === 0) return `${reset.join('\n')}\n`
   const rules = lans.map((lan) => `    ip saddr ${vpnCidr} ip daddr ${lan} masquerade`)
   return [...reset, `table ip ${table} {`, '  chain postrouting {', '    type nat hook postrouting priority srcnat; policy accept;', ...rules, '  }', '}', ''].join('\n')
@@ -28,7 +27,7 @@ export interface MasqueradeKeeper {
   apply(vpnCidr: string, routes: readonly OwnRoute[]): Promise<void>
 }
 
-export function masqueradeKeeper(net: string, log: Logger, nft: (script: string) => Promise<void> = runNft): MasqueradeKeeper {
+export function masqueradeKeeper(net: string, log: Logger, nft: (script: string) => Promise<void> = loadNftScript): MasqueradeKeeper {
   // Nothing applied yet: a node that never masquerades never runs nft.
   let applied = masqueradeScript(net, '0.0.0.0/0', [])
   return {
@@ -44,8 +43,4 @@ export function masqueradeKeeper(net: string, log: Logger, nft: (script: string)
       }
     },
   }
-}
-
-async function runNft(script: string): Promise<void> {
-  await run(['nft', '-f', '-'], { input: script, timeoutMs: 10_000 })
 }
