@@ -383,6 +383,24 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...Object.fromEntries(kept), NO_COLOR: '1', ...extra }
 }
 
+test('a bad group name on the command line is a usage error before Consul is asked anything', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'tinc-consul-bad-group-'))
+  try {
+    // Nothing listens on port 9: a command that got as far as Consul would fail otherwise.
+    const env = cleanEnv({ TINC_CONSUL_CONFIG_DIR: dir, TINC_CONSUL_CONSUL: 'http://127.0.0.1:9', TINC_CONSUL_NET: 'bad' })
+    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { encoding: 'utf8', env })
+    for (const r of [
+      run('invite', '--group', 'Bad'),
+      run('init', '--name', 'pub1', '--cidr', '10.98.0.0/24', '--address', '198.18.0.1', '--dir', dir, '--infra-group', 'Bad', '--infra-cidr', '10.98.0.0/28'),
+    ]) {
+      assert.equal(r.status, 2, r.stderr)
+      assert.match(r.stderr, /a group name must be one lower-case DNS label .*got "Bad"/)
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
 describe('against a dev Consul with ACLs', () => {
   const net = 'groups'
   const layout = kvLayout(net)

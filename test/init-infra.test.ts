@@ -82,6 +82,7 @@ describe('init places public nodes in an infrastructure group, against a real Co
     const layout = kvLayout('old')
     await assert.rejects(init('old', 'pub3', { infraCidr: '10.95.0.0/28', infraGroup: 'edge' }), { code: 'GROUP_REFUSED' })
     await assert.rejects(init('old', 'pub3', { infraCidr: '10.96.0.16/29', infraGroup: 'edge' }), { code: 'GROUP_REFUSED' })
+    assert.equal(await admin.kvGet(layout.group('edge')), undefined, 'the refused group edge was never written')
     await admin.kvPut(layout.group('eng'), JSON.stringify(newGroupValue({ cidr: '10.96.0.64/28' })))
     await assert.rejects(init('old', 'pub3', { infraGroup: 'eng' }), { code: 'NOT_INFRA' })
     await assert.rejects(init('old', 'pub3', { infraGroup: 'nowhere' }), { code: 'NO_SUCH_GROUP' })
@@ -89,5 +90,19 @@ describe('init places public nodes in an infrastructure group, against a real Co
     await assert.rejects(init('old', 'pub3'), { code: 'WHICH_INFRA' })
     assert.equal(await admin.kvGet(layout.node('pub3')), undefined, 'pub3 was never written')
     assert.equal((await init('old', 'pub3', { infraGroup: 'edge' })).address, '10.96.0.129')
+  })
+
+  test('a re-run on a node already in the network keeps its address without asking which infrastructure group, however many there are', async () => {
+    assert.equal((await init('two', 'pub1', { cidr: '10.94.0.0/24' })).address, '10.94.0.1')
+    const layout = kvLayout('two')
+    await admin.kvPut(layout.group('infra'), JSON.stringify(newGroupValue({ cidr: '10.94.0.16/28', infra: true })))
+    await admin.kvPut(layout.group('edge'), JSON.stringify(newGroupValue({ cidr: '10.94.0.32/28', infra: true })))
+    await assert.rejects(init('two', 'pub2'), { code: 'WHICH_INFRA' }, 'a new node is asked which')
+    assert.equal((await init('two', 'pub1')).address, '10.94.0.1', 'a re-run keeps the address')
+  })
+
+  test('a bad --infra-group is refused before the network is made', async () => {
+    await assert.rejects(init('early', 'pub1', { cidr: '10.93.0.0/24', infraGroup: 'Bad' }), { code: 'BAD_GROUP' })
+    assert.equal(await admin.kvGet(kvLayout('early').network), undefined, 'no network record was written')
   })
 })

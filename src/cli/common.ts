@@ -1,4 +1,8 @@
 import { DEFAULT_CONFIG_DIR } from '../config-file.ts'
+import { createConsulClient, type ConsulClient } from '../consul/client.ts'
+import type { KvLayout } from '../mesh/kv-layout.ts'
+import { readNetwork, readNetworkAndPolicy, requireNetwork, type PolicyState } from '../mesh/network.ts'
+import type { NetworkRecord } from '../mesh/record.ts'
 import { described, envDefault } from './env.ts'
 
 /** Flags shared by every command that talks to a network in Consul. */
@@ -41,6 +45,33 @@ export const consulArgs = {
     },
   },
 } as const
+
+/** `--json` of the listing commands. */
+export const jsonArg = { json: { type: 'boolean', description: 'Print JSON', default: false } } as const
+
+/** A group named on the command line (docs/groups.md). */
+export const groupArg = (what: string) => ({ type: 'positional', description: `${what}: one lower-case DNS label, at most 32 characters`, required: true }) as const
+
+/** What a command on a network's records works with: the network as it is in Consul now. */
+export interface NetworkTarget {
+  layout: KvLayout
+  client: ConsulClient
+  network: NetworkRecord
+}
+
+const clientOf = (args: { consul: string; token?: string }): ConsulClient => createConsulClient({ url: args.consul, token: args.token || undefined })
+
+/** The network at `layout`, or NO_NETWORK when `tinc-consul init` hasn't made it yet. */
+export async function networkTarget(layout: KvLayout, args: { consul: string; token?: string }): Promise<NetworkTarget> {
+  const client = clientOf(args)
+  return { layout, client, network: requireNetwork(await readNetwork(client, layout), layout) }
+}
+
+/** networkTarget with the access policy, both from one read (readNetworkAndPolicy). */
+export async function policyTarget(layout: KvLayout, args: { consul: string; token?: string }): Promise<NetworkTarget & { policy: PolicyState }> {
+  const client = clientOf(args)
+  return { layout, client, ...requireNetwork(await readNetworkAndPolicy(client, layout), layout) }
+}
 
 /** The settings a new network is created with, shared by `init` and `adopt` (whichever creates it). */
 export const newNetworkArgs = {

@@ -1,11 +1,10 @@
 import { defineCommand } from 'citty'
-import { createConsulClient } from '../consul/client.ts'
-import { TincConsulError, UsageError } from '../errors.ts'
+import { UsageError } from '../errors.ts'
 import { checkGroupName, kvLayout } from '../mesh/kv-layout.ts'
 import { readNodeRecord, releaseOld, reserveMove, waitMoved, type MovePlan } from '../mesh/move.ts'
-import { groupIn, readAccessPolicy, readNetwork } from '../mesh/network.ts'
+import { groupIn } from '../mesh/network.ts'
 import { isTincName } from '../tinc/names.ts'
-import { consulArgs } from './common.ts'
+import { consulArgs, groupArg, policyTarget } from './common.ts'
 import { described, envDefault } from './env.ts'
 import { parseIntFlag } from './parse.ts'
 import { requireNet } from './run.ts'
@@ -28,7 +27,7 @@ export const groupMove = defineCommand({
   args: {
     ...consulArgs,
     node: { type: 'positional', description: 'The node to move (its tinc name)', required: true },
-    group: { type: 'positional', description: 'The group to move it into', required: true },
+    group: groupArg('The group to move it into'),
     wait: {
       type: 'string',
       description: described('Seconds to wait for the node to take its new address (0: reserve it and return; a later run releases the old one)', 'move-wait'),
@@ -41,11 +40,7 @@ export const groupMove = defineCommand({
     if (!isTincName(args.node)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(args.node)}`)
     const groupName = checkGroupName(args.group)
     const waitMs = parseIntFlag('wait', args.wait, 0, 3600) * 1000
-    const layout = kvLayout(requireNet(args.net), args.prefix || undefined)
-    const client = createConsulClient({ url: args.consul, token: args.token || undefined })
-    const network = await readNetwork(client, layout)
-    if (!network) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
-    const state = await readAccessPolicy(client, layout, network)
+    const { layout, client, network, policy: state } = await policyTarget(kvLayout(requireNet(args.net), args.prefix || undefined), args)
     const group = groupIn(state, layout, groupName)
     const policy = state.read.policy
     const record = await readNodeRecord(client, layout, network, args.node)

@@ -1,14 +1,13 @@
 import { defineCommand } from 'citty'
-import { b64, createConsulClient, type TxnOp } from '../consul/client.ts'
+import { b64, type TxnOp } from '../consul/client.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
-import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, refusalOfNew, type MemberNode } from '../mesh/groups.ts'
-import { createGroup, policyTxn, readPolicyForWriting } from '../mesh/group-admin.ts'
+import { associatedWith, associationKeysNaming, groupMembers, newAssociationValue, newGroupValue, refusalOfNew } from '../mesh/groups.ts'
+import { createGroup, forWriting, policyTxn } from '../mesh/group-admin.ts'
 import { readIpam } from '../mesh/ipam.ts'
 import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
 import { pendingMoves } from '../mesh/move.ts'
-import { readAccessPolicy, readNetwork, type PolicyState } from '../mesh/network.ts'
-import { checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord } from '../mesh/record.ts'
-import { consulArgs } from './common.ts'
+import { readNodeRecords, type PolicyState } from '../mesh/network.ts'
+import { consulArgs, groupArg, jsonArg, networkTarget, policyTarget, type NetworkTarget } from './common.ts'
 import { groupMove } from './group-move.ts'
 import { described, envFlag } from './env.ts'
 import { rangeFlag } from './parse.ts'
@@ -22,46 +21,10 @@ import { alignRows } from './table.ts'
  * concurrent command makes the later one fail instead of overwriting.
  */
 
-const groupArg = (what: string) => ({ type: 'positional', description: `${what}: one lower-case DNS label, at most 32 characters`, required: true }) as const
-
 /** A transaction holds at most 64 operations; `rm --force` deletes the group and its associations in one. */
 const MAX_TXN_OPS = 64
 
-interface Target {
-  layout: KvLayout
-  client: ReturnType<typeof createConsulClient>
-  network: NetworkRecord
-}
-
 const layoutOf = (args: { net?: string; prefix?: string }): KvLayout => kvLayout(requireNet(args.net), args.prefix || undefined)
-
-async function target(args: { net?: string; prefix?: string; consul: string; token?: string }): Promise<Target> {
-  const layout = layoutOf(args)
-  const client = createConsulClient({ url: args.consul, token: args.token || undefined })
-  const network = await readNetwork(client, layout)
-  if (!network) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
-  return { layout, client, network }
-}
-
-const readPolicy = (t: Target, forWriting: boolean): Promise<PolicyState> => (forWriting ? readPolicyForWriting(t.client, t.layout, t.network) : readAccessPolicy(t.client, t.layout, t.network))
-
-/** Every node record that passes the record checks, for membership; the others with why. */
-async function readNodes(t: Target): Promise<{ nodes: MemberNode[]; unreadable: string[] }> {
-  const list = await t.client.kvList(t.layout.nodesPrefix)
-  const nodes: MemberNode[] = []
-  const unreadable: string[] = []
-  for (const item of list.items) {
-    const name = item.key.slice(t.layout.nodesPrefix.length)
-    if (name === '') continue
-    const d = decodeJson(item.value, nodeRecordSchema)
-    const checked = d.ok ? checkPeer(d.value, { network: t.network, keyName: name }) : d
-    if (!checked.ok) unreadable.push(`${name}: ${checked.reason}`)
-    else nodes.push({ name, vpnAddress: checked.value.record.vpnAddress, vpnAddress6: checked.value.record.vpnAddress6 })
-  }
-  return { nodes, unreadable }
-}
-
-const send = (t: Target, ops: TxnOp[], what: string, raced: string): Promise<void> => policyTxn(t.client, t.layout, ops, what, raced)
 
 const groupAdd = defineCommand({
   meta: {
@@ -95,10 +58,10 @@ const groupAdd = defineCommand({
     const name = checkGroupName(args.name)
     if (!args.cidr) throw new UsageError('BAD_FLAG', '--cidr is required: the IPv4 range of the group (or set TINC_CONSUL_GROUP_CIDR)')
     const value = newGroupValue({ cidr: rangeFlag('cidr', args.cidr, 4), cidr6: args.cidr6 ? rangeFlag('cidr6', args.cidr6, 6) : undefined, infra: args.infra })
-    const t = await target(args)
-    const { before: state, policy } = await createGroup(t.client, t.layout, t.network, name, value)
+    const t = await policyTarget(layoutOf(args), args)
+    const { before: state, policy } = await createGroup(t.client, t.layout, t.network, name, value, t.policy)
     const first = state.read.policy.groups.length === 0
-    const members = groupMembers(policy, (await readNodes(t)).nodes).members.get(name) ?? []
+    const members = groupMembers(policy, (await readNodeRecords(t.client, t.layout, t.network)).records).members.get(name) ?? []
     console.log(
       `created group ${name} (${[value.cidr, value.cidr6].filter(Boolean).join(', ')}${value.infra ? ', infrastructure' : ''}) with ${members.length} member(s)${members.length ? `: ${members.join(', ')}` : ''}`,
     )
@@ -116,10 +79,11 @@ interface GroupRow {
   associations: string[]
 }
 
-async function listing(t: Target) {
-  const [state, nodes, held] = await Promise.all([readPolicy(t, false), readNodes(t), readIpam(t.client, t.layout)])
+async function listing(t: NetworkTarget & { policy: PolicyState }) {
+  const state = t.policy
+  const [nodes, held] = await Promise.all([readNodeRecords(t.client, t.layout, t.network), readIpam(t.client, t.layout)])
   const policy = state.read.policy
-  const m = groupMembers(policy, nodes.nodes)
+  const m = groupMembers(policy, nodes.records)
   const groups: GroupRow[] = policy.groups.map((g) => ({ ...g, members: m.members.get(g.name) ?? [], associations: associatedWith(policy, g.name) }))
   return {
     open: policy.groups.length === 0,
@@ -127,7 +91,7 @@ async function listing(t: Target) {
     associations: policy.associations,
     ungrouped: m.ungrouped,
     split: m.split,
-    moving: pendingMoves(nodes.nodes, held, policy),
+    moving: pendingMoves(nodes.records, held, policy),
     refused: state.read.refused,
     unreadable: nodes.unreadable,
     filtered: state.filtered,
@@ -136,9 +100,9 @@ async function listing(t: Target) {
 
 const groupLs = defineCommand({
   meta: { name: 'ls', description: 'List the groups with their ranges, members (by VPN address) and associations, nodes in no group, and keys refused (with why)' },
-  args: { ...consulArgs, json: { type: 'boolean', description: 'Print JSON', default: false } },
+  args: { ...consulArgs, ...jsonArg },
   async run({ args }) {
-    const l = await listing(await target(args))
+    const l = await listing(await policyTarget(layoutOf(args), args))
     if (args.json) return void console.log(JSON.stringify(l, null, 2))
     if (l.filtered) console.log('consul hid part of network/ from this token: groups may be missing below')
     if (l.open) console.log('no groups: the network is open, every node reaches every node')
@@ -171,13 +135,13 @@ const groupRm = defineCommand({
   },
   async run({ args }) {
     const name = checkGroupName(args.name)
-    const t = await target(args)
+    const t = await policyTarget(layoutOf(args), args)
     const key = t.layout.group(name)
-    const state = await readPolicy(t, true)
+    const state = forWriting(t.policy, t.layout)
     const item = state.items.find((i) => i.key === key)
     if (!item) throw new UsageError('NO_GROUP', `there is no group ${name}`)
     const associations = associationKeysNaming(state.items, t.layout, name)
-    const members = groupMembers(state.read.policy, (await readNodes(t)).nodes).members.get(name) ?? []
+    const members = groupMembers(state.read.policy, (await readNodeRecords(t.client, t.layout, t.network)).records).members.get(name) ?? []
     if (!args.force && (members.length || associations.length)) {
       const what = [
         members.length ? `members (${members.join(', ')}), who would fall into no group` : '',
@@ -189,7 +153,7 @@ const groupRm = defineCommand({
       throw new TincConsulError('TOO_MANY_ASSOCIATIONS', `group ${name} has ${associations.length} associations, more than one transaction can remove: dissociate some first`)
     const byKey = new Map(state.items.map((i) => [i.key, i.modifyIndex]))
     const ops: TxnOp[] = [key, ...associations].map((k) => ({ KV: { Verb: 'delete-cas', Key: k, Index: byKey.get(k) ?? 0 } }))
-    await send(t, ops, `the removal of group ${name}`, 'the group or one of its associations changed meanwhile')
+    await policyTxn(t.client, t.layout, ops, `the removal of group ${name}`, 'the group or one of its associations changed meanwhile')
     const left = state.read.policy.groups.filter((g) => g.name !== name).length
     console.log(`removed group ${name}${associations.length ? ` and ${associations.length} association(s)` : ''}${members.length ? `; ${members.join(', ')} now in no group` : ''}`)
     if (left === 0 && state.read.policy.groups.length > 0) console.log('That was the last group: the network is open again, every node reaches every node.')
@@ -203,8 +167,8 @@ const groupAssociate = defineCommand({
   args: pairArgs,
   async run({ args }) {
     const key = layoutOf(args).association(args.a, args.b)
-    const t = await target(args)
-    const state = await readPolicy(t, true)
+    const t = await policyTarget(layoutOf(args), args)
+    const state = forWriting(t.policy, t.layout)
     const existing = state.items.find((i) => i.key === key)
     const refused = state.read.refused.find((r) => r.key === key)
     if (existing && !refused) return void console.log(`${args.a} and ${args.b} are associated already`)
@@ -216,7 +180,13 @@ const groupAssociate = defineCommand({
     // this then fails its delete-cas, instead of leaving an association to a group that is gone.
     const groups = state.items.filter((i) => i.key === t.layout.group(args.a) || i.key === t.layout.group(args.b))
     const touch = groups.map((g): TxnOp => ({ KV: { Verb: 'cas', Key: g.key, Value: Buffer.from(g.value).toString('base64'), Index: g.modifyIndex } }))
-    await send(t, [{ KV: { Verb: 'cas', Key: key, Value: b64(JSON.stringify(value)), Index: 0 } }, ...touch], `the association of ${args.a} and ${args.b}`, 'one of the groups changed meanwhile')
+    await policyTxn(
+      t.client,
+      t.layout,
+      [{ KV: { Verb: 'cas', Key: key, Value: b64(JSON.stringify(value)), Index: 0 } }, ...touch],
+      `the association of ${args.a} and ${args.b}`,
+      'one of the groups changed meanwhile',
+    )
     console.log(`associated ${args.a} and ${args.b}: their members reach each other`)
   },
 })
@@ -226,10 +196,10 @@ const groupDissociate = defineCommand({
   args: pairArgs,
   async run({ args }) {
     const key = layoutOf(args).association(args.a, args.b)
-    const t = await target(args)
+    const t = await networkTarget(layoutOf(args), args)
     const found = (await t.client.kvGetOne(key)).item
     if (!found) throw new UsageError('NOT_ASSOCIATED', `${args.a} and ${args.b} are not associated`)
-    await send(t, [{ KV: { Verb: 'delete-cas', Key: key, Index: found.modifyIndex } }], `the dissociation of ${args.a} and ${args.b}`, 'the association changed meanwhile')
+    await policyTxn(t.client, t.layout, [{ KV: { Verb: 'delete-cas', Key: key, Index: found.modifyIndex } }], `the dissociation of ${args.a} and ${args.b}`, 'the association changed meanwhile')
     console.log(`dissociated ${args.a} and ${args.b}`)
   },
 })

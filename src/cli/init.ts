@@ -3,6 +3,7 @@ import { defineCommand } from 'citty'
 import { DEFAULT_JOIN_PORT } from '../mesh/join-server.ts'
 import { finishNode, installedConsulRole } from '../install/finish.ts'
 import { initNode } from '../mesh/init.ts'
+import { checkGroupName } from '../mesh/kv-layout.ts'
 import { isUlaCidr6 } from '../mesh/record.ts'
 import { UsageError } from '../errors.ts'
 import { parseModeFlag } from '../tinc/mode.ts'
@@ -78,7 +79,7 @@ export const initCommand = defineCommand({
       bareServiceNames: args['bare-service-names'],
       mode: parseModeFlag(args.mode),
       cidr6: parseCidr6Flag(args.cidr6),
-      ...(args['infra-group'] ? { infraGroup: args['infra-group'] } : {}),
+      ...(args['infra-group'] ? { infraGroup: checkGroupName(args['infra-group']) } : {}),
       ...(args['infra-cidr'] ? { infraCidr: rangeFlag('infra-cidr', args['infra-cidr'], 4) } : {}),
     })
     console.log(`\n${res.createdNetwork ? 'Network created. ' : ''}This node has address ${res.address}${res.address6 ? ` and ${res.address6}` : ''}.`)

@@ -1,9 +1,8 @@
 import { hostname } from 'node:os'
 import { defineCommand } from 'citty'
 import { createConsulClient } from '../consul/client.ts'
-import { TincConsulError } from '../errors.ts'
 import { checkGroupName, kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
-import { readGroup, readNetwork } from '../mesh/network.ts'
+import { groupIn, readNetworkAndPolicy, requireNetwork } from '../mesh/network.ts'
 import { createInvite, listInvites, revokeInvite } from '../mesh/invite.ts'
 import { listJoinEndpoints } from '../mesh/join-endpoints.ts'
 import { printable } from '../util/text.ts'
@@ -39,13 +38,14 @@ const create = defineCommand({
   args: createArgs,
   async run({ args }) {
     const net = requireNet(args.net)
+    const groupName = args.group ? checkGroupName(args.group) : undefined
     const layout = kvLayout(net, args.prefix || undefined)
     const token = args.token || undefined
     const client = createConsulClient({ url: args.consul, token })
+    const group = groupName === undefined ? undefined : await inviteGroup(client, layout, groupName)
     // Every join server, so the joiner can try the next when one is down. They come from
     // join-endpoints/, which only join servers and operators can write: a node can't list
     // itself by adding a port to its own record.
-    const group = args.group ? await inviteGroup(client, layout, args.group) : undefined
     const { endpoints, skipped } = await listJoinEndpoints(client, layout)
     // Key names come from Consul, which any writer of the prefix chose: printed clean.
     for (const why of skipped) console.error(`left out of the invite: join-endpoints/${printable(why)}`)
@@ -69,9 +69,8 @@ const create = defineCommand({
 
 /** Checks the group exists now, so a typo fails here rather than at the joiner's end. */
 async function inviteGroup(client: ReturnType<typeof createConsulClient>, layout: KvLayout, name: string): Promise<string> {
-  const network = await readNetwork(client, layout)
-  if (!network) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
-  return (await readGroup(client, layout, network, checkGroupName(name))).name
+  const { policy } = requireNetwork(await readNetworkAndPolicy(client, layout), layout)
+  return groupIn(policy, layout, name).name
 }
 
 const list = defineCommand({

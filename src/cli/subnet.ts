@@ -1,19 +1,17 @@
 import { readFile, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { defineCommand } from 'citty'
-import { createConsulClient } from '../consul/client.ts'
-import { TincConsulError, UsageError } from '../errors.ts'
+import { UsageError } from '../errors.ts'
 import { approveRoute, cidrArg, listRoutes, refuseVpnOverlap, unapproveRoute } from '../mesh/approvals.ts'
-import { kvLayout, type KvLayout } from '../mesh/kv-layout.ts'
-import { readNetwork } from '../mesh/network.ts'
+import { kvLayout } from '../mesh/kv-layout.ts'
 import { readOwnRoutes, withOwnRoutes, type OwnRoute } from '../mesh/own-routes.ts'
 import { readTincName } from '../mesh/publish.ts'
-import { networkMode, type NetworkRecord } from '../mesh/record.ts'
+import { networkMode } from '../mesh/record.ts'
 import { MAX_ROUTES, routesOverlap } from '../mesh/routes.ts'
 import { isTincName } from '../tinc/names.ts'
 import { tincDirFor } from '../tinc/setup.ts'
 import { writeFileAtomic } from '../util/atomic.ts'
-import { consulArgs } from './common.ts'
+import { consulArgs, jsonArg, networkTarget, type NetworkTarget } from './common.ts'
 import { described, envFlag } from './env.ts'
 import { requireNet } from './run.ts'
 import { setupArgs } from './setup-args.ts'
@@ -23,19 +21,7 @@ const cidrPositional = { type: 'positional', description: 'The subnet, as a CIDR
 const nodeArg = { type: 'positional', description: 'The node that announces it', required: true } as const
 const localArgs = { ...consulArgs, dir: setupArgs.dir } as const
 
-interface Target {
-  layout: KvLayout
-  client: ReturnType<typeof createConsulClient>
-  network: NetworkRecord
-}
-
-async function target(args: { net?: string; prefix?: string; consul: string; token?: string }): Promise<Target> {
-  const layout = kvLayout(requireNet(args.net), args.prefix || undefined)
-  const client = createConsulClient({ url: args.consul, token: args.token || undefined })
-  const network = await readNetwork(client, layout)
-  if (!network) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
-  return { layout, client, network }
-}
+const target = (args: { net?: string; prefix?: string; consul: string; token?: string }): Promise<NetworkTarget> => networkTarget(kvLayout(requireNet(args.net), args.prefix || undefined), args)
 
 /** This node's host file and its routes block, for `add` and `rm`. */
 async function ownHostFile(args: { net?: string; dir: string }): Promise<{ path: string; text: string; name: string; routes: OwnRoute[] }> {
@@ -109,7 +95,7 @@ const subnetRm = defineCommand({
 
 const subnetLs = defineCommand({
   meta: { name: 'ls', description: 'List the subnets nodes announce: served, awaiting approval, refused (with the reason), approved but not announced' },
-  args: { ...consulArgs, json: { type: 'boolean', description: 'Print JSON', default: false } },
+  args: { ...consulArgs, ...jsonArg },
   async run({ args }) {
     const t = await target(args)
     const l = await listRoutes(t.client, t.layout, t.network)

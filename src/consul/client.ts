@@ -72,6 +72,9 @@ export interface ConsulClient {
 export type TxnOp = { KV: { Verb: string; Key: string; Value?: string; Index?: number } }
 export type TxnResult = { ok: true; results: Array<{ KV?: { Key: string; ModifyIndex: number } }> } | { ok: false; errors: Array<{ OpIndex: number; What: string }> }
 
+/** Whether a failed transaction operation's `What` says the token may not do it (Consul's wording for an ACL refusal). */
+export const isAclDenied = (what: string): boolean => /permission denied|ACL not found/i.test(what)
+
 /** Base64 for a transaction's Value field. */
 export const b64 = (s: string): string => Buffer.from(s).toString('base64')
 

@@ -1,7 +1,8 @@
-import type { ConsulClient, TxnResult } from '../consul/client.ts'
+import { isAclDenied, type ConsulClient, type TxnResult } from '../consul/client.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import type { KvLayout } from './kv-layout.ts'
-import { checkPeer, decodeJson, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
+import { readNodeRecords } from './network.ts'
+import { RECORD_VERSION, type NetworkRecord } from './record.ts'
 import { judgeRoutes, parseApprovals, parseRoute, vpnOverlap, type ApprovalRead, type RouteJudgement } from './routes.ts'
 
 /**
@@ -25,7 +26,7 @@ export function refuseVpnOverlap(cidr: string, network: NetworkRecord): void {
 }
 
 function txnRefused(res: Extract<TxnResult, { ok: false }>, what: string): TincConsulError {
-  const denied = res.errors.some((e) => /permission denied|ACL not found/i.test(e.What))
+  const denied = res.errors.some((e) => isAclDenied(e.What))
   if (denied) return new TincConsulError('ACL_DENIED', `consul refused ${what}: only an operator (management) token may write subnet-approvals/`)
   return new TincConsulError('APPROVAL_RACED', `${what} failed: ${res.errors.map((e) => e.What).join('; ') || 'the key changed meanwhile'}`)
 }
@@ -58,17 +59,9 @@ export interface RouteListing {
 
 /** The routes of the whole network as any daemon would judge them now, from one read of each prefix. */
 export async function listRoutes(client: ConsulClient, layout: KvLayout, network: NetworkRecord): Promise<RouteListing> {
-  const [nodes, approvalItems] = await Promise.all([client.kvList(layout.nodesPrefix), client.kvList(layout.subnetApprovalsPrefix)])
+  const [nodes, approvalItems] = await Promise.all([readNodeRecords(client, layout, network), client.kvList(layout.subnetApprovalsPrefix)])
   const announced = new Map<string, readonly string[]>()
-  const unreadable: string[] = []
-  for (const item of nodes.items) {
-    const name = item.key.slice(layout.nodesPrefix.length)
-    if (name === '') continue
-    const d = decodeJson(item.value, nodeRecordSchema)
-    const checked = d.ok ? checkPeer(d.value, { network, keyName: name }) : d
-    if (!checked.ok) unreadable.push(`${name}: ${checked.reason}`)
-    else if (checked.value.record.routes?.length) announced.set(name, checked.value.record.routes)
-  }
+  for (const record of nodes.records) if (record.routes?.length) announced.set(record.name, record.routes)
   const approvals = parseApprovals(approvalItems.items, layout)
-  return { judgement: judgeRoutes(network, announced, approvals.approvals), approvals, unreadable }
+  return { judgement: judgeRoutes(network, announced, approvals.approvals), approvals, unreadable: nodes.unreadable }
 }

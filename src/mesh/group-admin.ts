@@ -1,4 +1,4 @@
-import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
+import { b64, isAclDenied, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import { TincConsulError, UsageError } from '../errors.ts'
 import type { AccessPolicy } from './access-policy.ts'
 import { refusalOfNew, type GroupValue } from './groups.ts'
@@ -15,7 +15,11 @@ import type { NetworkRecord } from './record.ts'
 
 /** A fresh read of the policy for a write: a listing with holes could let a write create an overlap, so a filtered read is an error. */
 export async function readPolicyForWriting(client: ConsulClient, layout: KvLayout, network: NetworkRecord): Promise<PolicyState> {
-  const state = await readAccessPolicy(client, layout, network)
+  return forWriting(await readAccessPolicy(client, layout, network), layout)
+}
+
+/** `state`, when a write may be based on it: readPolicyForWriting's check, on a read made already. */
+export function forWriting(state: PolicyState, layout: KvLayout): PolicyState {
   if (state.filtered) throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token: changing groups takes an operator (management) token`)
   return state
 }
@@ -24,7 +28,7 @@ export async function readPolicyForWriting(client: ConsulClient, layout: KvLayou
 export async function policyTxn(client: ConsulClient, layout: KvLayout, ops: TxnOp[], what: string, raced: string): Promise<void> {
   const res = await client.txn(ops)
   if (res.ok) return
-  if (res.errors.some((e) => /permission denied|ACL not found/i.test(e.What)))
+  if (res.errors.some((e) => isAclDenied(e.What)))
     throw new TincConsulError('ACL_DENIED', `consul refused ${what}: only an operator (management) token may write ${layout.network}/ (pass --token or set CONSUL_HTTP_TOKEN)`)
   const why = res.errors.map((e) => e.What).join('; ')
   throw new TincConsulError('GROUP_RACED', `${what} failed: ${raced}${why ? ` (${why})` : ''}; look at \`tinc-consul group ls\` and try again`)
@@ -39,11 +43,12 @@ export interface CreatedGroup {
 
 /**
  * Creates group `name` with `value`: refused before anything is written when a reader would
- * refuse it or the name exists; created only if absent (cas=0).
+ * refuse it or the name exists; created only if absent (cas=0). `read` is a fresh read of the
+ * policy the caller made already; without it the policy is read here.
  */
-export async function createGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string, value: GroupValue): Promise<CreatedGroup> {
+export async function createGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string, value: GroupValue, read?: PolicyState): Promise<CreatedGroup> {
   const key = layout.group(name)
-  const before = await readPolicyForWriting(client, layout, network)
+  const before = read ? forWriting(read, layout) : await readPolicyForWriting(client, layout, network)
   if (before.items.some((i) => i.key === key)) {
     const stale = before.read.refused.find((r) => r.key === key)
     throw new UsageError('GROUP_EXISTS', `group ${name} exists already${stale ? ` but is refused (${stale.reason})` : ''}; to change its ranges remove it first (\`tinc-consul group rm ${name}\`)`)

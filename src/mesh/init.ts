@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import ipaddr from 'ipaddr.js'
 import { join } from 'node:path'
 import { aclsEnabled, createJoinServerToken, createNodeToken } from '../consul/acl.ts'
-import { b64, createConsulClient, type ConsulClient, type TxnOp } from '../consul/client.ts'
+import { b64, createConsulClient, type ConsulClient, type KvEntry, type TxnOp } from '../consul/client.ts'
 import { DEFAULT_DNS_PORT } from '../dns/wire.ts'
 import { checkGroupName, kvLayout, type KvLayout } from './kv-layout.ts'
 import { configPath, parseConfig, writeConfig } from '../config-file.ts'
@@ -14,10 +14,9 @@ import { tincBackend } from '../tinc/backend.ts'
 import { isTincName } from '../tinc/names.ts'
 import { allocateAddress, firstAddress6, hostRange, intToIp } from './ipam.ts'
 import { makeRecord, validateRecord } from './publish.ts'
-import { createNetwork, groupIn, readAccessPolicy, readNetwork, type NetworkWrite } from './network.ts'
+import { addressRanges, createNetwork, groupIn, readAccessPolicy, readNetwork, type AddressRanges, type NetworkWrite } from './network.ts'
 import { createGroup } from './group-admin.ts'
 import { newGroupValue } from './groups.ts'
-import type { Group } from './access-policy.ts'
 import { endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { peerHostFiles } from './peer-files.ts'
 import { decodeJson, networkMode, networkRecordSchema, nodeRecordSchema, RECORD_VERSION, type NetworkRecord } from './record.ts'
@@ -104,6 +103,7 @@ async function nodeTokens(o: InitOptions, x: { client: ConsulClient; layout: KvL
 export async function initNode(o: InitOptions): Promise<InitResult> {
   if (!isTincName(o.name)) throw new UsageError('BAD_NAME', `not a valid tinc node name: ${JSON.stringify(o.name)} (letters, digits and _ only)`)
   if (o.addresses.length === 0) throw new UsageError('BAD_FLAG', 'init sets up a public node: give --address with the host name or IP address peers reach it at')
+  if (o.infraGroup !== undefined) checkGroupName(o.infraGroup)
   const layout = kvLayout(o.net, o.prefix)
   const client = createConsulClient({ url: o.consulUrl, token: o.token })
 
@@ -128,12 +128,9 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
       publicKey = await tincBackend().generateKey((staging as { dir: string }).dir, o.name, o.keyBits)
     }
 
-    // A node already in the network keeps its address (`group move` moves it); a new one starts in infrastructure.
-    const infra = await infraRange(o, { layout, client, network })
-    const known = (await client.kvGet(layout.node(o.name))) !== undefined
-    const range = known ? { cidr: network.cidr, ...(network.cidr6 ? { cidr6: network.cidr6 } : {}) } : infra
-    if (known && infra.cidr !== network.cidr) o.progress(`${o.name} is in the network already and keeps its address; \`tinc-consul group move ${o.name} GROUP\` moves it`)
-    const res = await reserveAndPublish(o, { layout, client, network, publicKey, range })
+    const current = await client.kvGet(layout.node(o.name))
+    const range = await addressRangesFor(o, { layout, client, network, known: current !== undefined })
+    const res = await reserveAndPublish(o, { layout, client, network, publicKey, range, current })
     o.progress(`address ${res.address}${res.address6 ? ` and ${res.address6}` : ''} reserved and record published`)
 
     const { acl, nodeToken, joinToken } = await nodeTokens(o, { client, layout, network, reuse })
@@ -181,10 +178,16 @@ export async function initNode(o: InitOptions): Promise<InitResult> {
   }
 }
 
-/** Where init's addresses come from: an infrastructure group's ranges, or the network's. */
-interface AddressRange {
-  cidr: string
-  cidr6?: string
+/**
+ * Where this node's addresses come from. A node already in the network keeps its address (`group
+ * move` moves it), so its groups are looked up only when --infra-cidr asks for the group to be
+ * made; a new node starts in infrastructure.
+ */
+async function addressRangesFor(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; known: boolean }): Promise<AddressRanges> {
+  if (!c.known) return infraRange(o, c)
+  if (o.infraCidr !== undefined && (await infraRange(o, c)).cidr !== c.network.cidr)
+    o.progress(`${o.name} is in the network already and keeps its address; \`tinc-consul group move ${o.name} GROUP\` moves it`)
+  return addressRanges(c.network)
 }
 
 /**
@@ -193,37 +196,36 @@ interface AddressRange {
  * network's first group closes it: nodes in no group then reach only infrastructure); otherwise
  * the one named, or the network's only one. Without any, the address comes from the network.
  */
-async function infraRange(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord }): Promise<AddressRange> {
+async function infraRange(o: InitOptions, c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord }): Promise<AddressRanges> {
   const { layout, client, network } = c
-  const ranges = (g: Group): AddressRange => ({ cidr: g.cidr, ...(network.cidr6 ? { cidr6: g.cidr6 ?? network.cidr6 } : {}) })
   const name = checkGroupName(o.infraGroup ?? 'infra')
   const state = await readAccessPolicy(client, layout, network)
   if (o.infraCidr !== undefined) {
     const found = state.read.policy.groups.find((g) => g.name === name)
-    if (found?.infra && found.cidr === o.infraCidr) return ranges(found)
+    if (found?.infra && found.cidr === o.infraCidr) return addressRanges(network, found)
     if (found)
       throw new UsageError('GROUP_EXISTS', `group ${name} exists already (${found.cidr}${found.infra ? '' : ', not infrastructure'}); drop --infra-cidr to use it, or name another with --infra-group`)
-    const { before, policy } = await createGroup(client, layout, network, name, newGroupValue({ cidr: o.infraCidr, infra: true }))
+    const { before, policy } = await createGroup(client, layout, network, name, newGroupValue({ cidr: o.infraCidr, infra: true }), state)
     o.progress(
       `created infrastructure group ${name} (${o.infraCidr})${before.read.policy.groups.length === 0 ? ': the first group, so from now on a node in no group reaches only infrastructure' : ''}`,
     )
     const made = policy.groups.find((g) => g.name === name)
     if (!made) throw new TincConsulError('GROUP_RACED', `group ${name} was created but is not in the policy read back; look at \`tinc-consul group ls\``)
-    return ranges(made)
+    return addressRanges(network, made)
   }
   if (o.infraGroup !== undefined) {
     const g = groupIn(state, layout, name)
     if (!g.infra) throw new UsageError('NOT_INFRA', `group ${name} is not an infrastructure group: public nodes go in one (\`group add NAME --cidr CIDR --infra\`)`)
-    return ranges(g)
+    return addressRanges(network, g)
   }
   if (state.filtered)
     throw new TincConsulError('ACL_DENIED', `consul hid part of ${layout.network}/ from this token, so init can't tell which infrastructure group this node belongs in: use an operator token`)
   const infra = state.read.policy.groups.filter((g) => g.infra)
   if (infra.length > 1) throw new UsageError('WHICH_INFRA', `the network has ${infra.length} infrastructure groups (${infra.map((g) => g.name).join(', ')}): name one with --infra-group`)
   const only = infra[0]
-  if (!only) return { cidr: network.cidr, ...(network.cidr6 ? { cidr6: network.cidr6 } : {}) }
+  if (!only) return addressRanges(network)
   o.progress(`this node's address comes from infrastructure group ${only.name} (${only.cidr})`)
-  return ranges(only)
+  return addressRanges(network, only)
 }
 
 /**
@@ -232,11 +234,10 @@ async function infraRange(o: InitOptions, c: { layout: KvLayout; client: ConsulC
  */
 async function reserveAndPublish(
   o: InitOptions,
-  c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; publicKey: string; range: AddressRange },
+  c: { layout: KvLayout; client: ConsulClient; network: NetworkRecord; publicKey: string; range: AddressRanges; current: KvEntry | undefined },
 ): Promise<{ address: string; address6?: string }> {
-  const { layout, client, network, publicKey } = c
+  const { layout, client, network, publicKey, current } = c
   const nodeKey = layout.node(o.name)
-  const current = await client.kvGet(nodeKey)
   const currentRecord = current && decodeJson(current.value, nodeRecordSchema)
   if (current && currentRecord?.ok && currentRecord.value.fingerprint !== keyFingerprint(publicKey)) {
     throw new TincConsulError('NAME_TAKEN', `"${o.name}" is already in the network with another key; pick another --name, or \`tinc-consul revoke ${o.name}\` first`)

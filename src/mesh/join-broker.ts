@@ -13,8 +13,9 @@ import { replySealer } from './join-crypto.ts'
 import { DEFAULT_JOIN_PORT, endpointsFor, joinEndpointsValue } from './join-endpoints.ts'
 import { GENERIC_REFUSAL, STATUS_ERROR, STATUS_OK, type JoinReply } from './join-wire.ts'
 import { makeRecord, validateRecord } from './publish.ts'
-import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
-import { readGroup } from './network.ts'
+import { decodeJson, type NetworkRecord } from './record.ts'
+import { addressRanges, groupIn, readNetwork, readNetworkAndPolicy, type AddressRanges } from './network.ts'
+import type { Group } from './access-policy.ts'
 import { policyScopeFor } from '../services/naming.ts'
 
 export interface JoinBrokerOptions {
@@ -108,30 +109,43 @@ export function createJoinBroker(opts: JoinBrokerOptions) {
 }
 export type JoinBroker = ReturnType<typeof createJoinBroker>
 
+/** What a join is checked against and takes its addresses from. */
+interface JoinTarget {
+  network: NetworkRecord
+  range: AddressRanges
+}
+
 /** Holding this network's invite, the sender knows the network's name already: specific errors are fine from here. */
-async function checkRequest(opts: JoinBrokerOptions, { h, found, req }: Authenticated<FoundInvite>): Promise<NetworkRecord> {
+async function checkRequest(opts: JoinBrokerOptions, { h, found, req }: Authenticated<FoundInvite>): Promise<JoinTarget> {
   if (h.net !== opts.net) throw new Refusal(`this endpoint serves network "${opts.net}", not "${h.net}"`)
   if (found.inv.name && found.inv.name !== h.name) throw new Refusal(`this invite is for "${found.inv.name}", not "${h.name}"; join with --name ${found.inv.name}`)
-  const netEntry = await opts.client.kvGet(opts.layout.network)
-  const network = netEntry && decodeJson(netEntry.value, networkRecordSchema)
-  if (!network?.ok) throw new TincConsulError('NO_NETWORK', 'the network record is missing or unreadable')
+  const target = await joinTarget(opts, found.inv.group)
+  const { network } = target
   if (found.inv.serveJoins && req.addresses.length === 0) throw new Refusal('this invite is for a public node that serves joins: give --address')
   // Judge the record as peers will before anything is written: only its address is still
   // open, and any address the allocation can hand out passes the same checks.
-  const refused = validateRecord(recordFor(h.name, req, intToIp(hostRange(network.value.cidr).first), firstAddress6(network.value.cidr6)), network.value)
+  const refused = validateRecord(recordFor(h.name, req, intToIp(hostRange(network.cidr).first), firstAddress6(network.cidr6)), network)
   if (refused) throw new Refusal(`the new node's record would be refused by peers: ${refused}`)
-  return network.value
+  return target
 }
 
-/** Where the joiner's addresses come from: the invite's group's ranges (read now), else the network's. */
-async function joinRange(opts: JoinBrokerOptions, network: NetworkRecord, group: string | undefined): Promise<{ cidr: string; cidr6?: string }> {
-  const cidr6 = network.cidr6
-  if (group === undefined) return { cidr: network.cidr, ...(cidr6 ? { cidr6 } : {}) }
-  const g = await readGroup(opts.client, opts.layout, network, group).catch((err: unknown) => {
+/** The network, and where the joiner's addresses come from: the invite's group's ranges (read now, with the network), else the network's. */
+async function joinTarget(opts: JoinBrokerOptions, group: string | undefined): Promise<JoinTarget> {
+  const missing = () => new TincConsulError('NO_NETWORK', 'the network record is missing')
+  if (group === undefined) {
+    const network = await readNetwork(opts.client, opts.layout)
+    if (!network) throw missing()
+    return { network, range: addressRanges(network) }
+  }
+  const read = await readNetworkAndPolicy(opts.client, opts.layout)
+  if (!read) throw missing()
+  let g: Group
+  try {
+    g = groupIn(read.policy, opts.layout, group)
+  } catch (err) {
     throw new Refusal(`the invite is for group ${group}, which can't be used now: ${err instanceof Error ? err.message : String(err)}`)
-  })
-  const six = cidr6 ? (g.cidr6 ?? cidr6) : undefined
-  return { cidr: g.cidr, ...(six ? { cidr6: six } : {}) }
+  }
+  return { network: read.network, range: addressRanges(read.network, g) }
 }
 
 const recordFor = (name: string, req: Authenticated<FoundInvite>['req'], address: string, address6?: string) =>
@@ -139,7 +153,7 @@ const recordFor = (name: string, req: Authenticated<FoundInvite>['req'], address
 
 async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed: Authenticated<FoundInvite>): Promise<Buffer> {
   const { h, header, found, req, sealKey } = authed
-  const network = await checkRequest(opts, authed)
+  const { network, range } = await checkRequest(opts, authed)
   const sealReply = replySealer(sealKey, header, Buffer.from(req.epk, 'base64url'))
   // Everything the reply needs is read before the transaction: once it has spent the invite,
   // a failed read could only leave the joiner with a used invite and a taken name.
@@ -152,7 +166,6 @@ async function redeemAuthenticated(opts: JoinBrokerOptions, log: Logger, authed:
   const clash = judged.listed.find((n) => n !== h.name && n.toLowerCase() === h.name.toLowerCase())
   if (clash) throw new Refusal(`the name "${h.name}" differs from the existing node "${clash}" only in case, and peers would refuse it; join with another --name`)
   const servers = await consulServers(opts.client)
-  const range = await joinRange(opts, network, found.inv.group)
   const created: CreatedToken[] = []
   try {
     const acl = typeof opts.acl === 'function' ? await opts.acl() : opts.acl

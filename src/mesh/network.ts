@@ -2,7 +2,7 @@ import type { ConsulClient, TxnOp } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import { TincConsulError } from '../errors.ts'
 import type { KvLayout } from './kv-layout.ts'
-import { decodeJson, networkRecordSchema, type NetworkRecord } from './record.ts'
+import { checkPeer, decodeJson, networkRecordSchema, nodeRecordSchema, type Decoded, type NetworkRecord, type NodeRecord } from './record.ts'
 import { parseAccessPolicy, type PolicyRead } from './groups.ts'
 import type { Group } from './access-policy.ts'
 
@@ -50,10 +50,19 @@ export async function createNetwork(client: ConsulClient, layout: KvLayout, reco
 /** The network's record, or undefined when there is none. An unreadable record is an error: it is fixed by hand, not replaced. */
 export async function readNetwork(client: ConsulClient, layout: KvLayout): Promise<NetworkRecord | undefined> {
   const entry = await client.kvGet(layout.network)
-  if (!entry) return undefined
-  const d = decodeJson(entry.value, networkRecordSchema)
+  return entry && decodeNetwork(entry.value, layout)
+}
+
+function decodeNetwork(value: string | Uint8Array, layout: KvLayout): NetworkRecord {
+  const d = decodeJson(value, networkRecordSchema)
   if (!d.ok) throw new TincConsulError('NETWORK_UNREADABLE', `the network record at ${layout.network} is unreadable (${d.reason}); fix or delete it by hand`)
   return d.value
+}
+
+/** `found`, or the error of a command run on a network `tinc-consul init` hasn't made yet. */
+export function requireNetwork<T>(found: T | undefined, layout: KvLayout): T {
+  if (found === undefined) throw new TincConsulError('NO_NETWORK', `no network record at ${layout.network}; run \`tinc-consul init\` first`)
+  return found
 }
 
 /** A fresh read of the access policy, with what it was read from. */
@@ -71,16 +80,52 @@ export async function readAccessPolicy(client: ConsulClient, layout: KvLayout, n
   return { items: r.items, read: parseAccessPolicy(r.items, layout, network), filtered: r.filtered }
 }
 
-/**
- * The group an invite or a move names, from a fresh read of the policy (docs/groups.md). A group
- * that doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs)
- * is an error: a node placed outside its group would land in the wrong part of the mesh.
- */
-export async function readGroup(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string): Promise<Group> {
-  return groupIn(await readAccessPolicy(client, layout, network), layout, name)
+/** The network's record and its access policy, from the one `?recurse` read of `<prefix>network` that holds both; undefined when there is no network. */
+export async function readNetworkAndPolicy(client: ConsulClient, layout: KvLayout): Promise<{ network: NetworkRecord; policy: PolicyState } | undefined> {
+  const r = await client.kvList(layout.network)
+  const item = r.items.find((i) => i.key === layout.network)
+  if (!item) return undefined
+  const network = decodeNetwork(item.value, layout)
+  return { network, policy: { items: r.items, read: parseAccessPolicy(r.items, layout, network), filtered: r.filtered } }
 }
 
-/** The group `name` of a policy read, or readGroup's error. */
+/** Where a node's addresses come from: its group's ranges, else the network's; IPv6 only on networks with a `cidr6`, from the group's or else the network's. */
+export interface AddressRanges {
+  cidr: string
+  cidr6?: string
+}
+
+export function addressRanges(network: NetworkRecord, group?: Pick<Group, 'cidr' | 'cidr6'>): AddressRanges {
+  return { cidr: group?.cidr ?? network.cidr, ...(network.cidr6 ? { cidr6: group?.cidr6 ?? network.cidr6 } : {}) }
+}
+
+/** Every node record that decodes and passes the checks peers apply, and the others with why. */
+export async function readNodeRecords(client: ConsulClient, layout: KvLayout, network: NetworkRecord): Promise<{ records: NodeRecord[]; unreadable: string[] }> {
+  const list = await client.kvList(layout.nodesPrefix)
+  const records: NodeRecord[] = []
+  const unreadable: string[] = []
+  for (const item of list.items) {
+    const name = item.key.slice(layout.nodesPrefix.length)
+    if (name === '') continue
+    const r = usableNodeRecord(item.value, network, name)
+    if (r.ok) records.push(r.value)
+    else unreadable.push(`${name}: ${r.reason}`)
+  }
+  return { records, unreadable }
+}
+
+/** A node record's bytes as every reader takes them: decoded and checked against the network, or why not. */
+export function usableNodeRecord(value: Uint8Array | string, network: NetworkRecord, name: string): Decoded<NodeRecord> {
+  const d = decodeJson(value, nodeRecordSchema)
+  const checked = d.ok ? checkPeer(d.value, { network, keyName: name }) : d
+  return checked.ok ? { ok: true, value: checked.value.record } : checked
+}
+
+/**
+ * The group `name` of a fresh policy read, for an invite or a move (docs/groups.md). A group that
+ * doesn't exist, was refused, or that this token can't be sure of (a read filtered by ACLs) is an
+ * error: a node placed outside its group would land in the wrong part of the mesh.
+ */
 export function groupIn({ read, filtered }: PolicyState, layout: KvLayout, name: string): Group {
   const group = read.policy.groups.find((g) => g.name === name)
   if (group) return group
