@@ -44,7 +44,7 @@ test('rendezvous order: stable, spread evenly, and a public node leaving moves o
   assert.deepEqual(rendezvousOrder('a', ['a', 'b', 'b']), ['b'], 'never itself, never twice')
 })
 
-test('a repeated order is remembered per node, handed out as a copy, and forgotten when the list changes', () => {
+test('an order is handed out as a copy and follows the list; a caller that keeps the order gets it used as given', () => {
   const pubs = Array.from({ length: 50 }, (_, i) => `pub${i}`)
   const first = rendezvousOrder('me', pubs)
   first.reverse()
@@ -53,6 +53,9 @@ test('a repeated order is remembered per node, handed out as a copy, and forgott
   assert.deepEqual(rendezvousOrder('other', pubs).length, 50, 'another node has its own order')
   const fewer = pubs.filter((p) => p !== rendezvousOrder('me', pubs)[0])
   assert.deepEqual(rendezvousOrder('me', fewer), rendezvousOrder('me', pubs).slice(1), 'a node leaving the list is gone from the order')
+  const kept = [...pubs].reverse()
+  const plan = planConnectTo({ self: 'me', publics: pubs, k: 3, now: 0, order: kept }, new Map(), [])
+  assert.deepEqual(plan.connectTo, kept.slice(0, 3).sort(), 'the order the keeper kept, not one hashed again')
 })
 
 /** Runs rounds of the planner as the daemon would, carrying its state. */

@@ -72,6 +72,8 @@ describe('group move, the pure parts', () => {
     assert.deepEqual(planRenumber(both, { ...self, vpnAddress6: 'fd00::2' }, net6), { from: '10.99.0.2', to: '10.99.0.65', from6: 'fd00::2', to6: 'fd00::41' })
     both.set('fe80::1', { address: 'fe80::1', ...entry('beta', 90) })
     assert.deepEqual(planRenumber(both, { ...self, vpnAddress6: 'fd00::2' }, net6), { from: '10.99.0.2', to: '10.99.0.65' })
+    both.set('fd00::', { address: 'fd00::', ...entry('beta', 91) })
+    assert.deepEqual(planRenumber(both, { ...self, vpnAddress6: 'fd00::2' }, net6), { from: '10.99.0.2', to: '10.99.0.65' }, "the range's subnet-router anycast address, which peers refuse")
   })
 
   const plan: Renumbering = { from: '10.99.0.2', to: '10.99.0.65', from6: 'fd00::2', to6: 'fd00::41' }
@@ -177,6 +179,22 @@ describe("group move, the node's half: files, interface, tincd", () => {
     assert.deepEqual(f.calls, ['renumbered 10.99.0.2 10.99.0.65'], 'the parts follow the files')
   })
 
+  test('a network record whose range has no room for nodes is logged, never thrown: the daemon goes on', async () => {
+    const r = renumberer({
+      tincDir: join(dir, 'none'),
+      self: () => ({ name: 'beta', vpnAddress: '10.99.0.2' }),
+      network: () => ({ ...NETWORK, cidr: '10.99.0.2/32' }),
+      held: () => heldOf([['10.99.0.3', entry('beta', 30)]]),
+      iface: async () => 'tinc-test',
+      ip: async () => assert.fail('no ip command'),
+      reloadTincd: async () => assert.fail('no reload'),
+      log: quiet,
+    })
+    await r.check()
+    await r.check()
+    assert.equal(r.state(), undefined)
+  })
+
   test('a host file without our Subnet line is left alone, and the failure is shown', async () => {
     const f = await fixture('odd', { host: 'Port = 655\nKEY\n' })
     await f.r.check()
@@ -245,7 +263,7 @@ describe('group move against a real Consul agent, with real daemons (ip and nft 
 
     assert.match(await readFile(join(beta.tincDir, 'hosts', 'beta'), 'utf8'), /^Subnet = 10\.99\.0\.65\/32$/m)
     assert.deepEqual(ipCalls.slice(0, 3), ['addr add 10.99.0.65/24 dev tinc-test', 'addr del 10.99.0.2/24 dev tinc-test', 'addr add 10.99.0.65/24 dev tinc-test'])
-    assert.equal(beta.daemon.renumber()?.state, 'done')
+    assert.equal(beta.daemon.access().renumber?.state, 'done')
     const holders = activeHolders(await readIpam(admin, layout))
     assert.equal(holders.get('10.99.0.65'), 'beta')
     assert.equal(holders.get('10.99.0.2'), undefined, 'the old address is released')

@@ -113,6 +113,9 @@ describe('IPv6 allocation', () => {
     assert.deepEqual(first('c', 3), ['fd12:3456:789a::3', 'fd12:3456:789a::4', 'fd12:3456:789a::5'])
     assert.deepEqual(first('b', 1), ['fd12:3456:789a::2'])
     assert.equal(firstAddress6(CIDR6), 'fd12:3456:789a::1')
+    // A group's small cidr6: every fresh host inside it (the last one too), and none past its end.
+    const small = [...candidates6('fd12:3456:789a::10/126', 'c', new Map())].map((c) => c.address)
+    assert.deepEqual(small, ['fd12:3456:789a::11', 'fd12:3456:789a::12', 'fd12:3456:789a::13'])
   })
 
   test('ipam/ keys for IPv6 are read only in canonical form', () => {

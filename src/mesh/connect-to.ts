@@ -54,6 +54,8 @@ export interface ConnectToInput {
   connected?: ReadonlySet<string>
   now: number
   timers?: ConnectToTimers
+  /** rendezvousOrder(self, publics), when the caller keeps it: hashing a thousand public peers costs milliseconds, and the list rarely changes. */
+  order?: readonly string[]
 }
 
 export interface ConnectToPlan {
@@ -65,26 +67,8 @@ export interface ConnectToPlan {
   state: Map<string, CandidateState>
 }
 
-/**
- * The last order computed for each node name (one in a daemon; the benchmarks and tests run many
- * in one process): a render asks again at every apply, and hashing a thousand public peers costs
- * milliseconds where comparing the list costs microseconds.
- */
-const lastOrder = new Map<string, { candidates: string; order: string[] }>()
-const LAST_ORDER_MAX = 256
-
 /** The candidates in this node's rendezvous order: highest score of sha256(self, candidate) first. */
 export function rendezvousOrder(self: string, candidates: readonly string[]): string[] {
-  const key = candidates.join('\n')
-  const last = lastOrder.get(self)
-  if (last?.candidates === key) return [...last.order]
-  const order = computeOrder(self, candidates)
-  if (lastOrder.size >= LAST_ORDER_MAX) lastOrder.clear()
-  lastOrder.set(self, { candidates: key, order })
-  return [...order]
-}
-
-function computeOrder(self: string, candidates: readonly string[]): string[] {
   const score = (c: string) => createHash('sha256').update(self).update('\0').update(c).digest().readBigUInt64BE(0)
   return [...new Set(candidates)]
     .filter((c) => c !== self)
@@ -101,7 +85,7 @@ export function planConnectTo(input: ConnectToInput, previous: ReadonlyMap<strin
     const connectTo = input.pinned.filter((n) => n !== input.self && publics.has(n))
     return { connectTo, benched: [], unknownPins: input.pinned.filter((n) => n !== input.self && !publics.has(n)), state: new Map() }
   }
-  const order = rendezvousOrder(input.self, input.publics)
+  const order = input.order ?? rendezvousOrder(input.self, input.publics)
   const state = new Map<string, CandidateState>()
   for (const name of order) state.set(name, observe(previous.get(name), name, chosenBefore.includes(name), input, timers))
   const eligible = (name: string) => (state.get(name)?.benchedUntil ?? 0) <= input.now

@@ -4,7 +4,7 @@ import type { KvItem } from '../consul/kv.ts'
 import { groupOf, type AccessPolicy, type Group } from './access-policy.ts'
 import { isGroupName, type KvLayout } from './kv-layout.ts'
 import { decodeJson, RECORD_VERSION, type NetworkRecord } from './record.ts'
-import { parseRoute } from './route-cidr.ts'
+import { parseRoute, routesOverlap } from './route-cidr.ts'
 
 /**
  * Access groups and associations as stored in Consul (docs/groups.md), read into the
@@ -25,7 +25,7 @@ const version = z.literal(RECORD_VERSION, {
 })
 
 /** `network/groups/<name>`. Unknown fields are dropped (a newer release's additions), an unknown `v` refused. */
-export const groupValueSchema = z
+const groupValueSchema = z
   .object({
     v: version,
     cidr: z.string().max(43),
@@ -38,7 +38,7 @@ export const groupValueSchema = z
 export type GroupValue = z.infer<typeof groupValueSchema>
 
 /** `network/associations/<a>+<b>`, a < b. */
-export const associationValueSchema = z.object({ v: version, at: z.iso.datetime() }).strip()
+const associationValueSchema = z.object({ v: version, at: z.iso.datetime() }).strip()
 
 export interface PolicyRefusal {
   key: string
@@ -53,23 +53,6 @@ export interface PolicyRead {
 }
 
 const compare = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0)
-
-/** An address range as two integers, so overlap checks don't parse addresses again. */
-interface Span {
-  lo: bigint
-  hi: bigint
-}
-
-function spanOf(cidr: string): Span {
-  const [addr, bits] = ipaddr.parseCIDR(cidr)
-  const bytes = addr.toByteArray()
-  let lo = 0n
-  for (const b of bytes) lo = (lo << 8n) | BigInt(b)
-  const size = 1n << BigInt(bytes.length * 8 - bits)
-  return { lo, hi: lo + size - 1n }
-}
-
-const overlaps = (a: Span, b: Span): boolean => a.lo <= b.hi && b.lo <= a.hi
 
 /** Whether `child` lies inside `parent` (both CIDRs; `parent` may have host bits, as the network record's schema allows). */
 function inside(child: string, parent: string): boolean {
@@ -93,8 +76,6 @@ interface Candidate {
   key: string
   group: Group
   createIndex: number
-  v4: Span
-  v6: Span | undefined
 }
 
 /** One `network/groups/` item on its own: its key, value and ranges. Overlaps are judged across all of them afterwards. */
@@ -107,7 +88,7 @@ function readGroup(item: KvItem, name: string, network: NetworkRecord): Candidat
   if (problem) return problem
   const group: Group = { name, cidr, infra: infra === true }
   if (cidr6 !== undefined) group.cidr6 = cidr6
-  return { key: item.key, group, createIndex: item.createIndex, v4: spanOf(cidr), v6: cidr6 === undefined ? undefined : spanOf(cidr6) }
+  return { key: item.key, group, createIndex: item.createIndex }
 }
 
 /** Groups may not overlap: the older key (lower CreateIndex, then the name) keeps its range, a newer one that overlaps it is refused. */
@@ -115,8 +96,9 @@ function dropOverlaps(candidates: readonly Candidate[], refused: PolicyRefusal[]
   const order = [...candidates].sort((a, b) => a.createIndex - b.createIndex || compare(a.group.name, b.group.name))
   const taken: Candidate[] = []
   for (const c of order) {
-    const clash4 = taken.find((t) => overlaps(t.v4, c.v4))
-    const clash6 = c.v6 && taken.find((t) => t.v6 !== undefined && c.v6 !== undefined && overlaps(t.v6, c.v6))
+    const clash4 = taken.find((t) => routesOverlap(t.group.cidr, c.group.cidr))
+    const six = c.group.cidr6
+    const clash6 = six === undefined ? undefined : taken.find((t) => t.group.cidr6 !== undefined && routesOverlap(t.group.cidr6, six))
     if (clash4) refused.push({ key: c.key, reason: `cidr ${c.group.cidr} overlaps group ${clash4.group.name}'s ${clash4.group.cidr}, created earlier` })
     else if (clash6) refused.push({ key: c.key, reason: `cidr6 ${c.group.cidr6} overlaps group ${clash6.group.name}'s ${clash6.group.cidr6}, created earlier` })
     else taken.push(c)

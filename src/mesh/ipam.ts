@@ -1,6 +1,6 @@
 import ipaddr from 'ipaddr.js'
 import * as z from 'zod'
-import { b64, type ConsulClient, type TxnOp } from '../consul/client.ts'
+import { b64, isAclDenied, type ConsulClient, type TxnOp } from '../consul/client.ts'
 import type { KvItem } from '../consul/kv.ts'
 import type { KvLayout } from './kv-layout.ts'
 import { txnWithChangeLog } from './change-log.ts'
@@ -93,7 +93,7 @@ export function* candidates(range: IpRange, name: string, held: Map<string, Held
   for (const h of released) yield { address: h.address, index: h.index }
 }
 
-/** How far into a /64 fresh IPv6 addresses are looked for: far beyond any mesh's size, and a bound on the walk. */
+/** How far into a range fresh IPv6 addresses are looked for: far beyond any mesh's size, and a bound on the walk. */
 const V6_SCAN = 1n << 20n
 
 /**
@@ -108,7 +108,10 @@ export function* candidates6(cidr6: string, name: string, held: Map<string, Held
   const base = ipaddr.IPv6.networkAddressFromCIDR(cidr6)
     .toByteArray()
     .reduce((n, b) => n * 256n + BigInt(b), 0n)
-  for (let n = 1n; n < V6_SCAN; n++) {
+  // A group's cidr6 may be far smaller than the /64: never step out of the range.
+  const size = 1n << BigInt(128 - range[1])
+  const end = size < V6_SCAN ? size : V6_SCAN
+  for (let n = 1n; n < end; n++) {
     const ip = bigIntToIpv6(base + n)
     if (!held.has(ip)) yield { address: ip, index: 0 }
   }
@@ -163,6 +166,8 @@ export interface AllocateOptions {
   /** Records `with` writes: the change log names them in the same transaction (src/mesh/change-log.ts). */
   records?: string[]
   now?: Date
+  /** ipam/ as the caller just read it: the first candidates come from it instead of another read. */
+  held?: Map<string, HeldAddress>
 }
 
 /**
@@ -176,7 +181,7 @@ export async function allocateAddress(opts: AllocateOptions): Promise<AllocateRe
   const value = b64(JSON.stringify({ name: opts.name, at: (opts.now ?? new Date()).toISOString() } satisfies IpamEntry))
   const reserve = (address: string, index: number): TxnOp => ({ KV: { Verb: 'cas', Key: opts.layout.ipam(address), Value: value, Index: index } })
   for (let listing = 0; listing < 5; listing++) {
-    const held = await readIpam(opts.client, opts.layout)
+    const held = listing === 0 && opts.held ? opts.held : await readIpam(opts.client, opts.layout)
     const v6 = opts.cidr6 ? candidates6(opts.cidr6, opts.name, held) : undefined
     let c6 = v6?.next().value ?? undefined
     if (v6 && !c6) throw new TincConsulError('IPAM_FULL', `no free address left in ${opts.cidr6}`)
@@ -191,7 +196,7 @@ export async function allocateAddress(opts: AllocateOptions): Promise<AllocateRe
       const res = opts.records?.length ? (await txnWithChangeLog(opts.client, opts.layout, ops, opts.records)).result : await opts.client.txn(ops)
       if (res.ok) return { ok: true, address: c.address, ...(c6 ? { address6: c6.address } : {}) }
       // A token that may not write ipam/ fails on every candidate alike: say so instead of walking the range.
-      if (res.errors.some((e) => e.OpIndex < own.length && /permission denied|ACL not found/i.test(e.What)))
+      if (res.errors.some((e) => e.OpIndex < own.length && isAclDenied(e.What)))
         throw new TincConsulError('ACL_DENIED', `consul refused to reserve ${c.address} in ${opts.layout.ipamPrefix}: this token may not write there (an operator or join server token may)`)
       const failed = res.errors.find((e) => e.OpIndex >= own.length)
       if (failed) return { ok: false, op: failed.OpIndex - own.length, what: failed.What }

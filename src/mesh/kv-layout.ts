@@ -61,7 +61,7 @@ const NET_RE = /^[A-Za-z0-9_-]{1,32}$/
 export const isNetName = (net: string): boolean => NET_RE.test(net)
 
 /** Longest group name: short enough for table columns and for names other tools derive from it. */
-export const MAX_GROUP_NAME = 32
+const MAX_GROUP_NAME = 32
 
 /** A group name: one lower-case DNS label of at most 32 characters, so it can't hold "/" or "+" (the association key's separator). */
 export const isGroupName = (name: string): boolean => name.length <= MAX_GROUP_NAME && isDnsLabel(name)

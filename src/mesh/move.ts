@@ -1,9 +1,11 @@
+import ipaddr from 'ipaddr.js'
 import { type ConsulClient, type TxnOp } from '../consul/client.ts'
 import { TincConsulError } from '../errors.ts'
 import { groupOf, type AccessPolicy, type Group } from './access-policy.ts'
 import { activeHolders, allocateAddress, hostRange, inRange, readIpam, releaseOp, type HeldAddress } from './ipam.ts'
 import type { KvLayout } from './kv-layout.ts'
-import { checkPeer, decodeJson, nodeRecordSchema, type NetworkRecord, type NodeRecord } from './record.ts'
+import { usableNodeRecord } from './network.ts'
+import type { NetworkRecord, NodeRecord } from './record.ts'
 import { assignedAddresses } from './renumber.ts'
 
 /**
@@ -31,10 +33,9 @@ export interface MovePlan {
 export async function readNodeRecord(client: ConsulClient, layout: KvLayout, network: NetworkRecord, name: string): Promise<NodeRecord> {
   const entry = await client.kvGet(layout.node(name))
   if (!entry) throw new TincConsulError('NO_SUCH_NODE', `no node ${name} in this network (${layout.node(name)} is missing)`)
-  const d = decodeJson(entry.value, nodeRecordSchema)
-  const checked = d.ok ? checkPeer(d.value, { network, keyName: name }) : d
-  if (!checked.ok) throw new TincConsulError('NODE_UNREADABLE', `${layout.node(name)} can't be used: ${checked.reason}`)
-  return checked.value.record
+  const r = usableNodeRecord(entry.value, network, name)
+  if (!r.ok) throw new TincConsulError('NODE_UNREADABLE', `${layout.node(name)} can't be used: ${r.reason}`)
+  return r.value
 }
 
 /**
@@ -55,7 +56,7 @@ export async function reserveMove(client: ConsulClient, layout: KvLayout, policy
   const pending = pendingIn(held, name, group)
   if (pending) return { ...base, ...pending, already: pending.to === record.vpnAddress && pending.to6 === record.vpnAddress6 }
   const cidr6 = record.vpnAddress6 !== undefined ? group.cidr6 : undefined
-  const res = await allocateAddress({ client, layout, cidr: group.cidr, ...(cidr6 ? { cidr6 } : {}), name })
+  const res = await allocateAddress({ client, layout, cidr: group.cidr, ...(cidr6 ? { cidr6 } : {}), name, held })
   if (!res.ok) throw new TincConsulError('MOVE_FAILED', `could not reserve an address in ${group.cidr} for ${name}: ${res.what}`)
   return { ...base, to: res.address, ...optional('to6', res.address6 ?? record.vpnAddress6), already: false }
 }
@@ -68,7 +69,7 @@ export async function reserveMove(client: ConsulClient, layout: KvLayout, policy
 function pendingIn(held: ReadonlyMap<string, HeldAddress>, name: string, group: Group): { to: string; to6?: string } | undefined {
   const a = assignedAddresses(held, name)
   if (a.address === undefined || !inRange(hostRange(group.cidr), a.address)) return undefined
-  if (group.cidr6 !== undefined && a.address6 !== undefined && groupOf({ groups: [group], associations: [] }, a.address6) === undefined) return undefined
+  if (group.cidr6 !== undefined && a.address6 !== undefined && !ipaddr.IPv6.parse(a.address6).match(ipaddr.IPv6.parseCIDR(group.cidr6))) return undefined
   return { to: a.address, ...optional('to6', a.address6) }
 }
 
@@ -89,14 +90,23 @@ export async function releaseOld(client: ConsulClient, layout: KvLayout, record:
   return stale.map((h) => h.address)
 }
 
-/** Polls the node's record until it shows the plan's addresses; false when `timeoutMs` passes first. */
-export async function waitMoved(client: ConsulClient, layout: KvLayout, network: NetworkRecord, plan: MovePlan, timeoutMs: number, intervalMs = 250): Promise<NodeRecord | undefined> {
+/**
+ * Waits for the node's record to show the plan's addresses, with blocking reads on its key (one
+ * request per change of the record, not a poll); undefined when `timeoutMs` passes first. A
+ * record that can't be used counts as not moved yet.
+ */
+export async function waitMoved(client: ConsulClient, layout: KvLayout, network: NetworkRecord, plan: MovePlan, timeoutMs: number): Promise<NodeRecord | undefined> {
   const deadline = Date.now() + timeoutMs
+  let index = 0
   for (;;) {
-    const record = await readNodeRecord(client, layout, network, plan.node).catch(() => undefined)
+    const left = deadline - Date.now()
+    const r = await client.kvGetOne(layout.node(plan.node), index === 0 ? {} : { index, waitSeconds: Math.max(1, Math.ceil(left / 1000)) })
+    const used = r.item && usableNodeRecord(r.item.value, network, plan.node)
+    const record = used?.ok ? used.value : undefined
     if (record && record.vpnAddress === plan.to && record.vpnAddress6 === plan.to6) return record
     if (Date.now() >= deadline) return undefined
-    await new Promise((r) => setTimeout(r, Math.min(intervalMs, Math.max(0, deadline - Date.now()))))
+    // An index that went backwards (a restored store) starts the wait over rather than returning at once forever.
+    index = r.index > index ? r.index : 0
   }
 }
 

@@ -1,6 +1,5 @@
-import ipaddr from 'ipaddr.js'
 import { hostRange, inRange, type HeldAddress } from './ipam.ts'
-import { canonicalIpv6, type NetworkRecord } from './record.ts'
+import { canonicalIpv6, checkVpnAddress6, type NetworkRecord } from './record.ts'
 
 /**
  * Moving a node to another address (docs/groups.md, `group move`). ipam/ is where addresses are
@@ -57,8 +56,8 @@ export function planRenumber(
   if (self.vpnAddress === undefined) return undefined
   const a = assignedAddresses(held, self.name)
   const to = a.address !== undefined && inRange(hostRange(network.cidr), a.address) ? a.address : self.vpnAddress
-  const inside6 = (x: string) => network.cidr6 !== undefined && ipaddr.IPv6.isValid(x) && ipaddr.IPv6.parse(x).match(ipaddr.IPv6.parseCIDR(network.cidr6))
-  const to6 = self.vpnAddress6 !== undefined && a.address6 !== undefined && inside6(a.address6) ? canonicalIpv6(a.address6) : undefined
+  // The rule every reader applies to a record's vpnAddress6, so a node never moves to an address its peers would refuse.
+  const to6 = self.vpnAddress6 !== undefined && a.address6 !== undefined && checkVpnAddress6(a.address6, network) === undefined ? a.address6 : undefined
   const moves6 = to6 !== undefined && to6 !== self.vpnAddress6
   if (to === self.vpnAddress && !moves6) return undefined
   return { from: self.vpnAddress, to, ...(moves6 && self.vpnAddress6 ? { from6: self.vpnAddress6, to6 } : {}) }

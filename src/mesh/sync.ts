@@ -26,7 +26,7 @@ import type { RouteJudgement } from './routes.ts'
 import type { DumpResult } from '../tinc/dump.ts'
 import type { ConnectToPlan, ConnectToTimers } from './connect-to.ts'
 import { connectToKeeper } from './daemon/connect-to-keeper.ts'
-import { renumberer, type Renumberer, type RenumberState } from './daemon/renumber.ts'
+import { renumberer, type Renumberer } from './daemon/renumber.ts'
 import type { Renumbering } from './renumber.ts'
 import { tincBackend } from '../tinc/backend.ts'
 import { run } from '../util/exec.ts'
@@ -123,8 +123,6 @@ export interface SyncDaemon {
   connectTo(): ConnectToPlan | undefined
   /** The access policy on this node: groups, hidden names, the table's state. */
   access(): AccessStatus
-  /** The latest move to new addresses this daemon made or tried (`group move`). */
-  renumber(): RenumberState | undefined
   stop(): Promise<void>
 }
 
@@ -200,7 +198,6 @@ export async function startSync(opts: SyncOptions): Promise<SyncDaemon> {
       const moved = renumber.state()
       return { ...access.status(core.view()), ...(moved ? { renumber: moved } : {}) }
     },
-    renumber: renumber.state,
     async stop() {
       firewall.stop()
       keeper?.stop()

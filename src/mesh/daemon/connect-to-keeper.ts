@@ -1,6 +1,6 @@
 import type { Logger } from '../../log.ts'
 import type { DumpResult } from '../../tinc/dump.ts'
-import { planConnectTo, type CandidateState, type ConnectToPlan, type ConnectToTimers } from '../connect-to.ts'
+import { planConnectTo, rendezvousOrder, type CandidateState, type ConnectToPlan, type ConnectToTimers } from '../connect-to.ts'
 
 /** tinc 1.0's connection_status_t: bit 1 is `active`, set once the meta connection is authenticated. */
 const ACTIVE = 0x2
@@ -51,9 +51,13 @@ export function connectToKeeper(o: ConnectToKeeperOptions): ConnectToKeeper {
   let publics: readonly string[] = []
   let last: ConnectToPlan | undefined
   let stopped = false
+  // The rendezvous order for the public peers last seen: a render asks at every apply, the list rarely changes.
+  let ordered = { publics: '', order: [] as readonly string[] }
   const round = (connected: ReadonlySet<string> | undefined): ConnectToPlan => {
     const sponsor = o.sponsor && o.sponsor.until > now() ? o.sponsor.name : undefined
-    const plan = planConnectTo({ self: o.self, publics, k: o.k, pinned: o.pinned, sponsor, connected, now: now(), timers: o.timers }, state, chosen)
+    const key = publics.join('\n')
+    if (ordered.publics !== key) ordered = { publics: key, order: rendezvousOrder(o.self, publics) }
+    const plan = planConnectTo({ self: o.self, publics, k: o.k, pinned: o.pinned, sponsor, connected, now: now(), timers: o.timers, order: ordered.order }, state, chosen)
     state = plan.state
     last = plan
     return plan

@@ -12,6 +12,7 @@ import { parseApprovals, type ApprovalRead } from '../routes.ts'
 import type { KvLayout } from '../kv-layout.ts'
 import { decodeJson, networkRecordSchema, type NetworkRecord } from '../record.ts'
 import { parseAccessPolicy, type PolicyRead } from '../groups.ts'
+import { OPEN_POLICY } from '../access-policy.ts'
 import { serviceFilters } from '../services.ts'
 
 /**
@@ -208,7 +209,7 @@ function takeAccess(opts: WatchSetOptions, items: KvItem[], network: NetworkReco
     const reason = `consul hid keys under ${layout.network}/ from this node's token (a node policy from an older release?); keeping the access policy read before`
     if (inputs.access?.unreadable !== reason) log.error({ prefix: `${layout.network}/` }, reason)
     const changed = inputs.access?.unreadable !== reason
-    inputs.access = { ...(inputs.access ?? { policy: { groups: [], associations: [] }, refused: [] }), unreadable: reason }
+    inputs.access = { ...(inputs.access ?? { policy: OPEN_POLICY, refused: [] }), unreadable: reason }
     return changed
   }
   const read = parseAccessPolicy(items, layout, network)

@@ -87,7 +87,8 @@ export function renumberer(o: RenumberOptions): Renumberer {
   }
   return {
     check() {
-      running = running.then(once)
+      // A network record with an unusable range (the schema takes any prefix) must not end the daemon.
+      running = running.then(once).catch((err: unknown) => log.error({ err }, 'could not compare ipam/ with our addresses; tried again on the next change'))
       return running
     },
     state: () => last,
