@@ -3,7 +3,7 @@ import type { AccessPolicy, Group } from '../mesh/access-policy.ts'
 import { intToIp, ipToInt } from '../mesh/ipam.ts'
 import { kvLayout } from '../mesh/kv-layout.ts'
 import { LAB_NETNAME, type Lab } from './lab.ts'
-import { groupLabel, matrixDiffs, measureMatrix, newPaths, policyExpectation, renderMatrix, startListeners, waitApplied, watchOpening, type MatrixNode } from './reach-matrix.ts'
+import { newPaths, policyExpectation, startListeners, takeMatrix, waitApplied, watchOpening, type MatrixNode } from './reach-matrix.ts'
 import { labConfigDir } from './tinc-manual.ts'
 
 /** The port of the listeners the matrix connects to. */
@@ -15,7 +15,7 @@ interface PlannedGroup extends Group {
   members: MatrixNode[]
 }
 
-export interface DemoPrinter {
+interface DemoPrinter {
   show(node: string, argv: string[]): void
   indent(text: string): void
 }
@@ -113,12 +113,9 @@ async function addGroups(lab: Lab, at: string, planned: PlannedGroup[], out: Dem
 
 /** Takes and prints the matrix under `policy`; returns the number of cells that differ from mayReach(). */
 async function matrixStep(lab: Lab, nodes: readonly MatrixNode[], title: string, policy: AccessPolicy): Promise<number> {
-  const started = Date.now()
-  const m = await measureMatrix(lab, nodes, PORT)
-  const want = policyExpectation(policy)
+  const { lines, diffs } = await takeMatrix(lab, nodes, policy, title, PORT)
   console.log()
-  for (const line of renderMatrix(`${title}, taken in ${Date.now() - started} ms`, nodes, m, want, (n) => groupLabel(policy, n), PORT)) console.log(`  ${line}`)
-  const diffs = matrixDiffs(nodes, m, want)
+  for (const line of lines) console.log(`  ${line}`)
   const cells = nodes.length * (nodes.length - 1)
   console.log(
     diffs.length === 0

@@ -1,14 +1,15 @@
 import { readFileSync } from 'node:fs'
 import { groupOf, mayReach, reachableGroups, type AccessPolicy } from '../mesh/access-policy.ts'
-import type { Status } from '../status/model.ts'
 import { waitFor, type Daemon } from './daemon.ts'
 import type { Lab } from './lab.ts'
+import { sidecarStatus } from './sidecar.ts'
 
 /**
  * Who reaches whom over the VPN, measured on a running lab: for every ordered pair of nodes, a TCP
  * connection to a listener on the target's VPN address and a ping, set against what an access
- * policy says (mayReach() in src/mesh/access-policy.ts). Used by the groups lab test
- * (test/lab/groups.test.ts), which asserts on it, and by `lab demo`, which prints it.
+ * policy says (mayReach() in src/mesh/access-policy.ts), taken by takeMatrix(). Used by the groups
+ * lab tests (test/lab/groups.test.ts, group-move.test.ts), which assert on it, and by `lab demo`,
+ * which prints it.
  */
 
 export interface MatrixNode {
@@ -115,7 +116,7 @@ const pings = async (lab: Lab, from: MatrixNode, to: MatrixNode): Promise<boolea
   (await lab.exec(from.name, ['ping', '-n', '-q', '-c5', '-i0.3', '-W1', to.address], { allowFailure: true, timeoutMs: 15_000 })).code === 0
 
 /** Takes the matrix: TCP to the listeners on `port` (startListeners) and ICMP echo, every ordered pair at once. */
-export async function measureMatrix(lab: Lab, nodes: readonly MatrixNode[], port: number): Promise<ReachMatrix> {
+async function measureMatrix(lab: Lab, nodes: readonly MatrixNode[], port: number): Promise<ReachMatrix> {
   const tcp: Cells = {}
   const icmp: Cells = {}
   await Promise.all(
@@ -142,7 +143,7 @@ export const groupLabel = (policy: AccessPolicy, n: MatrixNode): string => group
  * The matrix as a table, rows reaching columns, each header "name group": "yes" when both TCP and
  * ICMP got through, "no" when neither did, and a cell that differs from `want` marked ✗.
  */
-export function renderMatrix(title: string, nodes: readonly MatrixNode[], m: ReachMatrix, want: Expectation, label: (n: MatrixNode) => string, port: number): string[] {
+function renderMatrix(title: string, nodes: readonly MatrixNode[], m: ReachMatrix, want: Expectation, label: (n: MatrixNode) => string, port: number): string[] {
   const cell = (a: MatrixNode, b: MatrixNode): string => {
     if (a === b) return '·'
     const [tcp, icmp, w] = [m.tcp[a.name]?.[b.name], m.icmp[a.name]?.[b.name], want(a, b)]
@@ -157,7 +158,7 @@ export function renderMatrix(title: string, nodes: readonly MatrixNode[], m: Rea
 }
 
 /** Every pair and protocol where the matrix differs from `want`, one line each; empty when it matches. */
-export function matrixDiffs(nodes: readonly MatrixNode[], m: ReachMatrix, want: Expectation): string[] {
+function matrixDiffs(nodes: readonly MatrixNode[], m: ReachMatrix, want: Expectation): string[] {
   return nodes.flatMap((a) =>
     nodes
       .filter((b) => b !== a)
@@ -169,10 +170,26 @@ export function matrixDiffs(nodes: readonly MatrixNode[], m: ReachMatrix, want: 
   )
 }
 
-/** A node's sidecar's /status, fetched inside its namespace (no curl needed: this Node does it). The lab tests use it too. */
-export async function sidecarStatus(lab: Lab, node: string): Promise<Status> {
-  const script = `fetch('http://127.0.0.1:9000/status').then(async (r) => process.stdout.write(await r.text()))`
-  return JSON.parse((await lab.exec(node, [process.execPath, '-e', script])).stdout) as Status
+export interface TakenMatrix {
+  /** The table (renderMatrix), its title saying how long the taking took. */
+  lines: string[]
+  /** Every pair and protocol that differs from the policy (matrixDiffs): empty when the matrix matches. */
+  diffs: string[]
+  /** How long the taking took. */
+  ms: number
+}
+
+/**
+ * The one step the groups tests and `lab demo` share: takes the matrix (listeners on `port`, see
+ * startListeners), renders it against what `policy` says, each node labelled with its group, and
+ * lists the cells that differ. The caller prints `lines` and judges `diffs`.
+ */
+export async function takeMatrix(lab: Lab, nodes: readonly MatrixNode[], policy: AccessPolicy, title: string, port: number): Promise<TakenMatrix> {
+  const started = Date.now()
+  const m = await measureMatrix(lab, nodes, port)
+  const ms = Date.now() - started
+  const want = policyExpectation(policy)
+  return { lines: renderMatrix(`${title}, taken in ${ms} ms`, nodes, m, want, (n) => groupLabel(policy, n), port), diffs: matrixDiffs(nodes, m, want), ms }
 }
 
 /** What a node's status must show once it applies `policy`: the table's mode and groups, and the names it hides. */

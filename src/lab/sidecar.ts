@@ -1,4 +1,6 @@
 import { fileURLToPath } from 'node:url'
+import type { Status } from '../status/model.ts'
+import type { Lab } from './lab.ts'
 
 /**
  * How to start our own CLI inside a namespace: from source through tsx when
@@ -14,4 +16,10 @@ export function cliArgv(): string[] {
     return [process.execPath, '--import', import.meta.resolve('tsx'), cli]
   }
   return [process.execPath, fileURLToPath(new URL('../cli/main.js', here))]
+}
+
+/** A node's sidecar's /status, fetched inside its namespace (no curl needed: this Node does it). */
+export async function sidecarStatus(lab: Lab, node: string): Promise<Status> {
+  const script = `fetch('http://127.0.0.1:9000/status').then(async (r) => process.stdout.write(await r.text()))`
+  return JSON.parse((await lab.exec(node, [process.execPath, '-e', script])).stdout) as Status
 }

@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { waitFor } from '../../src/lab/daemon.ts'
 import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
-import { LISTENER, listening, matrixDiffs, measureMatrix, policyExpectation, renderMatrix, groupLabel, waitApplied, type MatrixNode } from '../../src/lab/reach-matrix.ts'
+import { LISTENER, listening, takeMatrix, waitApplied, type MatrixNode } from '../../src/lab/reach-matrix.ts'
 import { labConfigDir } from '../../src/lab/tinc-manual.ts'
 import type { AccessPolicy, Group } from '../../src/mesh/access-policy.ts'
 import { activeHolders, readIpam } from '../../src/mesh/ipam.ts'
@@ -61,10 +61,9 @@ async function joinInto(lab: Lab, name: string, group: string): Promise<string> 
 const ping = async (lab: Lab, from: string, ip: string) => (await lab.exec(from, ['ping', '-c1', '-W1', ip], { allowFailure: true })).code === 0
 
 async function matrix(t: { diagnostic(s: string): void }, lab: Lab, title: string, nodes: MatrixNode[]): Promise<void> {
-  const m = await measureMatrix(lab, nodes, PORT)
-  const want = policyExpectation(POLICY)
-  for (const line of renderMatrix(title, nodes, m, want, (n) => groupLabel(POLICY, n), PORT)) t.diagnostic(line)
-  assert.deepEqual(matrixDiffs(nodes, m, want), [], `${title}: the matrix differs from the policy`)
+  const { lines, diffs } = await takeMatrix(lab, nodes, POLICY, title, PORT)
+  for (const line of lines) t.diagnostic(line)
+  assert.deepEqual(diffs, [], `${title}: the matrix differs from the policy`)
 }
 
 describe('lab, ACLs on: `group move` renumbers a node into another group, nobody touching it', () => {

@@ -9,20 +9,7 @@ import { LAB_NETNAME, type Lab } from '../../src/lab/lab.ts'
 import { labConfigDir } from '../../src/lab/tinc-manual.ts'
 import { groupOf, mayReach, OPEN_POLICY, type AccessPolicy, type Group } from '../../src/mesh/access-policy.ts'
 import { kvLayout } from '../../src/mesh/kv-layout.ts'
-import {
-  CONNECT,
-  groupLabel,
-  LISTENER,
-  listening,
-  matrixDiffs,
-  measureMatrix,
-  policyExpectation,
-  renderMatrix,
-  startListeners,
-  TCP_MATRIX,
-  waitApplied,
-  type MatrixNode,
-} from '../../src/lab/reach-matrix.ts'
+import { CONNECT, groupLabel, LISTENER, listening, startListeners, takeMatrix, TCP_MATRIX, waitApplied, type MatrixNode } from '../../src/lab/reach-matrix.ts'
 import { dig, labTest, useLab, withLogs } from './helpers.ts'
 
 /**
@@ -124,18 +111,15 @@ s.on('message', (m) => { if (String(m) === 'probe') { process.stdout.write('echo
 send()
 `
 
-/** The nodes as the matrix module (src/lab/reach-matrix.ts) takes them. */
-const MATRIX_NODES: MatrixNode[] = NODES.map((name) => ({ name, address: vpn(name) }))
-
-const groupName = (policy: AccessPolicy, n: string): string => groupOf(policy, vpn(n))?.name ?? '(none)'
+/** A node as the matrix module (src/lab/reach-matrix.ts) takes it. */
+const matrixNode = (name: string): MatrixNode => ({ name, address: vpn(name) })
+const MATRIX_NODES: MatrixNode[] = NODES.map(matrixNode)
 
 /** Takes the matrix, prints it, and asserts both protocols equal mayReach() for every ordered pair. */
 async function checkMatrix(t: TestContext, lab: Lab, title: string, policy: AccessPolicy): Promise<void> {
-  const started = Date.now()
-  const m = await measureMatrix(lab, MATRIX_NODES, PORT)
-  const want = policyExpectation(policy)
-  for (const line of renderMatrix(`${title}, taken in ${Date.now() - started} ms`, MATRIX_NODES, m, want, (n) => groupLabel(policy, n), PORT)) t.diagnostic(line)
-  assert.deepEqual(matrixDiffs(MATRIX_NODES, m, want), [], `${title}: the matrix differs from mayReach()`)
+  const { lines, diffs } = await takeMatrix(lab, MATRIX_NODES, policy, title, PORT)
+  for (const line of lines) t.diagnostic(line)
+  assert.deepEqual(diffs, [], `${title}: the matrix differs from mayReach()`)
 }
 
 async function groupLs(
@@ -160,7 +144,7 @@ async function dnsFollows(lab: Lab, policy: AccessPolicy, at: string, names: str
         intervalMs: 200,
       },
     )
-    lines.push(`${at} (${groupName(policy, at)}) asks ${name}.mesh (${groupName(policy, name)}): ${reach ? vpn(name) : 'NXDOMAIN'}`)
+    lines.push(`${at} (${groupLabel(policy, matrixNode(at))}) asks ${name}.mesh (${groupLabel(policy, matrixNode(name))}): ${reach ? vpn(name) : 'NXDOMAIN'}`)
   }
   return lines
 }

@@ -96,4 +96,4 @@ export async function dig(lab: Lab, from: string, ...args: string[]): Promise<st
   return out.replace(/^;; communications error to \S+: timed out\n/gm, '')
 }
 
-export { sidecarStatus } from '../../src/lab/reach-matrix.ts'
+export { sidecarStatus } from '../../src/lab/sidecar.ts'
